@@ -1,0 +1,179 @@
+"""Reading logits out of model outputs, feeding a teacher the student's batch, and finding valid tokens."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional, Union
+
+import torch
+from composer.models import ComposerModel, HuggingFaceModel
+from composer.utils import batch_get
+from torch import nn
+
+__all__ = ['Key', 'extract_logits', 'run_teacher', 'token_mask']
+
+#: How a part of a batch or an output is chosen, as Composer's ``batch_get`` takes it: an index, a key, an
+#: attribute name, or a callable receiving the whole object.
+Key = Union[int, str, Callable[[Any], Any]]
+
+# Batch entries a Hugging Face teacher must not receive: with them it would compute its own loss, which
+# distillation never uses.
+_HF_NON_INPUTS = frozenset({'labels', 'label', 'return_loss'})
+
+
+def extract_logits(output: Any, key: Optional[Key] = None, *, role: str = 'student') -> torch.Tensor:
+    """Return the logits held in a model's output.
+
+    Without ``key``: a tensor is the logits; a mapping or Hugging Face ``ModelOutput`` gives its ``'logits'``
+    entry; a tuple or list gives its first element.
+
+    Args:
+        output (Any): What a model's forward pass returned.
+        key (int | str | Callable, optional): Chooses the logits instead, as ``composer.utils.batch_get`` does.
+        role (str, optional): ``'student'`` or ``'teacher'``; names the argument to pass in error messages.
+
+    Returns:
+        torch.Tensor: The logits.
+
+    Raises:
+        TypeError: If no logits tensor can be read from ``output``.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.outputs import extract_logits
+
+            logits = extract_logits({'logits': torch.zeros(2, 3), 'hidden': torch.ones(2, 4)})
+            assert logits.shape == (2, 3)
+    """
+    if key is not None:
+        logits = batch_get(output, key)
+    elif isinstance(output, torch.Tensor):
+        logits = output
+    elif isinstance(output, Mapping):
+        logits = output.get('logits')
+    elif isinstance(output, Sequence) and not isinstance(output, str) and len(output) > 0:
+        logits = output[0]
+    else:
+        logits = None
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f'Cannot read the {role} logits from an output of type {type(output).__name__}: expected a tensor, '
+            f"a mapping with 'logits', or a tuple whose first element is the logits. Pass "
+            f'`{role}_logits_key=` (an index, a key, or a callable taking the output) to choose them.'
+        )
+    return logits
+
+
+def _forward_argument_names(model: nn.Module) -> Optional[frozenset[str]]:
+    """Names ``model.forward`` accepts, or ``None`` when it takes ``**kwargs`` (anything goes)."""
+    parameters = inspect.signature(model.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters)
+
+
+def _is_hf_pretrained(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _call_with_mapping(model: nn.Module, batch: Mapping) -> Any:
+    accepted = _forward_argument_names(model)
+    kwargs = {k: v for k, v in batch.items() if k not in _HF_NON_INPUTS and (accepted is None or k in accepted)}
+    return model(**kwargs)
+
+
+def run_teacher(teacher: nn.Module, batch: Any, input_key: Optional[Key] = None) -> Any:
+    """Run ``teacher`` on the batch the student trained on, the way a model of its kind is called.
+
+    With ``input_key`` the chosen part of the batch is the input: a mapping is passed as keyword arguments,
+    anything else as the single positional argument. Otherwise:
+
+    * a Composer ``HuggingFaceModel`` or a Hugging Face ``PreTrainedModel`` gets the batch's entries that its
+      ``forward`` accepts, less the labels (the teacher's own loss is never needed);
+    * any other ``ComposerModel`` gets the whole batch, as the trainer gives it to the student;
+    * a plain ``nn.Module`` gets a tensor batch as it is, or the first element of a tuple/list batch.
+
+    The batch itself is never modified.
+
+    Args:
+        teacher (nn.Module): The teacher.
+        batch (Any): The (micro)batch.
+        input_key (int | str | Callable, optional): Chooses the teacher's input from the batch.
+
+    Returns:
+        Any: The teacher's output.
+
+    Raises:
+        TypeError: If the batch's form gives no input for a plain module and no ``input_key`` was given.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.outputs import run_teacher
+
+            teacher = torch.nn.Linear(4, 3)
+            output = run_teacher(teacher, (torch.randn(2, 4), torch.tensor([0, 1])))
+            assert output.shape == (2, 3)
+    """
+    if input_key is not None:
+        inputs = batch_get(batch, input_key)
+        return teacher(**inputs) if isinstance(inputs, Mapping) else teacher(inputs)
+    if isinstance(teacher, HuggingFaceModel) and isinstance(batch, Mapping):
+        return _call_with_mapping(teacher.model, batch)
+    if isinstance(teacher, ComposerModel):
+        return teacher(batch)
+    if isinstance(batch, Mapping) and _is_hf_pretrained(teacher):
+        return _call_with_mapping(teacher, batch)
+    if isinstance(batch, torch.Tensor):
+        return teacher(batch)
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 0:
+        return teacher(batch[0])
+    raise TypeError(
+        f'Cannot tell which part of a {type(batch).__name__} batch a teacher of type {type(teacher).__name__} '
+        'takes. Pass `input_key=` (an index, a key, or a callable taking the batch) to choose it.'
+    )
+
+
+def token_mask(batch: Any, logits: torch.Tensor) -> Optional[torch.Tensor]:
+    """Positions of token-level logits ``[batch, seq, classes]`` that count in the distillation loss.
+
+    A position is excluded where the batch's ``attention_mask`` is 0 (padding) or its ``labels`` are ``-100``
+    (ignored), when those entries have the logits' ``[batch, seq]`` shape.
+
+    Args:
+        batch (Any): The (micro)batch.
+        logits (torch.Tensor): The student's logits.
+
+    Returns:
+        torch.Tensor | None: A boolean ``[batch, seq]`` tensor, or ``None`` when every position counts.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.outputs import token_mask
+
+            batch = {'attention_mask': torch.tensor([[1, 1, 0]]), 'labels': torch.tensor([[-100, 5, 7]])}
+            mask = token_mask(batch, torch.zeros(1, 3, 10))
+            assert mask.tolist() == [[False, True, False]]
+    """
+    if logits.ndim < 3 or not isinstance(batch, Mapping):
+        return None
+    positions = logits.shape[:-1]
+    mask = None
+    attention_mask = batch.get('attention_mask')
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == positions:
+        mask = attention_mask.to(device=logits.device) != 0
+    labels = batch.get('labels')
+    if isinstance(labels, torch.Tensor) and labels.shape == positions:
+        not_ignored = labels.to(device=logits.device) != -100
+        mask = not_ignored if mask is None else mask & not_ignored
+    return mask

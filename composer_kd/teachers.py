@@ -227,6 +227,8 @@ class FrozenTeachers:
 
     def restore(self) -> None:
         """Give each teacher back the train/eval modes and ``requires_grad`` flags it had before :meth:`freeze`."""
+        if not self._saved:  # never frozen (the fit failed before starting)
+            return
         for teacher, flags in zip(self.modules, self._saved, strict=True):
             for name, module in teacher.named_modules():
                 module.training = flags.training.get(name, module.training)

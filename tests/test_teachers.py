@@ -108,7 +108,7 @@ def test_shape_mismatch_is_reported_before_copying(tmp_path):
     torch.save(make_teacher(n_classes=N_CLASSES + 1).state_dict(), path)
     target = make_teacher(seed=8)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    with pytest.raises(ValueError, match=r"wide.pt.*3.weight: checkpoint \(5, 16\) vs model \(4, 16\)"):
+    with pytest.raises(ValueError, match=r'wide.pt.*3.weight: checkpoint \(5, 16\) vs model \(4, 16\)'):
         load_teacher_checkpoint(target, str(path))
     for key, value in target.state_dict().items():
         assert torch.equal(value, before[key]), key

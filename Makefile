@@ -17,6 +17,8 @@ demo: $(STAMP)
 	$(PY) examples/vision_distillation.py
 
 test: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest tests -q
 
 lint: $(STAMP)

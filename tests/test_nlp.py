@@ -1,0 +1,129 @@
+"""Hugging Face pairs: HuggingFaceModel and PreTrainedModel teachers, dict batches, token-level logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from composer import Callback, Trainer
+from composer.models import HuggingFaceModel
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+from composer_kd import Distillation, KLDivergence
+
+VOCAB, SEQ = 40, 12
+
+
+def bert_config(layers: int, hidden: int, **kwargs) -> BertConfig:
+    return BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=SEQ,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+        # Wider than BERT's 0.02, so logits differ enough for the KL to be well above float32 rounding.
+        initializer_range=0.5,
+        **kwargs,
+    )
+
+
+def text_batches(n_batches: int = 3, batch_size: int = 4, token_labels: bool = False, seed: int = 0) -> list[dict]:
+    """Dict batches with real padding: each row has its own length; padded labels are -100."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        lengths = torch.randint(4, SEQ + 1, (batch_size,), generator=generator)
+        positions = torch.arange(SEQ).expand(batch_size, SEQ)
+        attention_mask = (positions < lengths[:, None]).long()
+        input_ids = torch.randint(1, VOCAB, (batch_size, SEQ), generator=generator) * attention_mask
+        if token_labels:
+            labels = input_ids.clone()
+            labels[attention_mask == 0] = -100
+            labels[:, 0] = -100  # e.g. a [CLS] position that is never predicted
+        else:
+            labels = torch.randint(0, 3, (batch_size,), generator=generator)
+        batches.append({'input_ids': input_ids, 'attention_mask': attention_mask, 'labels': labels})
+    return batches
+
+
+class LossRecorder(Callback):
+    def __init__(self):
+        self.steps = []
+
+    def after_loss(self, state, logger):
+        self.steps.append(
+            {
+                'batch': {k: v.clone() for k, v in state.batch.items()},
+                'logits': state.outputs['logits'].detach().clone(),
+                'loss': {k: v.detach().clone() for k, v in state.loss.items()},
+            }
+        )
+
+
+def fit(student, algorithm, batches, recorder) -> None:
+    Trainer(
+        model=student,
+        train_dataloader=batches,
+        device_train_microbatch_size=4,
+        max_duration=f'{len(batches)}ba',
+        algorithms=[algorithm],
+        callbacks=[recorder],
+        progress_bar=False,
+        seed=3,
+    ).fit()
+
+
+def reference_token_kd(student_logits, teacher_logits, valid, temperature):
+    p = torch.softmax(teacher_logits.double() / temperature, -1)
+    q = torch.softmax(student_logits.double() / temperature, -1)
+    per_token = (p * (p.log() - q.log())).sum(-1)
+    return temperature**2 * per_token[valid].mean()
+
+
+@pytest.mark.parametrize('wrap_teacher', [True, False], ids=['HuggingFaceModel', 'PreTrainedModel'])
+def test_sequence_classification_pair(wrap_teacher):
+    torch.manual_seed(0)
+    teacher_hf = BertForSequenceClassification(bert_config(2, 32, num_labels=3))
+    student = HuggingFaceModel(BertForSequenceClassification(bert_config(1, 16, num_labels=3)), use_logits=True)
+    teacher = HuggingFaceModel(teacher_hf, use_logits=True) if wrap_teacher else teacher_hf
+    recorder = LossRecorder()
+    batches = text_batches()
+    fit(student, Distillation(teacher, KLDivergence(2.0), 0.5, 0.5), batches, recorder)
+    assert len(recorder.steps) == 3
+    teacher_hf.eval()  # as during the fit; the fit gave the model back in the train mode it came in
+    for step in recorder.steps:
+        inputs = {k: step['batch'][k] for k in ('input_ids', 'attention_mask')}
+        teacher_logits = teacher_hf(**inputs).logits
+        expected = reference_token_kd(
+            step['logits'][:, None], teacher_logits[:, None], torch.ones(4, 1, dtype=bool), 2.0
+        )
+        assert step['loss']['kd'].item() == pytest.approx(expected.item(), rel=1e-5)
+        assert 'labels' in step['batch']  # the student's labels stay for its loss and metrics
+
+
+def test_token_level_logits_count_only_valid_tokens():
+    torch.manual_seed(1)
+    teacher = BertForMaskedLM(bert_config(2, 32))
+    student = HuggingFaceModel(BertForMaskedLM(bert_config(1, 16)), use_logits=True)
+    recorder = LossRecorder()
+    fit(student, Distillation(teacher, KLDivergence(1.5)), text_batches(token_labels=True), recorder)
+    teacher.eval()
+    for step in recorder.steps:
+        batch = step['batch']
+        valid = (batch['attention_mask'] == 1) & (batch['labels'] != -100)
+        assert 0 < valid.sum() < valid.numel()
+        teacher_logits = teacher(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits
+        expected = reference_token_kd(step['logits'], teacher_logits, valid, 1.5)
+        assert step['loss']['kd'].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_vocabulary_mismatch_is_reported_with_both_shapes():
+    torch.manual_seed(2)
+    teacher = BertForMaskedLM(bert_config(1, 16))
+    student_config = bert_config(1, 16)
+    student_config.vocab_size = VOCAB + 2
+    student = HuggingFaceModel(BertForMaskedLM(student_config), use_logits=True)
+    with pytest.raises(ValueError, match=rf'\(4, {SEQ}, {VOCAB}\).*\(4, {SEQ}, {VOCAB + 2}\)'):
+        fit(student, Distillation(teacher), text_batches(token_labels=True), LossRecorder())

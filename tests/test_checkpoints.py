@@ -42,6 +42,7 @@ def train(folder, algorithms, max_duration='1ep', load_path=None, loggers=()) ->
         load_path=load_path,
         loggers=list(loggers),
         progress_bar=False,
+        device='cpu',
         seed=5,
         deterministic_mode=True,
     )

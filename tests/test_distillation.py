@@ -70,6 +70,7 @@ def fit(student, algorithms, dataloader=None, max_duration='1ep', callbacks=(), 
         algorithms=algorithms,
         callbacks=list(callbacks),
         progress_bar=False,
+        device=kwargs.pop('device', 'cpu'),
         seed=kwargs.pop('seed', 17),
         **kwargs,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from composer import Callback, Trainer
+from composer.devices import DeviceGPU
 from conftest import make_dataloader, make_student, make_teacher
 
 from composer_kd import Distillation, KLDivergence
@@ -23,7 +24,7 @@ class TeacherProbe(Callback):
         self.kd.append(state.loss['kd'].detach())
 
 
-@pytest.mark.parametrize('precision', ['fp32', 'amp_bf16'])
+@pytest.mark.parametrize('precision', ['fp32', 'amp_bf16', 'amp_fp16'])
 def test_teacher_on_cuda_under_trainer_precision(precision):
     teacher = make_teacher()
     probe = TeacherProbe(teacher)
@@ -38,8 +39,36 @@ def test_teacher_on_cuda_under_trainer_precision(precision):
         progress_bar=False,
     ).fit()
     assert probe.devices == ['cuda'] * 4
-    expected = torch.bfloat16 if precision == 'amp_bf16' else torch.float32
+    expected = {'fp32': torch.float32, 'amp_bf16': torch.bfloat16, 'amp_fp16': torch.float16}[precision]
     assert probe.dtypes == [expected] * 4
     assert all(torch.isfinite(kd) and kd.dtype == torch.float32 for kd in probe.kd)
     # Moved once, and left on the device (parameters are bit-identical, only placed).
     assert next(teacher.parameters()).device.type == 'cuda'
+
+
+def test_loss_equals_formula_on_cuda():
+    teacher, student = make_teacher(), make_student()
+    seen = []
+
+    class Capture(Callback):
+        def after_loss(self, state, logger):
+            x, _ = state.batch
+            seen.append((x.detach().cpu(), state.outputs.detach().cpu(), state.loss['kd'].detach().cpu()))
+
+    Trainer(
+        model=student,
+        train_dataloader=make_dataloader(),
+        max_duration='1ep',
+        # Composer allows TF32 matmuls by default, which alone moves logits by ~1e-3 relative.
+        device=DeviceGPU(allow_tf32=False),
+        precision='fp32',  # Composer's GPU default is amp_fp16
+        algorithms=[Distillation(teacher, KLDivergence(3.0))],
+        callbacks=[Capture()],
+        progress_bar=False,
+    ).fit()
+    cpu_teacher = teacher.cpu().eval()
+    for x, student_logits, kd in seen:
+        p = torch.softmax(cpu_teacher(x).double() / 3.0, -1)
+        q = torch.softmax(student_logits.double() / 3.0, -1)
+        expected = 9.0 * (p * (p.log() - q.log())).sum(-1).mean()
+        assert kd.item() == pytest.approx(expected.item(), rel=1e-5)

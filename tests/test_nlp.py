@@ -71,6 +71,7 @@ def fit(student, algorithm, batches, recorder) -> None:
         algorithms=[algorithm],
         callbacks=[recorder],
         progress_bar=False,
+        device='cpu',
         seed=3,
     ).fit()
 

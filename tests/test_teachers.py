@@ -34,6 +34,7 @@ def composer_checkpoint(tmp_path_factory) -> tuple[str, ComposerClassifier]:
         save_folder=str(folder),
         save_filename='teacher.pt',
         progress_bar=False,
+        device='cpu',
     )
     trainer.fit()
     trainer.close()

@@ -7,18 +7,45 @@ from composer_kd.distillation import (
     distillation_loss,
     sample_teachers,
 )
-from composer_kd.losses import KLDivergence, kl_divergence
+from composer_kd.losses import (
+    LOSSES,
+    CosineDistance,
+    JensenShannonDivergence,
+    KLDivergence,
+    LogitsMSE,
+    ReverseKLDivergence,
+    SoftCrossEntropy,
+    cosine_distance,
+    get_loss,
+    jensen_shannon_divergence,
+    kl_divergence,
+    logits_mse,
+    reverse_kl_divergence,
+    soft_cross_entropy,
+)
 from composer_kd.teachers import load_teacher_checkpoint
 
 __all__ = [
+    'LOSSES',
+    'CosineDistance',
     'Distillation',
+    'JensenShannonDivergence',
     'KLDivergence',
+    'LogitsMSE',
+    'ReverseKLDivergence',
+    'SoftCrossEntropy',
     'average_logits',
     'combine_losses',
+    'cosine_distance',
     'distillation_loss',
+    'get_loss',
+    'jensen_shannon_divergence',
     'kl_divergence',
     'load_teacher_checkpoint',
+    'logits_mse',
+    'reverse_kl_divergence',
     'sample_teachers',
+    'soft_cross_entropy',
 ]
 
 __version__ = '0.1.0'

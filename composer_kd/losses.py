@@ -1,19 +1,89 @@
-"""Distillation losses: a functional core plus ``nn.Module`` wrappers usable as ``kd_loss_fn``."""
+"""Distillation losses: pure functions on tensors, and ``nn.Module`` forms usable as ``kd_loss_fn``.
+
+Every function compares ``student`` with ``teacher`` position by position (a position is everything but the
+class dimension) and averages over positions, or over the positions where ``mask`` is true. Losses between
+distributions soften both with a temperature ``T``, work in float32 log space (large logits cannot overflow,
+``-inf`` entries give no NaN) and are multiplied by ``T ** 2``, which keeps their gradients' magnitude
+independent of ``T`` (Hinton et al., 2015), so a loss weight need not be re-tuned when ``T`` changes.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['KLDivergence', 'kl_divergence']
+__all__ = [
+    'LOSSES',
+    'CosineDistance',
+    'JensenShannonDivergence',
+    'KLDivergence',
+    'LogitsMSE',
+    'ReverseKLDivergence',
+    'SoftCrossEntropy',
+    'cosine_distance',
+    'get_loss',
+    'jensen_shannon_divergence',
+    'kl_divergence',
+    'logits_mse',
+    'reverse_kl_divergence',
+    'soft_cross_entropy',
+]
 
 
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0:
         raise ValueError(f'temperature must be > 0, got {temperature!r}.')
+
+
+def _check_shapes(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    if student.shape != teacher.shape:
+        raise ValueError(f'student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must have the same shape.')
+
+
+def _mean_over_positions(per_position: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if mask is None:
+        return per_position.mean()
+    mask = mask.to(device=per_position.device, dtype=torch.bool)
+    if mask.shape != per_position.shape:
+        raise ValueError(
+            f'mask {tuple(mask.shape)} must have the shape of the inputs without the class dimension, '
+            f'{tuple(per_position.shape)}.'
+        )
+    kept = torch.where(mask, per_position, torch.zeros_like(per_position))
+    return kept.sum() / mask.sum().clamp(min=1)
+
+
+def _softened_log_probs(logits: torch.Tensor, temperature: float, dim: int) -> torch.Tensor:
+    return F.log_softmax(logits.float() / temperature, dim=dim)
+
+
+def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
+    """``sum_c p_c (log p_c - log q_c)`` over ``dim``; entries with ``p_c == 0`` count 0 (0 log 0 = 0)."""
+    p = log_p.exp()
+    # Zero the log-ratio itself where p == 0: -inf - (-inf) is nan, and even a torch.where around the product
+    # would let it back in through the product's gradient (0 * nan).
+    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
+    return (p * log_ratio).sum(dim=dim)
+
+
+def _distribution_loss(
+    per_position_fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    softmax_dim: int,
+    mask: Optional[torch.Tensor],
+) -> torch.Tensor:
+    _check_temperature(temperature)
+    _check_shapes(student_logits, teacher_logits)
+    log_q = _softened_log_probs(student_logits, temperature, softmax_dim)
+    log_p = _softened_log_probs(teacher_logits, temperature, softmax_dim)
+    return _mean_over_positions(per_position_fn(log_p, log_q, softmax_dim) * temperature**2, mask)
 
 
 def kl_divergence(
@@ -23,28 +93,22 @@ def kl_divergence(
     softmax_dim: int = -1,
     mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    r"""KL(teacher || student) between temperature-softened distributions, scaled by ``temperature ** 2``.
+    r"""Forward KL, KL(teacher || student), between temperature-softened distributions, times ``T ** 2``.
 
-    With :math:`p = \mathrm{softmax}(t / T)` and :math:`q = \mathrm{softmax}(s / T)` taken over ``softmax_dim``,
-    each position contributes :math:`T^2 \sum_c p_c (\log p_c - \log q_c)`; the result is the mean over all
-    positions (every dimension but ``softmax_dim``), or over the positions where ``mask`` is true.
-
-    The ``T ** 2`` factor keeps the gradient's magnitude independent of the temperature (Hinton et al., 2015),
-    so the weight given to this term need not be re-tuned when the temperature changes.
-
-    Everything is computed in float32 log space: large logits cannot overflow, and classes that the teacher
-    masks with ``-inf`` contribute exactly zero instead of ``0 * inf = nan``.
+    With :math:`p = \mathrm{softmax}(t / T)` and :math:`q = \mathrm{softmax}(s / T)` over ``softmax_dim``, each
+    position contributes :math:`T^2 \sum_c p_c (\log p_c - \log q_c)`. The student is pushed to cover every
+    class the teacher gives weight to (mass-covering); this is the loss of Hinton et al. (2015).
 
     Args:
         student_logits (torch.Tensor): Student logits, any shape.
-        teacher_logits (torch.Tensor): Teacher logits, the same shape as ``student_logits``.
+        teacher_logits (torch.Tensor): Teacher logits, the same shape.
         temperature (float, optional): Softening temperature, ``> 0``. Default: ``1.0``.
         softmax_dim (int, optional): The class dimension. Default: ``-1``.
-        mask (torch.Tensor, optional): Boolean tensor of the logits' shape without ``softmax_dim``; only the
-            positions where it is true count. Default: ``None`` (every position counts).
+        mask (torch.Tensor, optional): Boolean, the logits' shape without ``softmax_dim``; only positions where
+            it is true count. Default: ``None``, every position.
 
     Returns:
-        torch.Tensor: A scalar; zero when no position is valid.
+        torch.Tensor: A float32 scalar; zero when no position is valid.
 
     Example:
         .. testcode::
@@ -52,35 +116,187 @@ def kl_divergence(
             import torch
             from composer_kd import kl_divergence
 
-            student, teacher = torch.randn(8, 10), torch.randn(8, 10)
-            loss = kl_divergence(student, teacher, temperature=4.0)
+            loss = kl_divergence(torch.randn(8, 10), torch.randn(8, 10), temperature=4.0)
     """
-    _check_temperature(temperature)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f'student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} '
-            'must have the same shape.'
-        )
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=softmax_dim)
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=softmax_dim)
-    p = log_p.exp()
-    # Where p == 0 the term is 0 by the convention 0 * log 0 = 0; torch.where keeps the -inf - (-inf) = nan
-    # of such entries out of both the value and the gradient.
-    pointwise = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
-    per_position = pointwise.sum(dim=softmax_dim) * temperature**2
-    if mask is None:
-        return per_position.mean()
-    mask = mask.to(device=per_position.device, dtype=torch.bool)
-    if mask.shape != per_position.shape:
-        raise ValueError(
-            f'mask {tuple(mask.shape)} must have the logits shape without the class dimension, '
-            f'{tuple(per_position.shape)}.'
-        )
-    n_valid = mask.sum()
-    return torch.where(mask, per_position, torch.zeros_like(per_position)).sum() / n_valid.clamp(min=1)
+    return _distribution_loss(_kl_terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
 
 
-class KLDivergence(nn.Module):
+def reverse_kl_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    softmax_dim: int = -1,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""Reverse KL, KL(student || teacher), times ``T ** 2``: :math:`T^2 \sum_c q_c (\log q_c - \log p_c)`.
+
+    Mode-seeking: the student may ignore teacher modes it cannot represent, which suits small students of
+    generative models (e.g. MiniLLM). Arguments and return as :func:`kl_divergence`.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import reverse_kl_divergence
+
+            loss = reverse_kl_divergence(torch.randn(8, 10), torch.randn(8, 10), temperature=2.0)
+    """
+
+    def terms(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
+        return _kl_terms(log_q, log_p, dim)
+
+    return _distribution_loss(terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
+
+
+def jensen_shannon_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    softmax_dim: int = -1,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""Jensen-Shannon divergence times ``T ** 2``.
+
+    Each position contributes :math:`T^2 (\tfrac12 KL(p\|m) + \tfrac12 KL(q\|m))` with :math:`m = (p+q)/2`.
+    Symmetric and bounded by :math:`T^2 \log 2`. Arguments and return as :func:`kl_divergence`.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import jensen_shannon_divergence
+
+            loss = jensen_shannon_divergence(torch.randn(8, 10), torch.randn(8, 10))
+    """
+
+    def terms(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
+        # Classes both give zero probability are kept out of logaddexp, whose gradient there is nan; they
+        # contribute nothing either way.
+        dead = torch.isneginf(log_p) & torch.isneginf(log_q)
+        zeros = torch.zeros_like(log_p)
+        log_m = torch.logaddexp(torch.where(dead, zeros, log_p), torch.where(dead, zeros, log_q)) - math.log(2.0)
+        return 0.5 * _kl_terms(log_p, log_m, dim) + 0.5 * _kl_terms(log_q, log_m, dim)
+
+    return _distribution_loss(terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
+
+
+def soft_cross_entropy(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    softmax_dim: int = -1,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""Cross-entropy against the teacher's softened distribution, times ``T ** 2``: :math:`-T^2 \sum_c p_c \log q_c`.
+
+    It equals :func:`kl_divergence` plus the teacher's entropy, a constant for the student, so the gradients
+    are the same; the value is what AutoMM-style ``soft_label`` losses report (there without the ``T ** 2``:
+    divide by it to compare). Arguments and return as :func:`kl_divergence`.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import soft_cross_entropy
+
+            loss = soft_cross_entropy(torch.randn(8, 10), torch.randn(8, 10), temperature=2.0)
+    """
+
+    def terms(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
+        p = log_p.exp()
+        return -(p * torch.where(p > 0, log_q, torch.zeros_like(log_q))).sum(dim=dim)
+
+    return _distribution_loss(terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
+
+
+def logits_mse(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Mean squared error between logits (or features): the squared difference averaged over every element.
+
+    Without a mask this equals ``torch.nn.functional.mse_loss(student, teacher)``. With a mask over the leading
+    dimensions, it averages over the selected positions' elements.
+
+    Args:
+        student (torch.Tensor): Student values.
+        teacher (torch.Tensor): Teacher values, the same shape.
+        mask (torch.Tensor, optional): Boolean, the inputs' shape without the last dimension.
+
+    Returns:
+        torch.Tensor: A float32 scalar.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import logits_mse
+
+            loss = logits_mse(torch.randn(8, 10), torch.randn(8, 10))
+    """
+    _check_shapes(student, teacher)
+    per_position = (student.float() - teacher.float()).pow(2).mean(dim=-1)
+    return _mean_over_positions(per_position, mask)
+
+
+def cosine_distance(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """``1 - cos(student, teacher)`` along the last dimension, averaged over positions.
+
+    Insensitive to the features' scale: it matches directions only, which suits hidden states whose norms
+    differ between teacher and student.
+
+    Args:
+        student (torch.Tensor): Student features ``[..., dim]``.
+        teacher (torch.Tensor): Teacher features, the same shape.
+        mask (torch.Tensor, optional): Boolean, the inputs' shape without the last dimension.
+        eps (float, optional): Guards against zero norms. Default: ``1e-8``.
+
+    Returns:
+        torch.Tensor: A float32 scalar in ``[0, 2]``.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import cosine_distance
+
+            loss = cosine_distance(torch.randn(4, 6, 32), torch.randn(4, 6, 32))
+    """
+    _check_shapes(student, teacher)
+    per_position = 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=eps)
+    return _mean_over_positions(per_position, mask)
+
+
+class _SoftenedLoss(nn.Module):
+    """A loss between softened distributions, holding its temperature (which a schedule may change)."""
+
+    _fn: Callable[..., torch.Tensor]
+
+    def __init__(self, temperature: float = 4.0, softmax_dim: int = -1):
+        super().__init__()
+        _check_temperature(temperature)
+        self.temperature = float(temperature)
+        self.softmax_dim = softmax_dim
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        return type(self)._fn(student_logits, teacher_logits, self.temperature, self.softmax_dim, mask)
+
+    def extra_repr(self) -> str:
+        return f'temperature={self.temperature}, softmax_dim={self.softmax_dim}'
+
+
+class KLDivergence(_SoftenedLoss):
     """The knowledge-distillation loss of Hinton et al. (2015) as a module; see :func:`kl_divergence`.
 
     Args:
@@ -97,19 +313,122 @@ class KLDivergence(nn.Module):
             loss = loss_fn(torch.randn(8, 10), torch.randn(8, 10))
     """
 
-    def __init__(self, temperature: float = 4.0, softmax_dim: int = -1):
-        super().__init__()
-        _check_temperature(temperature)
-        self.temperature = float(temperature)
-        self.softmax_dim = softmax_dim
+    _fn = staticmethod(kl_divergence)
 
-    def forward(
-        self,
-        student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor,
-        mask: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        return kl_divergence(student_logits, teacher_logits, self.temperature, self.softmax_dim, mask)
 
-    def extra_repr(self) -> str:
-        return f'temperature={self.temperature}, softmax_dim={self.softmax_dim}'
+class ReverseKLDivergence(_SoftenedLoss):
+    """:func:`reverse_kl_divergence` as a module. Args as :class:`KLDivergence`.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import ReverseKLDivergence
+
+            loss = ReverseKLDivergence(temperature=1.0)(torch.randn(8, 10), torch.randn(8, 10))
+    """
+
+    _fn = staticmethod(reverse_kl_divergence)
+
+
+class JensenShannonDivergence(_SoftenedLoss):
+    """:func:`jensen_shannon_divergence` as a module. Args as :class:`KLDivergence`.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import JensenShannonDivergence
+
+            loss = JensenShannonDivergence(temperature=1.0)(torch.randn(8, 10), torch.randn(8, 10))
+    """
+
+    _fn = staticmethod(jensen_shannon_divergence)
+
+
+class SoftCrossEntropy(_SoftenedLoss):
+    """:func:`soft_cross_entropy` as a module. Args as :class:`KLDivergence`.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import SoftCrossEntropy
+
+            loss = SoftCrossEntropy(temperature=2.0)(torch.randn(8, 10), torch.randn(8, 10))
+    """
+
+    _fn = staticmethod(soft_cross_entropy)
+
+
+class LogitsMSE(nn.Module):
+    """:func:`logits_mse` as a module (no temperature: it compares raw values).
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import LogitsMSE
+
+            loss = LogitsMSE()(torch.randn(8, 10), torch.randn(8, 10))
+    """
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        return logits_mse(student, teacher, mask)
+
+
+class CosineDistance(nn.Module):
+    """:func:`cosine_distance` as a module.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import CosineDistance
+
+            loss = CosineDistance()(torch.randn(8, 32), torch.randn(8, 32))
+    """
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        return cosine_distance(student, teacher, mask)
+
+
+#: Every loss by the name recipes use for it.
+LOSSES: dict[str, type[nn.Module]] = {
+    'kl': KLDivergence,
+    'reverse_kl': ReverseKLDivergence,
+    'js': JensenShannonDivergence,
+    'soft_ce': SoftCrossEntropy,
+    'mse': LogitsMSE,
+    'cosine': CosineDistance,
+}
+
+
+def get_loss(name: str, **kwargs) -> nn.Module:
+    """Build a loss by name (``'kl'``, ``'reverse_kl'``, ``'js'``, ``'soft_ce'``, ``'mse'``, ``'cosine'``).
+
+    AutoMM's names are accepted too: ``'mean_square_error'`` is ``'mse'`` and ``'cosine_distance'`` is
+    ``'cosine'``.
+
+    Args:
+        name (str): The loss's name.
+        **kwargs: Its arguments, e.g. ``temperature=2.0``.
+
+    Returns:
+        nn.Module: The loss.
+
+    Raises:
+        ValueError: For an unknown name (the message lists the known ones).
+
+    Example:
+        .. testcode::
+
+            from composer_kd import get_loss
+
+            loss_fn = get_loss('js', temperature=2.0)
+    """
+    aliases = {'mean_square_error': 'mse', 'cosine_distance': 'cosine', 'kl_divergence': 'kl'}
+    key = aliases.get(name, name)
+    if key not in LOSSES:
+        raise ValueError(f'Unknown loss {name!r}; known: {sorted(LOSSES)} (and AutoMM aliases {sorted(aliases)}).')
+    return LOSSES[key](**kwargs)

@@ -8,7 +8,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from composer_kd import KLDivergence, kl_divergence
+from composer_kd import (
+    CosineDistance,
+    JensenShannonDivergence,
+    KLDivergence,
+    LogitsMSE,
+    ReverseKLDivergence,
+    SoftCrossEntropy,
+    cosine_distance,
+    get_loss,
+    jensen_shannon_divergence,
+    kl_divergence,
+    logits_mse,
+    reverse_kl_divergence,
+    soft_cross_entropy,
+)
 
 
 def reference_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask=None) -> float:
@@ -130,3 +144,125 @@ def test_temperature_must_be_positive(temperature):
 def test_shape_mismatch_names_both_shapes():
     with pytest.raises(ValueError, match=r'\(2, 3\).*\(2, 4\)'):
         kl_divergence(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def softmax_rows(logits: torch.Tensor, temperature: float) -> list[list[float]]:
+    rows = []
+    for row in logits.double().reshape(-1, logits.shape[-1]).tolist():
+        z = sum(math.exp(v / temperature) for v in row)
+        rows.append([math.exp(v / temperature) / z for v in row])
+    return rows
+
+
+def mean_over_rows(values: list[float], mask) -> float:
+    keep = [True] * len(values) if mask is None else mask.reshape(-1).tolist()
+    kept = [v for v, k in zip(values, keep, strict=True) if k]
+    return sum(kept) / len(kept)
+
+
+def reference(name: str, student, teacher, temperature, mask=None) -> float:
+    """Each catalog loss written out row by row in float64."""
+    if name in ('mse', 'cosine'):
+        rows = []
+        for s, t in zip(
+            student.double().reshape(-1, student.shape[-1]).tolist(),
+            teacher.double().reshape(-1, teacher.shape[-1]).tolist(),
+            strict=True,
+        ):
+            if name == 'mse':
+                rows.append(sum((a - b) ** 2 for a, b in zip(s, t, strict=True)) / len(s))
+            else:
+                dot = sum(a * b for a, b in zip(s, t, strict=True))
+                rows.append(1 - dot / (math.sqrt(sum(a * a for a in s)) * math.sqrt(sum(b * b for b in t))))
+        return mean_over_rows(rows, mask)
+    rows = []
+    for q, p in zip(softmax_rows(student, temperature), softmax_rows(teacher, temperature), strict=True):
+        if name == 'kl':
+            value = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+        elif name == 'reverse_kl':
+            value = sum(qi * math.log(qi / pi) for pi, qi in zip(p, q, strict=True))
+        elif name == 'js':
+            m = [(pi + qi) / 2 for pi, qi in zip(p, q, strict=True)]
+            value = 0.5 * sum(pi * math.log(pi / mi) for pi, mi in zip(p, m, strict=True)) + 0.5 * sum(
+                qi * math.log(qi / mi) for qi, mi in zip(q, m, strict=True)
+            )
+        else:  # soft_ce
+            value = -sum(pi * math.log(qi) for pi, qi in zip(p, q, strict=True))
+        rows.append(temperature**2 * value)
+    return mean_over_rows(rows, mask)
+
+
+CATALOG = {
+    'kl': (kl_divergence, KLDivergence),
+    'reverse_kl': (reverse_kl_divergence, ReverseKLDivergence),
+    'js': (jensen_shannon_divergence, JensenShannonDivergence),
+    'soft_ce': (soft_cross_entropy, SoftCrossEntropy),
+}
+
+
+@pytest.mark.parametrize('name', sorted(CATALOG))
+@pytest.mark.parametrize('use_mask', [False, True])
+def test_distribution_losses_equal_their_formulas(name, use_mask):
+    generator = torch.Generator().manual_seed(10)
+    student, teacher = torch.randn(3, 4, 6, generator=generator) * 3, torch.randn(3, 4, 6, generator=generator) * 3
+    mask = torch.rand(3, 4, generator=generator) > 0.4 if use_mask else None
+    function, module = CATALOG[name]
+    expected = reference(name, student, teacher, 2.5, mask)
+    assert function(student, teacher, 2.5, mask=mask).item() == pytest.approx(expected, rel=1e-5)
+    assert module(temperature=2.5)(student, teacher, mask).item() == pytest.approx(expected, rel=1e-5)
+    assert get_loss(name, temperature=2.5)(student, teacher, mask).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ('name', 'function', 'module'), [('mse', logits_mse, LogitsMSE), ('cosine', cosine_distance, CosineDistance)]
+)
+@pytest.mark.parametrize('use_mask', [False, True])
+def test_value_losses_equal_their_formulas(name, function, module, use_mask):
+    generator = torch.Generator().manual_seed(11)
+    student, teacher = torch.randn(2, 5, 8, generator=generator), torch.randn(2, 5, 8, generator=generator)
+    mask = torch.rand(2, 5, generator=generator) > 0.5 if use_mask else None
+    expected = reference(name, student, teacher, 1.0, mask)
+    assert function(student, teacher, mask).item() == pytest.approx(expected, rel=1e-5)
+    assert module()(student, teacher, mask).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_mse_without_mask_is_torch_mse():
+    student, teacher = torch.randn(4, 7), torch.randn(4, 7)
+    assert logits_mse(student, teacher).item() == pytest.approx(F.mse_loss(student, teacher).item(), rel=1e-6)
+
+
+def test_soft_cross_entropy_is_kl_plus_teacher_entropy_with_equal_gradients():
+    generator = torch.Generator().manual_seed(12)
+    teacher = torch.randn(5, 6, generator=generator)
+    s1 = torch.randn(5, 6, generator=generator, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_()
+    ce, kl = soft_cross_entropy(s1, teacher, 2.0), kl_divergence(s2, teacher, 2.0)
+    p = torch.softmax(teacher / 2.0, -1)
+    entropy = 4.0 * -(p * p.log()).sum(-1).mean()
+    assert ce.item() == pytest.approx((kl + entropy).item(), rel=1e-5)
+    ce.backward()
+    kl.backward()
+    torch.testing.assert_close(s1.grad, s2.grad)
+
+
+def test_js_is_symmetric_and_bounded():
+    a, b = torch.randn(6, 5) * 10, torch.randn(6, 5) * 10
+    assert jensen_shannon_divergence(a, b).item() == pytest.approx(jensen_shannon_divergence(b, a).item(), rel=1e-5)
+    assert jensen_shannon_divergence(a, b).item() <= math.log(2) + 1e-6
+
+
+@pytest.mark.parametrize('name', sorted(CATALOG))
+def test_distribution_losses_finite_for_extreme_and_masked_logits(name):
+    student = torch.tensor([[1e4, -1e4, 0.0, -float('inf')]], requires_grad=True)
+    teacher = torch.tensor([[-1e4, 1e4, 0.0, -float('inf')]])
+    loss = CATALOG[name][0](student, teacher, 1.0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert not torch.isnan(student.grad).any()
+
+
+def test_automm_names_and_unknown_names():
+    assert isinstance(get_loss('mean_square_error'), LogitsMSE)
+    assert isinstance(get_loss('cosine_distance'), CosineDistance)
+    with pytest.raises(ValueError, match="Unknown loss 'hinge'.*'js'"):
+        get_loss('hinge')

@@ -12,7 +12,7 @@ from composer.loggers import Logger
 from torch import nn
 
 from composer_kd.losses import KLDivergence
-from composer_kd.outputs import Key, extract_logits, run_teacher, token_mask
+from composer_kd.outputs import Key, extract_logits, is_causal_lm, run_teacher, token_mask
 from composer_kd.teachers import FrozenTeachers, TeacherSpec, resolve_teachers
 from composer_kd.window import TimeSpec, parse_time, reached, to_trainer_time
 
@@ -82,9 +82,16 @@ def distillation_loss(
             loss = distillation_loss(torch.randn(4, 10), torch.randn(4, 10), KLDivergence(temperature=2.0))
     """
     if student_logits.shape != teacher_logits.shape:
+        same_positions = student_logits.shape[:-1] == teacher_logits.shape[:-1]
+        detail = (
+            f'the teacher has {teacher_logits.shape[-1]} classes (vocabulary entries), the student '
+            f'{student_logits.shape[-1]}; they must share one label set / tokenizer'
+            if same_positions
+            else 'distillation needs them equal'
+        )
         raise ValueError(
             f'Teacher logits have shape {tuple(teacher_logits.shape)} but student logits have shape '
-            f'{tuple(student_logits.shape)}; distillation needs them equal (same classes / vocabulary).'
+            f'{tuple(student_logits.shape)}: {detail}.'
         )
     if mask is not None:
         mask = mask.to(device=student_logits.device, dtype=torch.bool)
@@ -196,6 +203,10 @@ class Distillation(Algorithm):
             Default: a tensor output, its ``'logits'`` entry, or its first element.
         teacher_logits_key (int | str | Callable, optional): The same for the teachers' outputs. Default:
             ``student_logits_key``.
+        causal_lm (bool, optional): Whether token logits at position ``i`` predict token ``i + 1`` (decoder-only
+            language models), which shifts the mask of valid positions by one (see
+            :func:`~composer_kd.outputs.token_mask`). Default: ``None``, detected from the student (a Hugging
+            Face model that can generate and is not encoder-decoder).
 
     Example:
         .. testcode::
@@ -230,6 +241,7 @@ class Distillation(Algorithm):
         input_key: Optional[Key] = None,
         student_logits_key: Optional[Key] = None,
         teacher_logits_key: Optional[Key] = None,
+        causal_lm: Optional[bool] = None,
     ):
         for name, weight in (('org_loss_weight', org_loss_weight), ('kd_loss_weight', kd_loss_weight)):
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
@@ -261,11 +273,13 @@ class Distillation(Algorithm):
         self.input_key = input_key
         self.student_logits_key = student_logits_key
         self.teacher_logits_key = teacher_logits_key if teacher_logits_key is not None else student_logits_key
+        self.causal_lm = causal_lm
 
         # Set at fit start: the window in the trainer's units. Set each batch: the teachers that run.
         self._start: Optional[Any] = None
         self._end: Optional[Any] = None
         self._active_teachers: list[nn.Module] = []
+        self._causal = False
 
     def __repr__(self) -> str:
         # Kept short and free of the teachers' weights: Composer stores this string in every checkpoint.
@@ -307,6 +321,7 @@ class Distillation(Algorithm):
         self.teachers.freeze()
         for teacher in self.teachers.modules:
             state.device.module_to_device(teacher)
+        self._causal = self.causal_lm if self.causal_lm is not None else is_causal_lm(state.model)
         self._start = to_trainer_time(self.start, state)
         self._end = None if self.end is None else to_trainer_time(self.end, state)
 
@@ -337,6 +352,6 @@ class Distillation(Algorithm):
             student_logits,
             average_logits(teacher_logits),
             self.kd_loss_fn,
-            mask=token_mask(state.batch, student_logits),
+            mask=token_mask(state.batch, student_logits, causal=self._causal),
         )
         state.loss = combine_losses(state.loss, kd_loss, self.org_loss_weight, self.kd_loss_weight)

@@ -10,8 +10,9 @@ import torch
 from composer.models import ComposerModel, HuggingFaceModel
 from composer.utils import batch_get
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ['Key', 'extract_logits', 'run_teacher', 'token_mask']
+__all__ = ['Key', 'extract_logits', 'is_causal_lm', 'run_teacher', 'token_mask']
 
 #: How a part of a batch or an output is chosen, as Composer's ``batch_get`` takes it: an index, a key, an
 #: attribute name, or a callable receiving the whole object.
@@ -142,15 +143,41 @@ def run_teacher(teacher: nn.Module, batch: Any, input_key: Optional[Key] = None)
     )
 
 
-def token_mask(batch: Any, logits: torch.Tensor) -> Optional[torch.Tensor]:
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face decoder-only language model (its logits at ``i`` predict token ``i+1``).
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.outputs import is_causal_lm
+
+            assert not is_causal_lm(torch.nn.Linear(2, 2))
+    """
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    if isinstance(model, HuggingFaceModel):
+        model = model.model
+    if not _is_hf_pretrained(model):
+        return False
+    return bool(model.can_generate()) and not getattr(model.config, 'is_encoder_decoder', False)
+
+
+def token_mask(batch: Any, logits: torch.Tensor, causal: bool = False) -> Optional[torch.Tensor]:
     """Positions of token-level logits ``[batch, seq, classes]`` that count in the distillation loss.
 
     A position is excluded where the batch's ``attention_mask`` is 0 (padding) or its ``labels`` are ``-100``
     (ignored), when those entries have the logits' ``[batch, seq]`` shape.
 
+    For a causal language model (``causal=True``) the logits at position ``i`` predict token ``i + 1``, as
+    Hugging Face models shift their labels internally: position ``i`` counts where token ``i + 1`` is a real,
+    non-ignored token (and ``i`` itself is not padding), and the last position, which predicts nothing in the
+    batch, never counts.
+
     Args:
         batch (Any): The (micro)batch.
         logits (torch.Tensor): The student's logits.
+        causal (bool, optional): Apply the one-token shift of causal language models. Default: ``False``.
 
     Returns:
         torch.Tensor | None: A boolean ``[batch, seq]`` tensor, or ``None`` when every position counts.
@@ -162,18 +189,35 @@ def token_mask(batch: Any, logits: torch.Tensor) -> Optional[torch.Tensor]:
             from composer_kd.outputs import token_mask
 
             batch = {'attention_mask': torch.tensor([[1, 1, 0]]), 'labels': torch.tensor([[-100, 5, 7]])}
-            mask = token_mask(batch, torch.zeros(1, 3, 10))
-            assert mask.tolist() == [[False, True, False]]
+            assert token_mask(batch, torch.zeros(1, 3, 10)).tolist() == [[False, True, False]]
+            # Causal: position 0 predicts token 1 (label 5); position 1 would predict padding.
+            assert token_mask(batch, torch.zeros(1, 3, 10), causal=True).tolist() == [[True, False, False]]
     """
     if logits.ndim < 3 or not isinstance(batch, Mapping):
         return None
     positions = logits.shape[:-1]
-    mask = None
-    attention_mask = batch.get('attention_mask')
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.shape == positions:
-        mask = attention_mask.to(device=logits.device) != 0
-    labels = batch.get('labels')
-    if isinstance(labels, torch.Tensor) and labels.shape == positions:
-        not_ignored = labels.to(device=logits.device) != -100
-        mask = not_ignored if mask is None else mask & not_ignored
-    return mask
+
+    def entry(name: str) -> Optional[torch.Tensor]:
+        value = batch.get(name)
+        if isinstance(value, torch.Tensor) and value.shape == positions:
+            return value.to(device=logits.device)
+        return None
+
+    attention_mask, labels = entry('attention_mask'), entry('labels')
+    present = attention_mask != 0 if attention_mask is not None else None
+    target_ok = labels != -100 if labels is not None else None
+    if causal:
+        # What position i predicts is token i+1: judge it by token i+1's entries; nothing follows the last.
+        def shifted(valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            if valid is None:
+                return None
+            return torch.cat([valid[:, 1:], torch.zeros_like(valid[:, :1])], dim=1)
+
+        next_present, target_ok = shifted(present), shifted(target_ok)
+        if present is not None:
+            present = present & next_present
+        elif target_ok is None:
+            target_ok = shifted(torch.ones(positions, dtype=torch.bool, device=logits.device))
+    if present is None:
+        return target_ok
+    return present if target_ok is None else present & target_ok

@@ -6,9 +6,10 @@ import pytest
 import torch
 from composer import Callback, Trainer
 from composer.models import HuggingFaceModel
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from composer_kd import Distillation, KLDivergence
+from composer_kd.outputs import is_causal_lm, token_mask
 
 VOCAB, SEQ = 40, 12
 
@@ -128,3 +129,66 @@ def test_vocabulary_mismatch_is_reported_with_both_shapes():
     student = HuggingFaceModel(BertForMaskedLM(student_config), use_logits=True)
     with pytest.raises(ValueError, match=rf'\(4, {SEQ}, {VOCAB}\).*\(4, {SEQ}, {VOCAB + 2}\)'):
         fit(student, Distillation(teacher), text_batches(token_labels=True), LossRecorder())
+
+
+def gpt2(layers: int, hidden: int, vocab: int = VOCAB) -> GPT2LMHeadModel:
+    config = GPT2Config(
+        vocab_size=vocab, n_positions=SEQ, n_embd=hidden, n_layer=layers, n_head=2, initializer_range=0.5
+    )
+    return GPT2LMHeadModel(config)
+
+
+def test_causal_mask_judges_each_position_by_the_token_it_predicts():
+    batch = {
+        'attention_mask': torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]),
+        'labels': torch.tensor([[5, -100, 7, 8, -100], [1, 2, 3, -100, 4]]),
+    }
+    logits = torch.zeros(2, 5, 9)
+    # Position i predicts token i+1: row 0 -> 1 is ignored, 2 ok, 3 ok, 4 is padding; the last predicts nothing.
+    assert token_mask(batch, logits, causal=True).tolist() == [
+        [False, True, True, False, False],
+        [True, True, False, True, False],
+    ]
+    assert token_mask(batch, logits).tolist() == [
+        [True, False, True, True, False],
+        [True, True, True, False, True],
+    ]
+    only_attention = {'attention_mask': batch['attention_mask']}
+    assert token_mask(only_attention, logits, causal=True).tolist() == [
+        [True, True, True, False, False],
+        [True, True, True, True, False],
+    ]
+    assert token_mask({'input_ids': torch.zeros(2, 5)}, logits, causal=True).tolist() == [[True] * 4 + [False]] * 2
+
+
+def test_causal_lm_distillation_uses_shifted_positions():
+    torch.manual_seed(4)
+    teacher = gpt2(2, 32)
+    student = HuggingFaceModel(gpt2(1, 16), use_logits=True)
+    assert is_causal_lm(student) and is_causal_lm(teacher)
+    assert not is_causal_lm(HuggingFaceModel(BertForMaskedLM(bert_config(1, 16)), use_logits=True))
+    batches = text_batches(token_labels=True)
+    recorder = LossRecorder()
+    fit(student, Distillation(teacher, KLDivergence(2.0)), batches, recorder)
+    teacher.eval()
+    for step in recorder.steps:
+        batch = step['batch']
+        attention, labels = batch['attention_mask'], batch['labels']
+        valid = torch.zeros_like(attention, dtype=torch.bool)
+        for row in range(attention.shape[0]):
+            for i in range(SEQ - 1):
+                valid[row, i] = bool(attention[row, i] and attention[row, i + 1] and labels[row, i + 1] != -100)
+        teacher_logits = teacher(input_ids=batch['input_ids'], attention_mask=attention).logits
+        expected = reference_token_kd(step['logits'], teacher_logits, valid, 2.0)
+        assert step['loss']['kd'].item() == pytest.approx(expected.item(), rel=1e-5)
+        unshifted = reference_token_kd(step['logits'], teacher_logits, (attention == 1) & (labels != -100), 2.0)
+        assert abs(unshifted.item() - expected.item()) > 1e-4  # the shift matters on this data
+
+
+def test_causal_lm_vocabulary_mismatch_names_both_sizes():
+    torch.manual_seed(5)
+    student = HuggingFaceModel(gpt2(1, 16, vocab=VOCAB + 8), use_logits=True)
+    with pytest.raises(
+        ValueError, match=f'the teacher has {VOCAB} classes .vocabulary entries., the student {VOCAB + 8}'
+    ):
+        fit(student, Distillation(gpt2(1, 16)), text_batches(token_labels=True), LossRecorder())

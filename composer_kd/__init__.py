@@ -23,10 +23,15 @@ from composer_kd.losses import (
     reverse_kl_divergence,
     soft_cross_entropy,
 )
+from composer_kd.schedules import ConstantSchedule, CosineSchedule, LinearSchedule, Schedule
 from composer_kd.teachers import load_teacher_checkpoint
 
 __all__ = [
     'LOSSES',
+    'ConstantSchedule',
+    'CosineSchedule',
+    'LinearSchedule',
+    'Schedule',
     'CosineDistance',
     'Distillation',
     'JensenShannonDivergence',

@@ -13,6 +13,7 @@ from torch import nn
 
 from composer_kd.losses import KLDivergence
 from composer_kd.outputs import Key, extract_logits, is_causal_lm, run_teacher, token_mask
+from composer_kd.schedules import Schedule, ScheduleOrValue, value_at
 from composer_kd.teachers import FrozenTeachers, TeacherSpec, resolve_teachers
 from composer_kd.window import TimeSpec, parse_time, reached, to_trainer_time
 
@@ -152,6 +153,21 @@ def combine_losses(
     return {**terms, 'kd': kd_loss, 'total': org_loss_weight * original_total + kd_loss_weight * kd_loss}
 
 
+def _check_scheduled(name: str, value: ScheduleOrValue, minimum: float, inclusive: bool) -> None:
+    """Refuse a constant or a schedule that goes below ``minimum`` (or to it, unless ``inclusive``)."""
+    low = value.bounds[0] if isinstance(value, Schedule) else value
+    valid = (
+        isinstance(low, (int, float)) and not isinstance(low, bool) and (low >= minimum if inclusive else low > minimum)
+    )
+    if not valid:
+        relation = '>=' if inclusive else '>'
+        raise ValueError(f'{name} must be a number {relation} {minimum:g} (or a schedule staying so), got {value!r}.')
+
+
+def _largest(value: ScheduleOrValue) -> float:
+    return value.bounds[1] if isinstance(value, Schedule) else value
+
+
 def sample_teachers(n_teachers: int, k: int, seed: int, step: int) -> list[int]:
     """Indices of ``k`` of ``n_teachers`` teachers for one step, a pure function of ``(seed, step)``.
 
@@ -188,8 +204,9 @@ class Distillation(Algorithm):
             checkpoints or ``state_dict`` files (local paths or any URI Composer reads).
         kd_loss_fn (Callable, optional): Loss between student and teacher logits, returning a scalar. Default:
             ``KLDivergence(temperature=4.0)``.
-        org_loss_weight (float, optional): Weight of the model's own loss. Default: ``1.0``.
-        kd_loss_weight (float, optional): Weight of the distillation loss. Default: ``1.0``.
+        org_loss_weight (float | Schedule, optional): Weight of the model's own loss, constant or following a
+            :class:`~composer_kd.schedules.Schedule` over training. Default: ``1.0``.
+        kd_loss_weight (float | Schedule, optional): Weight of the distillation loss, likewise. Default: ``1.0``.
         n_teachers_to_sample (int, optional): With several teachers, run only this many, drawn anew each step
             (reproducibly from the trainer's seed). Default: ``None``, every teacher; their logits are averaged.
         start (str | float | Time, optional): When distillation starts: a Composer time string (``'100ba'``,
@@ -207,6 +224,9 @@ class Distillation(Algorithm):
             language models), which shifts the mask of valid positions by one (see
             :func:`~composer_kd.outputs.token_mask`). Default: ``None``, detected from the student (a Hugging
             Face model that can generate and is not encoder-decoder).
+        temperature (float | Schedule, optional): Sets ``kd_loss_fn.temperature`` at every step, e.g. a
+            :class:`~composer_kd.LinearSchedule` from soft to sharp (progressive distillation). Default: ``None``,
+            the loss keeps its own.
 
     Example:
         .. testcode::
@@ -242,14 +262,22 @@ class Distillation(Algorithm):
         student_logits_key: Optional[Key] = None,
         teacher_logits_key: Optional[Key] = None,
         causal_lm: Optional[bool] = None,
+        temperature: Optional[ScheduleOrValue] = None,
     ):
         for name, weight in (('org_loss_weight', org_loss_weight), ('kd_loss_weight', kd_loss_weight)):
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight >= 0:
-                raise ValueError(f'{name} must be a number >= 0, got {weight!r}.')
-        if org_loss_weight == 0 and kd_loss_weight == 0:
+            _check_scheduled(name, weight, minimum=0.0, inclusive=True)
+        if _largest(org_loss_weight) == 0 and _largest(kd_loss_weight) == 0:
             raise ValueError('org_loss_weight and kd_loss_weight are both 0: nothing would be trained.')
         if kd_loss_fn is not None and not callable(kd_loss_fn):
             raise TypeError(f'kd_loss_fn must be callable, got {type(kd_loss_fn).__name__}.')
+        self.kd_loss_fn = kd_loss_fn if kd_loss_fn is not None else KLDivergence(temperature=4.0)
+        if temperature is not None:
+            _check_scheduled('temperature', temperature, minimum=0.0, inclusive=False)
+            if not hasattr(self.kd_loss_fn, 'temperature'):
+                raise TypeError(
+                    f'temperature was given but kd_loss_fn {type(self.kd_loss_fn).__name__} has no `temperature` '
+                    'attribute to set.'
+                )
         self.start = parse_time(start, 'start')
         self.end = None if end is None else parse_time(end, 'end')
         if self.end is not None and self.end.unit == self.start.unit and self.end.value <= self.start.value:
@@ -266,27 +294,30 @@ class Distillation(Algorithm):
                 f'got {n_teachers_to_sample!r}.'
             )
 
-        self.kd_loss_fn = kd_loss_fn if kd_loss_fn is not None else KLDivergence(temperature=4.0)
-        self.org_loss_weight = float(org_loss_weight)
-        self.kd_loss_weight = float(kd_loss_weight)
+        self.org_loss_weight = org_loss_weight
+        self.kd_loss_weight = kd_loss_weight
+        self.temperature = temperature
         self.n_teachers_to_sample = n_teachers_to_sample
         self.input_key = input_key
         self.student_logits_key = student_logits_key
         self.teacher_logits_key = teacher_logits_key if teacher_logits_key is not None else student_logits_key
         self.causal_lm = causal_lm
 
-        # Set at fit start: the window in the trainer's units. Set each batch: the teachers that run.
+        # Set at fit start: the window in the trainer's units. Set each batch: the teachers that run, and the
+        # weights in force.
         self._start: Optional[Any] = None
         self._end: Optional[Any] = None
         self._active_teachers: list[nn.Module] = []
         self._causal = False
+        self._weights = (0.0, 0.0)
 
     def __repr__(self) -> str:
         # Kept short and free of the teachers' weights: Composer stores this string in every checkpoint.
         return (
             f'Distillation(n_teachers={len(self.teachers.modules)}, kd_loss_fn={self.kd_loss_fn!r}, '
             f'org_loss_weight={self.org_loss_weight}, kd_loss_weight={self.kd_loss_weight}, '
-            f'n_teachers_to_sample={self.n_teachers_to_sample}, start={self.start}, end={self.end})'
+            f'temperature={self.temperature}, n_teachers_to_sample={self.n_teachers_to_sample}, '
+            f'start={self.start}, end={self.end})'
         )
 
     @property
@@ -304,6 +335,8 @@ class Distillation(Algorithm):
             self._fit_start(state)
         elif event == Event.BATCH_START:
             self._active_teachers = self._teachers_for_batch(state)
+            if self._active_teachers:
+                self._set_scheduled_values(state, logger)
         elif event == Event.AFTER_LOSS:
             self._distill(state)
         elif event == Event.FIT_END:
@@ -339,6 +372,20 @@ class Distillation(Algorithm):
         )
         return [teachers[i] for i in chosen]
 
+    def _set_scheduled_values(self, state: State, logger: Logger) -> None:
+        self._weights = (value_at(self.org_loss_weight, state), value_at(self.kd_loss_weight, state))
+        scheduled = {}
+        if isinstance(self.org_loss_weight, Schedule):
+            scheduled['distillation/org_loss_weight'] = self._weights[0]
+        if isinstance(self.kd_loss_weight, Schedule):
+            scheduled['distillation/kd_loss_weight'] = self._weights[1]
+        if self.temperature is not None:
+            self.kd_loss_fn.temperature = value_at(self.temperature, state)
+            if isinstance(self.temperature, Schedule):
+                scheduled['distillation/temperature'] = self.kd_loss_fn.temperature
+        if scheduled:
+            logger.log_metrics(scheduled)
+
     def _distill(self, state: State) -> None:
         student_logits = extract_logits(state.outputs, self.student_logits_key, role='student')
         teacher_logits = []
@@ -354,4 +401,4 @@ class Distillation(Algorithm):
             self.kd_loss_fn,
             mask=token_mask(state.batch, student_logits, causal=self._causal),
         )
-        state.loss = combine_losses(state.loss, kd_loss, self.org_loss_weight, self.kd_loss_weight)
+        state.loss = combine_losses(state.loss, kd_loss, *self._weights)

@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 from composer.core import State, Time, TimeUnit
 
-__all__ = ['TimeSpec', 'parse_time', 'to_trainer_time', 'reached']
+__all__ = ['TimeSpec', 'elapsed', 'parse_time', 'reached', 'to_trainer_time']
 
 #: A point in training: a Composer time string (``'100ba'``, ``'2ep'``, ``'0.1dur'``), a ``Time``, or a
 #: fraction of training in ``[0, 1]``.
@@ -36,21 +36,26 @@ def parse_time(value: TimeSpec, argument: str) -> Time:
 
 
 def to_trainer_time(time: Time, state: State) -> Time:
-    """Express ``time`` in a unit the trainer's timestamp counts at batch granularity where possible.
+    """Express ``time`` in a unit the trainer's timestamp counts, at batch granularity where possible.
 
-    Fractions of training become batches when the duration is in epochs and the epoch length is known, so
-    ``'0.5dur'`` of a one-epoch run means half of its batches rather than "after the epoch".
+    Fractions of training are resolved against ``max_duration``; epochs become batches when the epoch length is
+    known, so ``'0.5dur'`` of a one-epoch run means half of its batches rather than "after the epoch".
     """
-    if time.unit != TimeUnit.DURATION:
-        return time
-    max_duration = state.max_duration
-    if max_duration is None:
-        raise ValueError('A fractional start/end needs the trainer to have a max_duration.')
-    if max_duration.unit == TimeUnit.EPOCH and state.dataloader_len is not None:
-        return Time(int(time.value * int(state.dataloader_len) * max_duration.value), TimeUnit.BATCH)
-    return Time(int(time.value * max_duration.value), max_duration.unit)
+    value, unit = time.value, time.unit
+    if unit == TimeUnit.DURATION:
+        if state.max_duration is None:
+            raise ValueError('A fraction of training needs the trainer to have a max_duration.')
+        value, unit = value * state.max_duration.value, state.max_duration.unit
+    if unit == TimeUnit.EPOCH and state.dataloader_len is not None:
+        value, unit = value * int(state.dataloader_len), TimeUnit.BATCH
+    return Time(int(value), unit)
+
+
+def elapsed(unit: TimeUnit, state: State) -> int:
+    """The trainer's clock in ``unit``."""
+    return int(state.timestamp.get(unit).value)
 
 
 def reached(time: Optional[Time], state: State) -> bool:
     """Whether the trainer's clock has reached ``time`` (already expressed by :func:`to_trainer_time`)."""
-    return time is not None and state.timestamp.get(time.unit).value >= time.value
+    return time is not None and elapsed(time.unit, state) >= time.value

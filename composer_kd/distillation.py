@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -16,8 +15,6 @@ from composer_kd.outputs import Key, extract_logits, is_causal_lm, run_teacher, 
 from composer_kd.schedules import Schedule, ScheduleOrValue, value_at
 from composer_kd.teachers import FrozenTeachers, TeacherSpec, resolve_teachers
 from composer_kd.window import TimeSpec, parse_time, reached, to_trainer_time
-
-log = logging.getLogger(__name__)
 
 __all__ = ['Distillation', 'combine_losses', 'distillation_loss', 'average_logits', 'sample_teachers']
 

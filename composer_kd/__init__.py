@@ -24,6 +24,7 @@ from composer_kd.losses import (
     soft_cross_entropy,
 )
 from composer_kd.schedules import ConstantSchedule, CosineSchedule, LinearSchedule, Schedule
+from composer_kd.student_init import student_from_teacher_layers
 from composer_kd.teachers import load_teacher_checkpoint
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     'reverse_kl_divergence',
     'sample_teachers',
     'soft_cross_entropy',
+    'student_from_teacher_layers',
 ]
 
 __version__ = '0.1.0'

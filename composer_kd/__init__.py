@@ -7,6 +7,7 @@ from composer_kd.distillation import (
     distillation_loss,
     sample_teachers,
 )
+from composer_kd.features import FeaturePair
 from composer_kd.losses import (
     LOSSES,
     CosineDistance,
@@ -35,6 +36,7 @@ __all__ = [
     'Schedule',
     'CosineDistance',
     'Distillation',
+    'FeaturePair',
     'JensenShannonDivergence',
     'KLDivergence',
     'LogitsMSE',

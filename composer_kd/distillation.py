@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from composer.core import Algorithm, Event, State, get_precision_context
 from composer.loggers import Logger
+from composer.utils import ensure_tuple
 from torch import nn
 
+from composer_kd.features import (
+    FeatureCapture,
+    FeaturePair,
+    feature_dim,
+    output_width,
+    resolve_module,
+    select_output,
+)
 from composer_kd.losses import KLDivergence
-from composer_kd.outputs import Key, extract_logits, is_causal_lm, run_teacher, token_mask
+from composer_kd.outputs import Key, extract_logits, is_causal_lm, padding_mask, run_teacher, token_mask
 from composer_kd.schedules import Schedule, ScheduleOrValue, value_at
 from composer_kd.teachers import FrozenTeachers, TeacherSpec, resolve_teachers
 from composer_kd.window import TimeSpec, parse_time, reached, to_trainer_time
@@ -108,6 +117,7 @@ def combine_losses(
     kd_loss: torch.Tensor,
     org_loss_weight: float,
     kd_loss_weight: float,
+    extra_terms: Optional[Mapping[str, tuple[torch.Tensor, float]]] = None,
 ) -> dict[str, torch.Tensor]:
     """The loss dict ``{..original terms.., 'original', 'kd', 'total'}`` that replaces the trainer's loss.
 
@@ -121,6 +131,8 @@ def combine_losses(
         kd_loss (torch.Tensor): The distillation term, a scalar.
         org_loss_weight (float): Weight of the original loss.
         kd_loss_weight (float): Weight of the distillation term.
+        extra_terms (Mapping[str, tuple[torch.Tensor, float]], optional): Further named ``(loss, weight)`` terms,
+            e.g. feature distillation's, added to the total.
 
     Returns:
         dict[str, torch.Tensor]: The loss terms and their weighted ``'total'``.
@@ -147,7 +159,11 @@ def combine_losses(
         terms['original'] = original_total
     else:
         raise TypeError(f'Cannot combine an original loss of type {type(original_loss).__name__}.')
-    return {**terms, 'kd': kd_loss, 'total': org_loss_weight * original_total + kd_loss_weight * kd_loss}
+    total = org_loss_weight * original_total + kd_loss_weight * kd_loss
+    extra = dict(extra_terms or {})
+    for loss, weight in extra.values():
+        total = total + weight * loss
+    return {**terms, 'kd': kd_loss, **{name: loss for name, (loss, _) in extra.items()}, 'total': total}
 
 
 def _check_scheduled(name: str, value: ScheduleOrValue, minimum: float, inclusive: bool) -> None:
@@ -163,6 +179,21 @@ def _check_scheduled(name: str, value: ScheduleOrValue, minimum: float, inclusiv
 
 def _largest(value: ScheduleOrValue) -> float:
     return value.bounds[1] if isinstance(value, Schedule) else value
+
+
+# Where the projections sit on the student during a fit.
+_PROJECTIONS_NAME = 'distillation_projections'
+
+
+def _as_feature_pair(pair: Union[FeaturePair, Mapping[str, Any]], index: int) -> FeaturePair:
+    if isinstance(pair, FeaturePair):
+        return pair
+    if isinstance(pair, Mapping):
+        try:
+            return FeaturePair(**pair)
+        except TypeError as e:
+            raise TypeError(f'feature_pairs[{index}]: {e}') from e
+    raise TypeError(f'feature_pairs[{index}] must be a FeaturePair or a dict, got {type(pair).__name__}.')
 
 
 def sample_teachers(n_teachers: int, k: int, seed: int, step: int) -> list[int]:
@@ -224,6 +255,11 @@ class Distillation(Algorithm):
         temperature (float | Schedule, optional): Sets ``kd_loss_fn.temperature`` at every step, e.g. a
             :class:`~composer_kd.LinearSchedule` from soft to sharp (progressive distillation). Default: ``None``,
             the loss keeps its own.
+        feature_pairs (Sequence[FeaturePair | dict], optional): Intermediate modules to match, named by path
+            (see :class:`~composer_kd.features.FeaturePair`); each adds a ``'feature_<i>'`` term to the loss.
+            Where widths differ, a learnable projection owned by this algorithm is trained with the student's
+            optimizer and saved in training checkpoints (as ``distillation_projections.*``), but is detached from
+            the student when the fit ends. Default: none.
 
     Example:
         .. testcode::
@@ -260,6 +296,7 @@ class Distillation(Algorithm):
         teacher_logits_key: Optional[Key] = None,
         causal_lm: Optional[bool] = None,
         temperature: Optional[ScheduleOrValue] = None,
+        feature_pairs: Sequence[Union[FeaturePair, Mapping[str, Any]]] = (),
     ):
         for name, weight in (('org_loss_weight', org_loss_weight), ('kd_loss_weight', kd_loss_weight)):
             _check_scheduled(name, weight, minimum=0.0, inclusive=True)
@@ -299,6 +336,17 @@ class Distillation(Algorithm):
         self.student_logits_key = student_logits_key
         self.teacher_logits_key = teacher_logits_key if teacher_logits_key is not None else student_logits_key
         self.causal_lm = causal_lm
+        self.feature_pairs = [_as_feature_pair(pair, i) for i, pair in enumerate(feature_pairs)]
+        for i, pair in enumerate(self.feature_pairs):
+            if not 0 <= pair.teacher_index < n_teachers:
+                raise ValueError(
+                    f'feature_pairs[{i}].teacher_index={pair.teacher_index} but there are {n_teachers} teachers.'
+                )
+        # Learnable maps from student to teacher feature widths, keyed by pair index; created at Event.INIT.
+        self.projections = nn.ModuleDict()
+        self._feature_modules: list[tuple[nn.Module, nn.Module]] = []
+        self._projection_owner: Optional[nn.Module] = None
+        self._captures: Optional[tuple[FeatureCapture, FeatureCapture]] = None
 
         # Set at fit start: the window in the trainer's units. Set each batch: the teachers that run, and the
         # weights in force.
@@ -325,20 +373,120 @@ class Distillation(Algorithm):
     def match(self, event: Event, state: State) -> bool:
         if event == Event.AFTER_LOSS:
             return bool(self._active_teachers)
+        if event in (Event.INIT, Event.BATCH_END):
+            return bool(self.feature_pairs)
         return event in (Event.FIT_START, Event.BATCH_START, Event.FIT_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.FIT_START:
+        if event == Event.INIT:
+            self._init_features(state)
+        elif event == Event.FIT_START:
             self._fit_start(state)
         elif event == Event.BATCH_START:
             self._active_teachers = self._teachers_for_batch(state)
             if self._active_teachers:
                 self._set_scheduled_values(state, logger)
+            self._capture(bool(self._active_teachers))
         elif event == Event.AFTER_LOSS:
             self._distill(state)
+        elif event == Event.BATCH_END:
+            self._capture(False)
         elif event == Event.FIT_END:
             self._active_teachers = []
+            self._remove_captures()
+            self._attach_projections(False)
             self.teachers.restore()
+
+    @property
+    def find_unused_parameters(self) -> bool:
+        # Outside the window, or when a sampled step skips a pair's teacher, projections get no gradient.
+        return bool(self.projections)
+
+    def _attach_projections(self, attached: bool) -> None:
+        """Lend the projections to the student during a fit, and take them back when it ends.
+
+        While attached they are ordinary parameters of the model, so Composer's optimizer, checkpoints (under
+        ``distillation_projections.``), resumption and DDP gradient averaging all treat them like the student's
+        own; once the fit ends the student is exactly the model the user gave.
+        """
+        if self._projection_owner is None or not self.projections:
+            return
+        if attached:
+            self._projection_owner.add_module(_PROJECTIONS_NAME, self.projections)
+        elif hasattr(self._projection_owner, _PROJECTIONS_NAME):
+            delattr(self._projection_owner, _PROJECTIONS_NAME)
+
+    def _init_features(self, state: State) -> None:
+        """Resolve the feature modules and create projections while the optimizer can still take them in.
+
+        Event.INIT comes after the optimizer is built but before a checkpoint is loaded, so projections added
+        here are restored with the model's and the optimizer's state on resume.
+        """
+        self._feature_modules = []
+        for i, pair in enumerate(self.feature_pairs):
+            student_module = resolve_module(state.model, pair.student, role='student')
+            teacher_module = resolve_module(self.teachers.modules[pair.teacher_index], pair.teacher, role='teacher')
+            self._feature_modules.append((student_module, teacher_module))
+            if not pair.projectable:
+                continue
+            widths = (
+                pair.student_dim or output_width(student_module),
+                pair.teacher_dim or output_width(teacher_module),
+            )
+            # An unreadable width (e.g. of an activation module) is taken to match; the first step checks it.
+            if None not in widths and widths[0] != widths[1]:
+                self.projections[str(i)] = nn.Linear(*widths, bias=False)
+        if self.projections:
+            state.device.module_to_device(self.projections)
+            self._projection_owner = state.model
+            self._attach_projections(True)
+            optimizer = ensure_tuple(state.optimizers)[0]
+            # Train the projections as the student's first group is trained (the same lr, weight decay, and keys
+            # such as Composer's 'initial_lr' that a plain add_param_group would leave out).
+            group = {k: v for k, v in optimizer.param_groups[0].items() if k != 'params'}
+            optimizer.add_param_group({**group, 'params': list(self.projections.parameters())})
+
+    def _capture(self, enabled: bool) -> None:
+        if self._captures is not None:
+            for capture in self._captures:
+                capture.enabled = enabled
+                capture.clear()
+
+    def _remove_captures(self) -> None:
+        if self._captures is not None:
+            for capture in self._captures:
+                capture.remove()
+            self._captures = None
+
+    def _feature_losses(self, state: State, active: set[int]) -> dict[str, tuple[torch.Tensor, float]]:
+        assert self._captures is not None
+        student_outputs, teacher_outputs = (capture.outputs for capture in self._captures)
+        terms = {}
+        for i, pair in enumerate(self.feature_pairs):
+            if pair.teacher_index not in active:
+                continue
+            key = str(i)
+            if key not in student_outputs or key not in teacher_outputs:
+                raise RuntimeError(
+                    f'feature_pairs[{i}]: module {pair.student!r} (student) or {pair.teacher!r} (teacher) did not run '
+                    'during the forward pass.'
+                )
+            student = select_output(student_outputs[key], pair.index, pair.student)
+            teacher = select_output(teacher_outputs[key], pair.index, pair.teacher)
+            if key in self.projections:
+                dim = feature_dim(student)
+                student = self.projections[key](student.movedim(dim, -1)).movedim(-1, dim)
+            elif pair.projectable and student.shape != teacher.shape:
+                raise ValueError(
+                    f'feature_pairs[{i}]: student features {tuple(student.shape)} ({pair.student!r}) and teacher '
+                    f'features {tuple(teacher.shape)} ({pair.teacher!r}) differ and no projection was made: pass '
+                    'student_dim= and teacher_dim= (the feature widths) to have one learned.'
+                )
+            # Token features [B, S, D] and attention probabilities [B, H, S, S] are masked by query position.
+            positions = (student.shape[0], student.shape[2]) if pair.loss == 'attention_probs' else student.shape[:-1]
+            mask = padding_mask(state.batch, tuple(positions))
+            terms[f'feature_{i}'] = (pair.loss_fn(student, teacher, mask), pair.weight)
+        return terms
 
     def _fit_start(self, state: State) -> None:
         student_params = {id(p) for p in state.model.parameters()}
@@ -351,6 +499,13 @@ class Distillation(Algorithm):
         self.teachers.freeze()
         for teacher in self.teachers.modules:
             state.device.module_to_device(teacher)
+        if self.feature_pairs:
+            self._attach_projections(True)  # again, for a second fit() with the same trainer
+            self._remove_captures()
+            self._captures = (
+                FeatureCapture({str(i): s for i, (s, _) in enumerate(self._feature_modules)}),
+                FeatureCapture({str(i): t for i, (_, t) in enumerate(self._feature_modules)}),
+            )
         self._causal = self.causal_lm if self.causal_lm is not None else is_causal_lm(state.model)
         self._start = to_trainer_time(self.start, state)
         self._end = None if self.end is None else to_trainer_time(self.end, state)
@@ -398,4 +553,10 @@ class Distillation(Algorithm):
             self.kd_loss_fn,
             mask=token_mask(state.batch, student_logits, causal=self._causal),
         )
-        state.loss = combine_losses(state.loss, kd_loss, *self._weights)
+        features = {}
+        if self.feature_pairs:
+            active = {i for i, t in enumerate(self.teachers.modules) if any(t is a for a in self._active_teachers)}
+            features = self._feature_losses(state, active)
+            for capture in self._captures or ():
+                capture.clear()  # this microbatch's features are used; the next records its own
+        state.loss = combine_losses(state.loss, kd_loss, *self._weights, extra_terms=features)

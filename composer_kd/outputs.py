@@ -12,7 +12,7 @@ from composer.utils import batch_get
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ['Key', 'extract_logits', 'is_causal_lm', 'run_teacher', 'token_mask']
+__all__ = ['Key', 'extract_logits', 'is_causal_lm', 'padding_mask', 'run_teacher', 'token_mask']
 
 #: How a part of a batch or an output is chosen, as Composer's ``batch_get`` takes it: an index, a key, an
 #: attribute name, or a callable receiving the whole object.
@@ -161,6 +161,27 @@ def is_causal_lm(model: nn.Module) -> bool:
     if not _is_hf_pretrained(model):
         return False
     return bool(model.can_generate()) and not getattr(model.config, 'is_encoder_decoder', False)
+
+
+def padding_mask(batch: Any, positions: tuple[int, ...]) -> Optional[torch.Tensor]:
+    """``attention_mask != 0`` when the batch has an attention mask of shape ``positions``, else ``None``.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.outputs import padding_mask
+
+            batch = {'attention_mask': torch.tensor([[1, 1, 0]])}
+            assert padding_mask(batch, (1, 3)).tolist() == [[True, True, False]]
+            assert padding_mask(batch, (1, 3, 8)) is None
+    """
+    if not isinstance(batch, Mapping):
+        return None
+    attention_mask = batch.get('attention_mask')
+    if isinstance(attention_mask, torch.Tensor) and tuple(attention_mask.shape) == tuple(positions):
+        return attention_mask != 0
+    return None
 
 
 def token_mask(batch: Any, logits: torch.Tensor, causal: bool = False) -> Optional[torch.Tensor]:

@@ -1,0 +1,302 @@
+"""Intermediate-feature and attention distillation: modules named by path, captured with forward hooks.
+
+Neither model is changed: forward hooks on the named modules record their outputs during the student's and
+the teacher's ordinary forward passes, and are removed when the fit ends. Where the student's features are
+narrower than the teacher's, a learnable projection owned by the algorithm (never by the student) maps them
+across.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from composer.models import HuggingFaceModel
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.hooks import RemovableHandle
+
+from composer_kd.losses import _mean_over_positions, cosine_distance, logits_mse
+
+__all__ = [
+    'FEATURE_LOSSES',
+    'FeatureCapture',
+    'FeaturePair',
+    'attention_map',
+    'attention_map_loss',
+    'attention_probs_mse',
+    'feature_dim',
+    'output_width',
+    'resolve_module',
+]
+
+FeatureLossFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FeaturePair:
+    """One student module to match to one teacher module.
+
+    Args:
+        student (str): Dotted module path in the student, as ``named_modules()`` lists it, e.g.
+            ``'bert.encoder.layer.1'`` (paths may also include or omit Composer's wrapper, ``model.`` /
+            ``module.``).
+        teacher (str): Dotted module path in the teacher.
+        loss (str | Callable, optional): ``'mse'``, ``'cosine'``, ``'attention_map'`` (CNN feature maps, Zagoruyko
+            & Komodakis) or ``'attention_probs'`` (transformer attention probabilities, TinyBERT), or a callable
+            ``(student_features, teacher_features, mask) -> scalar``. Default: ``'mse'``.
+        weight (float, optional): The term's weight in the total loss. Default: ``1.0``.
+        teacher_index (int, optional): Which teacher, when there are several. Default: ``0``.
+        output_index (int, optional): Which element of a module's tuple output to take; attention modules of
+            Hugging Face models return their probabilities second. Default: ``0``, or ``1`` for
+            ``'attention_probs'``.
+        student_dim (int, optional): The student features' width, where it cannot be read off the module.
+        teacher_dim (int, optional): The teacher features' width, likewise.
+    """
+
+    student: str
+    teacher: str
+    loss: Union[str, FeatureLossFn] = 'mse'
+    weight: float = 1.0
+    teacher_index: int = 0
+    output_index: Optional[int] = None
+    student_dim: Optional[int] = None
+    teacher_dim: Optional[int] = None
+
+    def __post_init__(self):
+        if isinstance(self.loss, str) and self.loss not in FEATURE_LOSSES:
+            raise ValueError(f'FeaturePair loss {self.loss!r} is unknown; known: {sorted(FEATURE_LOSSES)}.')
+        if not callable(self.loss) and not isinstance(self.loss, str):
+            raise TypeError(f'FeaturePair loss must be a name or a callable, got {type(self.loss).__name__}.')
+        if not (isinstance(self.weight, (int, float)) and self.weight >= 0):
+            raise ValueError(f'FeaturePair weight must be a number >= 0, got {self.weight!r}.')
+
+    @property
+    def loss_fn(self) -> FeatureLossFn:
+        return FEATURE_LOSSES[self.loss] if isinstance(self.loss, str) else self.loss
+
+    @property
+    def index(self) -> int:
+        if self.output_index is not None:
+            return self.output_index
+        return 1 if self.loss == 'attention_probs' else 0
+
+    @property
+    def projectable(self) -> bool:
+        """Whether width differences are bridged by a projection (losses comparing features element-wise)."""
+        return self.loss in ('mse', 'cosine')
+
+
+def _candidate_roots(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model and the wrapped models inside it, outermost first, with the prefix each adds."""
+    roots = [('', model)]
+    if isinstance(model, DistributedDataParallel):
+        roots.append(('module.', model.module))
+        model = model.module
+    if isinstance(model, HuggingFaceModel):
+        roots.append(('model.', model.model))
+    elif isinstance(getattr(model, 'module', None), nn.Module):
+        roots.append(('module.', model.module))
+    return roots
+
+
+def resolve_module(model: nn.Module, path: str, role: str = 'student') -> nn.Module:
+    """The submodule of ``model`` at ``path``, looked up also inside Composer's and DDP's wrappers.
+
+    Args:
+        model (nn.Module): The model (possibly a ``ComposerModel`` or DDP-wrapped).
+        path (str): A dotted path as ``named_modules()`` gives it.
+        role (str, optional): ``'student'`` or ``'teacher'``, for the error message.
+
+    Returns:
+        nn.Module: The submodule.
+
+    Raises:
+        ValueError: If no such module exists; the message lists the nearest existing names.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.features import resolve_module
+
+            model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+            assert isinstance(resolve_module(model, '1'), torch.nn.ReLU)
+    """
+    for _, root in _candidate_roots(model):
+        try:
+            return root.get_submodule(path)
+        except AttributeError:
+            continue
+    names = [name for name, _ in _candidate_roots(model)[-1][1].named_modules() if name]
+    nearest = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
+    raise ValueError(
+        f'The {role} has no module {path!r}. Nearest existing names: {nearest or names[:5]}'
+        f' (of {len(names)}; list them with model.named_modules()).'
+    )
+
+
+def output_width(module: nn.Module) -> Optional[int]:
+    """The width of the features ``module`` outputs, read off its last layer of a known kind, or ``None``.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.features import output_width
+
+            block = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.LayerNorm(32))
+            assert output_width(block) == 32
+    """
+    for sub in reversed(list(module.modules())):
+        if isinstance(sub, nn.Linear):
+            return sub.out_features
+        if isinstance(sub, nn.modules.conv._ConvNd):
+            return sub.out_channels
+        if isinstance(sub, nn.modules.batchnorm._NormBase) and sub.num_features:
+            return sub.num_features
+        if isinstance(sub, (nn.LayerNorm, nn.GroupNorm)):
+            return sub.normalized_shape[-1] if isinstance(sub, nn.LayerNorm) else sub.num_channels
+        if isinstance(sub, nn.Embedding):
+            return sub.embedding_dim
+        if type(sub).__name__ == 'Conv1D' and isinstance(getattr(sub, 'nf', None), int):  # GPT-2's linear layers
+            return sub.nf
+    return None
+
+
+def feature_dim(features: torch.Tensor) -> int:
+    """The dimension holding feature channels: 1 for image maps ``[B, C, H, W]``, else the last one."""
+    return 1 if features.ndim == 4 else -1
+
+
+def select_output(output: Any, index: int, where: str) -> torch.Tensor:
+    """The tensor a hooked module produced: itself, element ``index`` of a tuple, or a model output's first."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        output = list(output.values())
+    if isinstance(output, Sequence) and len(output) > index and isinstance(output[index], torch.Tensor):
+        return output[index]
+    raise TypeError(
+        f'Module {where!r} output {type(output).__name__} has no tensor at index {index}. For attention '
+        "probabilities, build the model with config output_attentions=True and attn_implementation='eager'."
+    )
+
+
+def attention_map(features: torch.Tensor) -> torch.Tensor:
+    """Spatial attention of a CNN feature map ``[B, C, H, W]``: the channel-mean of squares, flattened, L2-normalized.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.features import attention_map
+
+            assert attention_map(torch.randn(2, 8, 4, 4)).shape == (2, 16)
+    """
+    if features.ndim != 4:
+        raise ValueError(f'attention maps need [batch, channels, height, width] features, got {tuple(features.shape)}.')
+    return F.normalize(features.float().pow(2).mean(dim=1).flatten(1), dim=1)
+
+
+def attention_map_loss(
+    student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis, 2017): mean squared distance of the two attention maps.
+
+    Channel counts may differ; spatial sizes must match (the student's map is resized to the teacher's if not).
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.features import attention_map_loss
+
+            loss = attention_map_loss(torch.randn(2, 8, 4, 4), torch.randn(2, 32, 4, 4))
+    """
+    if student.shape[-2:] != teacher.shape[-2:]:
+        student = F.interpolate(student.float(), size=teacher.shape[-2:], mode='bilinear', align_corners=False)
+    return (attention_map(student) - attention_map(teacher)).pow(2).sum(dim=1).mean()
+
+
+def attention_probs_mse(
+    student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """TinyBERT's attention loss: MSE between attention probabilities ``[B, heads, query, key]``.
+
+    Head counts may differ, in which case each side is averaged over its heads first. Only valid query
+    positions count (``mask`` is ``[B, query]``); padded keys hold zero probability on both sides.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.features import attention_probs_mse
+
+            probs = torch.softmax(torch.randn(2, 4, 5, 5), dim=-1)
+            assert attention_probs_mse(probs, probs).item() == 0.0
+    """
+    if student.ndim != 4 or teacher.ndim != 4:
+        raise ValueError(
+            f'attention probabilities must be [batch, heads, query, key], got {tuple(student.shape)} (student) and '
+            f'{tuple(teacher.shape)} (teacher).'
+        )
+    if student.shape[1] != teacher.shape[1]:
+        student, teacher = student.mean(dim=1, keepdim=True), teacher.mean(dim=1, keepdim=True)
+    per_query = (student.float() - teacher.float()).pow(2).mean(dim=(1, 3))
+    return _mean_over_positions(per_query, mask)
+
+
+def _features_mse(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    dim = feature_dim(student)
+    return logits_mse(student.movedim(dim, -1), teacher.movedim(dim, -1), mask)
+
+
+def _features_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    dim = feature_dim(student)
+    return cosine_distance(student.movedim(dim, -1), teacher.movedim(dim, -1), mask)
+
+
+#: Feature losses by the names ``FeaturePair(loss=...)`` takes.
+FEATURE_LOSSES: dict[str, FeatureLossFn] = {
+    'mse': _features_mse,
+    'cosine': _features_cosine,
+    'attention_map': attention_map_loss,
+    'attention_probs': attention_probs_mse,
+}
+
+
+class FeatureCapture:
+    """Forward hooks that keep the latest output of named modules while switched on.
+
+    Args:
+        modules (dict[str, nn.Module]): The modules to watch, by a name of the caller's choosing.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        self.enabled = False
+        self.outputs: dict[str, Any] = {}
+        self._handles: list[RemovableHandle] = [
+            module.register_forward_hook(self._recorder(name)) for name, module in modules.items()
+        ]
+
+    def _recorder(self, name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self.enabled:
+                self.outputs[name] = output
+
+        return hook
+
+    def clear(self) -> None:
+        self.outputs = {}
+
+    def remove(self) -> None:
+        """Remove every hook; the models are as they were before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.clear()

@@ -260,6 +260,9 @@ class Distillation(Algorithm):
             Where widths differ, a learnable projection owned by this algorithm is trained with the student's
             optimizer and saved in training checkpoints (as ``distillation_projections.*``), but is detached from
             the student when the fit ends. Default: none.
+        on_nonfinite_teacher (str, optional): What to do when a teacher's logits hold NaN or +inf: ``'raise'``
+            an error naming the step, or ``'skip'`` the distillation terms of that microbatch (the model's own
+            loss still trains it) and count it in ``distillation/skipped_microbatches``. Default: ``'raise'``.
 
     Example:
         .. testcode::
@@ -297,6 +300,7 @@ class Distillation(Algorithm):
         causal_lm: Optional[bool] = None,
         temperature: Optional[ScheduleOrValue] = None,
         feature_pairs: Sequence[Union[FeaturePair, Mapping[str, Any]]] = (),
+        on_nonfinite_teacher: str = 'raise',
     ):
         for name, weight in (('org_loss_weight', org_loss_weight), ('kd_loss_weight', kd_loss_weight)):
             _check_scheduled(name, weight, minimum=0.0, inclusive=True)
@@ -336,6 +340,10 @@ class Distillation(Algorithm):
         self.student_logits_key = student_logits_key
         self.teacher_logits_key = teacher_logits_key if teacher_logits_key is not None else student_logits_key
         self.causal_lm = causal_lm
+        if on_nonfinite_teacher not in ('raise', 'skip'):
+            raise ValueError(f"on_nonfinite_teacher must be 'raise' or 'skip', got {on_nonfinite_teacher!r}.")
+        self.on_nonfinite_teacher = on_nonfinite_teacher
+        self._skipped = 0
         self.feature_pairs = [_as_feature_pair(pair, i) for i, pair in enumerate(feature_pairs)]
         for i, pair in enumerate(self.feature_pairs):
             if not 0 <= pair.teacher_index < n_teachers:
@@ -388,7 +396,7 @@ class Distillation(Algorithm):
                 self._set_scheduled_values(state, logger)
             self._capture(bool(self._active_teachers))
         elif event == Event.AFTER_LOSS:
-            self._distill(state)
+            self._distill(state, logger)
         elif event == Event.BATCH_END:
             self._capture(False)
         elif event == Event.FIT_END:
@@ -538,7 +546,23 @@ class Distillation(Algorithm):
         if scheduled:
             logger.log_metrics(scheduled)
 
-    def _distill(self, state: State) -> None:
+    def _teacher_logits_usable(self, teacher_logits: list[torch.Tensor], state: State, logger: Logger) -> bool:
+        """False (after counting it) when a teacher's logits are poisoned and the user chose to skip them."""
+        for i, logits in enumerate(teacher_logits):
+            # -inf is a legitimate "impossible class"; NaN and +inf would poison the student.
+            if bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
+                where = f'batch {int(state.timestamp.batch)} (epoch {int(state.timestamp.epoch)})'
+                if self.on_nonfinite_teacher == 'raise':
+                    raise FloatingPointError(
+                        f'A teacher (active teacher {i}) produced NaN or +inf logits at {where}; the student was not '
+                        "updated from them. Pass on_nonfinite_teacher='skip' to train on without those terms."
+                    )
+                self._skipped += 1
+                logger.log_metrics({'distillation/skipped_microbatches': self._skipped})
+                return False
+        return True
+
+    def _distill(self, state: State, logger: Logger) -> None:
         student_logits = extract_logits(state.outputs, self.student_logits_key, role='student')
         teacher_logits = []
         with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
@@ -547,6 +571,10 @@ class Distillation(Algorithm):
                     teacher.eval()
                 output = run_teacher(teacher, state.batch, self.input_key)
                 teacher_logits.append(extract_logits(output, self.teacher_logits_key, role='teacher'))
+        if not self._teacher_logits_usable(teacher_logits, state, logger):
+            for capture in self._captures or ():
+                capture.clear()
+            return
         kd_loss = distillation_loss(
             student_logits,
             average_logits(teacher_logits),

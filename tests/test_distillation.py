@@ -373,6 +373,7 @@ def test_distillation_loss_masks_rows_and_refuses_non_scalar():
         ({'end': 1.5}, r'end=1.5.*\[0, 1\]'),
         ({'start': '5ba', 'end': '2ba'}, "end='2ba' must come after start='5ba'"),
         ({'kd_loss_fn': 'kl'}, 'kd_loss_fn must be callable'),
+        ({'on_nonfinite_teacher': 'ignore'}, "on_nonfinite_teacher must be 'raise' or 'skip'"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
@@ -424,3 +425,49 @@ def test_teacher_sharing_the_students_parameters_is_refused():
     student = make_student()
     with pytest.raises(ValueError, match='shares parameters with the student'):
         fit(student, [Distillation(student.module)])
+
+
+class FlakyTeacher(nn.Module):
+    """A teacher whose logits turn non-finite on chosen calls."""
+
+    def __init__(self, bad_calls: set[int], value: float):
+        super().__init__()
+        self.net = make_teacher()
+        self.bad_calls, self.value, self.calls = bad_calls, value, 0
+
+    def forward(self, x):
+        out = self.net(x)
+        if self.calls in self.bad_calls:
+            out = out.clone()
+            out[0, 1] = self.value
+        self.calls += 1
+        return out
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf')])
+def test_nonfinite_teacher_output_raises_naming_the_step(value):
+    student = make_student()
+    with pytest.raises(FloatingPointError, match=r'NaN or \+inf logits at batch 2 \(epoch 0\)'):
+        fit(student, [Distillation(FlakyTeacher({2}, value))])
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_nonfinite_teacher_output_can_be_skipped_and_counted():
+    logger, recorder = InMemoryLogger(), Recorder()
+    student = make_student()
+    fit(
+        student,
+        [Distillation(FlakyTeacher({1, 3}, float('nan')), on_nonfinite_teacher='skip')],
+        loggers=[logger],
+        callbacks=[recorder],
+    )
+    kinds = [isinstance(step['loss'], dict) for step in recorder.steps]
+    assert kinds == [True, False, True, False]  # skipped steps train on the model's own loss alone
+    assert [v for _, v in logger.data['distillation/skipped_microbatches']] == [1, 2]
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+def test_minus_inf_teacher_logits_are_legitimate():
+    recorder = Recorder()
+    fit(make_student(), [Distillation(FlakyTeacher({0, 1, 2, 3}, -float('inf')))], callbacks=[recorder])
+    assert all(torch.isfinite(step['loss']['kd']) for step in recorder.steps)

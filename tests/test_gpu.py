@@ -72,3 +72,34 @@ def test_loss_equals_formula_on_cuda():
         q = torch.softmax(student_logits.double() / 3.0, -1)
         expected = 9.0 * (p * (p.log() - q.log())).sum(-1).mean()
         assert kd.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_teacher_out_of_memory_is_retried_with_smaller_microbatches():
+    class HungryTeacher(torch.nn.Module):
+        """Runs out of memory on microbatches larger than 2, as a big teacher would."""
+
+        def __init__(self):
+            super().__init__()
+            self.net = make_teacher()
+            self.sizes = []
+
+        def forward(self, x):
+            self.sizes.append(x.shape[0])
+            if x.shape[0] > 2:
+                raise RuntimeError('CUDA out of memory. Tried to allocate 1.00 GiB (simulated by the test)')
+            return self.net(x)
+
+    teacher = HungryTeacher()
+    trainer = Trainer(
+        model=make_student(),
+        train_dataloader=make_dataloader(),
+        max_duration='1ep',
+        device='gpu',
+        device_train_microbatch_size='auto',
+        algorithms=[Distillation(teacher)],
+        progress_bar=False,
+    )
+    trainer.fit()
+    assert trainer.state.device_train_microbatch_size <= 2
+    assert int(trainer.state.timestamp.batch) == 4
+    assert teacher.sizes[0] == 8 and max(teacher.sizes[-4:]) <= 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -66,7 +67,9 @@ def distillation_loss(
     """``kd_loss_fn`` on the positions that count.
 
     With a ``mask`` over the logits' leading dimensions (e.g. valid tokens of ``[batch, seq, vocab]`` logits),
-    only the selected rows reach ``kd_loss_fn``, so any loss averaging over rows averages over valid tokens.
+    a loss that takes a ``mask`` argument (every loss of this package does) receives it; any other loss receives
+    only the selected rows, so a loss averaging over rows averages over valid tokens either way. Passing the
+    mask spares copying the logits, which matters for large vocabularies.
 
     Args:
         student_logits (torch.Tensor): The student's logits.
@@ -100,16 +103,27 @@ def distillation_loss(
             f'Teacher logits have shape {tuple(teacher_logits.shape)} but student logits have shape '
             f'{tuple(student_logits.shape)}: {detail}.'
         )
-    if mask is not None:
+    if mask is None:
+        loss = kd_loss_fn(student_logits, teacher_logits)
+    else:
         mask = mask.to(device=student_logits.device, dtype=torch.bool)
         if not mask.any():
             return student_logits.sum() * 0.0
-        student_logits, teacher_logits = student_logits[mask], teacher_logits[mask]
-    loss = kd_loss_fn(student_logits, teacher_logits)
+        if _takes_mask(kd_loss_fn):
+            loss = kd_loss_fn(student_logits, teacher_logits, mask=mask)
+        else:
+            loss = kd_loss_fn(student_logits[mask], teacher_logits[mask])
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f'kd_loss_fn must return a scalar tensor, got {shape}.')
     return loss.reshape(())
+
+
+def _takes_mask(fn: Callable) -> bool:
+    try:
+        return 'mask' in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
 
 
 def combine_losses(

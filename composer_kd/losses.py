@@ -25,6 +25,7 @@ __all__ = [
     'LogitsMSE',
     'ReverseKLDivergence',
     'SoftCrossEntropy',
+    'chunked_kl_divergence',
     'cosine_distance',
     'get_loss',
     'jensen_shannon_divergence',
@@ -119,6 +120,92 @@ def kl_divergence(
             loss = kl_divergence(torch.randn(8, 10), torch.randn(8, 10), temperature=4.0)
     """
     return _distribution_loss(_kl_terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Forward KL over rows ``[N, V]``, computed and differentiated a chunk of rows at a time.
+
+    Only the logits themselves are kept for the backward pass; the float32 softmax copies that autograd would
+    otherwise keep for every token exist for one chunk at a time, in the forward and again in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, row_weights, temperature: float, chunk_size: int):
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for start in range(0, student.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            log_q = _softened_log_probs(student[rows], temperature, -1)
+            log_p = _softened_log_probs(teacher[rows], temperature, -1)
+            total += (row_weights[rows] * _kl_terms(log_p, log_q, -1)).sum()
+        ctx.save_for_backward(student, teacher, row_weights)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return total * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        student, teacher, row_weights = ctx.saved_tensors
+        temperature = ctx.temperature
+        grad = torch.empty_like(student)
+        for start in range(0, student.shape[0], ctx.chunk_size):
+            rows = slice(start, start + ctx.chunk_size)
+            q = _softened_log_probs(student[rows], temperature, -1).exp()
+            p = _softened_log_probs(teacher[rows], temperature, -1).exp()
+            # d/ds of T^2 * KL(p || softmax(s/T)) is T * (q - p).
+            scale = (temperature * grad_output) * row_weights[rows, None]
+            grad[rows] = ((q - p) * scale).to(grad.dtype)
+        return grad, None, None, None, None
+
+
+def chunked_kl_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """:func:`kl_divergence` over the last dimension, in chunks of ``chunk_size`` positions.
+
+    The same value and gradients, but the ``[positions, vocabulary]`` float32 softmax copies are never all alive
+    at once: for language models with large vocabularies they, not the logits, dominate the loss's memory. Only
+    the student's logits receive a gradient (the teacher's are constants, as in distillation).
+
+    Args:
+        student_logits (torch.Tensor): Student logits ``[..., vocab]``.
+        teacher_logits (torch.Tensor): Teacher logits, the same shape.
+        temperature (float, optional): Softening temperature, ``> 0``. Default: ``1.0``.
+        mask (torch.Tensor, optional): Boolean, the logits' shape without the last dimension.
+        chunk_size (int, optional): Positions per chunk. Default: ``1024``.
+
+    Returns:
+        torch.Tensor: A float32 scalar.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import chunked_kl_divergence, kl_divergence
+
+            s, t = torch.randn(2, 64, 100), torch.randn(2, 64, 100)
+            assert torch.allclose(chunked_kl_divergence(s, t, 2.0, chunk_size=16), kl_divergence(s, t, 2.0))
+    """
+    _check_temperature(temperature)
+    _check_shapes(student_logits, teacher_logits)
+    if not (isinstance(chunk_size, int) and chunk_size > 0):
+        raise ValueError(f'chunk_size must be a positive integer, got {chunk_size!r}.')
+    vocab = student_logits.shape[-1]
+    student, teacher = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+    if mask is None:
+        row_weights = torch.full((student.shape[0],), 1.0 / student.shape[0], device=student.device)
+    else:
+        mask = mask.to(device=student.device, dtype=torch.bool)
+        if mask.shape != student_logits.shape[:-1]:
+            raise ValueError(
+                f'mask {tuple(mask.shape)} must have the logits shape without the class dimension, '
+                f'{tuple(student_logits.shape[:-1])}.'
+            )
+        flat = mask.reshape(-1).float()
+        row_weights = flat / flat.sum().clamp(min=1)
+    return _ChunkedKL.apply(student, teacher.detach(), row_weights, float(temperature), chunk_size)
 
 
 def reverse_kl_divergence(
@@ -302,6 +389,9 @@ class KLDivergence(_SoftenedLoss):
     Args:
         temperature (float, optional): Softening temperature, ``> 0``. Default: ``4.0``.
         softmax_dim (int, optional): The class dimension. Default: ``-1``.
+        chunk_size (int, optional): Compute it ``chunk_size`` positions at a time (see
+            :func:`chunked_kl_divergence`), for token-level logits with large vocabularies. Needs
+            ``softmax_dim=-1``. Default: ``None``, all at once.
 
     Example:
         .. testcode::
@@ -314,6 +404,28 @@ class KLDivergence(_SoftenedLoss):
     """
 
     _fn = staticmethod(kl_divergence)
+
+    def __init__(self, temperature: float = 4.0, softmax_dim: int = -1, chunk_size: Optional[int] = None):
+        super().__init__(temperature, softmax_dim)
+        if chunk_size is not None and softmax_dim not in (-1,):
+            raise ValueError('KLDivergence(chunk_size=...) needs softmax_dim=-1.')
+        if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
+            raise ValueError(f'chunk_size must be a positive integer, got {chunk_size!r}.')
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        if self.chunk_size is None:
+            return super().forward(student_logits, teacher_logits, mask)
+        return chunked_kl_divergence(student_logits, teacher_logits, self.temperature, mask, self.chunk_size)
+
+    def extra_repr(self) -> str:
+        chunks = '' if self.chunk_size is None else f', chunk_size={self.chunk_size}'
+        return super().extra_repr() + chunks
 
 
 class ReverseKLDivergence(_SoftenedLoss):

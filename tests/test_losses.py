@@ -15,6 +15,7 @@ from composer_kd import (
     LogitsMSE,
     ReverseKLDivergence,
     SoftCrossEntropy,
+    chunked_kl_divergence,
     cosine_distance,
     get_loss,
     jensen_shannon_divergence,
@@ -266,3 +267,37 @@ def test_automm_names_and_unknown_names():
     assert isinstance(get_loss('cosine_distance'), CosineDistance)
     with pytest.raises(ValueError, match="Unknown loss 'hinge'.*'js'"):
         get_loss('hinge')
+
+
+@pytest.mark.parametrize('chunk_size', [1, 7, 64, 1000])
+@pytest.mark.parametrize('use_mask', [False, True])
+def test_chunked_kl_equals_kl_in_value_and_gradient(chunk_size, use_mask):
+    generator = torch.Generator().manual_seed(20)
+    student = (torch.randn(3, 21, 50, generator=generator) * 4).requires_grad_()
+    teacher = torch.randn(3, 21, 50, generator=generator) * 4
+    teacher[..., 3] = -float('inf')  # a vocabulary entry the teacher never produces
+    mask = torch.rand(3, 21, generator=generator) > 0.3 if use_mask else None
+    chunked = chunked_kl_divergence(student, teacher, 2.0, mask, chunk_size=chunk_size)
+    chunked.backward()
+    chunked_grad, student.grad = student.grad.clone(), None
+    naive = kl_divergence(student, teacher, 2.0, mask=mask)
+    naive.backward()
+    assert chunked.item() == pytest.approx(naive.item(), rel=1e-5)
+    torch.testing.assert_close(chunked_grad, student.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_chunked_kl_keeps_the_logits_dtype_for_gradients():
+    student = torch.randn(4, 9, 30).bfloat16().requires_grad_()
+    teacher = torch.randn(4, 9, 30).bfloat16()
+    loss = KLDivergence(temperature=2.0, chunk_size=5)(student, teacher)
+    loss.backward()
+    assert loss.dtype == torch.float32 and student.grad.dtype == torch.bfloat16
+    assert loss.item() == pytest.approx(kl_divergence(student, teacher, 2.0).item(), rel=1e-5)
+
+
+def test_chunk_size_must_be_positive_and_last_dim():
+    with pytest.raises(ValueError, match='chunk_size must be a positive integer'):
+        KLDivergence(chunk_size=0)
+    with pytest.raises(ValueError, match='softmax_dim=-1'):
+        KLDivergence(softmax_dim=1, chunk_size=8)
+    assert 'chunk_size=8' in repr(KLDivergence(chunk_size=8))

@@ -192,3 +192,19 @@ def test_causal_lm_vocabulary_mismatch_names_both_sizes():
         ValueError, match=f'the teacher has {VOCAB} classes .vocabulary entries., the student {VOCAB + 8}'
     ):
         fit(student, Distillation(gpt2(1, 16)), text_batches(token_labels=True), LossRecorder())
+
+
+def test_chunked_kl_in_distillation_matches_the_plain_loss():
+    def run(loss_fn):
+        torch.manual_seed(7)
+        teacher = BertForMaskedLM(bert_config(2, 32))
+        student = HuggingFaceModel(BertForMaskedLM(bert_config(1, 16)), use_logits=True)
+        recorder = LossRecorder()
+        fit(student, Distillation(teacher, loss_fn), text_batches(token_labels=True), recorder)
+        return [step['loss']['kd'].item() for step in recorder.steps], student
+
+    plain, plain_student = run(KLDivergence(2.0))
+    chunked, chunked_student = run(KLDivergence(2.0, chunk_size=5))
+    assert chunked == pytest.approx(plain, rel=1e-5)
+    for (name, a), b in zip(plain_student.state_dict().items(), chunked_student.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,0 +1,113 @@
+"""The teacher/student pairs the benchmarks time: a vision pair and a text pair, built offline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from composer.models import ComposerClassifier, HuggingFaceModel
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+
+@dataclass
+class Pair:
+    """Everything a benchmark needs for one pair."""
+
+    name: str
+    teacher: nn.Module
+    student: nn.Module  # a ComposerModel
+    batch: Any  # one batch, reused every step
+    teacher_forward: Callable[[nn.Module, Any], torch.Tensor]  # logits
+    student_forward: Callable[[nn.Module, Any], torch.Tensor]  # logits, in a plain loop
+    labels: Callable[[Any], torch.Tensor]
+    description: str
+
+
+def small_cnn(n_classes: int) -> nn.Module:
+    def block(c_in: int, c_out: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2))
+
+    return nn.Sequential(
+        block(3, 32), block(32, 64), block(64, 96), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(96, n_classes)
+    )
+
+
+def vision_pair(batch_size: int = 64, tiny: bool = False) -> Pair:
+    torch.manual_seed(0)
+    n_classes = 10
+    teacher = torchvision.models.resnet18(num_classes=n_classes) if not tiny else small_cnn(n_classes)
+    student = ComposerClassifier(
+        small_cnn(n_classes) if not tiny else nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, n_classes)),
+        num_classes=n_classes,
+    )
+    batch = (torch.randn(batch_size, 3, 32, 32), torch.randint(0, n_classes, (batch_size,)))
+    return Pair(
+        name='vision',
+        teacher=teacher,
+        student=student,
+        batch=batch,
+        teacher_forward=lambda model, b: model(b[0]),
+        student_forward=lambda model, b: model.module(b[0]),
+        labels=lambda b: b[1],
+        description=(
+            f'{"ResNet-18" if not tiny else "tiny CNN"} teacher, {"small CNN" if not tiny else "linear"} student, '
+            f'3x32x32, batch {batch_size}'
+        ),
+    )
+
+
+def bert(layers: int, hidden: int, vocab: int, seq: int) -> BertForSequenceClassification:
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        intermediate_size=4 * hidden,
+        max_position_embeddings=seq,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def text_pair(batch_size: int = 16, seq: int = 128, tiny: bool = False) -> Pair:
+    torch.manual_seed(0)
+    vocab = 8000 if not tiny else 100
+    teacher = bert(6, 384, vocab, seq) if not tiny else bert(2, 32, vocab, seq)
+    student = HuggingFaceModel(bert(2, 128, vocab, seq) if not tiny else bert(1, 16, vocab, seq), use_logits=True)
+    batch = {
+        'input_ids': torch.randint(0, vocab, (batch_size, seq)),
+        'attention_mask': torch.ones(batch_size, seq, dtype=torch.long),
+        'labels': torch.randint(0, 2, (batch_size,)),
+    }
+    inputs = ('input_ids', 'attention_mask')
+    return Pair(
+        name='text',
+        teacher=teacher,
+        student=student,
+        batch=batch,
+        teacher_forward=lambda model, b: model(**{k: b[k] for k in inputs}).logits,
+        student_forward=lambda model, b: model.model(**{k: b[k] for k in inputs}).logits,
+        labels=lambda b: b['labels'],
+        description=(
+            f'BERT {"6x384" if not tiny else "2x32"} teacher, BERT {"2x128" if not tiny else "1x16"} student, '
+            f'sequence {seq}, batch {batch_size}'
+        ),
+    )
+
+
+def plain_kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, t: float
+) -> torch.Tensor:
+    """The same objective as the benchmarked Distillation, written directly in PyTorch."""
+    kd = F.kl_div(
+        F.log_softmax(student_logits / t, -1),
+        F.log_softmax(teacher_logits / t, -1),
+        reduction='batchmean',
+        log_target=True,
+    )
+    return 0.5 * F.cross_entropy(student_logits, labels) + 0.5 * kd * t * t

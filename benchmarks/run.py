@@ -1,0 +1,130 @@
+"""Run the benchmark suite and write ``results.json`` and ``results.md``.
+
+    python -m benchmarks.run                 # the full suite (a few minutes on 2 CPU cores)
+    python -m benchmarks.run --quick         # tiny models and shapes: checks the suite works, measures nothing
+
+Every figure is a ratio of medians measured in the same run. On CPU, each step-time measurement runs twice, in
+fresh processes: with glibc's default allocator settings, and with ``MALLOC_MMAP_THRESHOLD_`` and
+``MALLOC_TRIM_THRESHOLD_`` raised, which stops glibc from handing large activation buffers back to the operating
+system after every step (and faulting them in again on the next).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+ALLOCATOR_SETTINGS = {
+    'glibc default': {},
+    'glibc thresholds raised': {'MALLOC_MMAP_THRESHOLD_': '4294967296', 'MALLOC_TRIM_THRESHOLD_': '4294967296'},
+}
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    if args.worker == 'overhead':
+        from benchmarks.overhead import measure
+        from benchmarks.pairs import text_pair, vision_pair
+
+        pairs = [vision_pair(tiny=args.quick), text_pair(tiny=args.quick, seq=16 if args.quick else 128)]
+        counts = {'warmup': 1, 'steps': 2, 'rounds': 2} if args.quick else {'warmup': 3, 'steps': 10, 'rounds': 3}
+        result: Any = [measure(pair, args.device, **counts) for pair in pairs]
+    else:
+        from benchmarks.kl_memory import run
+
+        shape = (2, 16, 500) if args.quick else (4, 512, 32000)
+        result = run(args.worker.removeprefix('kl_'), *shape, device=args.device)
+    print(json.dumps(result))
+
+
+def _spawn(worker: str, device: str, quick: bool, extra_env: dict[str, str]) -> Any:
+    command = [sys.executable, '-m', 'benchmarks.run', '--worker', worker, '--device', device]
+    if quick:
+        command.append('--quick')
+    env = {**os.environ, **extra_env, 'PYTHONPATH': str(ROOT)}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f'benchmark worker {worker} failed:\n{done.stderr[-4000:]}')
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = [f'# Benchmark results ({report["device"]}{", quick" if report["quick"] else ""})', '']
+    lines += ['## Step time ratios (medians)', '']
+    for setting, pairs in report['overhead'].items():
+        for pair in pairs:
+            reps = pair['repeats']
+            lines.append(
+                f'### {pair["pair"]}: {pair["description"]} ({setting}; {reps["rounds"]} rounds x '
+                f'{reps["steps_per_round"]} steps after {reps["warmup"]} warm-up)'
+            )
+            lines += ['', '| figure | value |', '| --- | --- |']
+            lines += [f'| {name} | {value:.3f} |' for name, value in pair['ratios'].items()]
+            medians = ', '.join(f'{k} {v * 1000:.1f} ms' for k, v in pair['median_seconds'].items())
+            lines += ['', f'Medians: {medians}.', '']
+    kl = report['kl_memory']
+    naive, chunked = kl['naive'], kl['chunked']
+    lines += ['## Token-level KL, forward + backward', '']
+    lines += [f'Logits {naive["shape"]}; {naive["repeats"]} repeats each, in separate processes.', '']
+    lines += ['| figure | value |', '| --- | --- |']
+    lines += [
+        f'| extra peak memory, chunked / naive | {kl["memory_ratio"]:.3f} |',
+        f'| extra peak memory, naive | {naive["extra_peak_bytes"] / 2**20:.0f} MiB |',
+        f'| extra peak memory, chunked | {chunked["extra_peak_bytes"] / 2**20:.0f} MiB |',
+        f'| time, chunked / naive | {kl["time_ratio"]:.3f} |',
+        f'| relative difference of the values | {kl["value_relative_difference"]:.2e} |',
+        f'| relative difference of the gradient norms | {kl["grad_norm_relative_difference"]:.2e} |',
+        '',
+    ]
+    return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--quick', action='store_true', help='tiny models and shapes (for tests)')
+    parser.add_argument('--device', choices=['cpu', 'cuda', 'auto'], default='auto')
+    parser.add_argument('--output-dir', default=str(ROOT / 'benchmarks' / 'results'))
+    parser.add_argument('--worker', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.device == 'auto':
+        import torch
+
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if args.worker:
+        _worker(args)
+        return {}
+
+    settings = ALLOCATOR_SETTINGS if args.device == 'cpu' else {'CUDA caching allocator': {}}
+    report: dict[str, Any] = {'device': args.device, 'quick': args.quick, 'overhead': {}}
+    for setting, env in settings.items():
+        print(f'timing steps ({setting}) ...', flush=True)
+        report['overhead'][setting] = _spawn('overhead', args.device, args.quick, env)
+    print('measuring the token-level KL loss ...', flush=True)
+    naive, chunked = (_spawn(f'kl_{v}', args.device, args.quick, {}) for v in ('naive', 'chunked'))
+    report['kl_memory'] = {
+        'naive': naive,
+        'chunked': chunked,
+        'memory_ratio': chunked['extra_peak_bytes'] / max(naive['extra_peak_bytes'], 1),
+        'time_ratio': chunked['median_seconds'] / naive['median_seconds'],
+        'value_relative_difference': abs(chunked['value'] - naive['value']) / abs(naive['value']),
+        'grad_norm_relative_difference': abs(chunked['grad_norm'] - naive['grad_norm']) / naive['grad_norm'],
+    }
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / 'results.json').write_text(json.dumps(report, indent=2))
+    (output / 'results.md').write_text(_markdown(report))
+    print(_markdown(report))
+    print(f'written: {output / "results.json"}, {output / "results.md"}')
+    return report
+
+
+if __name__ == '__main__':
+    main()

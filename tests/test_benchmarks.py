@@ -1,0 +1,32 @@
+"""The benchmark suite runs end to end in its quick setting and writes every figure."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from benchmarks.run import main
+
+
+def test_quick_benchmark_writes_json_and_markdown(tmp_path):
+    main(['--quick', '--device', 'cpu', '--output-dir', str(tmp_path)])
+    report = json.loads((tmp_path / 'results.json').read_text())
+    assert set(report['overhead']) == {'glibc default', 'glibc thresholds raised'}
+    for pairs in report['overhead'].values():
+        assert [p['pair'] for p in pairs] == ['vision', 'text']
+        for pair in pairs:
+            assert set(pair['median_seconds']) == {
+                'student_step',
+                'kd_step',
+                'teacher_forward',
+                'plain_student_step',
+                'plain_kd_step',
+            }
+            assert all(len(v) == 4 and all(t > 0 for t in v) for v in pair['samples'].values())
+            m = pair['median_seconds']
+            assert math.isclose(pair['ratios']['kd / student'], m['kd_step'] / m['student_step'])
+    kl = report['kl_memory']
+    assert kl['value_relative_difference'] < 1e-5
+    assert kl['naive']['shape'] == kl['chunked']['shape'] == [2, 16, 500]
+    markdown = (tmp_path / 'results.md').read_text()
+    assert 'kd / (student + teacher)' in markdown and 'extra peak memory, chunked / naive' in markdown

@@ -49,7 +49,11 @@ def _spawn(worker: str, device: str, quick: bool, extra_env: dict[str, str]) -> 
     command = [sys.executable, '-m', 'benchmarks.run', '--worker', worker, '--device', device]
     if quick:
         command.append('--quick')
-    env = {**os.environ, **extra_env, 'PYTHONPATH': str(ROOT)}
+    env = {
+        **os.environ,
+        **extra_env,
+        'PYTHONPATH': os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])),
+    }
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f'benchmark worker {worker} failed:\n{done.stderr[-4000:]}')

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -122,6 +122,11 @@ def kl_divergence(
     return _distribution_loss(_kl_terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
 
 
+# Elements per chunk when the caller does not choose: each float32 temporary then takes 16 MiB, small next to
+# the logits of a language model yet large enough that per-chunk overhead stays negligible.
+_CHUNK_ELEMENTS = 2**22
+
+
 class _ChunkedKL(torch.autograd.Function):
     """Forward KL over rows ``[N, V]``, computed and differentiated a chunk of rows at a time.
 
@@ -161,7 +166,7 @@ def chunked_kl_divergence(
     teacher_logits: torch.Tensor,
     temperature: float = 1.0,
     mask: Optional[torch.Tensor] = None,
-    chunk_size: int = 1024,
+    chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
     """:func:`kl_divergence` over the last dimension, in chunks of ``chunk_size`` positions.
 
@@ -174,7 +179,8 @@ def chunked_kl_divergence(
         teacher_logits (torch.Tensor): Teacher logits, the same shape.
         temperature (float, optional): Softening temperature, ``> 0``. Default: ``1.0``.
         mask (torch.Tensor, optional): Boolean, the logits' shape without the last dimension.
-        chunk_size (int, optional): Positions per chunk. Default: ``1024``.
+        chunk_size (int, optional): Positions per chunk. Default: ``None``, as many as keep each float32
+            temporary near 16 MiB (``2**22`` elements: 131 positions of a 32000-word vocabulary).
 
     Returns:
         torch.Tensor: A float32 scalar.
@@ -190,9 +196,11 @@ def chunked_kl_divergence(
     """
     _check_temperature(temperature)
     _check_shapes(student_logits, teacher_logits)
+    vocab = student_logits.shape[-1]
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_ELEMENTS // vocab)
     if not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f'chunk_size must be a positive integer, got {chunk_size!r}.')
-    vocab = student_logits.shape[-1]
     student, teacher = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
     if mask is None:
         row_weights = torch.full((student.shape[0],), 1.0 / student.shape[0], device=student.device)
@@ -389,9 +397,9 @@ class KLDivergence(_SoftenedLoss):
     Args:
         temperature (float, optional): Softening temperature, ``> 0``. Default: ``4.0``.
         softmax_dim (int, optional): The class dimension. Default: ``-1``.
-        chunk_size (int, optional): Compute it ``chunk_size`` positions at a time (see
-            :func:`chunked_kl_divergence`), for token-level logits with large vocabularies. Needs
-            ``softmax_dim=-1``. Default: ``None``, all at once.
+        chunk_size (int | str, optional): Compute it ``chunk_size`` positions at a time (see
+            :func:`chunked_kl_divergence`; ``'auto'`` sizes chunks by the vocabulary), for token-level logits with
+            large vocabularies. Needs ``softmax_dim=-1``. Default: ``None``, all at once.
 
     Example:
         .. testcode::
@@ -405,12 +413,13 @@ class KLDivergence(_SoftenedLoss):
 
     _fn = staticmethod(kl_divergence)
 
-    def __init__(self, temperature: float = 4.0, softmax_dim: int = -1, chunk_size: Optional[int] = None):
+    def __init__(self, temperature: float = 4.0, softmax_dim: int = -1, chunk_size: Optional[Union[int, str]] = None):
         super().__init__(temperature, softmax_dim)
-        if chunk_size is not None and softmax_dim not in (-1,):
+        if chunk_size is not None and softmax_dim != -1:
             raise ValueError('KLDivergence(chunk_size=...) needs softmax_dim=-1.')
-        if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size > 0):
-            raise ValueError(f'chunk_size must be a positive integer, got {chunk_size!r}.')
+        valid = chunk_size in (None, 'auto') or (isinstance(chunk_size, int) and chunk_size > 0)
+        if not valid:
+            raise ValueError(f"chunk_size must be a positive integer or 'auto', got {chunk_size!r}.")
         self.chunk_size = chunk_size
 
     def forward(
@@ -421,7 +430,8 @@ class KLDivergence(_SoftenedLoss):
     ) -> torch.Tensor:
         if self.chunk_size is None:
             return super().forward(student_logits, teacher_logits, mask)
-        return chunked_kl_divergence(student_logits, teacher_logits, self.temperature, mask, self.chunk_size)
+        chunk_size = None if self.chunk_size == 'auto' else self.chunk_size
+        return chunked_kl_divergence(student_logits, teacher_logits, self.temperature, mask, chunk_size)
 
     def extra_repr(self) -> str:
         chunks = '' if self.chunk_size is None else f', chunk_size={self.chunk_size}'

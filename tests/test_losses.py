@@ -269,7 +269,7 @@ def test_automm_names_and_unknown_names():
         get_loss('hinge')
 
 
-@pytest.mark.parametrize('chunk_size', [1, 7, 64, 1000])
+@pytest.mark.parametrize('chunk_size', [1, 7, 64, 1000, None])
 @pytest.mark.parametrize('use_mask', [False, True])
 def test_chunked_kl_equals_kl_in_value_and_gradient(chunk_size, use_mask):
     generator = torch.Generator().manual_seed(20)
@@ -296,8 +296,12 @@ def test_chunked_kl_keeps_the_logits_dtype_for_gradients():
 
 
 def test_chunk_size_must_be_positive_and_last_dim():
-    with pytest.raises(ValueError, match='chunk_size must be a positive integer'):
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer or 'auto'"):
         KLDivergence(chunk_size=0)
+    with pytest.raises(ValueError, match='chunk_size must be a positive integer'):
+        chunked_kl_divergence(torch.zeros(2, 3), torch.zeros(2, 3), chunk_size=-1)
     with pytest.raises(ValueError, match='softmax_dim=-1'):
         KLDivergence(softmax_dim=1, chunk_size=8)
     assert 'chunk_size=8' in repr(KLDivergence(chunk_size=8))
+    s, t = torch.randn(3, 5, 11), torch.randn(3, 5, 11)
+    assert KLDivergence(2.0, chunk_size='auto')(s, t).item() == pytest.approx(kl_divergence(s, t, 2.0).item(), rel=1e-5)

@@ -27,7 +27,7 @@ from composer_kd.losses import (
 )
 from composer_kd.schedules import ConstantSchedule, CosineSchedule, LinearSchedule, Schedule
 from composer_kd.student_init import student_from_teacher_layers
-from composer_kd.teachers import load_teacher_checkpoint
+from composer_kd.teachers import TeacherInference, load_teacher_checkpoint
 
 __all__ = [
     'LOSSES',
@@ -43,6 +43,7 @@ __all__ = [
     'LogitsMSE',
     'ReverseKLDivergence',
     'SoftCrossEntropy',
+    'TeacherInference',
     'average_logits',
     'chunked_kl_divergence',
     'combine_losses',

@@ -23,7 +23,7 @@ from composer_kd.features import (
 from composer_kd.losses import KLDivergence
 from composer_kd.outputs import Key, extract_logits, is_causal_lm, padding_mask, run_teacher, token_mask
 from composer_kd.schedules import Schedule, ScheduleOrValue, value_at
-from composer_kd.teachers import FrozenTeachers, TeacherSpec, resolve_teachers
+from composer_kd.teachers import FrozenTeachers, TeacherInference, TeacherRunner, TeacherSpec, resolve_teachers
 from composer_kd.window import TimeSpec, parse_time, reached, to_trainer_time
 
 __all__ = ['Distillation', 'combine_losses', 'distillation_loss', 'average_logits', 'sample_teachers']
@@ -277,6 +277,9 @@ class Distillation(Algorithm):
         on_nonfinite_teacher (str, optional): What to do when a teacher's logits hold NaN or +inf: ``'raise'``
             an error naming the step, or ``'skip'`` the distillation terms of that microbatch (the model's own
             loss still trains it) and count it in ``distillation/skipped_microbatches``. Default: ``'raise'``.
+        teacher_inference (TeacherInference, optional): Opt-in teacher speed-ups: weights kept in bf16,
+            channels-last layout, ``torch.compile`` (see :class:`~composer_kd.teachers.TeacherInference`; the
+            benchmarks measure each). Default: none.
 
     Example:
         .. testcode::
@@ -315,6 +318,7 @@ class Distillation(Algorithm):
         temperature: Optional[ScheduleOrValue] = None,
         feature_pairs: Sequence[Union[FeaturePair, Mapping[str, Any]]] = (),
         on_nonfinite_teacher: str = 'raise',
+        teacher_inference: Optional[TeacherInference] = None,
     ):
         for name, weight in (('org_loss_weight', org_loss_weight), ('kd_loss_weight', kd_loss_weight)):
             _check_scheduled(name, weight, minimum=0.0, inclusive=True)
@@ -357,6 +361,13 @@ class Distillation(Algorithm):
         if on_nonfinite_teacher not in ('raise', 'skip'):
             raise ValueError(f"on_nonfinite_teacher must be 'raise' or 'skip', got {on_nonfinite_teacher!r}.")
         self.on_nonfinite_teacher = on_nonfinite_teacher
+        self.teacher_inference = teacher_inference or TeacherInference()
+        if self.teacher_inference.compile and feature_pairs:
+            raise ValueError(
+                'teacher_inference compile cannot be combined with feature_pairs: hooks inside a compiled '
+                'teacher are not reliable.'
+            )
+        self._runners: list[TeacherRunner] = []
         self._skipped = 0
         self.feature_pairs = [_as_feature_pair(pair, i) for i, pair in enumerate(feature_pairs)]
         for i, pair in enumerate(self.feature_pairs):
@@ -366,7 +377,7 @@ class Distillation(Algorithm):
                 )
         # Learnable maps from student to teacher feature widths, keyed by pair index; created at Event.INIT.
         self.projections = nn.ModuleDict()
-        self._feature_modules: list[tuple[nn.Module, nn.Module]] = []
+        self._student_feature_modules: list[nn.Module] = []
         self._projection_owner: Optional[nn.Module] = None
         self._captures: Optional[tuple[FeatureCapture, FeatureCapture]] = None
 
@@ -374,7 +385,7 @@ class Distillation(Algorithm):
         # weights in force.
         self._start: Optional[Any] = None
         self._end: Optional[Any] = None
-        self._active_teachers: list[nn.Module] = []
+        self._active_teachers: list[int] = []
         self._causal = False
         self._weights = (0.0, 0.0)
 
@@ -417,6 +428,9 @@ class Distillation(Algorithm):
             self._active_teachers = []
             self._remove_captures()
             self._attach_projections(False)
+            for runner in self._runners:
+                runner.release()
+            self._runners = []
             self.teachers.restore()
 
     @property
@@ -444,11 +458,11 @@ class Distillation(Algorithm):
         Event.INIT comes after the optimizer is built but before a checkpoint is loaded, so projections added
         here are restored with the model's and the optimizer's state on resume.
         """
-        self._feature_modules = []
+        self._student_feature_modules = []
         for i, pair in enumerate(self.feature_pairs):
             student_module = resolve_module(state.model, pair.student, role='student')
             teacher_module = resolve_module(self.teachers.modules[pair.teacher_index], pair.teacher, role='teacher')
-            self._feature_modules.append((student_module, teacher_module))
+            self._student_feature_modules.append(student_module)
             if not pair.projectable:
                 continue
             widths = (
@@ -521,30 +535,34 @@ class Distillation(Algorithm):
         self.teachers.freeze()
         for teacher in self.teachers.modules:
             state.device.module_to_device(teacher)
+        self._runners = [TeacherRunner(teacher, self.teacher_inference) for teacher in self.teachers.modules]
+        running = [runner.prepare() for runner in self._runners]
         if self.feature_pairs:
             self._attach_projections(True)  # again, for a second fit() with the same trainer
             self._remove_captures()
+            # Watch the modules that actually run (a converted copy, where teacher_inference made one).
+            teacher_modules = {
+                str(i): resolve_module(running[pair.teacher_index], pair.teacher, role='teacher')
+                for i, pair in enumerate(self.feature_pairs)
+            }
             self._captures = (
-                FeatureCapture({str(i): s for i, (s, _) in enumerate(self._feature_modules)}),
-                FeatureCapture({str(i): t for i, (_, t) in enumerate(self._feature_modules)}),
+                FeatureCapture({str(i): module for i, module in enumerate(self._student_feature_modules)}),
+                FeatureCapture(teacher_modules),
             )
         self._causal = self.causal_lm if self.causal_lm is not None else is_causal_lm(state.model)
         self._start = to_trainer_time(self.start, state)
         self._end = None if self.end is None else to_trainer_time(self.end, state)
 
-    def _teachers_for_batch(self, state: State) -> list[nn.Module]:
+    def _teachers_for_batch(self, state: State) -> list[int]:
+        """Indices of the teachers that run this batch: none outside the window, else all or a sample."""
         if not reached(self._start, state) or reached(self._end, state):
             return []
-        teachers = self.teachers.modules
+        n_teachers = len(self.teachers.modules)
         if self.n_teachers_to_sample is None:
-            return teachers
-        chosen = sample_teachers(
-            len(teachers),
-            self.n_teachers_to_sample,
-            seed=state.rank_zero_seed,
-            step=int(state.timestamp.batch),
+            return list(range(n_teachers))
+        return sample_teachers(
+            n_teachers, self.n_teachers_to_sample, seed=state.rank_zero_seed, step=int(state.timestamp.batch)
         )
-        return [teachers[i] for i in chosen]
 
     def _set_scheduled_values(self, state: State, logger: Logger) -> None:
         self._weights = (value_at(self.org_loss_weight, state), value_at(self.kd_loss_weight, state))
@@ -580,10 +598,11 @@ class Distillation(Algorithm):
         student_logits = extract_logits(state.outputs, self.student_logits_key, role='student')
         teacher_logits = []
         with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
-            for teacher in self._active_teachers:
-                if teacher.training:  # something outside switched it back; dropout must stay off
-                    teacher.eval()
-                output = run_teacher(teacher, state.batch, self.input_key)
+            for index in self._active_teachers:
+                runner = self._runners[index]
+                if runner.module.training:  # something outside switched it back; dropout must stay off
+                    runner.module.eval()
+                output = run_teacher(runner.module, runner.inputs(state.batch), self.input_key)
                 teacher_logits.append(extract_logits(output, self.teacher_logits_key, role='teacher'))
         if not self._teacher_logits_usable(teacher_logits, state, logger):
             for capture in self._captures or ():
@@ -597,8 +616,7 @@ class Distillation(Algorithm):
         )
         features = {}
         if self.feature_pairs:
-            active = {i for i, t in enumerate(self.teachers.modules) if any(t is a for a in self._active_teachers)}
-            features = self._feature_losses(state, active)
+            features = self._feature_losses(state, set(self._active_teachers))
             for capture in self._captures or ():
                 capture.clear()  # this microbatch's features are used; the next records its own
         state.loss = combine_losses(state.loss, kd_loss, *self._weights, extra_terms=features)

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
+from composer.models import HuggingFaceModel
 from composer.utils import get_file
 from torch import nn
 
-__all__ = ['TeacherSpec', 'FrozenTeachers', 'load_teacher_checkpoint', 'resolve_teachers']
+__all__ = [
+    'FrozenTeachers',
+    'TeacherInference',
+    'TeacherRunner',
+    'TeacherSpec',
+    'load_teacher_checkpoint',
+    'resolve_teachers',
+]
 
 #: What ``Distillation(teachers=...)`` accepts.
 TeacherSpec = Union[nn.Module, Sequence[nn.Module], Mapping[str, nn.Module]]
@@ -235,3 +244,84 @@ class FrozenTeachers:
             for name, param in teacher.named_parameters():
                 param.requires_grad_(flags.requires_grad.get(name, param.requires_grad))
         self._saved = []
+
+
+@dataclass
+class TeacherInference:
+    """How teachers are run: opt-in speed-ups, each off by default until measured to help where it is used.
+
+    Args:
+        dtype (torch.dtype, optional): Keep a copy of each teacher's weights in this dtype (e.g.
+            ``torch.bfloat16``) and feed it floating inputs of that dtype. The user's teacher is not converted.
+        channels_last (bool): Lay CNN teachers and their 4-D inputs out channels-last.
+        compile (bool | dict): Compile each teacher with ``torch.compile`` (a dict gives its keyword arguments).
+    """
+
+    dtype: Optional[torch.dtype] = None
+    channels_last: bool = False
+    compile: Union[bool, dict[str, Any]] = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None or self.channels_last or bool(self.compile)
+
+
+def _adapt_inputs(batch: Any, options: TeacherInference) -> Any:
+    """A copy of ``batch`` whose floating tensors have the teacher's dtype and layout; integers stay as they are."""
+    if isinstance(batch, torch.Tensor):
+        if batch.is_floating_point():
+            if options.dtype is not None:
+                batch = batch.to(options.dtype)
+            if options.channels_last and batch.ndim == 4:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
+    if isinstance(batch, Mapping):
+        return {k: _adapt_inputs(v, options) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_adapt_inputs(v, options) for v in batch)
+    return batch
+
+
+class TeacherRunner:
+    """Runs one frozen teacher with :class:`TeacherInference` options, and undoes them when the fit ends.
+
+    Args:
+        teacher (nn.Module): The (frozen, placed) teacher.
+        options (TeacherInference): What to apply.
+    """
+
+    def __init__(self, teacher: nn.Module, options: TeacherInference):
+        self.teacher = teacher
+        self.options = options
+        self.module = teacher
+        self._changed_user_module = False
+
+    def prepare(self) -> nn.Module:
+        """Apply the options; return the module that will run (whose submodules feature hooks must watch)."""
+        options = self.options
+        module = self.teacher
+        if options.dtype is not None:
+            # A converted copy: casting the user's own module down and back would lose its precision.
+            module = copy.deepcopy(self.teacher).to(dtype=options.dtype)
+        if options.channels_last:
+            module.to(memory_format=torch.channels_last)
+        if options.compile:
+            target = module.model if isinstance(module, HuggingFaceModel) else module
+            target.compile(**(options.compile if isinstance(options.compile, dict) else {}))
+        self._changed_user_module = module is self.teacher and (options.channels_last or bool(options.compile))
+        self.module = module
+        return module
+
+    def inputs(self, batch: Any) -> Any:
+        return _adapt_inputs(batch, self.options) if (self.options.dtype or self.options.channels_last) else batch
+
+    def release(self) -> None:
+        """Give the user's teacher back in its own layout and uncompiled; drop any converted copy."""
+        if self._changed_user_module:
+            if self.options.channels_last:
+                self.teacher.to(memory_format=torch.contiguous_format)
+            if self.options.compile:
+                target = self.teacher.model if isinstance(self.teacher, HuggingFaceModel) else self.teacher
+                target._compiled_call_impl = None
+        self.module = self.teacher
+        self._changed_user_module = False

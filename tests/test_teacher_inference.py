@@ -1,0 +1,116 @@
+"""Opt-in teacher speed-ups: bf16 weights, channels-last, torch.compile; the user's teacher comes back intact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from composer import Callback, Trainer
+from composer.models import ComposerClassifier
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from composer_kd import Distillation, FeaturePair, KLDivergence, TeacherInference
+
+
+def cnn(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+
+
+def images() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, 8, 8, generator=generator), torch.randint(0, 5, (16,), generator=generator))
+    return DataLoader(data, batch_size=8)
+
+
+class KDLog(Callback):
+    def __init__(self):
+        self.kd = []
+
+    def after_loss(self, state, logger):
+        self.kd.append(state.loss['kd'].item())
+
+
+def run(teacher: nn.Module, inference: TeacherInference | None, **kwargs) -> list[float]:
+    log = KDLog()
+    Trainer(
+        model=ComposerClassifier(cnn(seed=1), num_classes=5),
+        train_dataloader=images(),
+        max_duration='1ep',
+        algorithms=[Distillation(teacher, KLDivergence(2.0), teacher_inference=inference, **kwargs)],
+        callbacks=[log],
+        device='cpu',
+        progress_bar=False,
+        seed=0,
+    ).fit()
+    return log.kd
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_bf16_teacher_weights_stay_close_and_leave_the_users_teacher_in_fp32():
+    reference = run(cnn(seed=2), None)
+    teacher = cnn(seed=2)
+    before = snapshot(teacher)
+    kd = run(teacher, TeacherInference(dtype=torch.bfloat16))
+    assert kd == pytest.approx(reference, rel=0.05)  # bf16 keeps ~3 significant digits of the logits
+    assert kd != reference  # and the bf16 copy really ran
+    for key, value in teacher.state_dict().items():
+        assert value.dtype == before[key].dtype and torch.equal(value, before[key]), key
+
+
+def test_channels_last_gives_the_same_losses_and_restores_the_layout():
+    reference = run(cnn(seed=2), None)
+    teacher = cnn(seed=2)
+    layouts = []
+
+    class LayoutProbe(Callback):
+        def after_loss(self, state, logger):
+            layouts.append(teacher[0].weight.is_contiguous(memory_format=torch.channels_last))
+
+    log = KDLog()
+    Trainer(
+        model=ComposerClassifier(cnn(seed=1), num_classes=5),
+        train_dataloader=images(),
+        max_duration='1ep',
+        algorithms=[Distillation(teacher, KLDivergence(2.0), teacher_inference=TeacherInference(channels_last=True))],
+        callbacks=[log, LayoutProbe()],
+        device='cpu',
+        progress_bar=False,
+        seed=0,
+    ).fit()
+    assert log.kd == pytest.approx(reference, rel=1e-4)
+    assert layouts == [True, True]
+    assert teacher[0].weight.is_contiguous()  # the user's layout is back
+
+
+def test_compiled_teacher_runs_and_is_uncompiled_afterwards():
+    teacher = cnn(seed=2)
+    kd = run(teacher, TeacherInference(compile={'backend': 'eager'}))
+    assert kd == pytest.approx(run(cnn(seed=2), None), rel=1e-5)
+    assert teacher._compiled_call_impl is None
+
+
+def test_bf16_copy_is_what_feature_hooks_watch():
+    teacher = cnn(seed=2)
+    kd = run(
+        teacher,
+        TeacherInference(dtype=torch.bfloat16),
+        feature_pairs=[FeaturePair(student='0', teacher='0', loss='mse')],
+    )
+    assert len(kd) == 2
+    assert not teacher[0]._forward_hooks
+
+
+def test_compile_with_feature_pairs_is_refused():
+    with pytest.raises(ValueError, match='compile cannot be combined with feature_pairs'):
+        Distillation(cnn(2), teacher_inference=TeacherInference(compile=True), feature_pairs=[FeaturePair('0', '0')])

@@ -18,7 +18,7 @@ import torch
 from composer import Callback, Trainer
 
 from benchmarks.pairs import Pair, plain_kd_loss
-from composer_kd import Distillation, KLDivergence
+from composer_kd import Distillation, KLDivergence, TeacherInference
 
 TEMPERATURE = 4.0
 
@@ -89,7 +89,9 @@ def _timed_loop(step: Callable[[], None], device: str) -> Callable[[int], list[f
     return run
 
 
-def measure(pair: Pair, device: str = 'cpu', warmup: int = 3, steps: int = 10, rounds: int = 3) -> dict[str, Any]:
+def measure(
+    pair: Pair, device: str = 'cpu', warmup: int = 3, steps: int = 10, rounds: int = 3, compile_teacher: bool = True
+) -> dict[str, Any]:
     """Median step times (seconds) of each variant, with every sample kept."""
     total = warmup + steps * rounds
     teacher = copy.deepcopy(pair.teacher).to(device).eval().requires_grad_(False)
@@ -117,16 +119,31 @@ def measure(pair: Pair, device: str = 'cpu', warmup: int = 3, steps: int = 10, r
         with torch.no_grad():
             pair.teacher_forward(teacher, batch)
 
-    distillation = Distillation(
-        copy.deepcopy(pair.teacher), KLDivergence(temperature=TEMPERATURE), org_loss_weight=0.5, kd_loss_weight=0.5
-    )
+    def distillation(inference: TeacherInference | None = None) -> Distillation:
+        return Distillation(
+            copy.deepcopy(pair.teacher),
+            KLDivergence(temperature=TEMPERATURE),
+            org_loss_weight=0.5,
+            kd_loss_weight=0.5,
+            teacher_inference=inference,
+        )
+
     variants = {
         'student_step': _composer_runner(pair, [], device, total),
-        'kd_step': _composer_runner(pair, [distillation], device, total),
+        'kd_step': _composer_runner(pair, [distillation()], device, total),
         'teacher_forward': _timed_loop(teacher_forward, device),
         'plain_student_step': _timed_loop(plain_step(False), device),
         'plain_kd_step': _timed_loop(plain_step(True), device),
+        'kd_step_bf16_teacher': _composer_runner(
+            pair, [distillation(TeacherInference(dtype=torch.bfloat16))], device, total
+        ),
     }
+    if pair.name == 'vision':
+        options = TeacherInference(channels_last=True)
+        variants['kd_step_channels_last_teacher'] = _composer_runner(pair, [distillation(options)], device, total)
+    if compile_teacher:
+        options = TeacherInference(compile=True)
+        variants['kd_step_compiled_teacher'] = _composer_runner(pair, [distillation(options)], device, total)
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for run in variants.values():
         run(warmup)
@@ -146,7 +163,12 @@ def measure(pair: Pair, device: str = 'cpu', warmup: int = 3, steps: int = 10, r
 
 def ratios(m: dict[str, float]) -> dict[str, float]:
     """The figures the table reports, each a ratio of medians from one run."""
-    return {
+    speedups = {
+        f'speed-up of kd step, {option} teacher': m['kd_step'] / m[f'kd_step_{option.replace(" ", "_")}_teacher']
+        for option in ('bf16', 'channels last', 'compiled')
+        if f'kd_step_{option.replace(" ", "_")}_teacher' in m
+    }
+    return speedups | {
         'kd / (student + teacher)': m['kd_step'] / (m['student_step'] + m['teacher_forward']),
         'kd / student': m['kd_step'] / m['student_step'],
         'kd / plain kd loop': m['kd_step'] / m['plain_kd_step'],

@@ -36,7 +36,7 @@ def _worker(args: argparse.Namespace) -> None:
 
         pairs = [vision_pair(tiny=args.quick), text_pair(tiny=args.quick, seq=16 if args.quick else 128)]
         counts = {'warmup': 1, 'steps': 2, 'rounds': 2} if args.quick else {'warmup': 3, 'steps': 10, 'rounds': 3}
-        result: Any = [measure(pair, args.device, **counts) for pair in pairs]
+        result: Any = [measure(pair, args.device, compile_teacher=not args.quick, **counts) for pair in pairs]
     else:
         from benchmarks.kl_memory import run
 

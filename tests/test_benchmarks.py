@@ -15,13 +15,11 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
     for pairs in report['overhead'].values():
         assert [p['pair'] for p in pairs] == ['vision', 'text']
         for pair in pairs:
-            assert set(pair['median_seconds']) == {
-                'student_step',
-                'kd_step',
-                'teacher_forward',
-                'plain_student_step',
-                'plain_kd_step',
-            }
+            expected = {'student_step', 'kd_step', 'teacher_forward', 'plain_student_step', 'plain_kd_step'}
+            expected.add('kd_step_bf16_teacher')
+            if pair['pair'] == 'vision':
+                expected.add('kd_step_channels_last_teacher')
+            assert set(pair['median_seconds']) == expected
             assert all(len(v) == 4 and all(t > 0 for t in v) for v in pair['samples'].values())
             m = pair['median_seconds']
             assert math.isclose(pair['ratios']['kd / student'], m['kd_step'] / m['student_step'])

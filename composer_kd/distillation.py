@@ -107,10 +107,12 @@ def distillation_loss(
         loss = kd_loss_fn(student_logits, teacher_logits)
     else:
         mask = mask.to(device=student_logits.device, dtype=torch.bool)
-        if not mask.any():
-            return student_logits.sum() * 0.0
         if _takes_mask(kd_loss_fn):
+            # This package's losses average over valid positions and give 0 when there are none, with no host
+            # synchronization (which would stall a GPU's queue every step).
             loss = kd_loss_fn(student_logits, teacher_logits, mask=mask)
+        elif not mask.any():
+            return student_logits.sum() * 0.0
         else:
             loss = kd_loss_fn(student_logits[mask], teacher_logits[mask])
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -276,7 +278,9 @@ class Distillation(Algorithm):
             the student when the fit ends. Default: none.
         on_nonfinite_teacher (str, optional): What to do when a teacher's logits hold NaN or +inf: ``'raise'``
             an error naming the step, or ``'skip'`` the distillation terms of that microbatch (the model's own
-            loss still trains it) and count it in ``distillation/skipped_microbatches``. Default: ``'raise'``.
+            loss still trains it) and count it in ``distillation/skipped_microbatches``. Either way no NaN reaches
+            a gradient, and the check costs one host synchronization per batch, after the backward passes.
+            Default: ``'raise'``.
         teacher_inference (TeacherInference, optional): Opt-in teacher speed-ups: weights kept in bf16,
             channels-last layout, ``torch.compile`` (see :class:`~composer_kd.teachers.TeacherInference`; the
             benchmarks measure each). Default: none.
@@ -369,6 +373,7 @@ class Distillation(Algorithm):
             )
         self._runners: list[TeacherRunner] = []
         self._skipped = 0
+        self._poisoned: list[torch.Tensor] = []  # one device flag per distilled microbatch of the current batch
         self.feature_pairs = [_as_feature_pair(pair, i) for i, pair in enumerate(feature_pairs)]
         for i, pair in enumerate(self.feature_pairs):
             if not 0 <= pair.teacher_index < n_teachers:
@@ -406,8 +411,10 @@ class Distillation(Algorithm):
     def match(self, event: Event, state: State) -> bool:
         if event == Event.AFTER_LOSS:
             return bool(self._active_teachers)
-        if event in (Event.INIT, Event.BATCH_END):
+        if event == Event.INIT:
             return bool(self.feature_pairs)
+        if event in (Event.AFTER_TRAIN_BATCH, Event.BATCH_END):
+            return bool(self.feature_pairs) or bool(self._poisoned)
         return event in (Event.FIT_START, Event.BATCH_START, Event.FIT_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
@@ -422,7 +429,10 @@ class Distillation(Algorithm):
             self._capture(bool(self._active_teachers))
         elif event == Event.AFTER_LOSS:
             self._distill(state, logger)
+        elif event == Event.AFTER_TRAIN_BATCH:
+            self._check_poisoned(state, logger, before_step=True)
         elif event == Event.BATCH_END:
+            self._check_poisoned(state, logger, before_step=False)
             self._capture(False)
         elif event == Event.FIT_END:
             self._active_teachers = []
@@ -578,21 +588,29 @@ class Distillation(Algorithm):
         if scheduled:
             logger.log_metrics(scheduled)
 
-    def _teacher_logits_usable(self, teacher_logits: list[torch.Tensor], state: State, logger: Logger) -> bool:
-        """False (after counting it) when a teacher's logits are poisoned and the user chose to skip them."""
-        for i, logits in enumerate(teacher_logits):
-            # -inf is a legitimate "impossible class"; NaN and +inf would poison the student.
-            if bool((torch.isnan(logits) | torch.isposinf(logits)).any()):
-                where = f'batch {int(state.timestamp.batch)} (epoch {int(state.timestamp.epoch)})'
-                if self.on_nonfinite_teacher == 'raise':
-                    raise FloatingPointError(
-                        f'A teacher (active teacher {i}) produced NaN or +inf logits at {where}; the student was not '
-                        "updated from them. Pass on_nonfinite_teacher='skip' to train on without those terms."
-                    )
-                self._skipped += 1
-                logger.log_metrics({'distillation/skipped_microbatches': self._skipped})
-                return False
-        return True
+    def _check_poisoned(self, state: State, logger: Logger, before_step: bool) -> None:
+        """Act on the microbatches whose teacher logits were poisoned: one host sync per batch, not per step.
+
+        The flags stay on the device while the batch runs, so the teacher's forward pass never waits for the
+        host; they are read once the backward passes are done, before the optimizer step (to raise) or after it
+        (to count).
+        """
+        if not self._poisoned:
+            return
+        if before_step != (self.on_nonfinite_teacher == 'raise'):
+            return
+        n_poisoned = int(torch.stack(self._poisoned).sum())
+        self._poisoned = []
+        if not n_poisoned:
+            return
+        if self.on_nonfinite_teacher == 'raise':
+            where = f'batch {int(state.timestamp.batch)} (epoch {int(state.timestamp.epoch)})'
+            raise FloatingPointError(
+                f'A teacher produced NaN or +inf logits at {where}; the student was not updated from them. '
+                "Pass on_nonfinite_teacher='skip' to train on without the distillation terms of such microbatches."
+            )
+        self._skipped += n_poisoned
+        logger.log_metrics({'distillation/skipped_microbatches': self._skipped})
 
     def _distill(self, state: State, logger: Logger) -> None:
         student_logits = extract_logits(state.outputs, self.student_logits_key, role='student')
@@ -604,10 +622,11 @@ class Distillation(Algorithm):
                     runner.module.eval()
                 output = run_teacher(runner.module, runner.inputs(state.batch), self.input_key)
                 teacher_logits.append(extract_logits(output, self.teacher_logits_key, role='teacher'))
-        if not self._teacher_logits_usable(teacher_logits, state, logger):
-            for capture in self._captures or ():
-                capture.clear()
-            return
+        # -inf is a legitimate "impossible class"; NaN and +inf would poison the student. Poisoned logits are
+        # zeroed (so no NaN reaches any gradient) and their terms dropped, all on the device.
+        poisoned = torch.stack([(torch.isnan(t) | torch.isposinf(t)).any() for t in teacher_logits]).any()
+        self._poisoned.append(poisoned)
+        teacher_logits = [torch.where(poisoned, torch.zeros_like(t), t) for t in teacher_logits]
         kd_loss = distillation_loss(
             student_logits,
             average_logits(teacher_logits),
@@ -616,7 +635,11 @@ class Distillation(Algorithm):
         )
         features = {}
         if self.feature_pairs:
-            features = self._feature_losses(state, set(self._active_teachers))
+            features = {
+                name: (torch.where(poisoned, torch.zeros_like(loss), loss), weight)
+                for name, (loss, weight) in self._feature_losses(state, set(self._active_teachers)).items()
+            }
             for capture in self._captures or ():
                 capture.clear()  # this microbatch's features are used; the next records its own
+        kd_loss = torch.where(poisoned, torch.zeros_like(kd_loss), kd_loss)
         state.loss = combine_losses(state.loss, kd_loss, *self._weights, extra_terms=features)

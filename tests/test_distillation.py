@@ -447,22 +447,28 @@ class FlakyTeacher(nn.Module):
 @pytest.mark.parametrize('value', [float('nan'), float('inf')])
 def test_nonfinite_teacher_output_raises_naming_the_step(value):
     student = make_student()
+    after_batch = {}
+
+    class Snapshot(Callback):
+        def batch_end(self, state, logger):
+            after_batch[int(state.timestamp.batch)] = copy.deepcopy(state.model.state_dict())
+
     with pytest.raises(FloatingPointError, match=r'NaN or \+inf logits at batch 2 \(epoch 0\)'):
-        fit(student, [Distillation(FlakyTeacher({2}, value))])
-    assert all(torch.isfinite(p).all() for p in student.parameters())
+        fit(student, [Distillation(FlakyTeacher({2}, value))], callbacks=[Snapshot()])
+    assert sorted(after_batch) == [1, 2]  # batches 0 and 1 completed
+    for key, tensor in student.state_dict().items():  # the poisoned batch never reached the weights
+        assert torch.equal(tensor, after_batch[2][key]), key
 
 
 def test_nonfinite_teacher_output_can_be_skipped_and_counted():
     logger, recorder = InMemoryLogger(), Recorder()
     student = make_student()
-    fit(
-        student,
-        [Distillation(FlakyTeacher({1, 3}, float('nan')), on_nonfinite_teacher='skip')],
-        loggers=[logger],
-        callbacks=[recorder],
-    )
-    kinds = [isinstance(step['loss'], dict) for step in recorder.steps]
-    assert kinds == [True, False, True, False]  # skipped steps train on the model's own loss alone
+    algorithm = Distillation(FlakyTeacher({1, 3}, float('nan')), org_loss_weight=0.5, on_nonfinite_teacher='skip')
+    fit(student, [algorithm], loggers=[logger], callbacks=[recorder])
+    kd = [step['loss']['kd'].item() for step in recorder.steps]
+    assert kd[1] == 0.0 and kd[3] == 0.0 and kd[0] > 0 and kd[2] > 0
+    for step in (recorder.steps[1], recorder.steps[3]):  # the model's own loss alone trains those steps
+        assert step['loss']['total'].item() == pytest.approx(0.5 * step['loss']['original'].item())
     assert [v for _, v in logger.data['distillation/skipped_microbatches']] == [1, 2]
     assert all(torch.isfinite(p).all() for p in student.parameters())
 

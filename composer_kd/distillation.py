@@ -428,7 +428,7 @@ class Distillation(Algorithm):
                 self._set_scheduled_values(state, logger)
             self._capture(bool(self._active_teachers))
         elif event == Event.AFTER_LOSS:
-            self._distill(state, logger)
+            self._distill(state)
         elif event == Event.AFTER_TRAIN_BATCH:
             self._check_poisoned(state, logger, before_step=True)
         elif event == Event.BATCH_END:
@@ -589,7 +589,7 @@ class Distillation(Algorithm):
             logger.log_metrics(scheduled)
 
     def _check_poisoned(self, state: State, logger: Logger, before_step: bool) -> None:
-        """Act on the microbatches whose teacher logits were poisoned: one host sync per batch, not per step.
+        """Act on the microbatches whose teacher logits were poisoned: one host sync per batch.
 
         The flags stay on the device while the batch runs, so the teacher's forward pass never waits for the
         host; they are read once the backward passes are done, before the optimizer step (to raise) or after it
@@ -612,7 +612,7 @@ class Distillation(Algorithm):
         self._skipped += n_poisoned
         logger.log_metrics({'distillation/skipped_microbatches': self._skipped})
 
-    def _distill(self, state: State, logger: Logger) -> None:
+    def _distill(self, state: State) -> None:
         student_logits = extract_logits(state.outputs, self.student_logits_key, role='student')
         teacher_logits = []
         with torch.no_grad(), get_precision_context(state.precision, state.precision_config):

@@ -103,3 +103,29 @@ def test_teacher_out_of_memory_is_retried_with_smaller_microbatches():
     assert trainer.state.device_train_microbatch_size <= 2
     assert int(trainer.state.timestamp.batch) == 4
     assert teacher.sizes[0] == 8 and max(teacher.sizes[-4:]) <= 2
+
+
+def test_student_under_fsdp_with_a_replicated_teacher():
+    teacher = make_teacher()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    seen = []
+
+    class Capture(Callback):
+        def after_loss(self, state, logger):
+            seen.append(state.loss['kd'].detach().float().cpu())
+
+    trainer = Trainer(
+        model=make_student(),
+        train_dataloader=make_dataloader(),
+        max_duration='1ep',
+        device='gpu',
+        precision='amp_bf16',
+        parallelism_config={'fsdp': {'sharding_strategy': 'FULL_SHARD', 'mixed_precision': 'PURE'}},
+        algorithms=[Distillation(teacher, KLDivergence(2.0))],
+        callbacks=[Capture()],
+        progress_bar=False,
+    )
+    trainer.fit()
+    assert len(seen) == 4 and all(torch.isfinite(kd) and kd > 0 for kd in seen)
+    for key, value in teacher.state_dict().items():  # the teacher is replicated, frozen, untouched
+        torch.testing.assert_close(value.cpu(), before[key], rtol=0, atol=0)

@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/vision_distillation.py
+	$(VENV)/bin/composer-kd demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff format --check .

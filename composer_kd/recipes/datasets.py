@@ -1,0 +1,167 @@
+"""The dataset a recipe names, as data loaders that give every trainer of a run the same batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Optional
+
+from composer.utils import dist
+from torch.utils.data import DataLoader, Dataset
+
+from composer_kd.data import (
+    DIGITS_CLASSES,
+    DIGITS_SHAPE,
+    GLUE_TASKS,
+    IGNORE_INDEX,
+    MixedBatchSampler,
+    glue_files,
+    load_digits_splits,
+    read_glue_split,
+    synthetic_text_classification,
+)
+from composer_kd.recipes.models import TaskInfo, find_pretrained
+from composer_kd.recipes.schema import DataSpec
+
+__all__ = ['DATASETS', 'DataBundle', 'build_data']
+
+#: The datasets a recipe may name: ``{name: (what it is, its splits, the splits evaluated by default)}``.
+DATASETS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    'digits': ("scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)", ('val', 'test'), ('val',)),
+    'synthetic_text': ('generated token sequences, keyword-count classification', ('val',), ('val',)),
+    'glue': ('a GLUE task from its TSV files on disk (qnli, rte, sst2, qqp, mnli, wnli)', ('dev',), ('dev',)),
+}
+
+
+@dataclass
+class DataBundle:
+    """A recipe's data: the task, and factories of fresh loaders.
+
+    Fresh loaders, each with a sampler seeded by the recipe's seed, give every trainer of a run (teacher,
+    distilled student, student alone) the same batches in the same order, whatever ran before it.
+
+    Attributes:
+        task (TaskInfo): Classes and input shape, for building models.
+        train (Dataset): The training examples.
+        splits (dict[str, Dataset]): The evaluation splits by name.
+        batch_size (int): Training batch size.
+        eval_batch_size (int): Evaluation batch size.
+        seed (int): Seeds the training order.
+        labelled_per_batch (int, optional): When set, each training batch holds this many labelled examples and
+            the rest unlabelled (see :class:`~composer_kd.data.MixedBatchSampler`).
+        default_eval_splits (tuple[str, ...]): Evaluated when the recipe does not say.
+    """
+
+    task: TaskInfo
+    train: Dataset
+    splits: dict[str, Dataset]
+    batch_size: int
+    eval_batch_size: int
+    seed: int
+    labelled_per_batch: Optional[int] = None
+    default_eval_splits: tuple[str, ...] = ('val',)
+    notes: dict[str, int] = field(default_factory=dict)
+
+    def train_loader(self) -> DataLoader:
+        """A fresh training loader: shuffled, reproducibly from the seed alone."""
+        if self.labelled_per_batch is not None:
+            labels = self.train.tensors[1]  # type: ignore[attr-defined]
+            sampler = MixedBatchSampler(labels, self.labelled_per_batch, self.batch_size, seed=self.seed)
+            return DataLoader(self.train, batch_sampler=sampler)
+        # Composer's own sampler: its order is a function of (seed, epoch), and the trainer sets the epoch.
+        sampler = dist.get_sampler(self.train, shuffle=True, seed=self.seed)
+        return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler)
+
+    def eval_loader(self, split: str) -> DataLoader:
+        """A loader over the evaluation split ``split``, in order."""
+        return DataLoader(self.splits[split], batch_size=self.eval_batch_size, shuffle=False)
+
+
+def _digits(spec: DataSpec, seed: int) -> DataBundle:
+    options = spec.digits
+    splits = load_digits_splits(
+        val_fraction=options.val_fraction,
+        test_fraction=options.test_fraction,
+        split_seed=options.split_seed,
+        per_class=options.per_class,
+        keep_unlabelled=options.keep_unlabelled,
+        channels=options.channels,
+    )
+    hidden = int((splits.train.tensors[1] == IGNORE_INDEX).sum())
+    mixed = options.labelled_per_batch if hidden else None
+    return DataBundle(
+        task=TaskInfo('image', DIGITS_CLASSES, (options.channels, *DIGITS_SHAPE[1:])),
+        train=splits.train,
+        splits={'val': splits.val, 'test': splits.test},
+        batch_size=spec.batch_size,
+        eval_batch_size=spec.eval_batch_size,
+        seed=seed,
+        labelled_per_batch=mixed,
+        notes={'labelled': splits.n_labelled, 'unlabelled': hidden},
+    )
+
+
+def _synthetic_text(spec: DataSpec, seed: int) -> DataBundle:
+    o = spec.synthetic_text
+    common = dict(
+        vocab_size=o.vocab_size,
+        seq_len=o.seq_len,
+        n_classes=o.n_classes,
+        keywords_per_class=o.keywords_per_class,
+    )
+    # Different seeds for the two splits; validation labels are clean, so accuracy measures the rule itself.
+    train = synthetic_text_classification(o.n_train, label_noise=o.label_noise, seed=o.seed, **common)
+    val = synthetic_text_classification(o.n_val, label_noise=0.0, seed=o.seed + 1, **common)
+    return DataBundle(
+        task=TaskInfo('text', o.n_classes, (o.seq_len,), vocab_size=o.vocab_size),
+        train=train,
+        splits={'val': val},
+        batch_size=spec.batch_size,
+        eval_batch_size=spec.eval_batch_size,
+        seed=seed,
+    )
+
+
+def _glue(spec: DataSpec, seed: int, tokenizer_name: Optional[str]) -> DataBundle:
+    from transformers import AutoTokenizer
+
+    o = spec.glue
+    assert o.folder is not None and tokenizer_name is not None  # checked by validate.check_recipe
+    directory, _ = find_pretrained(tokenizer_name)
+    if directory is None:
+        raise FileNotFoundError(f'tokenizer {tokenizer_name!r} is not on this machine.')
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    files = glue_files(o.task, o.folder)
+    train = read_glue_split(files['train'], o.task, tokenizer, o.max_length, o.max_train_examples)
+    dev = read_glue_split(files['dev'], o.task, tokenizer, o.max_length, o.max_eval_examples)
+    return DataBundle(
+        task=TaskInfo('text', len(GLUE_TASKS[o.task].labels), (o.max_length,)),
+        train=train,
+        splits={'dev': dev},
+        batch_size=spec.batch_size,
+        eval_batch_size=spec.eval_batch_size,
+        seed=seed,
+        default_eval_splits=('dev',),
+    )
+
+
+_BUILDERS: dict[str, Callable[..., DataBundle]] = {'digits': _digits, 'synthetic_text': _synthetic_text}
+
+
+def build_data(spec: DataSpec, seed: int, tokenizer_name: Optional[str] = None) -> DataBundle:
+    """Load the dataset ``spec`` names (from disk or memory only).
+
+    Args:
+        spec (DataSpec): The recipe's ``data`` section.
+        seed (int): The recipe's seed, which orders the training batches.
+        tokenizer_name (str, optional): For text read from files: the tokenizer's directory or cached Hub id.
+
+    Returns:
+        DataBundle: The task and its loaders.
+    """
+    if spec.name == 'glue':
+        bundle = _glue(spec, seed, spec.glue.tokenizer or tokenizer_name)
+    else:
+        bundle = _BUILDERS[spec.name](spec, seed)
+    bundle.default_eval_splits = DATASETS[spec.name][2]
+    return bundle

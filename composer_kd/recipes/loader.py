@@ -1,0 +1,254 @@
+"""Reading a recipe: YAML file or built-in name, command-line overrides, and the check against the schema.
+
+Every problem found is reported at once, each naming its full dotted key (the form an override takes, e.g.
+``teachers.0.checkpoint``) and what was expected. Nothing is built or trained until a recipe passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from typing import Any, Union
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from composer_kd.recipes.schema import DataSpec, Recipe
+
+__all__ = ['RecipeError', 'builtin_recipes', 'load_recipe', 'read_recipe_config', 'resolve_recipe_source']
+
+# Lists whose entries may be written as a bare class name instead of {name: ..., kwargs: ...}.
+_NAMED_COMPONENT_LISTS = ('algorithms', 'loggers')
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run, with every problem found.
+
+    Args:
+        source (str): The recipe's name or path.
+        problems (Sequence[str]): One line per problem, each starting with the dotted key it concerns.
+    """
+
+    def __init__(self, source: str, problems: Sequence[str]):
+        self.source = source
+        self.problems = list(problems)
+        count = f'{len(self.problems)} problem' + ('s' if len(self.problems) != 1 else '')
+        lines = '\n'.join(f'  - {p}' for p in self.problems)
+        super().__init__(f'Recipe {source} cannot run ({count}; nothing was trained):\n{lines}')
+
+
+def builtin_recipes() -> dict[str, str]:
+    """The recipes shipped inside the package: ``{name: path}``, sorted by name."""
+    folder = resources.files('composer_kd.recipes')
+    found = {}
+    for entry in folder.iterdir():
+        if entry.name.endswith('.yaml'):
+            found[entry.name[: -len('.yaml')]] = str(entry)
+    return dict(sorted(found.items()))
+
+
+def resolve_recipe_source(source: Union[str, os.PathLike]) -> str:
+    """The YAML file ``source`` names: a path to a file, or the name of a built-in recipe.
+
+    Raises:
+        RecipeError: If it is neither (the message says where it looked and lists the built-in names).
+    """
+    path = os.path.expanduser(os.fspath(source))
+    if os.path.isfile(path):
+        return path
+    builtin = builtin_recipes()
+    name = os.path.basename(path)[:-5] if path.endswith('.yaml') and os.sep not in path else path
+    if name in builtin:
+        return builtin[name]
+    close = difflib.get_close_matches(name, list(builtin), n=1)
+    hint = f"; did you mean the built-in recipe '{close[0]}'?" if close else ''
+    raise RecipeError(
+        str(source),
+        [
+            f'recipe: no file at {os.path.abspath(path)} and no built-in recipe named {name!r} '
+            f'(built-in: {", ".join(builtin)}){hint}'
+        ],
+    )
+
+
+def _describe(hint: Any) -> str:
+    """What a type hint expects, in words."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        inner = [a for a in args if a is not type(None)]
+        return f'{_describe(inner[0])} or null'
+    if origin in (list, Sequence):
+        if dataclasses.is_dataclass(args[0]):
+            return f'a list of sections with keys {", ".join(f.name for f in dataclasses.fields(args[0]))}'
+        return f'a list of {_describe(args[0]).removeprefix("a ").removeprefix("an ")}s'
+    if origin in (dict, Mapping):
+        return 'a mapping'
+    if dataclasses.is_dataclass(hint):
+        return f'a section with keys {", ".join(f.name for f in dataclasses.fields(hint))}'
+    return {int: 'an integer', float: 'a number', str: 'a string', bool: 'true or false'}.get(hint, str(hint))
+
+
+def _shown(value: Any) -> str:
+    kind = {bool: 'a boolean', int: 'an integer', float: 'a number', str: 'a string', list: 'a list', dict: 'a mapping'}
+    return f'{value!r} ({kind.get(type(value), type(value).__name__)})'
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+
+
+def _check(value: Any, hint: Any, key: str, problems: list[str], complete: bool = True) -> None:
+    """Walk ``value`` against the type ``hint``, appending a message for every unknown key and wrong type.
+
+    With ``complete=False`` (a partial section, such as overrides) required keys may be absent.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return
+    if origin is Union:
+        if value is None:
+            return
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            problems.append(f'{key}: expected {_describe(hint)}, got {_shown(value)}')
+            return
+        fields = {f.name: f for f in dataclasses.fields(hint)}
+        hints = typing.get_type_hints(hint)
+        prefix = f'{key}.' if key else ''
+        for name, item in value.items():
+            if name not in fields:
+                close = difflib.get_close_matches(str(name), list(fields), n=1, cutoff=0.6)
+                hint_text = f"did you mean '{prefix}{close[0]}'? " if close else ''
+                problems.append(
+                    f'{prefix}{name}: unknown key; {hint_text}(the keys of {key or "a recipe"} are: '
+                    f'{", ".join(fields)})'
+                )
+            else:
+                _check(item, hints[name], f'{prefix}{name}', problems, complete)
+        for name, f in fields.items():
+            if complete and _required(f) and name not in value:
+                problems.append(f'{prefix}{name}: required, expected {_describe(hints[name])}')
+        return
+    if origin in (list, Sequence):
+        if not isinstance(value, list):
+            problems.append(f'{key}: expected {_describe(hint)}, got {_shown(value)}')
+            return
+        for i, item in enumerate(value):
+            _check(item, args[0], f'{key}.{i}', problems, complete)
+        return
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            problems.append(f'{key}: expected {_describe(hint)}, got {_shown(value)}')
+            return
+        for name, item in value.items():
+            _check(item, args[1], f'{key}.{name}', problems, complete)
+        return
+    if value is None:
+        problems.append(f'{key}: expected {_describe(hint)}, got null')
+        return
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        # Numbers are taken as strings where a string is expected (``start: 0.5`` is the fraction '0.5').
+        str: isinstance(value, (str, int, float)) and not isinstance(value, bool),
+    }.get(hint, True)
+    if not ok:
+        problems.append(f'{key}: expected {_describe(hint)}, got {_shown(value)}')
+
+
+def _normalize(plain: dict) -> dict:
+    """Accept the shorthand ``algorithms: [ChannelsLast]`` for ``algorithms: [{name: ChannelsLast}]``."""
+    for section in _NAMED_COMPONENT_LISTS:
+        entries = plain.get(section)
+        if isinstance(entries, list):
+            plain[section] = [{'name': e} if isinstance(e, str) else e for e in entries]
+    return plain
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if '=' not in item:
+        raise ValueError(f'override {item!r}: expected key=value, e.g. distillation.temperature=2')
+    key, _ = item.split('=', 1)
+    key = key.strip()
+    if not key:
+        raise ValueError(f'override {item!r}: the key before "=" is empty')
+    # OmegaConf parses the value as YAML does: 2 is an int, 5ep a string, [1, 2] a list, null None.
+    parsed = OmegaConf.from_dotlist([f'value={item.split("=", 1)[1]}'])
+    return key, OmegaConf.to_container(parsed, resolve=False)['value']  # type: ignore[index]
+
+
+def read_recipe_config(source: Union[str, os.PathLike], overrides: Sequence[str] = ()) -> tuple[str, DictConfig]:
+    """Read a recipe's YAML and apply ``key=value`` overrides, without checking anything else.
+
+    Returns:
+        tuple[str, DictConfig]: The file read, and its configuration.
+    """
+    path = resolve_recipe_source(source)
+    try:
+        config = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax errors come in several exception types
+        raise RecipeError(str(source), [f'recipe: {path} is not valid YAML: {e}']) from e
+    if not isinstance(config, DictConfig):
+        raise RecipeError(str(source), [f'recipe: {path} must hold a mapping of keys, not a list'])
+    problems = []
+    for item in overrides:
+        try:
+            key, value = _parse_override(item)
+            OmegaConf.update(config, key, value, merge=True, force_add=True)
+        except (ValueError, OmegaConfBaseException) as e:
+            problems.append(str(e).splitlines()[0] if isinstance(e, OmegaConfBaseException) else str(e))
+    if problems:
+        raise RecipeError(str(source), problems)
+    return path, config
+
+
+def load_recipe(source: Union[str, os.PathLike], overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override and check a recipe; refuse it, naming every bad key, before anything is built.
+
+    This checks the recipe's shape: every key known, every value of the expected type, required keys
+    present. What needs registries or the file system (model and dataset names, files) is checked by
+    :func:`composer_kd.recipes.validate.check_recipe`, which :func:`composer_kd.recipes.build.build_run` runs.
+
+    Args:
+        source (str | os.PathLike): A YAML file, or the name of a built-in recipe (see :func:`builtin_recipes`).
+        overrides (Sequence[str], optional): ``key=value`` items as OmegaConf dot-lists write them, e.g.
+            ``distillation.temperature=2`` or ``teachers.0.checkpoint=teacher.pt``. Applied in order.
+
+    Returns:
+        Recipe: The recipe, every default filled in.
+
+    Raises:
+        RecipeError: Listing every problem, each with its dotted key.
+    """
+    path, config = read_recipe_config(source, overrides)
+    label = str(source) if str(source) == path else f'{source} ({path})'
+    try:
+        plain = OmegaConf.to_container(config, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, 'full_key', None) or 'recipe'
+        raise RecipeError(label, [f'{key}: {str(e).splitlines()[0]}']) from e
+    assert isinstance(plain, dict)
+    plain = _normalize(plain)
+    problems: list[str] = []
+    _check(plain, Recipe, '', problems)
+    # A teacher's data section overrides part of the recipe's: check its keys, not its completeness.
+    for i, teacher in enumerate(plain.get('teachers') or []):
+        training = teacher.get('train') if isinstance(teacher, Mapping) else None
+        if isinstance(training, Mapping) and isinstance(training.get('data'), Mapping):
+            _check(training['data'], DataSpec, f'teachers.{i}.train.data', problems, complete=False)
+    if problems:
+        raise RecipeError(label, problems)
+    try:
+        recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Recipe), plain))
+    except OmegaConfBaseException as e:  # what the walk above cannot foresee; named by OmegaConf's key
+        key = getattr(e, 'full_key', None) or 'recipe'
+        raise RecipeError(label, [f'{key}: {str(e).splitlines()[0]}']) from e
+    assert isinstance(recipe, Recipe)
+    return recipe

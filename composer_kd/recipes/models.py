@@ -1,0 +1,209 @@
+"""Building the models a recipe names, as Composer models, without downloading anything.
+
+Image models are wrapped in ``ComposerClassifier`` and text models in Composer's ``HuggingFaceModel``, so the
+same object is trained by a Composer ``Trainer``, evaluated, and handed to ``Distillation`` as a teacher.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from composer.loss import soft_cross_entropy
+from composer.models import ComposerClassifier, ComposerModel, HuggingFaceModel
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from composer_kd.data import IGNORE_INDEX
+from composer_kd.recipes.schema import ModelSpec
+from composer_kd.teachers import load_teacher_checkpoint
+
+__all__ = [
+    'MODEL_KINDS',
+    'TaskInfo',
+    'build_model',
+    'count_parameters',
+    'cross_entropy_with_hidden_labels',
+    'find_pretrained',
+    'has_uri_scheme',
+]
+
+#: The model kinds a recipe may name, and what each needs.
+MODEL_KINDS: dict[str, str] = {
+    'mlp': 'a multilayer perceptron (hidden: [widths])',
+    'cnn': 'a small convolutional network (channels: [...], hidden: [...])',
+    'torchvision': 'a torchvision constructor by name, randomly initialized (name: resnet18)',
+    'hf_config': 'a Hugging Face sequence classifier from a config, randomly initialized (name: bert)',
+    'huggingface': 'a pretrained Hugging Face model on disk (name: a local directory or a cached Hub id)',
+}
+
+#: Kinds that take images, and kinds that take token ids.
+IMAGE_KINDS = ('mlp', 'cnn', 'torchvision')
+TEXT_KINDS = ('hf_config', 'huggingface')
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a dataset tells the models built for it.
+
+    Attributes:
+        modality (str): ``'image'`` or ``'text'``.
+        num_classes (int): Number of classes.
+        input_shape (tuple[int, ...]): One image's shape ``(C, H, W)``; for text ``(seq_len,)``.
+        vocab_size (int, optional): For synthetic text: the size of its vocabulary.
+    """
+
+    modality: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    vocab_size: Optional[int] = None
+
+
+def count_parameters(model: nn.Module) -> int:
+    """The number of parameters in ``model``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def has_uri_scheme(path: str) -> bool:
+    """Whether ``path`` is a URI (``s3://...``) that Composer's ``get_file`` reads, rather than a local path."""
+    return '://' in path
+
+
+def cross_entropy_with_hidden_labels(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over examples whose label is known (not ``IGNORE_INDEX``); 0 when none is.
+
+    ``torch.nn.functional.cross_entropy`` would return NaN for a batch without a single label, which happens
+    when a few labelled examples are mixed with many unlabelled ones. Dense targets (e.g. after Composer's
+    ``LabelSmoothing``) go to Composer's ``soft_cross_entropy``.
+    """
+    if targets.ndim == logits.ndim:
+        return soft_cross_entropy(logits, targets)
+    known = targets != IGNORE_INDEX
+    per_example = F.cross_entropy(logits, targets.clamp(min=0), reduction='none')
+    return (per_example * known).sum() / known.sum().clamp(min=1)
+
+
+def find_pretrained(name: str) -> tuple[Optional[str], list[str]]:
+    """Find a Hugging Face model or tokenizer on this machine, never downloading.
+
+    Args:
+        name (str): A local directory, or a Hub id such as ``google/bert_uncased_L-6_H-768_A-12``.
+
+    Returns:
+        tuple[str | None, list[str]]: The directory found (or ``None``) and every place looked at, for messages.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    local = os.path.abspath(os.path.expanduser(name))
+    looked = [f'the local directory {local}']
+    if os.path.isdir(local):
+        return local, looked
+    if name.count('/') == 1 and not name.startswith(('.', '/', '~')):
+        cache_entry = os.path.join(HF_HUB_CACHE, 'models--' + name.replace('/', '--'))
+        looked.append(f'the Hugging Face cache {cache_entry}')
+        try:
+            return snapshot_download(name, cache_dir=HF_HUB_CACHE, local_files_only=True), looked
+        except Exception:  # not cached (or a broken cache entry): either way, not usable offline
+            pass
+    return None, looked
+
+
+def _mlp(in_features: int, hidden: list[int], num_classes: int, dropout: float) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _cnn(input_shape: tuple[int, ...], channels: list[int], hidden: list[int], num_classes: int, dropout: float):
+    if len(input_shape) != 3:
+        raise ValueError(f'kind cnn needs images (C, H, W), but the dataset gives inputs of shape {input_shape}.')
+    layers: list[nn.Module] = []
+    width = input_shape[0]
+    for c in channels or [32]:
+        layers += [nn.Conv2d(width, c, kernel_size=3, padding=1), nn.ReLU()]
+        width = c
+    layers += [nn.MaxPool2d(2), nn.Flatten()]
+    return nn.Sequential(
+        *layers, _mlp(width * (input_shape[1] // 2) * (input_shape[2] // 2), hidden, num_classes, dropout)
+    )
+
+
+def _classifier(module: nn.Module, num_classes: int) -> ComposerClassifier:
+    def accuracy() -> MulticlassAccuracy:
+        return MulticlassAccuracy(num_classes=num_classes, average='micro', ignore_index=IGNORE_INDEX)
+
+    return ComposerClassifier(
+        module,
+        num_classes=num_classes,
+        train_metrics=accuracy(),
+        val_metrics=accuracy(),
+        loss_fn=cross_entropy_with_hidden_labels,
+    )
+
+
+def _hugging_face(model: nn.Module, num_classes: int) -> HuggingFaceModel:
+    metric = MulticlassAccuracy(num_classes=num_classes, average='micro', ignore_index=IGNORE_INDEX)
+    return HuggingFaceModel(model, use_logits=True, metrics=[metric])
+
+
+def build_model(spec: ModelSpec, task: TaskInfo) -> ComposerModel:
+    """Build the model ``spec`` describes for ``task``, loading ``spec.checkpoint`` if given.
+
+    Assumes the recipe passed :func:`composer_kd.recipes.validate.check_recipe` (names and files exist).
+
+    Args:
+        spec (ModelSpec): The model's section of the recipe.
+        task (TaskInfo): The dataset's classes and input shape.
+
+    Returns:
+        ComposerModel: A ``ComposerClassifier`` (image kinds) or ``HuggingFaceModel`` (text kinds).
+    """
+    if spec.kind == 'mlp':
+        model: ComposerModel = _classifier(
+            _mlp(math.prod(task.input_shape), list(spec.hidden), task.num_classes, spec.dropout), task.num_classes
+        )
+    elif spec.kind == 'cnn':
+        module = _cnn(task.input_shape, list(spec.channels), list(spec.hidden), task.num_classes, spec.dropout)
+        model = _classifier(module, task.num_classes)
+    elif spec.kind == 'torchvision':
+        import torchvision
+
+        constructor = getattr(torchvision.models, str(spec.name))
+        # weights=None always: pretrained torchvision weights would be downloaded. Load a checkpoint instead.
+        module = constructor(weights=None, num_classes=task.num_classes, **dict(spec.kwargs))
+        model = _classifier(module, task.num_classes)
+    elif spec.kind == 'hf_config':
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        options = dict(spec.kwargs)
+        if task.vocab_size is not None:
+            options.setdefault('vocab_size', task.vocab_size)
+        options.setdefault('max_position_embeddings', max(512, task.input_shape[0]))
+        config = AutoConfig.for_model(str(spec.name), num_labels=task.num_classes, **options)
+        model = _hugging_face(AutoModelForSequenceClassification.from_config(config), task.num_classes)
+    elif spec.kind == 'huggingface':
+        from transformers import AutoModelForSequenceClassification
+
+        directory, _ = find_pretrained(str(spec.name))
+        if directory is None:
+            raise FileNotFoundError(f'Hugging Face model {spec.name!r} is not on this machine.')
+        hf_model = AutoModelForSequenceClassification.from_pretrained(
+            directory, num_labels=task.num_classes, local_files_only=True, **dict(spec.kwargs)
+        )
+        model = _hugging_face(hf_model, task.num_classes)
+    else:
+        raise ValueError(f'Unknown model kind {spec.kind!r}; known: {", ".join(MODEL_KINDS)}.')
+    if spec.checkpoint:
+        load_teacher_checkpoint(model, spec.checkpoint)
+    return model

@@ -1,0 +1,230 @@
+"""What a recipe may say: every section and key, its type and its default, as dataclasses.
+
+The dataclasses are the single source of truth. The loader checks a YAML file against them key by key (so an
+unknown key gets the nearest known one as a suggestion) and then hands them to ``OmegaConf.structured``, whose
+merge converts and type-checks the values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+__all__ = [
+    'ComponentSpec',
+    'DataSpec',
+    'DigitsSpec',
+    'DistillationSpec',
+    'FeaturePairSpec',
+    'GlueSpec',
+    'ModelSpec',
+    'OptimizerSpec',
+    'Recipe',
+    'ScheduleSpec',
+    'SyntheticTextSpec',
+    'TeacherSpec',
+    'TeacherTrainingSpec',
+]
+
+
+@dataclass
+class ModelSpec:
+    """A model: how to build it and, optionally, weights to load into it.
+
+    ``kind`` is one of:
+
+    * ``mlp``: a multilayer perceptron on the flattened input, hidden widths ``hidden``;
+    * ``cnn``: 3x3 convolutions of ``channels`` (a 2x2 max-pool after the last), then ``hidden`` linear layers;
+    * ``torchvision``: the constructor ``torchvision.models.<name>(weights=None, num_classes=..., **kwargs)``;
+    * ``hf_config``: a Hugging Face sequence classifier built offline from ``AutoConfig.for_model(name, **kwargs)``
+      (``name`` is a model type such as ``bert``), randomly initialized;
+    * ``huggingface``: a pretrained Hugging Face model read from disk: ``name`` is a local directory or a Hub id
+      already in the local Hugging Face cache (nothing is downloaded).
+
+    ``checkpoint`` (a Composer checkpoint or ``state_dict`` file, local or any URI Composer reads) is loaded last.
+    """
+
+    kind: str = MISSING
+    name: Optional[str] = None
+    hidden: list[int] = field(default_factory=list)
+    channels: list[int] = field(default_factory=list)
+    dropout: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class OptimizerSpec:
+    """An optimizer from ``composer.optim`` or ``torch.optim`` by class name (``DecoupledAdamW``, ``Adam``, ...)."""
+
+    name: str = 'Adam'
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ComponentSpec:
+    """A Composer object by class name and its keyword arguments: an algorithm, a scheduler, a logger."""
+
+    name: str = MISSING
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherTrainingSpec:
+    """Train this teacher first, as part of the recipe, before distilling from it.
+
+    ``optimizer`` and ``scheduler`` default to the recipe's. ``data`` overrides keys of the recipe's ``data``
+    section for the teacher only (e.g. ``{digits: {per_class: null}}`` to train it on every label).
+    """
+
+    max_duration: str = '1ep'
+    optimizer: Optional[OptimizerSpec] = None
+    scheduler: Optional[ComponentSpec] = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherSpec(ModelSpec):
+    """A teacher: a model (see :class:`ModelSpec`), and optionally how to train it first."""
+
+    train: Optional[TeacherTrainingSpec] = None
+
+
+@dataclass
+class DigitsSpec:
+    """scikit-learn's bundled 8x8 handwritten digits (see :func:`composer_kd.data.load_digits_splits`)."""
+
+    val_fraction: float = 0.2
+    test_fraction: float = 0.3
+    split_seed: int = 0
+    per_class: Optional[int] = None
+    keep_unlabelled: bool = False
+    labelled_per_batch: Optional[int] = None
+    channels: int = 1
+
+
+@dataclass
+class SyntheticTextSpec:
+    """Generated token sequences to classify (see :func:`composer_kd.data.synthetic_text_classification`)."""
+
+    n_train: int = 2000
+    n_val: int = 500
+    vocab_size: int = 200
+    seq_len: int = 24
+    n_classes: int = 3
+    keywords_per_class: int = 8
+    label_noise: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class GlueSpec:
+    """A GLUE task read from its original TSV files in ``folder`` (``train.tsv``, ``dev.tsv``; required).
+
+    ``tokenizer`` is a local directory or cached Hub id; by default the student's.
+    """
+
+    task: str = 'qnli'
+    folder: Optional[str] = None
+    max_length: int = 128
+    tokenizer: Optional[str] = None
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None
+
+
+@dataclass
+class DataSpec:
+    """The dataset (``name``: ``digits``, ``synthetic_text`` or ``glue``) and its batches.
+
+    Only the section named by ``name`` is used. ``eval_splits`` default to the dataset's validation split.
+    """
+
+    name: str = MISSING
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    eval_splits: Optional[list[str]] = None
+    digits: DigitsSpec = field(default_factory=DigitsSpec)
+    synthetic_text: SyntheticTextSpec = field(default_factory=SyntheticTextSpec)
+    glue: GlueSpec = field(default_factory=GlueSpec)
+
+
+@dataclass
+class ScheduleSpec:
+    """A value that changes over training: ``kind`` ``constant``, ``linear`` or ``cosine`` (composer_kd.schedules)."""
+
+    kind: str = 'linear'
+    start_value: float = MISSING
+    end_value: float = MISSING
+    start: str = '0dur'
+    end: str = '1dur'
+
+
+@dataclass
+class FeaturePairSpec:
+    """Arguments of :class:`composer_kd.FeaturePair`: a student module matched to a teacher module."""
+
+    student: str = MISSING
+    teacher: str = MISSING
+    loss: str = 'mse'
+    weight: float = 1.0
+    teacher_index: int = 0
+    output_index: Optional[int] = None
+    student_dim: Optional[int] = None
+    teacher_dim: Optional[int] = None
+
+
+@dataclass
+class DistillationSpec:
+    """Every argument of :class:`composer_kd.Distillation`.
+
+    ``loss`` names a loss of ``composer_kd.LOSSES`` (``kl``, ``reverse_kl``, ``js``, ``soft_ce``, ``mse``,
+    ``cosine``). ``start`` / ``end`` are Composer time strings or fractions of training. ``schedules`` may hold
+    ``temperature``, ``org_loss_weight`` and ``kd_loss_weight`` schedules, which replace the constants.
+    ``enabled: false`` trains the student alone (the teachers are still built, trained and evaluated).
+    """
+
+    enabled: bool = True
+    loss: str = 'kl'
+    temperature: float = 4.0
+    org_loss_weight: float = 1.0
+    kd_loss_weight: float = 1.0
+    start: str = '0dur'
+    end: Optional[str] = None
+    n_teachers_to_sample: Optional[int] = None
+    schedules: dict[str, ScheduleSpec] = field(default_factory=dict)
+    feature_pairs: list[FeaturePairSpec] = field(default_factory=list)
+
+
+@dataclass
+class Recipe:
+    """A whole distillation run: student, teachers, data, distillation and the Composer ``Trainer``'s settings.
+
+    ``algorithms`` are other Composer algorithms by class name (looked up in ``composer.algorithms``);
+    ``loggers`` are Composer logger destinations by class name (``composer.loggers``). ``baseline: true`` also
+    trains the student alone with the same data, budget and seed, and reports the distillation ratio.
+    """
+
+    name: str = 'recipe'
+    description: str = ''
+    student: ModelSpec = MISSING
+    teachers: list[TeacherSpec] = MISSING
+    data: DataSpec = MISSING
+    distillation: DistillationSpec = field(default_factory=DistillationSpec)
+    algorithms: list[ComponentSpec] = field(default_factory=list)
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    scheduler: Optional[ComponentSpec] = None
+    max_duration: str = '1ep'
+    eval_interval: str = '1ep'
+    seed: int = 17
+    precision: Optional[str] = None
+    device: Optional[str] = None
+    device_train_microbatch_size: Optional[int] = None
+    save_folder: Optional[str] = None
+    save_interval: str = '1ep'
+    loggers: list[ComponentSpec] = field(default_factory=list)
+    progress_bar: bool = True
+    baseline: bool = False

@@ -1,0 +1,374 @@
+"""Checks of a recipe that need the registries and the file system: names, files, times, numbers.
+
+:func:`check_recipe` returns every problem, each starting with the dotted key it concerns, so a user fixes
+them in one go; :func:`composer_kd.recipes.build.build_run` refuses a recipe with any, before building a
+thing. Nothing here downloads or trains.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterable
+from typing import Optional
+
+from composer_kd.data import GLUE_TASKS, glue_files
+from composer_kd.losses import LOSSES
+from composer_kd.recipes.datasets import DATASETS
+from composer_kd.recipes.models import IMAGE_KINDS, MODEL_KINDS, TEXT_KINDS, find_pretrained, has_uri_scheme
+from composer_kd.recipes.schema import ComponentSpec, DataSpec, ModelSpec, OptimizerSpec, Recipe, TeacherSpec
+
+__all__ = ['check_recipe', 'composer_algorithm', 'composer_logger', 'composer_scheduler', 'optimizer_class']
+
+_LOSS_ALIASES = ('mean_square_error', 'cosine_distance', 'kl_divergence')
+_SCHEDULE_KINDS = ('constant', 'linear', 'cosine')
+_SCHEDULED = ('temperature', 'org_loss_weight', 'kd_loss_weight')
+_PRECISIONS = ('fp32', 'amp_fp16', 'amp_bf16', 'amp_fp8')
+_DEVICES = ('cpu', 'gpu', 'mps')
+_FEATURE_LOSSES = ('mse', 'cosine', 'attention_map', 'attention_probs')
+# Algorithms that rewrite class-index targets, which hidden labels (-100) would break.
+_LABEL_MIXING = ('LabelSmoothing', 'MixUp', 'CutMix')
+_TIME = re.compile(r'^\s*(\d+(\.\d*)?|\.\d+)\s*(ep|ba|sp|tok|dur)\s*$')
+
+
+def _nearest(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ''
+
+
+def _public_classes(module, suffix: str = '') -> list[str]:
+    return sorted(n for n in getattr(module, '__all__', dir(module)) if n[:1].isupper() and n.endswith(suffix))
+
+
+def composer_algorithm(name: str):
+    """The class ``composer.algorithms.<name>``, or ``None``."""
+    import composer.algorithms
+
+    return getattr(composer.algorithms, name, None) if name in _public_classes(composer.algorithms) else None
+
+
+def composer_logger(name: str):
+    """The logger destination class ``composer.loggers.<name>``, or ``None``."""
+    import composer.loggers
+
+    return getattr(composer.loggers, name, None) if name in _public_classes(composer.loggers) else None
+
+
+def composer_scheduler(name: str):
+    """The scheduler class ``composer.optim.<name>``, or ``None``."""
+    import composer.optim
+
+    return getattr(composer.optim, name, None) if name in _public_classes(composer.optim, 'Scheduler') else None
+
+
+def optimizer_class(name: str):
+    """The optimizer class ``composer.optim.<name>`` or ``torch.optim.<name>``, or ``None``."""
+    import composer.optim
+    import torch.optim
+
+    for module in (composer.optim, torch.optim):
+        candidate = getattr(module, name, None)
+        if isinstance(candidate, type) and issubclass(candidate, torch.optim.Optimizer):
+            return candidate
+    return None
+
+
+def _optimizer_names() -> list[str]:
+    import composer.optim
+    import torch.optim
+
+    names = {n for n in dir(torch.optim) if optimizer_class(n) is not None and n != 'Optimizer'}
+    return sorted(names | {n for n in dir(composer.optim) if optimizer_class(n) is not None})
+
+
+class _Problems(list):
+    def add(self, key: str, message: str) -> None:
+        self.append(f'{key}: {message}')
+
+
+def _check_time(value: Optional[str], key: str, problems: _Problems, allow_fraction: bool = False) -> None:
+    if value is None:
+        return
+    if allow_fraction:
+        try:
+            fraction = float(value)
+        except ValueError:
+            pass
+        else:
+            if not 0.0 <= fraction <= 1.0:
+                problems.add(key, f'expected a fraction of training in [0, 1] or a time string, got {value!r}')
+            return
+    if not _TIME.match(str(value)):
+        problems.add(
+            key,
+            f"expected a Composer time string such as '10ep', '500ba', '2048sp' or '0.5dur', got {value!r}",
+        )
+
+
+def _check_file(path: Optional[str], key: str, problems: _Problems, what: str) -> None:
+    if path and not has_uri_scheme(path) and not os.path.isfile(os.path.expanduser(path)):
+        problems.add(key, f'{what} not found: no file at {os.path.abspath(os.path.expanduser(path))}')
+
+
+def _check_pretrained(name: Optional[str], key: str, problems: _Problems, what: str = 'Hugging Face model') -> None:
+    if not name:
+        problems.add(key, f'required: a local directory or a Hub id in the local cache holding the {what}')
+        return
+    directory, looked = find_pretrained(name)
+    if directory is None:
+        problems.add(
+            key,
+            f'the {what} {name!r} is not on this machine; looked at {" and at ".join(looked)}. Nothing is '
+            f'downloaded: put it there (e.g. with huggingface-cli download on a machine with network access, then '
+            f'copy the cache) or pass {key}=/path/to/its/directory',
+        )
+
+
+def _check_model(spec: ModelSpec, key: str, modality: Optional[str], problems: _Problems) -> None:
+    if spec.kind not in MODEL_KINDS:
+        problems.add(
+            f'{key}.kind',
+            f'unknown model kind {spec.kind!r}{_nearest(spec.kind, MODEL_KINDS)} (known: {", ".join(MODEL_KINDS)})',
+        )
+        return
+    if modality == 'image' and spec.kind in TEXT_KINDS or modality == 'text' and spec.kind in IMAGE_KINDS:
+        problems.add(f'{key}.kind', f'a {spec.kind} model cannot take the {modality} inputs of this dataset')
+    if spec.kind == 'torchvision':
+        import torchvision
+
+        known = torchvision.models.list_models(module=torchvision.models)
+        if spec.name not in known:
+            problems.add(
+                f'{key}.name',
+                f'unknown torchvision model {spec.name!r}{_nearest(str(spec.name), known)} '
+                '(expected a constructor of torchvision.models, e.g. resnet18)',
+            )
+        if 'weights' in spec.kwargs:
+            problems.add(f'{key}.kwargs.weights', 'pretrained weights would be downloaded; load a checkpoint instead')
+    elif spec.kind == 'hf_config':
+        from transformers import CONFIG_MAPPING
+
+        known = list(CONFIG_MAPPING.keys())
+        if spec.name not in known:
+            problems.add(
+                f'{key}.name',
+                f'unknown Hugging Face model type {spec.name!r}{_nearest(str(spec.name), known)} '
+                '(expected a model type such as bert, distilbert, roberta)',
+            )
+    elif spec.kind == 'huggingface':
+        _check_pretrained(spec.name, f'{key}.name', problems)
+    elif spec.kind in ('mlp', 'cnn'):
+        for name, widths in (('hidden', spec.hidden), ('channels', spec.channels)):
+            if any(w < 1 for w in widths):
+                problems.add(f'{key}.{name}', f'expected positive widths, got {list(widths)}')
+    if not 0.0 <= spec.dropout < 1.0:
+        problems.add(f'{key}.dropout', f'expected a probability in [0, 1), got {spec.dropout}')
+    _check_file(spec.checkpoint, f'{key}.checkpoint', problems, 'checkpoint')
+
+
+def _check_optimizer(spec: OptimizerSpec, key: str, problems: _Problems) -> None:
+    if optimizer_class(spec.name) is None:
+        names = _optimizer_names()
+        problems.add(
+            f'{key}.name',
+            f'unknown optimizer {spec.name!r}{_nearest(spec.name, names)} (known, from composer.optim and '
+            f'torch.optim: {", ".join(names)})',
+        )
+    if not spec.lr > 0:
+        problems.add(f'{key}.lr', f'expected a learning rate > 0, got {spec.lr}')
+    if spec.weight_decay < 0:
+        problems.add(f'{key}.weight_decay', f'expected a number >= 0, got {spec.weight_decay}')
+
+
+def _check_component(spec: Optional[ComponentSpec], key: str, problems: _Problems, kind: str) -> None:
+    if spec is None:
+        return
+    import composer.algorithms
+    import composer.loggers
+    import composer.optim
+
+    lookup, module, suffix = {
+        'algorithm': (composer_algorithm, composer.algorithms, ''),
+        'logger': (composer_logger, composer.loggers, ''),
+        'scheduler': (composer_scheduler, composer.optim, 'Scheduler'),
+    }[kind]
+    if lookup(spec.name) is None:
+        known = _public_classes(module, suffix)
+        problems.add(
+            f'{key}.name',
+            f'unknown {kind} {spec.name!r}{_nearest(spec.name, known)} (expected a class of '
+            f'{module.__name__}: {", ".join(known)})',
+        )
+
+
+def _check_data(spec: DataSpec, key: str, problems: _Problems, student: ModelSpec) -> None:
+    if spec.name not in DATASETS:
+        problems.add(
+            f'{key}.name',
+            f'unknown dataset {spec.name!r}{_nearest(spec.name, DATASETS)} (known: {", ".join(DATASETS)})',
+        )
+        return
+    for name in ('batch_size', 'eval_batch_size'):
+        if getattr(spec, name) < 1:
+            problems.add(f'{key}.{name}', f'expected an integer >= 1, got {getattr(spec, name)}')
+    splits = DATASETS[spec.name][1]
+    for i, split in enumerate(spec.eval_splits or []):
+        if split not in splits:
+            problems.add(
+                f'{key}.eval_splits.{i}', f'{spec.name} has no split {split!r} (its splits: {", ".join(splits)})'
+            )
+    if spec.name == 'digits':
+        d = spec.digits
+        if d.channels < 1:
+            problems.add(f'{key}.digits.channels', f'expected an integer >= 1, got {d.channels}')
+        if d.per_class is not None and not 1 <= d.per_class <= 50:
+            problems.add(f'{key}.digits.per_class', f'expected 1 to 50 labelled images per class, got {d.per_class}')
+        if d.labelled_per_batch is not None and not 0 < d.labelled_per_batch < spec.batch_size:
+            problems.add(
+                f'{key}.digits.labelled_per_batch',
+                f'expected an integer in [1, batch_size={spec.batch_size}), got {d.labelled_per_batch}',
+            )
+    elif spec.name == 'glue':
+        g = spec.glue
+        if g.task not in GLUE_TASKS:
+            problems.add(
+                f'{key}.glue.task',
+                f'unknown GLUE task {g.task!r}{_nearest(g.task, GLUE_TASKS)} (known: {", ".join(GLUE_TASKS)})',
+            )
+        elif not g.folder:
+            problems.add(f'{key}.glue.folder', f'required: the folder holding the GLUE {g.task} TSV files')
+        else:
+            missing = [path for path in glue_files(g.task, g.folder).values() if not os.path.isfile(path)]
+            if missing:
+                problems.add(
+                    f'{key}.glue.folder',
+                    f'the GLUE {g.task} files are not on this machine: no file at {" nor at ".join(missing)}. '
+                    f'Nothing is downloaded: copy the task folder from the GLUE distribution there, or pass '
+                    f'{key}.glue.folder=/path/to/{g.task.upper()}',
+                )
+        if g.tokenizer:
+            _check_pretrained(g.tokenizer, f'{key}.glue.tokenizer', problems, 'tokenizer')
+        elif student.kind != 'huggingface':
+            problems.add(f'{key}.glue.tokenizer', 'required unless the student is a huggingface model (whose is used)')
+
+
+def _check_teacher(spec: TeacherSpec, key: str, recipe: Recipe, modality: Optional[str], problems: _Problems) -> None:
+    _check_model(spec, key, modality, problems)
+    if spec.train is None:
+        return
+    _check_time(spec.train.max_duration, f'{key}.train.max_duration', problems)
+    if spec.train.optimizer is not None:
+        _check_optimizer(spec.train.optimizer, f'{key}.train.optimizer', problems)
+    _check_component(spec.train.scheduler, f'{key}.train.scheduler', problems, 'scheduler')
+    if spec.train.data:
+        from composer_kd.recipes.build import teacher_data_spec
+
+        try:
+            teacher_data_spec(recipe.data, spec.train.data)
+        except ValueError as e:
+            problems.add(f'{key}.train.data', str(e))
+
+
+def _check_distillation(recipe: Recipe, problems: _Problems) -> None:
+    d, key = recipe.distillation, 'distillation'
+    known = sorted({*LOSSES, *_LOSS_ALIASES})
+    if d.loss not in known:
+        problems.add(f'{key}.loss', f'unknown loss {d.loss!r}{_nearest(d.loss, known)} (known: {", ".join(known)})')
+    if not d.temperature > 0:
+        problems.add(f'{key}.temperature', f'expected a number > 0, got {d.temperature}')
+    for name in ('org_loss_weight', 'kd_loss_weight'):
+        if getattr(d, name) < 0:
+            problems.add(f'{key}.{name}', f'expected a number >= 0, got {getattr(d, name)}')
+    _check_time(d.start, f'{key}.start', problems, allow_fraction=True)
+    _check_time(d.end, f'{key}.end', problems, allow_fraction=True)
+    n_teachers = len(recipe.teachers)
+    if d.n_teachers_to_sample is not None and not 1 <= d.n_teachers_to_sample <= n_teachers:
+        problems.add(
+            f'{key}.n_teachers_to_sample',
+            f'expected an integer from 1 to the number of teachers ({n_teachers}), got {d.n_teachers_to_sample}',
+        )
+    for name, schedule in d.schedules.items():
+        if name not in _SCHEDULED:
+            problems.add(
+                f'{key}.schedules.{name}',
+                f'cannot schedule {name!r}{_nearest(name, _SCHEDULED)} (schedulable: {", ".join(_SCHEDULED)})',
+            )
+        if schedule.kind not in _SCHEDULE_KINDS:
+            problems.add(
+                f'{key}.schedules.{name}.kind',
+                f'unknown schedule {schedule.kind!r}{_nearest(schedule.kind, _SCHEDULE_KINDS)} '
+                f'(known: {", ".join(_SCHEDULE_KINDS)})',
+            )
+        _check_time(schedule.start, f'{key}.schedules.{name}.start', problems, allow_fraction=True)
+        _check_time(schedule.end, f'{key}.schedules.{name}.end', problems, allow_fraction=True)
+    for i, pair in enumerate(d.feature_pairs):
+        if pair.loss not in _FEATURE_LOSSES:
+            problems.add(
+                f'{key}.feature_pairs.{i}.loss',
+                f'unknown feature loss {pair.loss!r}{_nearest(pair.loss, _FEATURE_LOSSES)} '
+                f'(known: {", ".join(_FEATURE_LOSSES)})',
+            )
+        if not 0 <= pair.teacher_index < n_teachers:
+            problems.add(
+                f'{key}.feature_pairs.{i}.teacher_index', f'expected 0 to {n_teachers - 1}, got {pair.teacher_index}'
+            )
+
+
+def check_recipe(recipe: Recipe) -> list[str]:
+    """Every problem that would stop ``recipe`` from running, each starting with its dotted key.
+
+    Checks model kinds and names (torchvision constructors, Hugging Face model types, pretrained models on disk),
+    checkpoint and data files, dataset, loss, algorithm, logger, optimizer and scheduler names, time strings,
+    and numbers' ranges. Never downloads.
+
+    Args:
+        recipe (Recipe): A recipe as :func:`composer_kd.recipes.loader.load_recipe` returns it.
+
+    Returns:
+        list[str]: The problems; empty when the recipe can run.
+    """
+    problems = _Problems()
+    modality = None
+    if recipe.data.name in DATASETS:
+        modality = 'text' if recipe.data.name in ('synthetic_text', 'glue') else 'image'
+    _check_model(recipe.student, 'student', modality, problems)
+    if not recipe.teachers:
+        problems.add('teachers', 'expected at least one teacher')
+    for i, teacher in enumerate(recipe.teachers):
+        _check_teacher(teacher, f'teachers.{i}', recipe, modality, problems)
+    _check_data(recipe.data, 'data', problems, recipe.student)
+    _check_distillation(recipe, problems)
+    _check_optimizer(recipe.optimizer, 'optimizer', problems)
+    _check_component(recipe.scheduler, 'scheduler', problems, 'scheduler')
+    hidden_labels = recipe.data.name == 'digits' and recipe.data.digits.keep_unlabelled and recipe.data.digits.per_class
+    for i, algorithm in enumerate(recipe.algorithms):
+        _check_component(algorithm, f'algorithms.{i}', problems, 'algorithm')
+        if hidden_labels and algorithm.name in _LABEL_MIXING:
+            problems.add(
+                f'algorithms.{i}.name',
+                f'{algorithm.name} turns labels into distributions and cannot handle the hidden labels of '
+                'data.digits.keep_unlabelled; drop one of the two',
+            )
+    for i, logger in enumerate(recipe.loggers):
+        _check_component(logger, f'loggers.{i}', problems, 'logger')
+    _check_time(recipe.max_duration, 'max_duration', problems)
+    _check_time(recipe.eval_interval, 'eval_interval', problems)
+    _check_time(recipe.save_interval, 'save_interval', problems)
+    if recipe.precision is not None and recipe.precision not in _PRECISIONS:
+        problems.add(
+            'precision',
+            f'unknown precision {recipe.precision!r}{_nearest(recipe.precision, _PRECISIONS)} '
+            f'(known: {", ".join(_PRECISIONS)}, or null for the device default)',
+        )
+    if recipe.device is not None and recipe.device not in _DEVICES:
+        problems.add(
+            'device',
+            f'unknown device {recipe.device!r}{_nearest(recipe.device, _DEVICES)} '
+            f'(known: {", ".join(_DEVICES)}, or null to pick the accelerator if any)',
+        )
+    if recipe.device_train_microbatch_size is not None and recipe.device_train_microbatch_size < 1:
+        problems.add(
+            'device_train_microbatch_size', f'expected an integer >= 1, got {recipe.device_train_microbatch_size}'
+        )
+    return list(problems)

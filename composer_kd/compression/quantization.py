@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, Optional, Union
 
 import torch
@@ -29,6 +29,7 @@ from composer_kd.window import TimeSpec, parse_time, reached, to_trainer_time
 __all__ = [
     'QAT_BACKENDS',
     'QuantizationAwareTraining',
+    'calibrate',
     'convert_to_int8',
     'fake_quantizers',
     'prepare_qat',
@@ -182,6 +183,66 @@ def fake_quantizers(model: nn.Module) -> list[FakeQuantizeBase]:
     return [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
 
 
+def calibrate(model: nn.Module, batches: Iterable[ExampleInputs]) -> nn.Module:
+    """A copy of a prepared model whose quantization ranges are exactly those seen on ``batches``, then fixed.
+
+    Every observer is reset, the network runs (in eval mode, without gradients) on each batch, and each range
+    becomes the smallest minimum and largest maximum over all batches (the moving averages of training would
+    favour the last batches instead); observers are then disabled, so nothing moves the ranges again. Together
+    with :func:`prepare_qat` and :func:`convert_to_int8` this is post-training quantization; after
+    quantization-aware training it re-fits the ranges to chosen data.
+
+    Args:
+        model (nn.Module): A model from :func:`prepare_qat` (trained or not); not changed.
+        batches (Iterable[torch.Tensor | tuple]): The network's inputs, one batch or tuple of arguments each.
+
+    Returns:
+        nn.Module: The calibrated copy, its observers disabled.
+
+    Raises:
+        ValueError: If ``model`` was not prepared, or ``batches`` is empty.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.compression import calibrate, convert_to_int8, prepare_qat
+
+            network = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+            prepared = prepare_qat(network, torch.zeros(1, 8))
+            int8 = convert_to_int8(calibrate(prepared, [torch.randn(32, 8), torch.randn(32, 8)]))
+    """
+    if quantization_backend(model) is None:
+        raise ValueError('model was not prepared for quantization-aware training: prepare it with prepare_qat first.')
+    calibrated = copy_model(model).eval()
+    network = _network(calibrated)
+    quantizers = fake_quantizers(calibrated)
+    ranges: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        for batch in batches:
+            for fq in quantizers:
+                fq.activation_post_process.reset_min_max_vals()
+                fq.enable_observer()
+            network(*(batch if isinstance(batch, tuple) else (batch,)))
+            for i, fq in enumerate(quantizers):
+                low, high = fq.activation_post_process.min_val, fq.activation_post_process.max_val
+                if i in ranges:
+                    low, high = torch.minimum(ranges[i][0], low), torch.maximum(ranges[i][1], high)
+                ranges[i] = (low.clone(), high.clone())
+    if not ranges and quantizers:
+        raise ValueError('batches is empty: calibration needs at least one batch of inputs.')
+    for i, fq in enumerate(quantizers):
+        observer = fq.activation_post_process
+        observer.min_val.copy_(ranges[i][0])
+        observer.max_val.copy_(ranges[i][1])
+        scale, zero_point = fq.calculate_qparams()
+        fq.scale.copy_(scale)
+        fq.zero_point.copy_(zero_point)
+        fq.disable_observer()
+    calibrated.train(model.training)
+    return calibrated
+
+
 def convert_to_int8(model: nn.Module) -> nn.Module:
     """An int8 copy of a quantization-aware model, on the CPU, in eval mode (``convert_fx``).
 
@@ -222,7 +283,8 @@ def convert_to_int8(model: nn.Module) -> nn.Module:
         )
     converted = copy_model(model).cpu().eval()
     network = _remove_pruning(_network(converted))
-    with quantized_engine(backend):
+    with quantized_engine(backend), warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='Please use quant_min and quant_max', category=UserWarning)
         int8 = convert_fx(network)
     int8.meta[_BACKEND_KEY] = backend
     if isinstance(converted, ComposerClassifier):

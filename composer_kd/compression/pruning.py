@@ -187,9 +187,7 @@ def _prune_layer(module: nn.Module, amount: float, structured: bool) -> None:
     if structured and bias is not None:
         # A unit without weights would still output its bias; zero that too, so the unit is really gone.
         alive = _units_alive(module.weight_mask).to(bias.dtype)
-        if _pruning_hook(module, 'bias') is None:
-            prune.custom_from_mask(module, 'bias', alive)
-        elif not torch.equal(module.bias_mask, alive):
+        if _pruning_hook(module, 'bias') is None or not torch.equal(module.bias_mask, alive):
             prune.custom_from_mask(module, 'bias', alive)
 
 

@@ -209,7 +209,8 @@ class QATSpec:
     ``backend`` is the int8 engine (``x86``, ``fbgemm``, ``qnnpack``, ``onednn``; it must be in
     ``torch.backends.quantized.supported_engines``). ``freeze_observers`` / ``freeze_bn_stats`` are times (Composer
     time strings or fractions of training) from which quantization ranges / BatchNorm statistics stay fixed. After
-    training the student is converted to int8 and evaluated on the CPU as well.
+    training the student's observers are frozen, and it is evaluated fake-quantized and, converted to int8, on the
+    CPU.
     """
 
     backend: str = 'x86'

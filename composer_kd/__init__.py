@@ -1,5 +1,17 @@
 """Knowledge distillation for MosaicML Composer: add ``Distillation`` to a Trainer's algorithms."""
 
+from composer_kd import compression
+from composer_kd.compression import (
+    Pruning,
+    QuantizationAwareTraining,
+    calibrate,
+    convert_to_int8,
+    make_pruning_permanent,
+    model_size_bytes,
+    prepare_qat,
+    prune_model,
+    sparsity,
+)
 from composer_kd.distillation import (
     Distillation,
     average_logits,
@@ -34,6 +46,8 @@ __all__ = [
     'ConstantSchedule',
     'CosineSchedule',
     'LinearSchedule',
+    'Pruning',
+    'QuantizationAwareTraining',
     'Schedule',
     'CosineDistance',
     'Distillation',
@@ -45,8 +59,11 @@ __all__ = [
     'SoftCrossEntropy',
     'TeacherInference',
     'average_logits',
+    'calibrate',
     'chunked_kl_divergence',
     'combine_losses',
+    'compression',
+    'convert_to_int8',
     'cosine_distance',
     'distillation_loss',
     'get_loss',
@@ -54,9 +71,14 @@ __all__ = [
     'kl_divergence',
     'load_teacher_checkpoint',
     'logits_mse',
+    'make_pruning_permanent',
+    'model_size_bytes',
+    'prepare_qat',
+    'prune_model',
     'reverse_kl_divergence',
     'sample_teachers',
     'soft_cross_entropy',
+    'sparsity',
     'student_from_teacher_layers',
 ]
 

@@ -115,3 +115,39 @@ def test_examples_run_as_scripts(name):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert '--student-epochs' in result.stdout and '--seed' in result.stdout
+
+
+TINY_COMPRESSION = (
+    '--seeds 0 1 --teacher-epochs 1 --student-batches 6 --finetune-batches 3 --qat-lrs 0.003 0.03 --finetune-lrs 0.01 '
+    '--sparsities 0.5 --structured-sparsities 0.25 --latency-repeats 5 --latency-widths 32'
+).split()
+
+
+def test_compression_example_prints_both_tables(capsys, tmp_path):
+    compression = load_example('compression_distillation')
+    results = compression.main([*TINY_COMPRESSION, '--json', str(tmp_path / 'results.json')])
+    out = capsys.readouterr().out
+    assert 'Quantization-aware distillation (x86 engine), digits test split, mean ± std over 2 seeds [0, 1]' in out
+    assert 'Pruning with distillation: fp32 distilled student pruned once, fine-tuned 3 batches' in out
+    qat_table, pruning_table = results['tables']['qat'].splitlines(), results['tables']['pruning'].splitlines()
+    assert qat_table[0].split()[:3] == ['student', 'test', 'accuracy'] and len(qat_table) == 2 + 5
+    assert [line.split('  ')[0] for line in pruning_table[2:]] == [
+        'dense (distilled fp32)',
+        '50% of hidden-layer weights',
+        '25% of hidden units',
+    ]
+    for table in (qat_table, pruning_table):
+        assert '\n'.join(table) in out
+    # The QAT learning rate is the one with the best mean validation accuracy.
+    by_lr = results['qat']['val_by_lr']
+    assert results['qat']['lr'] == float(max(by_lr, key=lambda lr: by_lr[lr]['mean']))
+    for stats in (results['qat']['int8']['test'], results['fp32']['alone']['test'], results['fp32']['ptq']['val']):
+        assert len(stats['per_seed']) == 2 and all(0 <= v <= 1 for v in stats['per_seed'])
+    assert results['size_bytes']['int8'] < results['size_bytes']['fp32']
+    assert all(v['ratio'] > 0 for v in results['latency_seconds'].values())
+    # Sparsity of every weight: half of the first layer's 64 x 32, a quarter of its 32 rows; none of the 32 x 10.
+    unstructured, structured = results['pruning']
+    assert unstructured['sparsity_of_all_weights'] == pytest.approx(1024 / 2368)
+    assert structured['sparsity_of_all_weights'] == pytest.approx(8 * 64 / 2368)
+    assert len(structured['with_distillation']['test']['per_seed']) == 2
+    assert (tmp_path / 'results.json').is_file()

@@ -12,7 +12,14 @@ system by :func:`check_recipe`, built by :func:`build_run` and run by :meth:`Rec
     summary = build_run(recipe).fit()
 """
 
-from composer_kd.recipes.build import build_distillation, build_run, build_student_alone, build_trainer, evaluate
+from composer_kd.recipes.build import (
+    build_compression,
+    build_distillation,
+    build_run,
+    build_student_alone,
+    build_trainer,
+    evaluate,
+)
 from composer_kd.recipes.loader import RecipeError, builtin_recipes, load_recipe, resolve_recipe_source
 from composer_kd.recipes.run import ModelReport, RecipeRun, RunSummary, distillation_ratio
 from composer_kd.recipes.schema import Recipe
@@ -24,6 +31,7 @@ __all__ = [
     'RecipeError',
     'RecipeRun',
     'RunSummary',
+    'build_compression',
     'build_distillation',
     'build_run',
     'build_student_alone',

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
@@ -21,12 +22,13 @@ from composer.utils import reproducibility
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from composer_kd.compression import Pruning, QuantizationAwareTraining, prunable_modules
 from composer_kd.distillation import Distillation
 from composer_kd.features import FeaturePair
 from composer_kd.losses import LOSSES, get_loss
 from composer_kd.recipes.datasets import DataBundle, build_data
 from composer_kd.recipes.loader import RecipeError
-from composer_kd.recipes.models import build_model
+from composer_kd.recipes.models import TaskInfo, build_model
 from composer_kd.recipes.schema import ComponentSpec, DataSpec, OptimizerSpec, Recipe, ScheduleSpec
 from composer_kd.recipes.validate import (
     check_recipe,
@@ -39,6 +41,7 @@ from composer_kd.schedules import ConstantSchedule, CosineSchedule, LinearSchedu
 
 __all__ = [
     'LoggerFactory',
+    'build_compression',
     'build_distillation',
     'build_run',
     'build_student_alone',
@@ -138,6 +141,56 @@ def build_distillation(recipe: Recipe, teachers: Sequence[ComposerModel]) -> Dis
         raise RecipeError('recipe', [f'distillation: {e}']) from e
 
 
+def build_compression(recipe: Recipe, task: TaskInfo, student: ComposerModel) -> list[Any]:
+    """The algorithms of the recipe's ``compression`` section, for one student's trainer (fresh ones each call).
+
+    Quantization-aware training comes first, so that pruning (if both are asked for) acts on the
+    quantization-aware layers, and both come before ``Distillation``.
+
+    Args:
+        recipe (Recipe): The recipe.
+        task (TaskInfo): The dataset's input shape (for the example input that tracing asks for).
+        student (ComposerModel): The student the algorithms will compress; its layer paths are checked here.
+
+    Returns:
+        list: ``QuantizationAwareTraining`` and/or ``Pruning``, possibly none.
+
+    Raises:
+        RecipeError: If ``compression.pruning.modules`` names no prunable layer of the student.
+    """
+    spec, algorithms = recipe.compression, []
+    if spec.qat is not None:
+        import torch
+
+        algorithms.append(
+            QuantizationAwareTraining(
+                example_inputs=torch.zeros(1, *task.input_shape),
+                backend=spec.qat.backend,
+                freeze_observers=_time_or_fraction(spec.qat.freeze_observers),
+                freeze_bn_stats=_time_or_fraction(spec.qat.freeze_bn_stats),
+            )
+        )
+    if spec.pruning is not None:
+        p = spec.pruning
+        modules = None if p.modules is None else list(p.modules)
+        try:
+            prunable_modules(student, modules)
+        except ValueError as e:
+            # 'modules[2]: ...' becomes 'compression.pruning.modules.2: ...', the key as a recipe writes it.
+            message = re.sub(r'^modules\[(\d+)\]', r'modules.\1', str(e))
+            raise RecipeError('recipe', [f'compression.pruning.{message}']) from e
+        algorithms.append(
+            Pruning(
+                amount=p.amount,
+                structured=p.structured,
+                modules=modules,
+                start=_time_or_fraction(p.start),
+                end=_time_or_fraction(p.end),
+            )
+        )
+    return algorithms
+
+
 def _evaluators(data: DataBundle, splits: Sequence[str]) -> list[Evaluator]:
     return [Evaluator(label=split, dataloader=data.eval_loader(split)) for split in splits]
 
@@ -212,15 +265,20 @@ def build_trainer(
     )
 
 
-def evaluate(recipe: Recipe, model: ComposerModel, data: DataBundle, splits: Sequence[str]) -> dict[str, dict]:
-    """Evaluate ``model`` on ``splits`` with a Composer ``Trainer``; ``{split: {metric: value}}``."""
+def evaluate(
+    recipe: Recipe, model: ComposerModel, data: DataBundle, splits: Sequence[str], device: Optional[str] = None
+) -> dict[str, dict]:
+    """Evaluate ``model`` on ``splits`` with a Composer ``Trainer``; ``{split: {metric: value}}``.
+
+    ``device`` overrides the recipe's (an int8 model runs on the CPU only).
+    """
     trainer = Trainer(
         model=model,
         eval_dataloader=_evaluators(data, splits),
         progress_bar=False,
         log_to_console=False,
-        precision=recipe.precision,
-        device=recipe.device,
+        precision=None if device == 'cpu' else recipe.precision,
+        device=device or recipe.device,
         seed=recipe.seed,
     )
     trainer.eval()
@@ -326,6 +384,7 @@ def _build_run(
         reproducibility.seed_all(recipe.seed)
         student = build_model(recipe.student, data.task)
         algorithms = [_component(spec, 'algorithm', f'algorithms.{i}') for i, spec in enumerate(recipe.algorithms)]
+        algorithms += build_compression(recipe, data.task, student)
         algorithms.append(build_distillation(recipe, teachers))
         recipe_loggers = [_component(spec, 'logger', f'loggers.{i}') for i, spec in enumerate(recipe.loggers)]
         try:
@@ -382,6 +441,7 @@ def build_student_alone(
     reproducibility.seed_all(recipe.seed)
     student = build_model(recipe.student, data.task)
     algorithms = [_component(spec, 'algorithm', f'algorithms.{i}') for i, spec in enumerate(recipe.algorithms)]
+    algorithms += build_compression(recipe, data.task, student)
     recipe_loggers = (
         [_component(spec, 'logger', f'loggers.{i}') for i, spec in enumerate(recipe.loggers)] if main else []
     )

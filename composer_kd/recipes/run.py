@@ -8,13 +8,22 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from composer import Trainer
 from composer.models import ComposerModel
 from composer.utils import reproducibility
 
+from composer_kd.compression import (
+    convert_to_int8,
+    make_pruning_permanent,
+    model_size_bytes,
+    prunable_modules,
+    quantization_backend,
+    sparsity,
+)
 from composer_kd.recipes.build import LoggerFactory, build_student_alone, eval_splits, evaluate
 from composer_kd.recipes.datasets import DataBundle
-from composer_kd.recipes.models import count_parameters
+from composer_kd.recipes.models import build_model, count_parameters
 from composer_kd.recipes.schema import ModelSpec, Recipe
 
 __all__ = ['ModelReport', 'RecipeRun', 'RunSummary', 'distillation_ratio']
@@ -50,6 +59,15 @@ def describe_model(spec: ModelSpec) -> str:
     else:
         text = f'{spec.kind} {spec.name}'
     return text + (f' from {spec.checkpoint}' if spec.checkpoint else '')
+
+
+def describe_compression(recipe: Recipe) -> str:
+    """The recipe's ``compression`` section in a few words, e.g. ``' + QAT x86 + pruned 50%'``; empty if none."""
+    qat, pruning = recipe.compression.qat, recipe.compression.pruning
+    text = f' + QAT {qat.backend}' if qat is not None else ''
+    if pruning is not None:
+        text += f' + pruned {100 * pruning.amount:g}%' + (' structured' if pruning.structured else '')
+    return text
 
 
 @dataclass
@@ -121,6 +139,8 @@ class RecipeRun:
         teachers (list[ComposerModel]): The teachers, in the recipe's order.
         teacher_trainers (list[Trainer | None]): A trainer for each teacher the recipe trains first, else ``None``.
         trainer (Trainer): The student's trainer; it holds ``Distillation`` unless the recipe disables it.
+        exported (dict[str, nn.Module]): After :meth:`fit`, with a ``compression`` section: each student by role,
+            as it would be deployed (converted to int8, pruning made permanent).
     """
 
     recipe: Recipe
@@ -131,6 +151,7 @@ class RecipeRun:
     trainer: Trainer
     loggers: LoggerFactory = field(default=lambda role: ())
     teacher_seconds: list[Optional[float]] = field(default_factory=list)
+    exported: dict[str, torch.nn.Module] = field(default_factory=dict)
 
     def train_teachers(self) -> None:
         """Fit the teachers the recipe trains first (once; a second call does nothing)."""
@@ -176,10 +197,13 @@ class RecipeRun:
                 )
             )
         distilled = recipe.distillation.enabled
+        notes: list[str] = []
+        role = 'student (distilled)' if distilled else 'student alone'
+        self._freeze_observers(self.student)
         reports.append(
             ModelReport(
-                role='student (distilled)' if distilled else 'student alone',
-                description=describe_model(recipe.student),
+                role=role,
+                description=describe_model(recipe.student) + describe_compression(recipe),
                 parameters=count_parameters(self.student),
                 metrics=evaluate(recipe, self.student, self.data, splits),
                 train_seconds=student_seconds,
@@ -188,24 +212,27 @@ class RecipeRun:
                 ),
             )
         )
+        reports += self._export(role, self.student, splits, notes)
         if recipe.baseline and distilled:
             alone, trainer = build_student_alone(recipe, self.data, self.loggers)
             reproducibility.seed_all(recipe.seed)
             alone_start = time.perf_counter()
             trainer.fit()
+            self._freeze_observers(alone)
             reports.append(
                 ModelReport(
                     role='student alone',
-                    description=describe_model(recipe.student),
+                    description=describe_model(recipe.student) + describe_compression(recipe),
                     parameters=count_parameters(alone),
                     metrics=evaluate(recipe, alone, self.data, splits),
                     train_seconds=time.perf_counter() - alone_start,
                 )
             )
             trainer.close()
+            reports += self._export('student alone', alone, splits, notes)
         split = splits[0]
         metric = next(iter(reports[-1].metrics[split]))
-        summary = RunSummary(recipe.name, reports, split, metric)
+        summary = RunSummary(recipe.name, reports, split, metric, notes=notes)
         teacher_values = [summary.value(f'teacher {i}') for i in range(len(self.teachers))]
         best_teacher = max((v for v in teacher_values if v is not None), default=None)
         alone_value, distilled_value = summary.value('student alone'), summary.value('student (distilled)')
@@ -216,3 +243,43 @@ class RecipeRun:
                 trainer.close()
         summary.wall_seconds = time.perf_counter() - start
         return summary
+
+    @staticmethod
+    def _freeze_observers(student: ComposerModel) -> None:
+        """Fix a quantization-aware student's ranges once trained, so that evaluating it cannot move them."""
+        if quantization_backend(student) is not None:
+            student.apply(torch.ao.quantization.disable_observer)
+
+    def _export(self, role: str, student: ComposerModel, splits: list[str], notes: list[str]) -> list[ModelReport]:
+        """Export a compressed student (int8, pruning made permanent), note its size or sparsity, evaluate int8."""
+        recipe, qat, pruning = self.recipe, self.recipe.compression.qat, self.recipe.compression.pruning
+        if qat is None and pruning is None:
+            return []
+        reports = []
+        if qat is not None:
+            exported = convert_to_int8(student)
+            with torch.random.fork_rng():  # the float twin only gives the fp32 file size; it draws no training seed
+                float_bytes = model_size_bytes(build_model(recipe.student, self.data.task))
+            int8_bytes = model_size_bytes(exported)
+            notes.append(
+                f'{role}: state_dict {float_bytes:,} bytes in fp32, {int8_bytes:,} bytes in int8 '
+                f'({float_bytes / int8_bytes:.2f}x smaller)'
+            )
+            reports.append(
+                ModelReport(
+                    role=f'{role} int8',
+                    description=f'{describe_model(recipe.student)}{describe_compression(recipe)} -> int8 (CPU)',
+                    parameters=count_parameters(student),
+                    metrics=evaluate(recipe, exported, self.data, splits, device='cpu'),
+                )
+            )
+        else:
+            exported = make_pruning_permanent(student)
+        if pruning is not None:
+            layers = list(prunable_modules(student, None if pruning.modules is None else list(pruning.modules)))
+            notes.append(
+                f"{role}: {100 * sparsity(student, layers):.1f}% of the pruned layers' weights are zero "
+                f'({", ".join(layers)}), {100 * sparsity(student):.1f}% of all Linear and Conv weights'
+            )
+        self.exported[role] = exported
+        return reports

@@ -14,6 +14,7 @@ from omegaconf import MISSING
 
 __all__ = [
     'ComponentSpec',
+    'CompressionSpec',
     'DataSpec',
     'DigitsSpec',
     'DistillationSpec',
@@ -21,6 +22,8 @@ __all__ = [
     'GlueSpec',
     'ModelSpec',
     'OptimizerSpec',
+    'PruningSpec',
+    'QATSpec',
     'Recipe',
     'ScheduleSpec',
     'SyntheticTextSpec',
@@ -200,12 +203,54 @@ class DistillationSpec:
 
 
 @dataclass
+class QATSpec:
+    """Quantization-aware training of the student (:class:`composer_kd.compression.QuantizationAwareTraining`).
+
+    ``backend`` is the int8 engine (``x86``, ``fbgemm``, ``qnnpack``, ``onednn``; it must be in
+    ``torch.backends.quantized.supported_engines``). ``freeze_observers`` / ``freeze_bn_stats`` are times (Composer
+    time strings or fractions of training) from which quantization ranges / BatchNorm statistics stay fixed. After
+    training the student's observers are frozen, and it is evaluated fake-quantized and, converted to int8, on the
+    CPU.
+    """
+
+    backend: str = 'x86'
+    freeze_observers: Optional[str] = None
+    freeze_bn_stats: Optional[str] = None
+
+
+@dataclass
+class PruningSpec:
+    """Magnitude pruning of the student during training (:class:`composer_kd.compression.Pruning`).
+
+    ``amount`` is each layer's share pruned, in ``[0, 1)``: of its weights, or with ``structured: true`` of its
+    output units. ``modules`` are layer paths in the student (e.g. ``module.1``); by default every Linear and Conv
+    layer but the last. Pruning happens at ``start`` at once, or, with ``end``, rises gradually from 0 at ``start``
+    to ``amount`` at ``end``.
+    """
+
+    amount: float = MISSING
+    structured: bool = False
+    modules: Optional[list[str]] = None
+    start: str = '0dur'
+    end: Optional[str] = None
+
+
+@dataclass
+class CompressionSpec:
+    """Compressing the student (never the teachers) while it is trained; the student alone gets the same."""
+
+    qat: Optional[QATSpec] = None
+    pruning: Optional[PruningSpec] = None
+
+
+@dataclass
 class Recipe:
     """A whole distillation run: student, teachers, data, distillation and the Composer ``Trainer``'s settings.
 
     ``algorithms`` are other Composer algorithms by class name (looked up in ``composer.algorithms``);
     ``loggers`` are Composer logger destinations by class name (``composer.loggers``). ``baseline: true`` also
     trains the student alone with the same data, budget and seed, and reports the distillation ratio.
+    ``compression`` quantizes and/or prunes the student (and the student alone) during training.
     """
 
     name: str = 'recipe'
@@ -214,6 +259,7 @@ class Recipe:
     teachers: list[TeacherSpec] = MISSING
     data: DataSpec = MISSING
     distillation: DistillationSpec = field(default_factory=DistillationSpec)
+    compression: CompressionSpec = field(default_factory=CompressionSpec)
     algorithms: list[ComponentSpec] = field(default_factory=list)
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     scheduler: Optional[ComponentSpec] = None

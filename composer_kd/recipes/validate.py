@@ -315,12 +315,61 @@ def _check_distillation(recipe: Recipe, problems: _Problems) -> None:
             )
 
 
+def _check_compression(recipe: Recipe, problems: _Problems) -> None:
+    import torch
+
+    from composer_kd.compression import QAT_BACKENDS
+
+    qat, pruning, key = recipe.compression.qat, recipe.compression.pruning, 'compression'
+    if qat is not None:
+        engines = [e for e in torch.backends.quantized.supported_engines if e != 'none']
+        if qat.backend not in QAT_BACKENDS:
+            problems.add(
+                f'{key}.qat.backend',
+                f'unknown quantization backend {qat.backend!r}{_nearest(qat.backend, QAT_BACKENDS)} '
+                f'(known: {", ".join(QAT_BACKENDS)})',
+            )
+        elif qat.backend not in engines:
+            problems.add(
+                f'{key}.qat.backend',
+                f'this PyTorch build has no {qat.backend} quantized engine (it has: {", ".join(engines)})',
+            )
+        if recipe.student.kind not in IMAGE_KINDS:
+            problems.add(
+                f'{key}.qat',
+                f'quantization-aware training traces a ComposerClassifier student with torch.fx (kind '
+                f'{", ".join(IMAGE_KINDS)}); student.kind is {recipe.student.kind!r}',
+            )
+        _check_time(qat.freeze_observers, f'{key}.qat.freeze_observers', problems, allow_fraction=True)
+        _check_time(qat.freeze_bn_stats, f'{key}.qat.freeze_bn_stats', problems, allow_fraction=True)
+    if pruning is not None:
+        if not 0.0 <= pruning.amount < 1.0:
+            problems.add(f'{key}.pruning.amount', f'expected a fraction in [0, 1), got {pruning.amount}')
+        if pruning.modules is not None and not pruning.modules:
+            problems.add(f'{key}.pruning.modules', 'an empty list prunes nothing; leave it out for the default layers')
+        _check_time(pruning.start, f'{key}.pruning.start', problems, allow_fraction=True)
+        _check_time(pruning.end, f'{key}.pruning.end', problems, allow_fraction=True)
+        if pruning.end is not None and not any(p.startswith(f'{key}.pruning.') for p in problems):
+            from composer_kd.window import parse_time
+
+            start, end = (parse_time(_time_or_fraction(t), t) for t in (pruning.start, pruning.end))
+            if start.unit == end.unit and end.value <= start.value:
+                problems.add(f'{key}.pruning.end', f'{pruning.end!r} must come after start {pruning.start!r}')
+
+
+def _time_or_fraction(value: str):
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def check_recipe(recipe: Recipe) -> list[str]:
     """Every problem that would stop ``recipe`` from running, each starting with its dotted key.
 
     Checks model kinds and names (torchvision constructors, Hugging Face model types, pretrained models on disk),
-    checkpoint and data files, dataset, loss, algorithm, logger, optimizer and scheduler names, time strings,
-    and numbers' ranges. Never downloads.
+    checkpoint and data files, dataset, loss, algorithm, logger, optimizer and scheduler names, quantization
+    backends, time strings, and numbers' ranges. Never downloads.
 
     Args:
         recipe (Recipe): A recipe as :func:`composer_kd.recipes.loader.load_recipe` returns it.
@@ -339,6 +388,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
         _check_teacher(teacher, f'teachers.{i}', recipe, modality, problems)
     _check_data(recipe.data, 'data', problems, recipe.student)
     _check_distillation(recipe, problems)
+    _check_compression(recipe, problems)
     _check_optimizer(recipe.optimizer, 'optimizer', problems)
     _check_component(recipe.scheduler, 'scheduler', problems, 'scheduler')
     hidden_labels = recipe.data.name == 'digits' and recipe.data.digits.keep_unlabelled and recipe.data.digits.per_class

@@ -1,5 +1,13 @@
 """Knowledge distillation for MosaicML Composer: add ``Distillation`` to a Trainer's algorithms."""
 
+from composer_kd.cache import (
+    IndexedDataset,
+    StaleTeacherCacheError,
+    TeacherCache,
+    indexed_collate,
+    topk_compress,
+    topk_logits,
+)
 from composer_kd.distillation import (
     Distillation,
     average_logits,
@@ -38,11 +46,14 @@ __all__ = [
     'CosineDistance',
     'Distillation',
     'FeaturePair',
+    'IndexedDataset',
     'JensenShannonDivergence',
     'KLDivergence',
     'LogitsMSE',
     'ReverseKLDivergence',
     'SoftCrossEntropy',
+    'StaleTeacherCacheError',
+    'TeacherCache',
     'TeacherInference',
     'average_logits',
     'chunked_kl_divergence',
@@ -50,6 +61,7 @@ __all__ = [
     'cosine_distance',
     'distillation_loss',
     'get_loss',
+    'indexed_collate',
     'jensen_shannon_divergence',
     'kl_divergence',
     'load_teacher_checkpoint',
@@ -58,6 +70,8 @@ __all__ = [
     'sample_teachers',
     'soft_cross_entropy',
     'student_from_teacher_layers',
+    'topk_compress',
+    'topk_logits',
 ]
 
 __version__ = '0.1.0'

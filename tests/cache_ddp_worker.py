@@ -34,7 +34,9 @@ def main() -> None:
         student = ComposerClassifier(nn.Linear(6, 4), num_classes=4)
         epochs: list[int] = []
         trainer_state = []
-        teacher.register_forward_hook(lambda *_: epochs.append(int(trainer_state[0].timestamp.epoch)))
+        teacher.register_forward_hook(
+            lambda *_, epochs=epochs, trainer_state=trainer_state: epochs.append(int(trainer_state[0].timestamp.epoch))
+        )
         cache = {'plain': None, 'memory': TeacherCache(), 'disk': TeacherCache(os.path.join(args.output, 'cache'))}
         dataset = data if name == 'plain' else IndexedDataset(data)
         trainer = Trainer(

@@ -508,3 +508,20 @@ def test_the_caching_page_has_examples():
 def test_caching_page_blocks_run(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(BLOCKS[index], str(DOC), 'exec'), {'__name__': 'caching_doc'})
+
+
+# ---- the example --------------------------------------------------------------------------------------------
+
+
+def test_cached_distillation_example_runs_tiny(capsys):
+    from test_examples import load_example
+
+    example = load_example('cached_distillation')
+    argv = '--teacher-epochs 1 --student-epochs 2 --max-train-samples 96 --batch-size 32 --device cpu --compare'
+    results = example.main(argv.split())
+    assert results['recorded'] == results['train_samples'] == 96
+    # 3 batches: the teacher runs for each in epoch 1 and never in epoch 2.
+    assert results['cached_teacher_calls'] == [3, 0]
+    assert results['max_weight_difference'] < 1e-5
+    assert 0 <= results['cached_accuracy'] <= 1 and results['teacher_params'] > results['student_params']
+    assert 'teacher ran 0 times' in capsys.readouterr().out

@@ -222,6 +222,8 @@ def ratios(m: dict[str, float]) -> dict[str, float]:
     figures |= {
         'cached kd (cache hit) / student, same loader': ratio('cached_kd_step', 'student_step_loader'),
         'cached kd (cache hit) / kd': ratio('cached_kd_step', 'kd_step'),
+        # The same work timed twice (only the DataLoader differs, outside the timed window): the noise floor.
+        'control: student, loader / student, list': ratio('student_step_loader', 'student_step'),
         'kd / (student + teacher)': ratio('kd_step', 'student_step', 'teacher_forward'),
         'kd / student': ratio('kd_step', 'student_step'),
         'kd / plain kd loop': ratio('kd_step', 'plain_kd_step'),

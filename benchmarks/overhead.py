@@ -4,6 +4,10 @@ Four things are timed on the same fixed batch, interleaved round by round so tha
 touches all alike: a Composer step of the student alone, the teacher's forward pass alone, a Composer step with
 ``Distillation``, and the same distillation step written as a plain PyTorch loop (plus the plain student step,
 to separate Composer's own cost from ours).
+
+Offline distillation is timed apart: a Composer step with ``Distillation(teacher_cache=TeacherCache())`` once the
+cache holds the batch (the warm-up steps record it, as a first epoch would), against a student-only step fed by
+the same kind of DataLoader (over the batch's rows, one batch per epoch), the cache's without the example index.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from typing import Any
 
 import torch
 from composer import Callback, Trainer
+from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.pairs import Pair, plain_kd_loss
-from composer_kd import Distillation, KLDivergence, TeacherInference
+from composer_kd import Distillation, IndexedDataset, KLDivergence, TeacherCache, TeacherInference
 
 TEMPERATURE = 4.0
 
@@ -49,13 +54,31 @@ def _to(batch: Any, device: str) -> Any:
     return tuple(v.to(device) for v in batch)
 
 
-def _composer_runner(pair: Pair, algorithms: list, device: str, total_steps: int) -> Callable[[int], list[float]]:
+class BatchRows(Dataset):
+    """The rows of one batch as a dataset: a DataLoader over it rebuilds the batch, one batch per epoch."""
+
+    def __init__(self, batch: Any):
+        self.batch = batch
+
+    def __len__(self) -> int:
+        first = next(iter(self.batch.values())) if isinstance(self.batch, dict) else self.batch[0]
+        return len(first)
+
+    def __getitem__(self, i: int) -> Any:
+        if isinstance(self.batch, dict):
+            return {k: v[i] for k, v in self.batch.items()}
+        return tuple(v[i] for v in self.batch)
+
+
+def _composer_runner(
+    pair: Pair, algorithms: list, device: str, total_steps: int, dataset: Dataset | None = None
+) -> Callable[[int], list[float]]:
     student = copy.deepcopy(pair.student)
     timer = StepTimer(device)
     batch_size = pair.labels(pair.batch).shape[0]
     trainer = Trainer(
         model=student,
-        train_dataloader=[pair.batch] * total_steps,
+        train_dataloader=[pair.batch] * total_steps if dataset is None else DataLoader(dataset, batch_size=batch_size),
         device_train_microbatch_size=batch_size,
         optimizers=torch.optim.SGD(student.parameters(), lr=0.01),
         algorithms=algorithms,
@@ -90,9 +113,18 @@ def _timed_loop(step: Callable[[], None], device: str) -> Callable[[int], list[f
 
 
 def measure(
-    pair: Pair, device: str = 'cpu', warmup: int = 3, steps: int = 10, rounds: int = 3, compile_teacher: bool = True
+    pair: Pair,
+    device: str = 'cpu',
+    warmup: int = 3,
+    steps: int = 10,
+    rounds: int = 3,
+    compile_teacher: bool = True,
+    cache_only: bool = False,
 ) -> dict[str, Any]:
-    """Median step times (seconds) of each variant, with every sample kept."""
+    """Median step times (seconds) of each variant, with every sample kept.
+
+    With ``cache_only``, only the variants the cache's figures need: student and KD steps, with and without it.
+    """
     total = warmup + steps * rounds
     teacher = copy.deepcopy(pair.teacher).to(device).eval().requires_grad_(False)
     batch = _to(pair.batch, device)
@@ -138,15 +170,28 @@ def measure(
             pair, [distillation(TeacherInference(dtype=torch.bfloat16))], device, total
         ),
     }
-    if pair.name == 'vision':
+    if cache_only:
+        variants = {name: variants[name] for name in ('student_step', 'kd_step')}
+    elif pair.name == 'vision':
         options = TeacherInference(channels_last=True)
         variants['kd_step_channels_last_teacher'] = _composer_runner(pair, [distillation(options)], device, total)
-    if compile_teacher:
+    if compile_teacher and not cache_only:
         options = TeacherInference(compile=True)
         variants['kd_step_compiled_teacher'] = _composer_runner(pair, [distillation(options)], device, total)
+    if warmup < 1:
+        raise ValueError('warmup must be >= 1: the cached variant records the batch in its first step.')
+    cached = Distillation(
+        copy.deepcopy(pair.teacher), KLDivergence(temperature=TEMPERATURE), 0.5, 0.5, teacher_cache=TeacherCache()
+    )
+    teacher_calls = [0]
+    cached.teacher_modules[0].register_forward_hook(lambda *_: teacher_calls.__setitem__(0, teacher_calls[0] + 1))
+    rows = BatchRows(pair.batch)
+    variants['student_step_loader'] = _composer_runner(pair, [], device, total, dataset=rows)
+    variants['cached_kd_step'] = _composer_runner(pair, [cached], device, total, dataset=IndexedDataset(rows))
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for run in variants.values():
         run(warmup)
+    teacher_calls[0] = 0  # from here on the cache holds every example
     for _ in range(rounds):
         for name, run in variants.items():
             samples[name].extend(run(steps))
@@ -158,20 +203,31 @@ def measure(
         'median_seconds': medians,
         'ratios': ratios(medians),
         'samples': samples,
+        'cached_teacher_calls_timed': teacher_calls[0],
     }
 
 
 def ratios(m: dict[str, float]) -> dict[str, float]:
-    """The figures the table reports, each a ratio of medians from one run."""
-    speedups = {
-        f'speed-up of kd step, {option} teacher': m['kd_step'] / m[f'kd_step_{option.replace(" ", "_")}_teacher']
+    """The figures the table reports, each a ratio of medians from one run (those whose variants were timed)."""
+
+    def ratio(numerator: str, *denominator: str) -> float | None:
+        if numerator not in m or any(key not in m for key in denominator):
+            return None
+        return m[numerator] / sum(m[key] for key in denominator)
+
+    figures = {
+        f'speed-up of kd step, {option} teacher': ratio('kd_step', f'kd_step_{option.replace(" ", "_")}_teacher')
         for option in ('bf16', 'channels last', 'compiled')
-        if f'kd_step_{option.replace(" ", "_")}_teacher' in m
     }
-    return speedups | {
-        'kd / (student + teacher)': m['kd_step'] / (m['student_step'] + m['teacher_forward']),
-        'kd / student': m['kd_step'] / m['student_step'],
-        'kd / plain kd loop': m['kd_step'] / m['plain_kd_step'],
-        'student / plain student loop': m['student_step'] / m['plain_student_step'],
-        'plain kd / (plain student + teacher)': m['plain_kd_step'] / (m['plain_student_step'] + m['teacher_forward']),
+    figures |= {
+        'cached kd (cache hit) / student, same loader': ratio('cached_kd_step', 'student_step_loader'),
+        'cached kd (cache hit) / kd': ratio('cached_kd_step', 'kd_step'),
+        # The same work timed twice (only the DataLoader differs, outside the timed window): the noise floor.
+        'control: student, loader / student, list': ratio('student_step_loader', 'student_step'),
+        'kd / (student + teacher)': ratio('kd_step', 'student_step', 'teacher_forward'),
+        'kd / student': ratio('kd_step', 'student_step'),
+        'kd / plain kd loop': ratio('kd_step', 'plain_kd_step'),
+        'student / plain student loop': ratio('student_step', 'plain_student_step'),
+        'plain kd / (plain student + teacher)': ratio('plain_kd_step', 'plain_student_step', 'teacher_forward'),
     }
+    return {name: value for name, value in figures.items() if value is not None}

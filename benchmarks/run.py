@@ -2,12 +2,13 @@
 
     python -m benchmarks.run                 # the full suite (a few minutes on 2 CPU cores)
     python -m benchmarks.run --quick         # tiny models and shapes: checks the suite works, measures nothing
+    python -m benchmarks.run --only cache    # only the teacher cache's figures (results-cache.{json,md})
 
 Step times (benchmarks/overhead.py), peak memory of whole runs (benchmarks/memory.py) and the token-level KL's
-memory and time (benchmarks/kl_memory.py). Every time figure is a ratio of medians measured in the same run. On CPU, each step-time measurement runs twice, in
-fresh processes: with glibc's default allocator settings, and with ``MALLOC_MMAP_THRESHOLD_`` and
-``MALLOC_TRIM_THRESHOLD_`` raised, which stops glibc from handing large activation buffers back to the operating
-system after every step (and faulting them in again on the next).
+memory and time (benchmarks/kl_memory.py). Every time figure is a ratio of medians measured in the same run. On
+CPU, each step-time measurement runs twice, in fresh processes: with glibc's default allocator settings, and
+with ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` raised, which stops glibc from handing large
+activation buffers back to the operating system after every step (and faulting them in again on the next).
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ def _worker(args: argparse.Namespace) -> None:
 
         pairs = [vision_pair(tiny=args.quick), text_pair(tiny=args.quick, seq=16 if args.quick else 128)]
         counts = {'warmup': 1, 'steps': 2, 'rounds': 2} if args.quick else {'warmup': 3, 'steps': 10, 'rounds': 3}
-        result: Any = [measure(pair, args.device, compile_teacher=not args.quick, **counts) for pair in pairs]
+        cache_only = args.only == 'cache'
+        result: Any = [
+            measure(pair, args.device, compile_teacher=not args.quick, cache_only=cache_only, **counts)
+            for pair in pairs
+        ]
     elif args.worker.startswith('memory_'):
         from benchmarks.memory import measure
         from benchmarks.pairs import text_pair, vision_pair
@@ -53,8 +58,8 @@ def _worker(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def _spawn(worker: str, device: str, quick: bool, extra_env: dict[str, str]) -> Any:
-    command = [sys.executable, '-m', 'benchmarks.run', '--worker', worker, '--device', device]
+def _spawn(worker: str, device: str, quick: bool, extra_env: dict[str, str], only: str = 'all') -> Any:
+    command = [sys.executable, '-m', 'benchmarks.run', '--worker', worker, '--device', device, '--only', only]
     if quick:
         command.append('--quick')
     env = {
@@ -81,17 +86,24 @@ def _markdown(report: dict[str, Any]) -> str:
             lines += ['', '| figure | value |', '| --- | --- |']
             lines += [f'| {name} | {value:.3f} |' for name, value in pair['ratios'].items()]
             medians = ', '.join(f'{k} {v * 1000:.1f} ms' for k, v in pair['median_seconds'].items())
-            lines += ['', f'Medians: {medians}.', '']
-    lines += ['## Peak memory of a run', '']
-    lines += [
-        'Each variant in its own process; peaks measured above the memory held when it started, with the '
-        "teacher's weights already in place in every variant.",
-        '',
-    ]
-    for pair_name, figures in report['memory'].items():
-        lines += [f'### {pair_name}', '', '| figure | value |', '| --- | --- |']
-        lines += [f'| {name} | {value:.3f} |' for name, value in figures.items()]
-        lines.append('')
+            lines += ['', f'Medians: {medians}.']
+            lines += [
+                f'Teacher forward passes during the timed cached steps: {pair["cached_teacher_calls_timed"]}.',
+                '',
+            ]
+    if 'memory' in report:
+        lines += ['## Peak memory of a run', '']
+        lines += [
+            'Each variant in its own process; peaks measured above the memory held when it started, with the '
+            "teacher's weights already in place in every variant.",
+            '',
+        ]
+        for pair_name, figures in report['memory'].items():
+            lines += [f'### {pair_name}', '', '| figure | value |', '| --- | --- |']
+            lines += [f'| {name} | {value:.3f} |' for name, value in figures.items()]
+            lines.append('')
+    if 'kl_memory' not in report:
+        return '\n'.join(lines)
     kl = report['kl_memory']
     naive, chunked = kl['naive'], kl['chunked']
     lines += ['## Token-level KL, forward + backward', '']
@@ -114,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument('--quick', action='store_true', help='tiny models and shapes (for tests)')
     parser.add_argument('--device', choices=['cpu', 'cuda', 'auto'], default='auto')
     parser.add_argument('--output-dir', default=str(ROOT / 'benchmarks' / 'results'))
+    parser.add_argument('--only', choices=['all', 'cache'], default='all', help='run only part of the suite')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == 'auto':
@@ -125,10 +138,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
 
     settings = ALLOCATOR_SETTINGS if args.device == 'cpu' else {'CUDA caching allocator': {}}
-    report: dict[str, Any] = {'device': args.device, 'quick': args.quick, 'overhead': {}}
+    report: dict[str, Any] = {'device': args.device, 'quick': args.quick, 'only': args.only, 'overhead': {}}
     for setting, env in settings.items():
         print(f'timing steps ({setting}) ...', flush=True)
-        report['overhead'][setting] = _spawn('overhead', args.device, args.quick, env)
+        report['overhead'][setting] = _spawn('overhead', args.device, args.quick, env, args.only)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    if args.only == 'cache':
+        (output / 'results-cache.json').write_text(json.dumps(report, indent=2))
+        (output / 'results-cache.md').write_text(_markdown(report))
+        print(_markdown(report))
+        print(f'written: {output / "results-cache.json"}, {output / "results-cache.md"}')
+        return report
     print('measuring peak memory of runs ...', flush=True)
     from benchmarks.memory import VARIANTS, ratios
 
@@ -146,8 +167,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         'value_relative_difference': abs(chunked['value'] - naive['value']) / abs(naive['value']),
         'grad_norm_relative_difference': abs(chunked['grad_norm'] - naive['grad_norm']) / naive['grad_norm'],
     }
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     (output / 'results.json').write_text(json.dumps(report, indent=2))
     (output / 'results.md').write_text(_markdown(report))
     print(_markdown(report))

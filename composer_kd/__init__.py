@@ -1,6 +1,14 @@
 """Knowledge distillation for MosaicML Composer: add ``Distillation`` to a Trainer's algorithms."""
 
 from composer_kd import compression
+from composer_kd.cache import (
+    IndexedDataset,
+    StaleTeacherCacheError,
+    TeacherCache,
+    indexed_collate,
+    topk_compress,
+    topk_logits,
+)
 from composer_kd.compression import (
     Pruning,
     QuantizationAwareTraining,
@@ -52,11 +60,14 @@ __all__ = [
     'CosineDistance',
     'Distillation',
     'FeaturePair',
+    'IndexedDataset',
     'JensenShannonDivergence',
     'KLDivergence',
     'LogitsMSE',
     'ReverseKLDivergence',
     'SoftCrossEntropy',
+    'StaleTeacherCacheError',
+    'TeacherCache',
     'TeacherInference',
     'average_logits',
     'calibrate',
@@ -67,6 +78,7 @@ __all__ = [
     'cosine_distance',
     'distillation_loss',
     'get_loss',
+    'indexed_collate',
     'jensen_shannon_divergence',
     'kl_divergence',
     'load_teacher_checkpoint',
@@ -80,6 +92,8 @@ __all__ = [
     'soft_cross_entropy',
     'sparsity',
     'student_from_teacher_layers',
+    'topk_compress',
+    'topk_logits',
 ]
 
 __version__ = '0.1.0'

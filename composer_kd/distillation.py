@@ -12,6 +12,7 @@ from composer.loggers import Logger
 from composer.utils import ensure_tuple
 from torch import nn
 
+from composer_kd.cache import TeacherCache
 from composer_kd.features import (
     FeatureCapture,
     FeaturePair,
@@ -284,6 +285,11 @@ class Distillation(Algorithm):
         teacher_inference (TeacherInference, optional): Opt-in teacher speed-ups: weights kept in bf16,
             channels-last layout, ``torch.compile`` (see :class:`~composer_kd.teachers.TeacherInference`; the
             benchmarks measure each). Default: none.
+        teacher_cache (TeacherCache, optional): Record the teachers' averaged logits per training example the
+            first time it is distilled and read them back afterwards, so later epochs skip the teachers (see
+            :class:`~composer_kd.cache.TeacherCache`; the training dataset is wrapped in
+            :class:`~composer_kd.cache.IndexedDataset`). Not with ``n_teachers_to_sample`` (a sampled subset's
+            average differs from step to step) or ``feature_pairs`` (they need the live teacher). Default: none.
 
     Example:
         .. testcode::
@@ -323,6 +329,7 @@ class Distillation(Algorithm):
         feature_pairs: Sequence[Union[FeaturePair, Mapping[str, Any]]] = (),
         on_nonfinite_teacher: str = 'raise',
         teacher_inference: Optional[TeacherInference] = None,
+        teacher_cache: Optional[TeacherCache] = None,
     ):
         for name, weight in (('org_loss_weight', org_loss_weight), ('kd_loss_weight', kd_loss_weight)):
             _check_scheduled(name, weight, minimum=0.0, inclusive=True)
@@ -371,6 +378,20 @@ class Distillation(Algorithm):
                 'teacher_inference compile cannot be combined with feature_pairs: hooks inside a compiled '
                 'teacher are not reliable.'
             )
+        if teacher_cache is not None:
+            if not isinstance(teacher_cache, TeacherCache):
+                raise TypeError(f'teacher_cache must be a TeacherCache, got {type(teacher_cache).__name__}.')
+            if n_teachers_to_sample is not None:
+                raise ValueError(
+                    'teacher_cache cannot be combined with n_teachers_to_sample: the cache holds the average of every '
+                    "teacher, which is not what a step's sampled teachers give. Drop one of the two."
+                )
+            if feature_pairs:
+                raise ValueError(
+                    'teacher_cache cannot be combined with feature_pairs: feature distillation needs the live '
+                    "teacher's intermediate outputs at every step. Drop one of the two."
+                )
+        self.teacher_cache = teacher_cache
         self._runners: list[TeacherRunner] = []
         self._skipped = 0
         self._poisoned: list[torch.Tensor] = []  # one device flag per distilled microbatch of the current batch
@@ -400,7 +421,9 @@ class Distillation(Algorithm):
             f'Distillation(n_teachers={len(self.teachers.modules)}, kd_loss_fn={self.kd_loss_fn!r}, '
             f'org_loss_weight={self.org_loss_weight}, kd_loss_weight={self.kd_loss_weight}, '
             f'temperature={self.temperature}, n_teachers_to_sample={self.n_teachers_to_sample}, '
-            f'start={self.start}, end={self.end})'
+            f'start={self.start}, end={self.end}'
+            + ('' if self.teacher_cache is None else f', teacher_cache={self.teacher_cache!r}')
+            + ')'
         )
 
     @property
@@ -408,13 +431,26 @@ class Distillation(Algorithm):
         """The teachers, as given (with checkpoint weights loaded)."""
         return self.teachers.modules
 
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.teacher_cache is not None:
+            state['teacher_cache'] = self.teacher_cache.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.teacher_cache is not None and 'teacher_cache' in state:
+            self.teacher_cache.load_state_dict(state['teacher_cache'])
+
     def match(self, event: Event, state: State) -> bool:
+        if event in (Event.AFTER_DATALOADER, Event.BEFORE_TRAIN_BATCH, Event.EPOCH_END):
+            return self.teacher_cache is not None
         if event == Event.AFTER_LOSS:
             return bool(self._active_teachers)
         if event == Event.INIT:
             return bool(self.feature_pairs)
         if event in (Event.AFTER_TRAIN_BATCH, Event.BATCH_END):
-            return bool(self.feature_pairs) or bool(self._poisoned)
+            return bool(self.feature_pairs) or bool(self._poisoned) or self.teacher_cache is not None
         return event in (Event.FIT_START, Event.BATCH_START, Event.FIT_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
@@ -422,6 +458,15 @@ class Distillation(Algorithm):
             self._init_features(state)
         elif event == Event.FIT_START:
             self._fit_start(state)
+        elif event == Event.AFTER_DATALOADER:
+            assert self.teacher_cache is not None
+            self.teacher_cache.take_index(state)
+        elif event == Event.BEFORE_TRAIN_BATCH:
+            assert self.teacher_cache is not None
+            self.teacher_cache.start_microbatches()
+        elif event == Event.EPOCH_END:
+            assert self.teacher_cache is not None
+            self.teacher_cache.exchange(state.device.tensor_to_device)
         elif event == Event.BATCH_START:
             self._active_teachers = self._teachers_for_batch(state)
             if self._active_teachers:
@@ -430,6 +475,8 @@ class Distillation(Algorithm):
         elif event == Event.AFTER_LOSS:
             self._distill(state)
         elif event == Event.AFTER_TRAIN_BATCH:
+            if self.teacher_cache is not None:
+                self.teacher_cache.finish_batch()
             self._check_poisoned(state, logger, before_step=True)
         elif event == Event.BATCH_END:
             self._check_poisoned(state, logger, before_step=False)
@@ -442,6 +489,8 @@ class Distillation(Algorithm):
                 runner.release()
             self._runners = []
             self.teachers.restore()
+            if self.teacher_cache is not None:
+                self.teacher_cache.flush()
 
     @property
     def find_unused_parameters(self) -> bool:
@@ -560,6 +609,15 @@ class Distillation(Algorithm):
                 FeatureCapture(teacher_modules),
             )
         self._causal = self.causal_lm if self.causal_lm is not None else is_causal_lm(state.model)
+        if self.teacher_cache is not None:
+            self.teacher_cache.start(
+                state,
+                self.teachers.modules,
+                input_key=self.input_key,
+                logits_key=self.teacher_logits_key,
+                teacher_dtype=self.teacher_inference.dtype,
+                algorithms=[a for a in state.algorithms if a is not self],
+            )
         self._start = to_trainer_time(self.start, state)
         self._end = None if self.end is None else to_trainer_time(self.end, state)
 
@@ -612,8 +670,20 @@ class Distillation(Algorithm):
         self._skipped += n_poisoned
         logger.log_metrics({'distillation/skipped_microbatches': self._skipped})
 
-    def _distill(self, state: State) -> None:
-        student_logits = extract_logits(state.outputs, self.student_logits_key, role='student')
+    def _teacher_logits(
+        self, state: State, student_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The (averaged) teacher logits of this microbatch and its device flag of poisoned logits.
+
+        From the cache when every example in the microbatch is recorded there (the flag is then ``None``: only
+        finite outputs are ever recorded); otherwise from the teachers, recording their outputs.
+        """
+        rows = None
+        if self.teacher_cache is not None:
+            rows = self.teacher_cache.microbatch_rows(state, student_logits.shape[0])
+            cached = self.teacher_cache.lookup(rows, student_logits.device)
+            if cached is not None:
+                return cached, None
         teacher_logits = []
         with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
             for index in self._active_teachers:
@@ -622,24 +692,34 @@ class Distillation(Algorithm):
                     runner.module.eval()
                 output = run_teacher(runner.module, runner.inputs(state.batch), self.input_key)
                 teacher_logits.append(extract_logits(output, self.teacher_logits_key, role='teacher'))
+        if self.teacher_cache is not None:
+            assert rows is not None
+            self.teacher_cache.record(rows, average_logits(teacher_logits))  # poisoned rows are not kept
         # -inf is a legitimate "impossible class"; NaN and +inf would poison the student. Poisoned logits are
         # zeroed (so no NaN reaches any gradient) and their terms dropped, all on the device.
         poisoned = torch.stack([(torch.isnan(t) | torch.isposinf(t)).any() for t in teacher_logits]).any()
         self._poisoned.append(poisoned)
         teacher_logits = [torch.where(poisoned, torch.zeros_like(t), t) for t in teacher_logits]
+        return average_logits(teacher_logits), poisoned
+
+    def _distill(self, state: State) -> None:
+        student_logits = extract_logits(state.outputs, self.student_logits_key, role='student')
+        teacher_logits, poisoned = self._teacher_logits(state, student_logits)
         kd_loss = distillation_loss(
             student_logits,
-            average_logits(teacher_logits),
+            teacher_logits,
             self.kd_loss_fn,
             mask=token_mask(state.batch, student_logits, causal=self._causal),
         )
         features = {}
         if self.feature_pairs:
+            assert poisoned is not None  # feature pairs never come with a cache
             features = {
                 name: (torch.where(poisoned, torch.zeros_like(loss), loss), weight)
                 for name, (loss, weight) in self._feature_losses(state, set(self._active_teachers)).items()
             }
             for capture in self._captures or ():
                 capture.clear()  # this microbatch's features are used; the next records its own
-        kd_loss = torch.where(poisoned, torch.zeros_like(kd_loss), kd_loss)
+        if poisoned is not None:
+            kd_loss = torch.where(poisoned, torch.zeros_like(kd_loss), kd_loss)
         state.loss = combine_losses(state.loss, kd_loss, *self._weights, extra_terms=features)

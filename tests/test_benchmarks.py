@@ -16,13 +16,16 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
         assert [p['pair'] for p in pairs] == ['vision', 'text']
         for pair in pairs:
             expected = {'student_step', 'kd_step', 'teacher_forward', 'plain_student_step', 'plain_kd_step'}
-            expected.add('kd_step_bf16_teacher')
+            expected |= {'kd_step_bf16_teacher', 'student_step_loader', 'cached_kd_step'}
             if pair['pair'] == 'vision':
                 expected.add('kd_step_channels_last_teacher')
             assert set(pair['median_seconds']) == expected
             assert all(len(v) == 4 and all(t > 0 for t in v) for v in pair['samples'].values())
             m = pair['median_seconds']
             assert math.isclose(pair['ratios']['kd / student'], m['kd_step'] / m['student_step'])
+            cached_ratio = pair['ratios']['cached kd (cache hit) / student, same loader']
+            assert math.isclose(cached_ratio, m['cached_kd_step'] / m['student_step_loader'])
+            assert pair['cached_teacher_calls_timed'] == 0  # every timed cached step read the cache
     for figures in report['memory'].values():
         extra = [figures[f'{name} (MiB)'] for name in ('kd run extra peak', 'student run extra peak')]
         activations = figures['teacher activations, one batch (MiB)']

@@ -86,7 +86,7 @@ def test_docstring_example_runs(where, code, tmp_path, monkeypatch):
 
 
 def test_directive_parsing():
-    docstring = '''Title.
+    docstring = """Title.
 
     Example:
         .. testcode::
@@ -97,7 +97,7 @@ def test_directive_parsing():
                 y = 2
 
         After.
-    '''
+    """
     assert examples_in(docstring) == ['x = 1\nif x:\n    y = 2']
 
 
@@ -116,7 +116,8 @@ def test_exported_names_have_args_returns_and_an_example(name):
     if inspect.isfunction(obj):
         needed += ['Args:', 'Returns:']
     else:
-        takes_arguments = len(inspect.signature(obj).parameters) > 0
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        takes_arguments = any(p.kind not in variadic for p in inspect.signature(obj).parameters.values())
         needed += ['Args:'] if takes_arguments else []
         needed += ['Returns:'] if is_callable_instance_type(obj) and obj.__module__.startswith('composer_kd') else []
     missing = [section for section in needed if section not in doc]

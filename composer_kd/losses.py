@@ -432,7 +432,7 @@ class KLDivergence(_SoftenedLoss):
             large vocabularies. Needs ``softmax_dim=-1``. Default: ``None``, all at once.
 
     Returns:
-        Called as ``loss_fn(student_logits, teacher_logits, mask=None)``: a float32 scalar tensor.
+        torch.Tensor: What calling ``loss_fn(student_logits, teacher_logits, mask=None)`` gives: a float32 scalar.
 
     Example:
         .. testcode::
@@ -480,7 +480,7 @@ class ReverseKLDivergence(_SoftenedLoss):
         softmax_dim (int, optional): The class dimension. Default: ``-1``.
 
     Returns:
-        Called as ``loss_fn(student_logits, teacher_logits, mask=None)``: a float32 scalar tensor.
+        torch.Tensor: What calling ``loss_fn(student_logits, teacher_logits, mask=None)`` gives: a float32 scalar.
 
     Example:
         .. testcode::
@@ -503,7 +503,7 @@ class JensenShannonDivergence(_SoftenedLoss):
         softmax_dim (int, optional): The class dimension. Default: ``-1``.
 
     Returns:
-        Called as ``loss_fn(student_logits, teacher_logits, mask=None)``: a float32 scalar tensor.
+        torch.Tensor: What calling ``loss_fn(student_logits, teacher_logits, mask=None)`` gives: a float32 scalar.
 
     Example:
         .. testcode::
@@ -526,7 +526,7 @@ class SoftCrossEntropy(_SoftenedLoss):
         softmax_dim (int, optional): The class dimension. Default: ``-1``.
 
     Returns:
-        Called as ``loss_fn(student_logits, teacher_logits, mask=None)``: a float32 scalar tensor.
+        torch.Tensor: What calling ``loss_fn(student_logits, teacher_logits, mask=None)`` gives: a float32 scalar.
 
     Example:
         .. testcode::
@@ -544,7 +544,7 @@ class LogitsMSE(nn.Module):
     """:func:`logits_mse` as a module (no temperature: it compares raw values).
 
     Returns:
-        Called as ``loss_fn(student, teacher, mask=None)``: a float32 scalar tensor.
+        torch.Tensor: What calling ``loss_fn(student, teacher, mask=None)`` gives: a float32 scalar.
 
     Example:
         .. testcode::
@@ -563,7 +563,7 @@ class CosineDistance(nn.Module):
     """:func:`cosine_distance` as a module.
 
     Returns:
-        Called as ``loss_fn(student, teacher, mask=None)``: a float32 scalar tensor in ``[0, 2]``.
+        torch.Tensor: What calling ``loss_fn(student, teacher, mask=None)`` gives: a float32 scalar in ``[0, 2]``.
 
     Example:
         .. testcode::

@@ -26,7 +26,7 @@ class Schedule:
         end (str | float | Time, optional): Composer time string or fraction of training. Default: ``1.0``.
 
     Returns:
-        Called with the trainer's ``State``: the value in force, a float.
+        float: What calling ``schedule(state)`` gives: the value in force at the trainer's time.
 
     Example:
         .. testcode::
@@ -83,7 +83,7 @@ class ConstantSchedule(Schedule):
         value (float): The value.
 
     Returns:
-        Called with the trainer's ``State``: ``value``.
+        float: What calling ``schedule(state)`` gives: always ``value``.
 
     Example:
         .. testcode::
@@ -113,7 +113,7 @@ class LinearSchedule(Schedule):
         end (str | float | Time, optional): Composer time string or fraction of training. Default: ``1.0``.
 
     Returns:
-        Called with the trainer's ``State``: the value in force, a float.
+        float: What calling ``schedule(state)`` gives: the value in force at the trainer's time.
 
     Example:
         .. testcode::
@@ -144,7 +144,7 @@ class CosineSchedule(Schedule):
         end (str | float | Time, optional): Composer time string or fraction of training. Default: ``1.0``.
 
     Returns:
-        Called with the trainer's ``State``: the value in force, a float.
+        float: What calling ``schedule(state)`` gives: the value in force at the trainer's time.
 
     Example:
         .. testcode::

@@ -44,6 +44,8 @@ napoleon_use_rtype = False
 autodoc_member_order = 'bysource'
 autodoc_typehints = 'description'
 autodoc_typehints_description_target = 'documented'
+# Members without a docstring of their own (nn.Module.forward overrides) are left out rather than showing torch's.
+autodoc_inherit_docstrings = False
 autodoc_default_options = {'members': True, 'show-inheritance': True}
 # Heavy optional imports are real dependencies here, so nothing is mocked: a docstring that fails to import fails
 # the build.

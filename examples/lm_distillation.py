@@ -1,13 +1,20 @@
-"""Distil a tiny GPT-2 language model into a tinier Llama on real English text, offline.
+"""Distil a small Llama language model into a smaller Llama or GPT-2 on real English text, offline.
 
 The text is the 14 dataset descriptions that ship inside scikit-learn (``sklearn/datasets/descr/*.rst``, about
 43 kB of English prose about data sets): real writing, on every machine that has scikit-learn, with nothing to
 download. Two of the documents (``iris.rst`` and ``wine_data.rst``) are held out for evaluation; the model never
 trains on them. Tokens are bytes (vocabulary 256, plus a padding token), so no pretrained tokenizer is needed.
 
-The models are built from ``transformers`` configs with random weights: the teacher a 4-layer GPT-2, the student
-a 2-layer Llama (or, with ``--student gpt2``, a 2-layer GPT-2). Teacher and student only need to share the
-vocabulary; their architectures may differ.
+The models are built from ``transformers`` configs with random weights: the teacher a Llama 64 wide and 2 layers
+deep (123 k parameters), the student a Llama 32 wide and 1 layer deep (28 k parameters) or, with ``--student
+gpt2``, a GPT-2 of the same width and depth. Teacher and student only need to share the vocabulary; their
+architectures may differ.
+
+The settings were chosen on two further documents (``diabetes.rst`` and ``linnerud.rst``) held out of the
+training text for that purpose, never on the reported ones: there, the teacher reached 2.50 nats per byte, the
+student alone 2.73, and the distilled student 2.69 with ``T=1`` and weights 0.1 / 0.9 (kept), 2.70 with ``T=1`` and
+0.5 / 0.5, 2.73 with ``T=2`` and 0.5 / 0.5. A GPT-2 teacher of 842 k parameters (128 wide, 4 layers) reached only
+2.77 there.
 
 The stages, each an ordinary Composer ``Trainer`` around a ``HuggingFaceModel``:
 
@@ -22,7 +29,7 @@ corresponding perplexity.
 
 Run it with::
 
-    python examples/lm_distillation.py --baseline            # a few minutes on 2 CPU cores
+    python examples/lm_distillation.py --baseline            # about 3 minutes on 2 idle CPU cores
     python examples/lm_distillation.py --teacher-epochs 1 --student-epochs 1 --max-train-sequences 32  # seconds
 """
 
@@ -110,29 +117,31 @@ def load_splits(max_length: int, max_train: Optional[int], max_eval: Optional[in
     return ByteSequences(train, max_length, max_train), ByteSequences(held_out, max_length, max_eval)
 
 
-def build_teacher(max_length: int) -> HuggingFaceModel:
-    """A 4-layer GPT-2, 128 wide, from a config (random weights)."""
-    config = GPT2Config(
-        vocab_size=VOCAB_SIZE, n_positions=max_length, n_embd=128, n_layer=4, n_head=4, pad_token_id=PAD
+def llama(width: int, layers: int, max_length: int) -> HuggingFaceModel:
+    """A Llama (rotary positions, grouped-query attention) from a config, with random weights."""
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=width,
+        intermediate_size=width * 8 // 3,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_length,
+        pad_token_id=PAD,
     )
-    return wrap(GPT2LMHeadModel(config))
+    return wrap(LlamaForCausalLM(config))
+
+
+def build_teacher(max_length: int) -> HuggingFaceModel:
+    """A Llama 64 wide and 2 layers deep."""
+    return llama(64, 2, max_length)
 
 
 def build_student(kind: str, max_length: int) -> HuggingFaceModel:
-    """A 2-layer, 64-wide Llama (grouped-query attention) or GPT-2, from a config (random weights)."""
+    """A Llama or a GPT-2, 32 wide and 1 layer deep."""
     if kind == 'llama':
-        config = LlamaConfig(
-            vocab_size=VOCAB_SIZE,
-            hidden_size=64,
-            intermediate_size=172,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=max_length,
-            pad_token_id=PAD,
-        )
-        return wrap(LlamaForCausalLM(config))
-    config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=max_length, n_embd=64, n_layer=2, n_head=4, pad_token_id=PAD)
+        return llama(32, 1, max_length)
+    config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=max_length, n_embd=32, n_layer=1, n_head=4, pad_token_id=PAD)
     return wrap(GPT2LMHeadModel(config))
 
 
@@ -193,15 +202,15 @@ def last_logged(logger: InMemoryLogger, key: str) -> float:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--student', choices=['llama', 'gpt2'], default='llama', help='student architecture')
-    parser.add_argument('--teacher-epochs', type=int, default=8)
-    parser.add_argument('--student-epochs', type=int, default=8)
+    parser.add_argument('--teacher-epochs', type=int, default=12)
+    parser.add_argument('--student-epochs', type=int, default=12)
     parser.add_argument('--max-length', type=int, default=128, help='bytes per sequence at most')
     parser.add_argument('--max-train-sequences', type=int, default=None, help='train on the first N sequences')
     parser.add_argument('--max-eval-sequences', type=int, default=None, help='evaluate on the first N sequences')
     parser.add_argument('--batch-size', type=int, default=16)
     parser.add_argument('--temperature', type=float, default=1.0, help='softening temperature of the KL loss')
-    parser.add_argument('--org-loss-weight', type=float, default=0.5, help='weight of next-token cross-entropy')
-    parser.add_argument('--kd-loss-weight', type=float, default=0.5, help='weight of the distillation loss')
+    parser.add_argument('--org-loss-weight', type=float, default=0.1, help='weight of next-token cross-entropy')
+    parser.add_argument('--kd-loss-weight', type=float, default=0.9, help='weight of the distillation loss')
     parser.add_argument('--baseline', action='store_true', help='also train the student without distillation')
     parser.add_argument('--seed', type=int, default=42)
     parser.add_argument(
@@ -226,7 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     teacher_trainer, _ = train(teacher, train_set, args.teacher_epochs, lr=3e-3, args=args)
     teacher_ce = held_out_cross_entropy(teacher_trainer, held_out)
     print(
-        f'teacher  GPT-2 ({count_parameters(teacher):,} parameters): held-out cross-entropy {teacher_ce:.4f} '
+        f'teacher  Llama ({count_parameters(teacher):,} parameters): held-out cross-entropy {teacher_ce:.4f} '
         f'nats/byte (perplexity {math.exp(teacher_ce):.2f})'
     )
 

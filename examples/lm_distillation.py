@@ -29,7 +29,7 @@ corresponding perplexity.
 
 Run it with::
 
-    python examples/lm_distillation.py --baseline            # about 3 minutes on 2 idle CPU cores
+    python examples/lm_distillation.py --baseline            # about 5 minutes on 2 busy CPU cores
     python examples/lm_distillation.py --teacher-epochs 1 --student-epochs 1 --max-train-sequences 32  # seconds
 """
 

@@ -219,6 +219,15 @@ def sample_teachers(n_teachers: int, k: int, seed: int, step: int) -> list[int]:
     Depending on nothing but the seed and the step makes the draw reproducible and identical after a resume,
     with no generator state to checkpoint.
 
+    Args:
+        n_teachers (int): How many teachers there are.
+        k (int): How many to draw, ``1 <= k <= n_teachers``.
+        seed (int): The run's seed (Composer's ``rank_zero_seed``, the same on every rank).
+        step (int): The batch index.
+
+    Returns:
+        list[int]: ``k`` distinct indices, sorted.
+
     Example:
         .. testcode::
 

@@ -56,6 +56,17 @@ class FeaturePair:
             ``'attention_probs'``.
         student_dim (int, optional): The student features' width, where it cannot be read off the module.
         teacher_dim (int, optional): The teacher features' width, likewise.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import Distillation, FeaturePair
+
+            teacher = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+            # Match the student's first layer (16 wide) to the teacher's (64 wide) through a learned projection.
+            pair = FeaturePair(student='0', teacher='0', loss='cosine', weight=0.5)
+            distillation = Distillation(teacher, feature_pairs=[pair])
     """
 
     student: str

@@ -230,7 +230,17 @@ def reverse_kl_divergence(
     r"""Reverse KL, KL(student || teacher), times ``T ** 2``: :math:`T^2 \sum_c q_c (\log q_c - \log p_c)`.
 
     Mode-seeking: the student may ignore teacher modes it cannot represent, which suits small students of
-    generative models (e.g. MiniLLM). Arguments and return as :func:`kl_divergence`.
+    generative models (e.g. MiniLLM).
+
+    Args:
+        student_logits (torch.Tensor): Student logits, any shape.
+        teacher_logits (torch.Tensor): Teacher logits, the same shape.
+        temperature (float, optional): Softening temperature, ``> 0``. Default: ``1.0``.
+        softmax_dim (int, optional): The class dimension. Default: ``-1``.
+        mask (torch.Tensor, optional): Boolean, the logits' shape without ``softmax_dim``. Default: ``None``.
+
+    Returns:
+        torch.Tensor: A float32 scalar; zero when no position is valid.
 
     Example:
         .. testcode::
@@ -257,7 +267,17 @@ def jensen_shannon_divergence(
     r"""Jensen-Shannon divergence times ``T ** 2``.
 
     Each position contributes :math:`T^2 (\tfrac12 KL(p\|m) + \tfrac12 KL(q\|m))` with :math:`m = (p+q)/2`.
-    Symmetric and bounded by :math:`T^2 \log 2`. Arguments and return as :func:`kl_divergence`.
+    Symmetric and bounded by :math:`T^2 \log 2`.
+
+    Args:
+        student_logits (torch.Tensor): Student logits, any shape.
+        teacher_logits (torch.Tensor): Teacher logits, the same shape.
+        temperature (float, optional): Softening temperature, ``> 0``. Default: ``1.0``.
+        softmax_dim (int, optional): The class dimension. Default: ``-1``.
+        mask (torch.Tensor, optional): Boolean, the logits' shape without ``softmax_dim``. Default: ``None``.
+
+    Returns:
+        torch.Tensor: A float32 scalar; zero when no position is valid.
 
     Example:
         .. testcode::
@@ -290,7 +310,17 @@ def soft_cross_entropy(
 
     It equals :func:`kl_divergence` plus the teacher's entropy, a constant for the student, so the gradients
     are the same; the value is what AutoMM-style ``soft_label`` losses report (there without the ``T ** 2``:
-    divide by it to compare). Arguments and return as :func:`kl_divergence`.
+    divide by it to compare).
+
+    Args:
+        student_logits (torch.Tensor): Student logits, any shape.
+        teacher_logits (torch.Tensor): Teacher logits, the same shape.
+        temperature (float, optional): Softening temperature, ``> 0``. Default: ``1.0``.
+        softmax_dim (int, optional): The class dimension. Default: ``-1``.
+        mask (torch.Tensor, optional): Boolean, the logits' shape without ``softmax_dim``. Default: ``None``.
+
+    Returns:
+        torch.Tensor: A float32 scalar; zero when no position is valid.
 
     Example:
         .. testcode::
@@ -405,6 +435,9 @@ class KLDivergence(_SoftenedLoss):
             :func:`chunked_kl_divergence`; ``'auto'`` sizes chunks by the vocabulary), for token-level logits with
             large vocabularies. Needs ``softmax_dim=-1``. Default: ``None``, all at once.
 
+    Returns:
+        torch.Tensor: What calling ``loss_fn(student_logits, teacher_logits, mask=None)`` gives: a float32 scalar.
+
     Example:
         .. testcode::
 
@@ -443,7 +476,15 @@ class KLDivergence(_SoftenedLoss):
 
 
 class ReverseKLDivergence(_SoftenedLoss):
-    """:func:`reverse_kl_divergence` as a module. Args as :class:`KLDivergence`.
+    """:func:`reverse_kl_divergence` as a module.
+
+    Args:
+        temperature (float, optional): Softening temperature, ``> 0``; a schedule may change it during a fit.
+            Default: ``4.0``.
+        softmax_dim (int, optional): The class dimension. Default: ``-1``.
+
+    Returns:
+        torch.Tensor: What calling ``loss_fn(student_logits, teacher_logits, mask=None)`` gives: a float32 scalar.
 
     Example:
         .. testcode::
@@ -458,7 +499,15 @@ class ReverseKLDivergence(_SoftenedLoss):
 
 
 class JensenShannonDivergence(_SoftenedLoss):
-    """:func:`jensen_shannon_divergence` as a module. Args as :class:`KLDivergence`.
+    """:func:`jensen_shannon_divergence` as a module.
+
+    Args:
+        temperature (float, optional): Softening temperature, ``> 0``; a schedule may change it during a fit.
+            Default: ``4.0``.
+        softmax_dim (int, optional): The class dimension. Default: ``-1``.
+
+    Returns:
+        torch.Tensor: What calling ``loss_fn(student_logits, teacher_logits, mask=None)`` gives: a float32 scalar.
 
     Example:
         .. testcode::
@@ -473,7 +522,15 @@ class JensenShannonDivergence(_SoftenedLoss):
 
 
 class SoftCrossEntropy(_SoftenedLoss):
-    """:func:`soft_cross_entropy` as a module. Args as :class:`KLDivergence`.
+    """:func:`soft_cross_entropy` as a module.
+
+    Args:
+        temperature (float, optional): Softening temperature, ``> 0``; a schedule may change it during a fit.
+            Default: ``4.0``.
+        softmax_dim (int, optional): The class dimension. Default: ``-1``.
+
+    Returns:
+        torch.Tensor: What calling ``loss_fn(student_logits, teacher_logits, mask=None)`` gives: a float32 scalar.
 
     Example:
         .. testcode::
@@ -490,6 +547,9 @@ class SoftCrossEntropy(_SoftenedLoss):
 class LogitsMSE(nn.Module):
     """:func:`logits_mse` as a module (no temperature: it compares raw values).
 
+    Returns:
+        torch.Tensor: What calling ``loss_fn(student, teacher, mask=None)`` gives: a float32 scalar.
+
     Example:
         .. testcode::
 
@@ -505,6 +565,9 @@ class LogitsMSE(nn.Module):
 
 class CosineDistance(nn.Module):
     """:func:`cosine_distance` as a module.
+
+    Returns:
+        torch.Tensor: What calling ``loss_fn(student, teacher, mask=None)`` gives: a float32 scalar in ``[0, 2]``.
 
     Example:
         .. testcode::

@@ -24,6 +24,22 @@ class Schedule:
         end_value (float): The value from ``end`` on.
         start (str | float | Time, optional): Composer time string or fraction of training. Default: ``0.0``.
         end (str | float | Time, optional): Composer time string or fraction of training. Default: ``1.0``.
+
+    Returns:
+        float: What calling ``schedule(state)`` gives: the value in force at the trainer's time.
+
+    Example:
+        .. testcode::
+
+            from composer_kd import Schedule
+
+            # Keeps start_value for the first half of the way, then end_value.
+            class StepDown(Schedule):
+                def shape(self, progress: float) -> float:
+                    return 0.0 if progress < 0.5 else 1.0
+
+            temperature = StepDown(4.0, 1.0, end='10ep')
+            assert temperature.bounds == (1.0, 4.0)
     """
 
     def __init__(self, start_value: float, end_value: float, start: TimeSpec = 0.0, end: TimeSpec = 1.0):
@@ -63,6 +79,12 @@ class Schedule:
 class ConstantSchedule(Schedule):
     """Always ``value``.
 
+    Args:
+        value (float): The value.
+
+    Returns:
+        float: What calling ``schedule(state)`` gives: always ``value``.
+
     Example:
         .. testcode::
 
@@ -82,7 +104,16 @@ class ConstantSchedule(Schedule):
 
 
 class LinearSchedule(Schedule):
-    """Moves in a straight line. Args as :class:`Schedule`.
+    """Moves in a straight line.
+
+    Args:
+        start_value (float): The value until ``start``.
+        end_value (float): The value from ``end`` on.
+        start (str | float | Time, optional): Composer time string or fraction of training. Default: ``0.0``.
+        end (str | float | Time, optional): Composer time string or fraction of training. Default: ``1.0``.
+
+    Returns:
+        float: What calling ``schedule(state)`` gives: the value in force at the trainer's time.
 
     Example:
         .. testcode::
@@ -104,7 +135,16 @@ class LinearSchedule(Schedule):
 
 
 class CosineSchedule(Schedule):
-    """Moves along half a cosine: slowly at both ends. Args as :class:`Schedule`.
+    """Moves along half a cosine: slowly at both ends.
+
+    Args:
+        start_value (float): The value until ``start``.
+        end_value (float): The value from ``end`` on.
+        start (str | float | Time, optional): Composer time string or fraction of training. Default: ``0.0``.
+        end (str | float | Time, optional): Composer time string or fraction of training. Default: ``1.0``.
+
+    Returns:
+        float: What calling ``schedule(state)`` gives: the value in force at the trainer's time.
 
     Example:
         .. testcode::

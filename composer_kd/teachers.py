@@ -255,6 +255,15 @@ class TeacherInference:
             ``torch.bfloat16``) and feed it floating inputs of that dtype. The user's teacher is not converted.
         channels_last (bool): Lay CNN teachers and their 4-D inputs out channels-last.
         compile (bool | dict): Compile each teacher with ``torch.compile`` (a dict gives its keyword arguments).
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import Distillation, TeacherInference
+
+            teacher = torch.nn.Linear(8, 3)
+            distillation = Distillation(teacher, teacher_inference=TeacherInference(dtype=torch.bfloat16))
     """
 
     dtype: Optional[torch.dtype] = None

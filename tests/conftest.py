@@ -25,6 +25,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _restore_deterministic_algorithms():
+    """Composer's ``deterministic_mode`` switches PyTorch's deterministic algorithms on for the whole process;
+    switch them back so that a test needing an operation without a deterministic kernel still runs after it."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 def make_teacher(seed: int = 0, n_classes: int = N_CLASSES, dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(

@@ -1,6 +1,7 @@
 """Knowledge distillation for MosaicML Composer: add ``Distillation`` to a Trainer's algorithms."""
 
 from composer_kd.distillation import (
+    CombinedLoss,
     Distillation,
     average_logits,
     combine_losses,
@@ -25,6 +26,7 @@ from composer_kd.losses import (
     reverse_kl_divergence,
     soft_cross_entropy,
 )
+from composer_kd.multitask import DistillationTask, MultiTaskClassifier, TaskAccuracy, task_distillations
 from composer_kd.schedules import ConstantSchedule, CosineSchedule, LinearSchedule, Schedule
 from composer_kd.student_init import student_from_teacher_layers
 from composer_kd.teachers import TeacherInference, load_teacher_checkpoint
@@ -35,14 +37,18 @@ __all__ = [
     'CosineSchedule',
     'LinearSchedule',
     'Schedule',
+    'CombinedLoss',
     'CosineDistance',
     'Distillation',
+    'DistillationTask',
     'FeaturePair',
     'JensenShannonDivergence',
     'KLDivergence',
     'LogitsMSE',
+    'MultiTaskClassifier',
     'ReverseKLDivergence',
     'SoftCrossEntropy',
+    'TaskAccuracy',
     'TeacherInference',
     'average_logits',
     'chunked_kl_divergence',
@@ -58,6 +64,7 @@ __all__ = [
     'sample_teachers',
     'soft_cross_entropy',
     'student_from_teacher_layers',
+    'task_distillations',
 ]
 
 __version__ = '0.1.0'

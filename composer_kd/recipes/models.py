@@ -11,14 +11,11 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
-from composer.loss import soft_cross_entropy
 from composer.models import ComposerClassifier, ComposerModel, HuggingFaceModel
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from composer_kd.data import IGNORE_INDEX
+from composer_kd.data import IGNORE_INDEX, cross_entropy_with_hidden_labels
 from composer_kd.recipes.schema import ModelSpec
 from composer_kd.teachers import load_teacher_checkpoint
 
@@ -71,20 +68,6 @@ def count_parameters(model: nn.Module) -> int:
 def has_uri_scheme(path: str) -> bool:
     """Whether ``path`` is a URI (``s3://...``) that Composer's ``get_file`` reads, rather than a local path."""
     return '://' in path
-
-
-def cross_entropy_with_hidden_labels(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over examples whose label is known (not ``IGNORE_INDEX``); 0 when none is.
-
-    ``torch.nn.functional.cross_entropy`` would return NaN for a batch without a single label, which happens
-    when a few labelled examples are mixed with many unlabelled ones. Dense targets (e.g. after Composer's
-    ``LabelSmoothing``) go to Composer's ``soft_cross_entropy``.
-    """
-    if targets.ndim == logits.ndim:
-        return soft_cross_entropy(logits, targets)
-    known = targets != IGNORE_INDEX
-    per_example = F.cross_entropy(logits, targets.clamp(min=0), reduction='none')
-    return (per_example * known).sum() / known.sum().clamp(min=1)
 
 
 def find_pretrained(name: str) -> tuple[Optional[str], list[str]]:

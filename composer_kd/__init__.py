@@ -1,5 +1,6 @@
 """Knowledge distillation for MosaicML Composer: add ``Distillation`` to a Trainer's algorithms."""
 
+from composer_kd.api import DistillResult, distill
 from composer_kd.distillation import (
     CombinedLoss,
     Distillation,
@@ -39,6 +40,7 @@ __all__ = [
     'Schedule',
     'CombinedLoss',
     'CosineDistance',
+    'DistillResult',
     'Distillation',
     'DistillationTask',
     'FeaturePair',
@@ -54,6 +56,7 @@ __all__ = [
     'chunked_kl_divergence',
     'combine_losses',
     'cosine_distance',
+    'distill',
     'distillation_loss',
     'get_loss',
     'jensen_shannon_divergence',

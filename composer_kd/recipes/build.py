@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
 from composer import Trainer
@@ -44,6 +44,7 @@ __all__ = [
     'build_student_alone',
     'build_trainer',
     'evaluate',
+    'evaluate_model',
     'teacher_data_spec',
 ]
 
@@ -212,24 +213,50 @@ def build_trainer(
     )
 
 
-def evaluate(recipe: Recipe, model: ComposerModel, data: DataBundle, splits: Sequence[str]) -> dict[str, dict]:
-    """Evaluate ``model`` on ``splits`` with a Composer ``Trainer``; ``{split: {metric: value}}``."""
+def evaluate_model(
+    model: ComposerModel,
+    dataloaders: Mapping[str, Any],
+    *,
+    device: Optional[str] = None,
+    precision: Optional[str] = None,
+    seed: int = 17,
+) -> dict[str, dict[str, float]]:
+    """Evaluate ``model`` on each named loader with a Composer ``Trainer``; ``{split: {metric: value}}``.
+
+    Args:
+        model (ComposerModel): The model; its own validation metrics are computed.
+        dataloaders (Mapping[str, DataLoader | DataSpec]): The evaluation data by split name.
+        device (str, optional): Composer device. Default: the accelerator if any.
+        precision (str, optional): Composer precision. Default: the device's.
+        seed (int, optional): The trainer's seed. Default: ``17``.
+
+    Returns:
+        dict[str, dict[str, float]]: Every metric of every split; ``{}`` when there is no split.
+    """
+    if not dataloaders:
+        return {}
     trainer = Trainer(
         model=model,
-        eval_dataloader=_evaluators(data, splits),
+        eval_dataloader=[Evaluator(label=split, dataloader=loader) for split, loader in dataloaders.items()],
         progress_bar=False,
         log_to_console=False,
-        precision=recipe.precision,
-        device=recipe.device,
-        seed=recipe.seed,
+        precision=precision,
+        device=device,
+        seed=seed,
     )
     trainer.eval()
     results = {
         split: {name: float(metric.compute()) for name, metric in trainer.state.eval_metrics[split].items()}
-        for split in splits
+        for split in dataloaders
     }
     trainer.close()
     return results
+
+
+def evaluate(recipe: Recipe, model: ComposerModel, data: DataBundle, splits: Sequence[str]) -> dict[str, dict]:
+    """Evaluate ``model`` on ``splits`` with a Composer ``Trainer``; ``{split: {metric: value}}``."""
+    loaders = {split: data.eval_loader(split) for split in splits}
+    return evaluate_model(model, loaders, device=recipe.device, precision=recipe.precision, seed=recipe.seed)
 
 
 def _student_tokenizer(recipe: Recipe) -> Optional[str]:

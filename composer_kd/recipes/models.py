@@ -23,10 +23,12 @@ __all__ = [
     'MODEL_KINDS',
     'TaskInfo',
     'build_model',
+    'classifier',
     'count_parameters',
     'cross_entropy_with_hidden_labels',
     'find_pretrained',
     'has_uri_scheme',
+    'hugging_face_classifier',
 ]
 
 #: The model kinds a recipe may name, and what each needs.
@@ -122,7 +124,9 @@ def _cnn(input_shape: tuple[int, ...], channels: list[int], hidden: list[int], n
     )
 
 
-def _classifier(module: nn.Module, num_classes: int) -> ComposerClassifier:
+def classifier(module: nn.Module, num_classes: int) -> ComposerClassifier:
+    """``module`` as a ``ComposerClassifier`` whose loss and accuracy skip hidden labels (``IGNORE_INDEX``)."""
+
     def accuracy() -> MulticlassAccuracy:
         return MulticlassAccuracy(num_classes=num_classes, average='micro', ignore_index=IGNORE_INDEX)
 
@@ -135,7 +139,8 @@ def _classifier(module: nn.Module, num_classes: int) -> ComposerClassifier:
     )
 
 
-def _hugging_face(model: nn.Module, num_classes: int) -> HuggingFaceModel:
+def hugging_face_classifier(model: nn.Module, num_classes: int) -> HuggingFaceModel:
+    """A Hugging Face sequence classifier as a ``HuggingFaceModel`` with its logits and accuracy."""
     metric = MulticlassAccuracy(num_classes=num_classes, average='micro', ignore_index=IGNORE_INDEX)
     return HuggingFaceModel(model, use_logits=True, metrics=[metric])
 
@@ -153,19 +158,19 @@ def build_model(spec: ModelSpec, task: TaskInfo) -> ComposerModel:
         ComposerModel: A ``ComposerClassifier`` (image kinds) or ``HuggingFaceModel`` (text kinds).
     """
     if spec.kind == 'mlp':
-        model: ComposerModel = _classifier(
+        model: ComposerModel = classifier(
             _mlp(math.prod(task.input_shape), list(spec.hidden), task.num_classes, spec.dropout), task.num_classes
         )
     elif spec.kind == 'cnn':
         module = _cnn(task.input_shape, list(spec.channels), list(spec.hidden), task.num_classes, spec.dropout)
-        model = _classifier(module, task.num_classes)
+        model = classifier(module, task.num_classes)
     elif spec.kind == 'torchvision':
         import torchvision
 
         constructor = getattr(torchvision.models, str(spec.name))
         # weights=None always: pretrained torchvision weights would be downloaded. Load a checkpoint instead.
         module = constructor(weights=None, num_classes=task.num_classes, **dict(spec.kwargs))
-        model = _classifier(module, task.num_classes)
+        model = classifier(module, task.num_classes)
     elif spec.kind == 'hf_config':
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -174,7 +179,7 @@ def build_model(spec: ModelSpec, task: TaskInfo) -> ComposerModel:
             options.setdefault('vocab_size', task.vocab_size)
         options.setdefault('max_position_embeddings', max(512, task.input_shape[0]))
         config = AutoConfig.for_model(str(spec.name), num_labels=task.num_classes, **options)
-        model = _hugging_face(AutoModelForSequenceClassification.from_config(config), task.num_classes)
+        model = hugging_face_classifier(AutoModelForSequenceClassification.from_config(config), task.num_classes)
     elif spec.kind == 'huggingface':
         from transformers import AutoModelForSequenceClassification
 
@@ -184,7 +189,7 @@ def build_model(spec: ModelSpec, task: TaskInfo) -> ComposerModel:
         hf_model = AutoModelForSequenceClassification.from_pretrained(
             directory, num_labels=task.num_classes, local_files_only=True, **dict(spec.kwargs)
         )
-        model = _hugging_face(hf_model, task.num_classes)
+        model = hugging_face_classifier(hf_model, task.num_classes)
     else:
         raise ValueError(f'Unknown model kind {spec.kind!r}; known: {", ".join(MODEL_KINDS)}.')
     if spec.checkpoint:

@@ -263,6 +263,7 @@ def test_multi_task_distillation_in_one_call(digits):
             predicted = student({'inputs': x})[task].argmax(1)
         distilled = report.models[2].metrics['val'][f'accuracy/{task}']
         assert distilled == pytest.approx((predicted == val.labels[task]).float().mean().item())
+    assert set(report.ratios) == {'accuracy/digit', 'accuracy/parity'}  # each teacher beats the student alone
     for metric, ratio in report.ratios.items():
         values = [report.value(role, metric) for role in ('teacher', 'student alone', 'student (distilled)')]
         teacher_value = report.value(f'teacher {tasks.index(metric.split("/")[1])}', metric)

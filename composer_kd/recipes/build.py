@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from composer_kd.distillation import Distillation
 from composer_kd.features import FeaturePair
 from composer_kd.losses import LOSSES, get_loss
+from composer_kd.multitask import DistillationTask, task_distillations
 from composer_kd.recipes.datasets import DataBundle, build_data
 from composer_kd.recipes.loader import RecipeError
 from composer_kd.recipes.models import build_model
@@ -34,12 +35,14 @@ from composer_kd.recipes.validate import (
     composer_logger,
     composer_scheduler,
     optimizer_class,
+    task_teachers,
 )
 from composer_kd.schedules import ConstantSchedule, CosineSchedule, LinearSchedule, Schedule
 
 __all__ = [
     'LoggerFactory',
     'build_distillation',
+    'build_task_distillations',
     'build_run',
     'build_student_alone',
     'build_trainer',
@@ -108,6 +111,12 @@ def _schedule(spec: ScheduleSpec) -> Schedule:
     return cls(spec.start_value, spec.end_value, start=start, end=end)
 
 
+def _kd_loss(name: str, temperature: float):
+    loss_name = {'mean_square_error': 'mse', 'cosine_distance': 'cosine', 'kl_divergence': 'kl'}.get(name, name)
+    takes_temperature = 'temperature' in inspect.signature(LOSSES[loss_name]).parameters
+    return get_loss(loss_name, **({'temperature': temperature} if takes_temperature else {}))
+
+
 def build_distillation(recipe: Recipe, teachers: Sequence[ComposerModel]) -> Distillation:
     """The ``Distillation`` algorithm the recipe's ``distillation`` section describes, over ``teachers``.
 
@@ -119,9 +128,7 @@ def build_distillation(recipe: Recipe, teachers: Sequence[ComposerModel]) -> Dis
         Distillation: The algorithm, for a ``Trainer``'s ``algorithms``.
     """
     d = recipe.distillation
-    loss_name = {'mean_square_error': 'mse', 'cosine_distance': 'cosine', 'kl_divergence': 'kl'}.get(d.loss, d.loss)
-    takes_temperature = 'temperature' in inspect.signature(LOSSES[loss_name]).parameters
-    kd_loss_fn = get_loss(loss_name, **({'temperature': d.temperature} if takes_temperature else {}))
+    kd_loss_fn = _kd_loss(d.loss, d.temperature)
     schedules = {name: _schedule(spec) for name, spec in d.schedules.items()}
     try:
         return Distillation(
@@ -135,6 +142,43 @@ def build_distillation(recipe: Recipe, teachers: Sequence[ComposerModel]) -> Dis
             temperature=schedules.get('temperature'),
             feature_pairs=[FeaturePair(**dataclasses.asdict(pair)) for pair in d.feature_pairs],
         )
+    except (TypeError, ValueError) as e:
+        raise RecipeError('recipe', [f'distillation: {e}']) from e
+
+
+def build_task_distillations(recipe: Recipe, teachers: Sequence[ComposerModel]) -> list[Distillation]:
+    """One named ``Distillation`` per entry of ``distillation.tasks`` (the multi-task form), over ``teachers``.
+
+    Each task takes its own teachers, loss, temperature and weight (the ``distillation`` section's where it
+    sets none); the section's ``org_loss_weight`` (or its schedule) weights the student's own loss once, and its
+    ``start`` / ``end`` window applies to every task.
+
+    Args:
+        recipe (Recipe): The recipe.
+        teachers (Sequence[ComposerModel]): The teachers, built (and trained or loaded).
+
+    Returns:
+        list[Distillation]: The algorithms, in the order of ``distillation.tasks``.
+    """
+    d = recipe.distillation
+    schedules = {name: _schedule(spec) for name, spec in d.schedules.items()}
+    window = {'start': _time_or_fraction(d.start), 'end': _time_or_fraction(d.end)}
+    tasks = [
+        DistillationTask(
+            name=task.name,
+            teachers=[teachers[i] for i in task_teachers(recipe, task)],
+            kd_loss_weight=task.kd_loss_weight if task.kd_loss_weight is not None else d.kd_loss_weight,
+            kd_loss_fn=_kd_loss(
+                task.loss or d.loss, task.temperature if task.temperature is not None else d.temperature
+            ),
+            student_logits_key=task.student_logits_key,
+            teacher_logits_key=task.teacher_logits_key,
+            options=window,
+        )
+        for task in d.tasks
+    ]
+    try:
+        return task_distillations(tasks, org_loss_weight=schedules.get('org_loss_weight', d.org_loss_weight))
     except (TypeError, ValueError) as e:
         raise RecipeError('recipe', [f'distillation: {e}']) from e
 
@@ -353,7 +397,10 @@ def _build_run(
         reproducibility.seed_all(recipe.seed)
         student = build_model(recipe.student, data.task)
         algorithms = [_component(spec, 'algorithm', f'algorithms.{i}') for i, spec in enumerate(recipe.algorithms)]
-        algorithms.append(build_distillation(recipe, teachers))
+        if recipe.distillation.tasks:
+            algorithms.extend(build_task_distillations(recipe, teachers))
+        else:
+            algorithms.append(build_distillation(recipe, teachers))
         recipe_loggers = [_component(spec, 'logger', f'loggers.{i}') for i, spec in enumerate(recipe.loggers)]
         try:
             trainer = build_trainer(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from composer.models import ComposerClassifier, ComposerModel, HuggingFaceModel
@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from composer_kd.data import IGNORE_INDEX, cross_entropy_with_hidden_labels
+from composer_kd.multitask import MultiTaskClassifier
 from composer_kd.recipes.schema import ModelSpec
 from composer_kd.teachers import load_teacher_checkpoint
 
@@ -43,6 +44,8 @@ MODEL_KINDS: dict[str, str] = {
 #: Kinds that take images, and kinds that take token ids.
 IMAGE_KINDS = ('mlp', 'cnn', 'torchvision')
 TEXT_KINDS = ('hf_config', 'huggingface')
+#: Kinds that get one head per task on multi-task data.
+MULTITASK_KINDS = ('mlp', 'cnn')
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,14 @@ class TaskInfo:
         num_classes (int): Number of classes.
         input_shape (tuple[int, ...]): One image's shape ``(C, H, W)``; for text ``(seq_len,)``.
         vocab_size (int, optional): For synthetic text: the size of its vocabulary.
+        tasks (dict[str, int]): For multi-task data: the classes of each task; empty for one task.
     """
 
     modality: str
     num_classes: int
     input_shape: tuple[int, ...]
     vocab_size: Optional[int] = None
+    tasks: dict[str, int] = field(default_factory=dict)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -124,6 +129,28 @@ def _cnn(input_shape: tuple[int, ...], channels: list[int], hidden: list[int], n
     )
 
 
+def _multitask(spec: ModelSpec, task: TaskInfo) -> MultiTaskClassifier:
+    """The layers of an ``mlp`` or ``cnn`` as a shared trunk, and a linear head for each of its tasks."""
+    layers: list[nn.Module] = []
+    if spec.kind == 'cnn':
+        width = task.input_shape[0]
+        for c in list(spec.channels) or [32]:
+            layers += [nn.Conv2d(width, c, kernel_size=3, padding=1), nn.ReLU()]
+            width = c
+        layers.append(nn.MaxPool2d(2))
+        width *= (task.input_shape[1] // 2) * (task.input_shape[2] // 2)
+    else:
+        width = math.prod(task.input_shape)
+    layers.append(nn.Flatten())
+    for h in spec.hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if spec.dropout:
+            layers.append(nn.Dropout(spec.dropout))
+        width = h
+    tasks = list(spec.tasks) or list(task.tasks)
+    return MultiTaskClassifier(nn.Sequential(*layers), {t: nn.Linear(width, task.tasks[t]) for t in tasks})
+
+
 def classifier(module: nn.Module, num_classes: int) -> ComposerClassifier:
     """``module`` as a ``ComposerClassifier`` whose loss and accuracy skip hidden labels (``IGNORE_INDEX``)."""
 
@@ -157,8 +184,10 @@ def build_model(spec: ModelSpec, task: TaskInfo) -> ComposerModel:
     Returns:
         ComposerModel: A ``ComposerClassifier`` (image kinds) or ``HuggingFaceModel`` (text kinds).
     """
-    if spec.kind == 'mlp':
-        model: ComposerModel = classifier(
+    if task.tasks and spec.kind in MULTITASK_KINDS:
+        model: ComposerModel = _multitask(spec, task)
+    elif spec.kind == 'mlp':
+        model = classifier(
             _mlp(math.prod(task.input_shape), list(spec.hidden), task.num_classes, spec.dropout), task.num_classes
         )
     elif spec.kind == 'cnn':

@@ -69,6 +69,8 @@ def describe_model(spec: ModelSpec) -> str:
         text = f'{spec.name} ' + ', '.join(f'{k}={v}' for k, v in list(spec.kwargs.items())[:2])
     else:
         text = f'{spec.kind} {spec.name}'
+    if spec.tasks:
+        text += f' ({", ".join(spec.tasks)} head{"s" if len(spec.tasks) > 1 else ""})'
     return text + (f' from {spec.checkpoint}' if spec.checkpoint else '')
 
 

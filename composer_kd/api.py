@@ -528,8 +528,11 @@ def distill(
                 name = f'tasks[{i}].teachers[{j}]'
                 wrapped = _evaluable_teacher(module, name, sample, None, task.name, task.options.get('input_key'))
                 entries.append((module, wrapped, f'{_describe(module)} for task {task.name}'))
-            if task.kd_loss_fn is None and task.temperature is None:
-                task.kd_loss_fn, task.temperature = copy.deepcopy(kd_loss_fn), temperature
+            if task.kd_loss_fn is None:  # distill()'s loss, at the task's temperature or distill()'s
+                task.temperature = task.temperature if task.temperature is not None else temperature
+                task.kd_loss_fn = (
+                    _kd_loss_fn(kd_loss, task.temperature) if isinstance(kd_loss, str) else copy.deepcopy(kd_loss)
+                )
         distillations = task_distillations(task_list, org_loss_weight=org_loss_weight)
     else:
         entries = [

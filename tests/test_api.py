@@ -325,3 +325,38 @@ def test_structural_misuse_is_named(digits, teacher):
         distill(None, student, dict_batches, tasks=[{'name': 'digit', 'teachers': teacher}])
     with pytest.raises(TypeError, match='student_logits_key: with tasks=, each task sets its own'):
         distill(None, student, dict_batches, tasks=[{'name': 'digit', 'teachers': teacher}], student_logits_key='a')
+
+
+def test_task_defaults_come_from_distill_s_own_loss_and_temperature(digits):
+    from composer import Callback
+
+    class AlgorithmsSeen(Callback):
+        def fit_start(self, state, logger):
+            self.distillations = [a for a in state.algorithms if isinstance(a, Distillation)]
+
+    seen = AlgorithmsSeen()
+    data = digits_multitask(digits.train, ['digit', 'parity'])
+    student = MultiTaskClassifier(nn.Flatten(), {'digit': nn.Linear(64, 10), 'parity': nn.Linear(64, 2)})
+    tasks = [
+        {'name': 'digit', 'teachers': nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), 'temperature': 8.0},
+        {'name': 'parity', 'teachers': nn.Sequential(nn.Flatten(), nn.Linear(64, 2)), 'kd_loss_weight': 0.3},
+    ]
+    distill(
+        None,
+        student,
+        data,
+        tasks=tasks,
+        kd_loss='js',
+        temperature=3.0,
+        org_loss_weight=0.2,
+        max_duration='1ba',
+        callbacks=[seen],
+        measure_speed=False,
+        device='cpu',
+    )
+    digit, parity = seen.distillations
+    assert [type(d.kd_loss_fn).__name__ for d in (digit, parity)] == ['JensenShannonDivergence'] * 2
+    assert (digit.kd_loss_fn.temperature, parity.kd_loss_fn.temperature) == (8.0, 3.0)
+    assert (digit.org_loss_weight, parity.org_loss_weight) == (0.2, 1.0)
+    assert (digit.kd_loss_weight, parity.kd_loss_weight) == (1.0, 0.3)
+    assert digit.input_key == parity.input_key == 'inputs'  # plain teachers read the inputs of dict batches

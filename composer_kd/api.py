@@ -123,6 +123,38 @@ def _check_options(options: Mapping[str, Any]) -> None:
             )
 
 
+def _check_trainer_kwargs(trainer_kwargs: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    trainer_kwargs = dict(trainer_kwargs or {})
+    accepted = set(inspect.signature(Trainer.__init__).parameters) - {'self'}
+    for key in trainer_kwargs:
+        if key not in accepted:
+            raise TypeError(f'trainer_kwargs: Trainer has no argument {key!r}.')
+        if key in _OWN_TRAINER_ARGUMENTS:
+            raise TypeError(f'trainer_kwargs: {key!r} is set by distill(); pass it as {_OWN_TRAINER_ARGUMENTS[key]}.')
+    return trainer_kwargs
+
+
+def _check_settings(
+    integers: Mapping[str, tuple[Any, int]],
+    flags: Mapping[str, Any],
+    num_classes: Any,
+    max_duration: Any,
+) -> None:
+    """Refuse integers below their minimum, flags that are not booleans, and a malformed duration, by name."""
+    for name, (value, minimum) in integers.items():
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+            raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}.')
+    if num_classes is not None and not (isinstance(num_classes, int) and num_classes >= 1):
+        raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}.')
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f'{name} must be True or False, got {flag!r}.')
+    try:
+        Time.from_input(max_duration)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"max_duration: {e} (expected e.g. '10ep', '500ba' or an integer number of epochs)") from e
+
+
 def _check_sequence(name: str, values: Sequence[Any], kind: type) -> list[Any]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         values = [values]
@@ -306,6 +338,67 @@ def _resolve(teachers: TeacherSpec, name: str) -> list[nn.Module]:
         raise type(e)(f'{name}: {e}') from e
 
 
+def _resolve_tasks(tasks: Any, options: Mapping[str, Any]) -> list[DistillationTask]:
+    """Copies of the tasks, as ``DistillationTask`` s with their teachers resolved (checkpoints loaded)."""
+    per_task = [key for key in _PER_TASK if key in options]
+    if per_task:
+        raise TypeError(f'{per_task[0]}: with tasks=, each task sets its own (a DistillationTask field).')
+    if isinstance(tasks, (str, bytes, Mapping)) or not isinstance(tasks, Sequence) or not tasks:
+        raise TypeError('tasks must be a non-empty list of DistillationTask or dicts of its fields.')
+    resolved = []
+    for i, task in enumerate(tasks):
+        try:
+            task = DistillationTask(**task) if isinstance(task, Mapping) else task
+        except TypeError as e:
+            raise TypeError(f'tasks[{i}]: {e}') from e
+        if not isinstance(task, DistillationTask):
+            raise TypeError(f'tasks[{i}] must be a DistillationTask or a dict, got {type(task).__name__}.')
+        resolved.append(copy.copy(task))
+        resolved[-1].teachers = _resolve(task.teachers, f'tasks[{i}].teachers')
+    return resolved
+
+
+def _eval_loaders(eval_data: Any, batch_size: int, seed: int) -> dict[str, Union[DataLoader, DataSpec]]:
+    """``{split: loader}``: ``eval_data``'s splits, or its one split named ``'eval'``; empty for ``None``."""
+    if eval_data is None:
+        return {}
+    if isinstance(eval_data, Mapping):
+        if not eval_data or not all(isinstance(k, str) for k in eval_data):
+            raise TypeError('eval_data: a mapping must be {split name: data}, with at least one split.')
+        return {
+            split: _loader(data, f'eval_data[{split!r}]', batch_size, shuffle=False, seed=seed)
+            for split, data in eval_data.items()
+        }
+    return {'eval': _loader(eval_data, 'eval_data', batch_size, shuffle=False, seed=seed)}
+
+
+def _prepare_tasks(
+    task_list: list[DistillationTask],
+    sample: Any,
+    options: Mapping[str, Any],
+    kd_loss: Union[str, KDLossFn],
+    temperature: Optional[ScheduleOrValue],
+) -> list[tuple[nn.Module, Optional[nn.Module], str]]:
+    """Complete each task with distill()'s defaults; ``(teacher, evaluable form, description)`` per teacher."""
+    entries = []
+    for i, task in enumerate(task_list):
+        task.options = {**options, **task.options}
+        plain = [not isinstance(m, ComposerModel) and not _is_hf_pretrained(m) for m in task.teachers]
+        if all(plain) and isinstance(sample, Mapping) and 'inputs' in sample:
+            # Plain modules read the inputs of a multi-task batch {'inputs': x, task: labels, ...}.
+            task.options.setdefault('input_key', 'inputs')
+        for j, module in enumerate(task.teachers):
+            name = f'tasks[{i}].teachers[{j}]'
+            wrapped = _evaluable_teacher(module, name, sample, None, task.name, task.options.get('input_key'))
+            entries.append((module, wrapped, f'{_describe(module)} for task {task.name}'))
+        if task.kd_loss_fn is None:  # distill()'s loss, at the task's temperature or distill()'s
+            task.temperature = task.temperature if task.temperature is not None else temperature
+            task.kd_loss_fn = (
+                _kd_loss_fn(kd_loss, task.temperature) if isinstance(kd_loss, str) else copy.deepcopy(kd_loss)
+            )
+    return entries
+
+
 class _Placement:
     """The devices of some modules' parameters, to put them back where they were."""
 
@@ -433,25 +526,13 @@ def distill(
     """
     started = time.perf_counter()
     _check_options(options)
-    trainer_kwargs = dict(trainer_kwargs or {})
-    trainer_parameters = set(inspect.signature(Trainer.__init__).parameters) - {'self'}
-    for key in trainer_kwargs:
-        if key not in trainer_parameters:
-            raise TypeError(f'trainer_kwargs: Trainer has no argument {key!r}.')
-        if key in _OWN_TRAINER_ARGUMENTS:
-            raise TypeError(f'trainer_kwargs: {key!r} is set by distill(); pass it as {_OWN_TRAINER_ARGUMENTS[key]}.')
-    for name, value in (('seed', seed), ('batch_size', batch_size), ('eval_batch_size', eval_batch_size)):
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= (0 if name == 'seed' else 1)):
-            raise ValueError(f'{name} must be an integer >= {0 if name == "seed" else 1}, got {value!r}.')
-    if num_classes is not None and not (isinstance(num_classes, int) and num_classes >= 1):
-        raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}.')
-    for name, flag in (('baseline', baseline), ('measure_speed', measure_speed), ('progress_bar', progress_bar)):
-        if not isinstance(flag, bool):
-            raise TypeError(f'{name} must be True or False, got {flag!r}.')
-    try:
-        Time.from_input(max_duration)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"max_duration: {e} (expected e.g. '10ep', '500ba' or an integer number of epochs)") from e
+    trainer_kwargs = _check_trainer_kwargs(trainer_kwargs)
+    _check_settings(
+        integers={'seed': (seed, 0), 'batch_size': (batch_size, 1), 'eval_batch_size': (eval_batch_size, 1)},
+        flags={'baseline': baseline, 'measure_speed': measure_speed, 'progress_bar': progress_bar},
+        num_classes=num_classes,
+        max_duration=max_duration,
+    )
     _check_choice('device', device, _DEVICES, (Device,))
     _check_choice('precision', precision, [p.value for p in Precision], (Precision,))
     algorithms = _check_sequence('algorithms', algorithms, Algorithm)
@@ -464,23 +545,9 @@ def distill(
     # Teachers: resolved (checkpoints loaded) and their state recorded, to be given back exactly.
     multitask = tasks is not None
     if multitask:
-        per_task = [key for key in _PER_TASK if key in options]
-        if per_task:
-            raise TypeError(f'{per_task[0]}: with tasks=, each task sets its own (a DistillationTask field).')
         if teacher is not None:
             raise ValueError('teacher: with tasks=, each task names its own teachers; pass teacher=None.')
-        if isinstance(tasks, (str, bytes, Mapping)) or not isinstance(tasks, Sequence) or not tasks:
-            raise TypeError('tasks must be a non-empty list of DistillationTask or dicts of its fields.')
-        task_list = []
-        for i, task in enumerate(tasks):
-            try:
-                task = DistillationTask(**task) if isinstance(task, Mapping) else task
-            except TypeError as e:
-                raise TypeError(f'tasks[{i}]: {e}') from e
-            if not isinstance(task, DistillationTask):
-                raise TypeError(f'tasks[{i}] must be a DistillationTask or a dict, got {type(task).__name__}.')
-            task_list.append(copy.copy(task))
-            task_list[-1].teachers = _resolve(task.teachers, f'tasks[{i}].teachers')
+        task_list = _resolve_tasks(tasks, options)
         teacher_modules = [t for task in task_list for t in task.teachers]
     else:
         if teacher is None:
@@ -500,39 +567,14 @@ def distill(
             )
 
     train_loader = _loader(train_data, 'train_data', batch_size, shuffle=True, seed=seed)
-    if eval_data is None:
-        eval_loaders = {}
-    elif isinstance(eval_data, Mapping):
-        if not eval_data or not all(isinstance(k, str) for k in eval_data):
-            raise TypeError('eval_data: a mapping must be {split name: data}, with at least one split.')
-        eval_loaders = {
-            split: _loader(data, f'eval_data[{split!r}]', eval_batch_size, shuffle=False, seed=seed)
-            for split, data in eval_data.items()
-        }
-    else:
-        eval_loaders = {'eval': _loader(eval_data, 'eval_data', eval_batch_size, shuffle=False, seed=seed)}
+    eval_loaders = _eval_loaders(eval_data, eval_batch_size, seed)
     sample = _first_batch(train_loader, 'train_data')
 
     composer_student = _composer_student(student, sample, num_classes, multitask)
     _check_optimizer(optimizer, lr, weight_decay, composer_student)
     student_classes = getattr(composer_student, 'num_classes', None)
     if multitask:
-        entries = []
-        for i, task in enumerate(task_list):
-            task.options = {**options, **task.options}
-            plain = [not isinstance(m, ComposerModel) and not _is_hf_pretrained(m) for m in task.teachers]
-            if all(plain) and isinstance(sample, Mapping) and 'inputs' in sample:
-                # Plain modules read the inputs of a multi-task batch {'inputs': x, task: labels, ...}.
-                task.options.setdefault('input_key', 'inputs')
-            for j, module in enumerate(task.teachers):
-                name = f'tasks[{i}].teachers[{j}]'
-                wrapped = _evaluable_teacher(module, name, sample, None, task.name, task.options.get('input_key'))
-                entries.append((module, wrapped, f'{_describe(module)} for task {task.name}'))
-            if task.kd_loss_fn is None:  # distill()'s loss, at the task's temperature or distill()'s
-                task.temperature = task.temperature if task.temperature is not None else temperature
-                task.kd_loss_fn = (
-                    _kd_loss_fn(kd_loss, task.temperature) if isinstance(kd_loss, str) else copy.deepcopy(kd_loss)
-                )
+        entries = _prepare_tasks(task_list, sample, options, kd_loss, temperature)
         distillations = task_distillations(task_list, org_loss_weight=org_loss_weight)
     else:
         entries = [

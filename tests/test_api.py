@@ -102,7 +102,7 @@ def test_report_numbers_match_a_separate_evaluation(digits, teacher):
     trained = [m.train_seconds for m in report.models if m.train_seconds is not None]
     assert len(trained) == 2 and report.wall_seconds > sum(trained)
     printed = format_summary(report)
-    assert printed.startswith('Summary of distill()')
+    assert printed.startswith('Summary of distill()') and str(report) == printed
     assert f'{100 * values["student (distilled)"]:.2f}%' in printed and f'{report.speedup:.1f}x' in printed
 
 

@@ -123,6 +123,11 @@ class RunSummary:
     ratios: dict[str, float] = field(default_factory=dict)
     inference: dict[str, float] = field(default_factory=dict)
 
+    def __str__(self) -> str:
+        from composer_kd.recipes.report import format_summary  # the table module builds on this one
+
+        return format_summary(self)
+
     @property
     def speedup(self) -> Optional[float]:
         """How many times faster the student's inference is than teacher 0's, if it was measured."""

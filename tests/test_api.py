@@ -38,6 +38,7 @@ def digits():
 
 def trained_teacher(data: TensorDataset, classes: int = 10, steps: int = 60) -> nn.Module:
     """An MLP fitted by plain full-batch Adam: a teacher better than a linear student."""
+    torch.set_num_threads(1)  # module fixtures run before the one_thread fixture
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, classes))
     optimizer = torch.optim.Adam(teacher.parameters(), lr=0.01)
@@ -360,3 +361,37 @@ def test_task_defaults_come_from_distill_s_own_loss_and_temperature(digits):
     assert (digit.org_loss_weight, parity.org_loss_weight) == (0.2, 1.0)
     assert (digit.kd_loss_weight, parity.kd_loss_weight) == (1.0, 0.3)
     assert digit.input_key == parity.input_key == 'inputs'  # plain teachers read the inputs of dict batches
+
+
+def test_composer_options_reach_the_distilled_student_s_trainer(digits, teacher, tmp_path):
+    from composer import Callback
+    from composer.algorithms import LabelSmoothing
+    from composer.loggers import InMemoryLogger
+    from composer.optim import LinearScheduler
+
+    class Seen(Callback):
+        def fit_start(self, state, logger):
+            self.algorithms = [type(a).__name__ for a in state.algorithms]
+            self.schedulers = [type(s).__name__ for s in state.schedulers]
+
+    seen, logger = Seen(), InMemoryLogger()
+    distill(
+        teacher,
+        linear_student(),
+        digits.train,
+        digits.val,
+        max_duration='1ep',
+        algorithms=[LabelSmoothing(smoothing=0.1)],
+        callbacks=[seen],
+        loggers=[logger],
+        save_folder=str(tmp_path / 'checkpoints'),
+        eval_interval='1ep',
+        trainer_kwargs={'schedulers': [LinearScheduler()]},
+        optimizer='SGD',
+        lr=0.1,
+        device='cpu',
+        name='digits',  # a Distillation keyword
+    )
+    assert seen.algorithms == ['LabelSmoothing', 'Distillation'] and seen.schedulers == ['LambdaLR']
+    assert {'loss/train/kd/digits', 'loss/train/original', 'metrics/eval/MulticlassAccuracy'} <= set(logger.data)
+    assert [p.name for p in (tmp_path / 'checkpoints').glob('ep1-*.pt')]

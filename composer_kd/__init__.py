@@ -1,6 +1,7 @@
 """Knowledge distillation for MosaicML Composer: add ``Distillation`` to a Trainer's algorithms."""
 
 from composer_kd import compression
+from composer_kd.api import DistillResult, distill
 from composer_kd.cache import (
     IndexedDataset,
     StaleTeacherCacheError,
@@ -21,6 +22,7 @@ from composer_kd.compression import (
     sparsity,
 )
 from composer_kd.distillation import (
+    CombinedLoss,
     Distillation,
     average_logits,
     combine_losses,
@@ -45,6 +47,7 @@ from composer_kd.losses import (
     reverse_kl_divergence,
     soft_cross_entropy,
 )
+from composer_kd.multitask import DistillationTask, MultiTaskClassifier, TaskAccuracy, task_distillations
 from composer_kd.schedules import ConstantSchedule, CosineSchedule, LinearSchedule, Schedule
 from composer_kd.student_init import student_from_teacher_layers
 from composer_kd.teachers import TeacherInference, load_teacher_checkpoint
@@ -57,17 +60,22 @@ __all__ = [
     'Pruning',
     'QuantizationAwareTraining',
     'Schedule',
+    'CombinedLoss',
     'CosineDistance',
+    'DistillResult',
     'Distillation',
+    'DistillationTask',
     'FeaturePair',
     'IndexedDataset',
     'JensenShannonDivergence',
     'KLDivergence',
     'LogitsMSE',
+    'MultiTaskClassifier',
     'ReverseKLDivergence',
     'SoftCrossEntropy',
     'StaleTeacherCacheError',
     'TeacherCache',
+    'TaskAccuracy',
     'TeacherInference',
     'average_logits',
     'calibrate',
@@ -76,6 +84,7 @@ __all__ = [
     'compression',
     'convert_to_int8',
     'cosine_distance',
+    'distill',
     'distillation_loss',
     'get_loss',
     'indexed_collate',
@@ -94,6 +103,7 @@ __all__ = [
     'student_from_teacher_layers',
     'topk_compress',
     'topk_logits',
+    'task_distillations',
 ]
 
 __version__ = '0.1.0'

@@ -8,21 +8,27 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from composer.loss import soft_cross_entropy
 from torch.utils.data import Dataset, Sampler, TensorDataset
 
 __all__ = [
+    'DIGITS_TASKS',
     'GLUE_TASKS',
     'IGNORE_INDEX',
     'DigitsSplits',
     'GlueTask',
     'MixedBatchSampler',
+    'MultiTaskDataset',
     'TextClassificationDataset',
+    'cross_entropy_with_hidden_labels',
+    'digits_multitask',
     'glue_files',
     'load_digits_splits',
     'read_glue_split',
@@ -34,6 +40,24 @@ DIGITS_SHAPE = (1, 8, 8)
 
 #: The label of an example whose label is hidden: losses and metrics skip it, distillation still uses it.
 IGNORE_INDEX = -100
+
+#: Labels a digit image carries besides its class, each a fact about the digit: ``{task: number of classes}``.
+#: ``digit`` is the class itself, ``parity`` 1 for odd digits, ``at_least_5`` 1 for 5 to 9.
+DIGITS_TASKS: dict[str, int] = {'digit': 10, 'parity': 2, 'at_least_5': 2}
+
+
+def cross_entropy_with_hidden_labels(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over examples whose label is known (not ``IGNORE_INDEX``); 0 when none is.
+
+    ``torch.nn.functional.cross_entropy`` would return NaN for a batch without a single label, which happens
+    when a few labelled examples are mixed with many unlabelled ones. Dense targets (e.g. after Composer's
+    ``LabelSmoothing``) go to Composer's ``soft_cross_entropy``.
+    """
+    if targets.ndim == logits.ndim:
+        return soft_cross_entropy(logits, targets)
+    known = targets != IGNORE_INDEX
+    per_example = F.cross_entropy(logits, targets.clamp(min=0), reduction='none')
+    return (per_example * known).sum() / known.sum().clamp(min=1)
 
 
 @dataclass
@@ -131,6 +155,79 @@ def load_digits_splits(
         full_train_size=full_train_size,
         n_labelled=int((train_y != IGNORE_INDEX).sum()),
     )
+
+
+class MultiTaskDataset(Dataset):
+    """Inputs with one label per task, as flat dict examples ``{'inputs': x, '<task>': label, ...}``.
+
+    Flat dicts of tensors are what Composer's default batch handling splits into microbatches and counts, and
+    each model reads the labels of its own tasks by name, whatever other tasks the data carry.
+
+    Args:
+        inputs (torch.Tensor): ``[N, ...]`` inputs.
+        labels (Mapping[str, torch.Tensor]): ``{task: [N] class indices}``, ``IGNORE_INDEX`` where hidden.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.data import MultiTaskDataset
+
+            data = MultiTaskDataset(torch.zeros(4, 2), {'a': torch.arange(4), 'b': torch.ones(4, dtype=torch.long)})
+            assert set(data[1]) == {'inputs', 'a', 'b'} and int(data[1]['a']) == 1
+    """
+
+    def __init__(self, inputs: torch.Tensor, labels: Mapping[str, torch.Tensor]):
+        if not labels:
+            raise ValueError('labels: expected at least one task, got none.')
+        if 'inputs' in labels:
+            raise ValueError("labels: 'inputs' names the inputs and cannot be a task.")
+        for task, column in labels.items():
+            if len(column) != len(inputs):
+                raise ValueError(f'labels[{task!r}] has {len(column)} entries for {len(inputs)} inputs.')
+        self.inputs = inputs
+        self.labels = dict(labels)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.labels)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {'inputs': self.inputs[index], **{task: column[index] for task, column in self.labels.items()}}
+
+
+def digits_multitask(dataset: TensorDataset, tasks: Sequence[str]) -> MultiTaskDataset:
+    """Digit images labelled for several tasks of :data:`DIGITS_TASKS`, derived from their class.
+
+    A hidden class (``IGNORE_INDEX``) hides the example's label in every task.
+
+    Args:
+        dataset (TensorDataset): ``(images, digit classes)``, e.g. a split of :func:`load_digits_splits`.
+        tasks (Sequence[str]): Names from :data:`DIGITS_TASKS`, in the order wanted.
+
+    Returns:
+        MultiTaskDataset: The same images, with a label column per task.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from torch.utils.data import TensorDataset
+            from composer_kd.data import digits_multitask
+
+            data = digits_multitask(TensorDataset(torch.zeros(3, 1, 8, 8), torch.tensor([3, 8, -100])), ['parity'])
+            assert data.labels['parity'].tolist() == [1, 0, -100]
+    """
+    images, digits = dataset.tensors
+    derived = {'digit': digits, 'parity': digits % 2, 'at_least_5': (digits >= 5).long()}
+    unknown = [t for t in tasks if t not in DIGITS_TASKS]
+    if unknown or not tasks:
+        raise ValueError(f'tasks: expected names among {", ".join(DIGITS_TASKS)}, got {list(tasks)}.')
+    hidden = digits == IGNORE_INDEX
+    return MultiTaskDataset(images, {t: torch.where(hidden, digits, derived[t]) for t in tasks})
 
 
 class MixedBatchSampler(Sampler[list[int]]):

@@ -22,13 +22,13 @@ from typing import Any, Optional
 import torch
 from composer import Trainer
 from composer.loggers import InMemoryLogger
-from composer.models import ComposerModel
 from omegaconf import OmegaConf
 
 from composer_kd.data import IGNORE_INDEX
 from composer_kd.recipes import build_run, load_recipe
 from composer_kd.recipes.report import format_table, percent
 from composer_kd.recipes.run import RunSummary, describe_model, distillation_ratio
+from composer_kd.speed import measure_speedup
 
 __all__ = ['DEFAULT_SEEDS', 'ROLES', 'format_report', 'format_sweep', 'measure_speedup', 'run_demo', 'run_sweep']
 
@@ -58,65 +58,6 @@ def _stats(values: Sequence[float]) -> dict[str, Any]:
         'min': min(values),
         'max': max(values),
         'per_seed': values,
-    }
-
-
-def _timer(module: torch.nn.Module, inputs: torch.Tensor) -> Callable[[], float]:
-    """A function timing one forward pass of ``module`` on ``inputs`` (moved once to the module's device)."""
-    device = next(module.parameters()).device
-    inputs = inputs.to(device)
-
-    def timed() -> float:
-        start = time.perf_counter()
-        module(inputs)
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)  # time the work, not only its launch
-        return time.perf_counter() - start
-
-    return timed
-
-
-def measure_speedup(
-    teacher: ComposerModel, student: ComposerModel, inputs: torch.Tensor, repeats: int = 30, rounds: int = 3
-) -> dict[str, float]:
-    """Time both models' inference on ``inputs``, in alternating blocks so a busy machine slows both alike.
-
-    Each model runs in eval mode under ``torch.inference_mode`` on the whole batch ``inputs``. In each of
-    ``rounds`` rounds the teacher, then the student, is called twice to warm up and then timed
-    ``repeats // rounds`` times in a row; the medians of all timings are compared. Blocks rather than strict
-    alternation keep each model's memory reuse steady: timing the student right after the teacher freed its
-    large activations measured it up to 10x slower in some sessions.
-
-    Args:
-        teacher (ComposerModel): The teacher.
-        student (ComposerModel): The student.
-        inputs (torch.Tensor): A batch both take.
-        repeats (int, optional): Timings per model. Default: ``30``.
-        rounds (int, optional): Blocks per model. Default: ``3``.
-
-    Returns:
-        dict[str, float]: ``teacher_us_per_example``, ``student_us_per_example`` and ``speedup`` (teacher time
-        over student time).
-    """
-    models = {'teacher': teacher, 'student': student}
-    modes = {name: m.training for name, m in models.items()}
-    timings: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        calls = {}
-        for name, model in models.items():
-            model.eval()
-            calls[name] = _timer(getattr(model, 'module', model), inputs)  # ComposerClassifier: the network itself
-        for _ in range(rounds):
-            for name, call in calls.items():
-                call(), call()
-                timings[name] += [call() for _ in range(max(1, repeats // rounds))]
-    for name, model in models.items():
-        model.train(modes[name])
-    per_example = {name: statistics.median(t) / len(inputs) * 1e6 for name, t in timings.items()}
-    return {
-        'teacher_us_per_example': per_example['teacher'],
-        'student_us_per_example': per_example['student'],
-        'speedup': per_example['teacher'] / per_example['student'],
     }
 
 

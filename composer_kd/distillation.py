@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
@@ -27,7 +28,7 @@ from composer_kd.schedules import Schedule, ScheduleOrValue, value_at
 from composer_kd.teachers import FrozenTeachers, TeacherInference, TeacherRunner, TeacherSpec, resolve_teachers
 from composer_kd.window import TimeSpec, parse_time, reached, to_trainer_time
 
-__all__ = ['Distillation', 'combine_losses', 'distillation_loss', 'average_logits', 'sample_teachers']
+__all__ = ['CombinedLoss', 'Distillation', 'combine_losses', 'distillation_loss', 'average_logits', 'sample_teachers']
 
 #: A loss between student and teacher logits, e.g. :class:`~composer_kd.KLDivergence`.
 KDLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -129,13 +130,31 @@ def _takes_mask(fn: Callable) -> bool:
         return False
 
 
+class CombinedLoss(dict):
+    """The loss dict a :class:`Distillation` leaves in ``state.loss``: named terms and their weighted ``'total'``.
+
+    A plain ``dict`` to Composer (which logs each entry as ``loss/train/<name>`` and trains on ``'total'``), it
+    also remembers the weight of every term in the total, so that a second ``Distillation`` in the same trainer
+    adds its own terms to this one's instead of weighting the already combined total as if it were the model's
+    own loss (see :func:`combine_losses`).
+
+    Attributes:
+        weights (dict[str, float]): The weight of each term that enters ``'total'``.
+    """
+
+    def __init__(self, terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]):
+        super().__init__(terms)
+        self.weights = dict(weights)
+
+
 def combine_losses(
     original_loss: Any,
     kd_loss: torch.Tensor,
     org_loss_weight: float,
     kd_loss_weight: float,
     extra_terms: Optional[Mapping[str, tuple[torch.Tensor, float]]] = None,
-) -> dict[str, torch.Tensor]:
+    name: Optional[str] = None,
+) -> CombinedLoss:
     """The loss dict ``{..original terms.., 'original', 'kd', 'total'}`` that replaces the trainer's loss.
 
     ``total = org_loss_weight * original + kd_loss_weight * kd``. The original loss may be a tensor, a tuple/list
@@ -143,16 +162,29 @@ def combine_losses(
     and summed, and a dict's own ``'total'`` is used as the original total when present. Composer logs every
     entry as ``loss/train/<name>``.
 
+    With a ``name``, the distillation term is ``'kd/<name>'`` and each extra term ``'<term>/<name>'``. When
+    ``original_loss`` is itself a :class:`CombinedLoss` (another ``Distillation`` of the same trainer ran
+    first), its terms are kept with their weights, the model's own loss (``'original'``) has its weight
+    multiplied by ``org_loss_weight``, and this call's terms are added: with several instances ``i``,
+
+    ``total = (prod_i org_loss_weight_i) * original + sum_i kd_loss_weight_i * kd_i (+ extra terms)``
+
+    so the model's own loss is counted once, whatever the number of instances.
+
     Args:
-        original_loss: What the model's ``loss`` returned.
+        original_loss: What the model's ``loss`` returned, or an earlier call's result.
         kd_loss (torch.Tensor): The distillation term, a scalar.
-        org_loss_weight (float): Weight of the original loss.
+        org_loss_weight (float): Weight of the original loss (a factor of it, on top of an earlier call's).
         kd_loss_weight (float): Weight of the distillation term.
         extra_terms (Mapping[str, tuple[torch.Tensor, float]], optional): Further named ``(loss, weight)`` terms,
             e.g. feature distillation's, added to the total.
+        name (str, optional): Names this call's terms, so that several can share one loss dict.
 
     Returns:
-        dict[str, torch.Tensor]: The loss terms and their weighted ``'total'``.
+        CombinedLoss: The loss terms and their weighted ``'total'``.
+
+    Raises:
+        ValueError: If a term of this call is already in ``original_loss`` (two unnamed or same-named calls).
 
     Example:
         .. testcode::
@@ -162,25 +194,42 @@ def combine_losses(
 
             losses = combine_losses(torch.tensor(2.0), torch.tensor(1.0), org_loss_weight=0.1, kd_loss_weight=0.9)
             assert torch.isclose(losses['total'], torch.tensor(1.1))
+            both = combine_losses(losses, torch.tensor(3.0), org_loss_weight=1.0, kd_loss_weight=0.5, name='b')
+            assert torch.isclose(both['total'], torch.tensor(0.1 * 2.0 + 0.9 * 1.0 + 0.5 * 3.0))
     """
-    if isinstance(original_loss, torch.Tensor):
-        terms = {'original': original_loss.mean()}
-        original_total = terms['original']
-    elif isinstance(original_loss, Mapping):
-        terms = {f'original_{k}' if k in ('original', 'kd') else k: v.mean() for k, v in original_loss.items()}
-        original_total = terms.pop('total') if 'total' in terms else sum(terms.values())
-        terms['original'] = original_total
-    elif isinstance(original_loss, Sequence) and not isinstance(original_loss, str):
-        terms = {f'original_{i}': v.mean() for i, v in enumerate(original_loss)}
-        original_total = sum(terms.values())
-        terms['original'] = original_total
+    suffix = '' if name is None else f'/{name}'
+    extra = {f'{key}{suffix}': term for key, term in (extra_terms or {}).items()}
+    ours = {'kd' + suffix: (kd_loss, kd_loss_weight), **extra}
+    if isinstance(original_loss, CombinedLoss):
+        clashing = [key for key in ours if key in original_loss]
+        if clashing:
+            raise ValueError(
+                f'Two Distillation algorithms write the loss term {clashing[0]!r}: give each its own name= so '
+                "that each writes its own 'kd/<name>' term."
+            )
+        terms = {k: v for k, v in original_loss.items() if k != 'total'}
+        weights = dict(original_loss.weights)
+        weights['original'] = weights['original'] * org_loss_weight
     else:
-        raise TypeError(f'Cannot combine an original loss of type {type(original_loss).__name__}.')
-    total = org_loss_weight * original_total + kd_loss_weight * kd_loss
-    extra = dict(extra_terms or {})
-    for loss, weight in extra.values():
-        total = total + weight * loss
-    return {**terms, 'kd': kd_loss, **{name: loss for name, (loss, _) in extra.items()}, 'total': total}
+        taken = {'original', *ours}
+        if isinstance(original_loss, torch.Tensor):
+            terms = {'original': original_loss.mean()}
+        elif isinstance(original_loss, Mapping):
+            terms = {f'original_{k}' if k in taken else k: v.mean() for k, v in original_loss.items()}
+            terms['original'] = terms.pop('total') if 'total' in terms else sum(terms.values())
+        elif isinstance(original_loss, Sequence) and not isinstance(original_loss, str):
+            terms = {f'original_{i}': v.mean() for i, v in enumerate(original_loss)}
+            terms['original'] = sum(terms.values())
+        else:
+            raise TypeError(f'Cannot combine an original loss of type {type(original_loss).__name__}.')
+        weights = {'original': org_loss_weight}
+    for key, (loss, weight) in ours.items():
+        terms[key] = loss
+        weights[key] = weight
+    total = None
+    for key, weight in weights.items():
+        total = weight * terms[key] if total is None else total + weight * terms[key]
+    return CombinedLoss({**terms, 'total': total}, weights)
 
 
 def _check_scheduled(name: str, value: ScheduleOrValue, minimum: float, inclusive: bool) -> None:
@@ -198,8 +247,9 @@ def _largest(value: ScheduleOrValue) -> float:
     return value.bounds[1] if isinstance(value, Schedule) else value
 
 
-# Where the projections sit on the student during a fit.
+# Where the projections sit on the student during a fit (suffixed by the instance's name, if it has one).
 _PROJECTIONS_NAME = 'distillation_projections'
+_NAME = re.compile(r'[A-Za-z0-9_-]+')
 
 
 def _as_feature_pair(pair: Union[FeaturePair, Mapping[str, Any]], index: int) -> FeaturePair:
@@ -246,7 +296,7 @@ class Distillation(Algorithm):
     (in eval mode, under ``torch.no_grad()`` and the trainer's precision) and the loss becomes
     ``org_loss_weight * loss + kd_loss_weight * kd_loss_fn(student_logits, teacher_logits)``. ``state.loss``
     then holds ``'original'``, ``'kd'`` and ``'total'`` (plus the model's own named terms), so loggers show
-    each term.
+    each term. Several named instances compose: each adds its own ``'kd/<name>'`` term (``name=`` below).
 
     Teachers are frozen for the whole fit and moved once to the trainer's device when it starts; they never
     enter the optimizer, the gradients or the student's checkpoints, and their original modes and
@@ -273,7 +323,8 @@ class Distillation(Algorithm):
         student_logits_key (int | str | Callable, optional): Chooses the logits in the student's output.
             Default: a tensor output, its ``'logits'`` entry, or its first element.
         teacher_logits_key (int | str | Callable, optional): The same for the teachers' outputs. Default:
-            ``student_logits_key``.
+            ``student_logits_key``, except that a teacher returning a bare tensor gives that tensor (so a
+            single-task teacher can teach one head of a multi-head student chosen by ``student_logits_key``).
         causal_lm (bool, optional): Whether token logits at position ``i`` predict token ``i + 1`` (decoder-only
             language models), which shifts the mask of valid positions by one (see
             :func:`~composer_kd.outputs.token_mask`). Default: ``None``, detected from the student (a Hugging
@@ -299,6 +350,13 @@ class Distillation(Algorithm):
             :class:`~composer_kd.cache.TeacherCache`; the training dataset is wrapped in
             :class:`~composer_kd.cache.IndexedDataset`). Not with ``n_teachers_to_sample`` (a sampled subset's
             average differs from step to step) or ``feature_pairs`` (they need the live teacher). Default: none.
+        name (str, optional): Names this instance's loss terms ``'kd/<name>'`` (and ``'feature_<i>/<name>'``) and
+            its logged values ``distillation/<name>/...``, so that several instances can share one trainer, e.g.
+            one per task of a multi-task student, each with its own teachers, logits keys, weights and
+            temperature. The model's own loss then enters the total once, weighted by the product of the
+            instances' ``org_loss_weight`` (see :func:`combine_losses`; leave it at 1.0 on all but one).
+            Letters, digits, ``_`` and ``-``. Default: ``None``, the terms are ``'kd'`` and ``'feature_<i>'``; two
+            instances of one trainer with the same name are refused when the trainer is built.
 
     Example:
         .. testcode::
@@ -339,9 +397,13 @@ class Distillation(Algorithm):
         on_nonfinite_teacher: str = 'raise',
         teacher_inference: Optional[TeacherInference] = None,
         teacher_cache: Optional[TeacherCache] = None,
+        name: Optional[str] = None,
     ):
-        for name, weight in (('org_loss_weight', org_loss_weight), ('kd_loss_weight', kd_loss_weight)):
-            _check_scheduled(name, weight, minimum=0.0, inclusive=True)
+        if name is not None and not (isinstance(name, str) and _NAME.fullmatch(name)):
+            raise ValueError(f'name must be a non-empty string of letters, digits, _ and -, got {name!r}.')
+        self.name = name
+        for argument, weight in (('org_loss_weight', org_loss_weight), ('kd_loss_weight', kd_loss_weight)):
+            _check_scheduled(argument, weight, minimum=0.0, inclusive=True)
         if _largest(org_loss_weight) == 0 and _largest(kd_loss_weight) == 0:
             raise ValueError('org_loss_weight and kd_loss_weight are both 0: nothing would be trained.')
         if kd_loss_fn is not None and not callable(kd_loss_fn):
@@ -377,6 +439,8 @@ class Distillation(Algorithm):
         self.input_key = input_key
         self.student_logits_key = student_logits_key
         self.teacher_logits_key = teacher_logits_key if teacher_logits_key is not None else student_logits_key
+        # A teacher's bare tensor output is its logits unless a teacher key was asked for explicitly.
+        self._bare_teacher_tensor_is_logits = teacher_logits_key is None
         self.causal_lm = causal_lm
         if on_nonfinite_teacher not in ('raise', 'skip'):
             raise ValueError(f"on_nonfinite_teacher must be 'raise' or 'skip', got {on_nonfinite_teacher!r}.")
@@ -426,8 +490,9 @@ class Distillation(Algorithm):
 
     def __repr__(self) -> str:
         # Kept short and free of the teachers' weights: Composer stores this string in every checkpoint.
+        named = '' if self.name is None else f'name={self.name!r}, '
         return (
-            f'Distillation(n_teachers={len(self.teachers.modules)}, kd_loss_fn={self.kd_loss_fn!r}, '
+            f'Distillation({named}n_teachers={len(self.teachers.modules)}, kd_loss_fn={self.kd_loss_fn!r}, '
             f'org_loss_weight={self.org_loss_weight}, kd_loss_weight={self.kd_loss_weight}, '
             f'temperature={self.temperature}, n_teachers_to_sample={self.n_teachers_to_sample}, '
             f'start={self.start}, end={self.end}'
@@ -457,13 +522,14 @@ class Distillation(Algorithm):
         if event == Event.AFTER_LOSS:
             return bool(self._active_teachers)
         if event == Event.INIT:
-            return bool(self.feature_pairs)
+            return True
         if event in (Event.AFTER_TRAIN_BATCH, Event.BATCH_END):
             return bool(self.feature_pairs) or bool(self._poisoned) or self.teacher_cache is not None
         return event in (Event.FIT_START, Event.BATCH_START, Event.FIT_END)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
+            self._check_unique_name(state)
             self._init_features(state)
         elif event == Event.FIT_START:
             self._fit_start(state)
@@ -501,6 +567,21 @@ class Distillation(Algorithm):
             if self.teacher_cache is not None:
                 self.teacher_cache.flush()
 
+    def _check_unique_name(self, state: State) -> None:
+        for other in state.algorithms:
+            if other is not self and isinstance(other, Distillation) and other.name == self.name:
+                raise ValueError(
+                    f'Two Distillation algorithms in one Trainer are both named {self.name!r}: each writes its loss '
+                    "term as 'kd/<name>' ('kd' without a name), so give each a distinct name=."
+                )
+
+    def _log_key(self, key: str) -> str:
+        return f'distillation/{key}' if self.name is None else f'distillation/{self.name}/{key}'
+
+    @property
+    def _projections_name(self) -> str:
+        return _PROJECTIONS_NAME if self.name is None else f'{_PROJECTIONS_NAME}_{self.name}'
+
     @property
     def find_unused_parameters(self) -> bool:
         # Outside the window, or when a sampled step skips a pair's teacher, projections get no gradient.
@@ -516,9 +597,9 @@ class Distillation(Algorithm):
         if self._projection_owner is None or not self.projections:
             return
         if attached:
-            self._projection_owner.add_module(_PROJECTIONS_NAME, self.projections)
-        elif hasattr(self._projection_owner, _PROJECTIONS_NAME):
-            delattr(self._projection_owner, _PROJECTIONS_NAME)
+            self._projection_owner.add_module(self._projections_name, self.projections)
+        elif hasattr(self._projection_owner, self._projections_name):
+            delattr(self._projection_owner, self._projections_name)
 
     def _init_features(self, state: State) -> None:
         """Resolve the feature modules and create projections while the optimizer can still take them in.
@@ -645,13 +726,13 @@ class Distillation(Algorithm):
         self._weights = (value_at(self.org_loss_weight, state), value_at(self.kd_loss_weight, state))
         scheduled = {}
         if isinstance(self.org_loss_weight, Schedule):
-            scheduled['distillation/org_loss_weight'] = self._weights[0]
+            scheduled[self._log_key('org_loss_weight')] = self._weights[0]
         if isinstance(self.kd_loss_weight, Schedule):
-            scheduled['distillation/kd_loss_weight'] = self._weights[1]
+            scheduled[self._log_key('kd_loss_weight')] = self._weights[1]
         if self.temperature is not None:
             self.kd_loss_fn.temperature = value_at(self.temperature, state)
             if isinstance(self.temperature, Schedule):
-                scheduled['distillation/temperature'] = self.kd_loss_fn.temperature
+                scheduled[self._log_key('temperature')] = self.kd_loss_fn.temperature
         if scheduled:
             logger.log_metrics(scheduled)
 
@@ -677,7 +758,7 @@ class Distillation(Algorithm):
                 "Pass on_nonfinite_teacher='skip' to train on without the distillation terms of such microbatches."
             )
         self._skipped += n_poisoned
-        logger.log_metrics({'distillation/skipped_microbatches': self._skipped})
+        logger.log_metrics({self._log_key('skipped_microbatches'): self._skipped})
 
     def _teacher_logits(
         self, state: State, student_logits: torch.Tensor
@@ -700,7 +781,8 @@ class Distillation(Algorithm):
                 if runner.module.training:  # something outside switched it back; dropout must stay off
                     runner.module.eval()
                 output = run_teacher(runner.module, runner.inputs(state.batch), self.input_key)
-                teacher_logits.append(extract_logits(output, self.teacher_logits_key, role='teacher'))
+                bare = self._bare_teacher_tensor_is_logits and isinstance(output, torch.Tensor)
+                teacher_logits.append(extract_logits(output, None if bare else self.teacher_logits_key, role='teacher'))
         if self.teacher_cache is not None:
             assert rows is not None
             self.teacher_cache.record(rows, average_logits(teacher_logits))  # poisoned rows are not kept
@@ -731,4 +813,4 @@ class Distillation(Algorithm):
                 capture.clear()  # this microbatch's features are used; the next records its own
         if poisoned is not None:
             kd_loss = torch.where(poisoned, torch.zeros_like(kd_loss), kd_loss)
-        state.loss = combine_losses(state.loss, kd_loss, *self._weights, extra_terms=features)
+        state.loss = combine_losses(state.loss, kd_loss, *self._weights, extra_terms=features, name=self.name)

@@ -11,7 +11,7 @@ import dataclasses
 import inspect
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
 from composer import Trainer
@@ -26,6 +26,7 @@ from composer_kd.compression import Pruning, QuantizationAwareTraining, prunable
 from composer_kd.distillation import Distillation
 from composer_kd.features import FeaturePair
 from composer_kd.losses import LOSSES, get_loss
+from composer_kd.multitask import DistillationTask, task_distillations
 from composer_kd.recipes.datasets import DataBundle, build_data
 from composer_kd.recipes.loader import RecipeError
 from composer_kd.recipes.models import TaskInfo, build_model
@@ -36,6 +37,7 @@ from composer_kd.recipes.validate import (
     composer_logger,
     composer_scheduler,
     optimizer_class,
+    task_teachers,
 )
 from composer_kd.schedules import ConstantSchedule, CosineSchedule, LinearSchedule, Schedule
 
@@ -43,10 +45,12 @@ __all__ = [
     'LoggerFactory',
     'build_compression',
     'build_distillation',
+    'build_task_distillations',
     'build_run',
     'build_student_alone',
     'build_trainer',
     'evaluate',
+    'evaluate_model',
     'teacher_data_spec',
 ]
 
@@ -110,6 +114,12 @@ def _schedule(spec: ScheduleSpec) -> Schedule:
     return cls(spec.start_value, spec.end_value, start=start, end=end)
 
 
+def _kd_loss(name: str, temperature: float):
+    loss_name = {'mean_square_error': 'mse', 'cosine_distance': 'cosine', 'kl_divergence': 'kl'}.get(name, name)
+    takes_temperature = 'temperature' in inspect.signature(LOSSES[loss_name]).parameters
+    return get_loss(loss_name, **({'temperature': temperature} if takes_temperature else {}))
+
+
 def build_distillation(recipe: Recipe, teachers: Sequence[ComposerModel]) -> Distillation:
     """The ``Distillation`` algorithm the recipe's ``distillation`` section describes, over ``teachers``.
 
@@ -121,9 +131,7 @@ def build_distillation(recipe: Recipe, teachers: Sequence[ComposerModel]) -> Dis
         Distillation: The algorithm, for a ``Trainer``'s ``algorithms``.
     """
     d = recipe.distillation
-    loss_name = {'mean_square_error': 'mse', 'cosine_distance': 'cosine', 'kl_divergence': 'kl'}.get(d.loss, d.loss)
-    takes_temperature = 'temperature' in inspect.signature(LOSSES[loss_name]).parameters
-    kd_loss_fn = get_loss(loss_name, **({'temperature': d.temperature} if takes_temperature else {}))
+    kd_loss_fn = _kd_loss(d.loss, d.temperature)
     schedules = {name: _schedule(spec) for name, spec in d.schedules.items()}
     try:
         return Distillation(
@@ -189,6 +197,43 @@ def build_compression(recipe: Recipe, task: TaskInfo, student: ComposerModel) ->
             )
         )
     return algorithms
+
+
+def build_task_distillations(recipe: Recipe, teachers: Sequence[ComposerModel]) -> list[Distillation]:
+    """One named ``Distillation`` per entry of ``distillation.tasks`` (the multi-task form), over ``teachers``.
+
+    Each task takes its own teachers, loss, temperature and weight (the ``distillation`` section's where it
+    sets none); the section's ``org_loss_weight`` (or its schedule) weights the student's own loss once, and its
+    ``start`` / ``end`` window applies to every task.
+
+    Args:
+        recipe (Recipe): The recipe.
+        teachers (Sequence[ComposerModel]): The teachers, built (and trained or loaded).
+
+    Returns:
+        list[Distillation]: The algorithms, in the order of ``distillation.tasks``.
+    """
+    d = recipe.distillation
+    schedules = {name: _schedule(spec) for name, spec in d.schedules.items()}
+    window = {'start': _time_or_fraction(d.start), 'end': _time_or_fraction(d.end)}
+    tasks = [
+        DistillationTask(
+            name=task.name,
+            teachers=[teachers[i] for i in task_teachers(recipe, task)],
+            kd_loss_weight=task.kd_loss_weight if task.kd_loss_weight is not None else d.kd_loss_weight,
+            kd_loss_fn=_kd_loss(
+                task.loss or d.loss, task.temperature if task.temperature is not None else d.temperature
+            ),
+            student_logits_key=task.student_logits_key,
+            teacher_logits_key=task.teacher_logits_key,
+            options=window,
+        )
+        for task in d.tasks
+    ]
+    try:
+        return task_distillations(tasks, org_loss_weight=schedules.get('org_loss_weight', d.org_loss_weight))
+    except (TypeError, ValueError) as e:
+        raise RecipeError('recipe', [f'distillation: {e}']) from e
 
 
 def _evaluators(data: DataBundle, splits: Sequence[str]) -> list[Evaluator]:
@@ -265,29 +310,56 @@ def build_trainer(
     )
 
 
+def evaluate_model(
+    model: ComposerModel,
+    dataloaders: Mapping[str, Any],
+    *,
+    device: Optional[str] = None,
+    precision: Optional[str] = None,
+    seed: int = 17,
+) -> dict[str, dict[str, float]]:
+    """Evaluate ``model`` on each named loader with a Composer ``Trainer``; ``{split: {metric: value}}``.
+
+    Args:
+        model (ComposerModel): The model; its own validation metrics are computed.
+        dataloaders (Mapping[str, DataLoader | DataSpec]): The evaluation data by split name.
+        device (str, optional): Composer device. Default: the accelerator if any.
+        precision (str, optional): Composer precision. Default: the device's.
+        seed (int, optional): The trainer's seed. Default: ``17``.
+
+    Returns:
+        dict[str, dict[str, float]]: Every metric of every split; ``{}`` when there is no split.
+    """
+    if not dataloaders:
+        return {}
+    trainer = Trainer(
+        model=model,
+        eval_dataloader=[Evaluator(label=split, dataloader=loader) for split, loader in dataloaders.items()],
+        progress_bar=False,
+        log_to_console=False,
+        precision=precision,
+        device=device,
+        seed=seed,
+    )
+    trainer.eval()
+    results = {
+        split: {name: float(metric.compute()) for name, metric in trainer.state.eval_metrics[split].items()}
+        for split in dataloaders
+    }
+    trainer.close()
+    return results
+
+
 def evaluate(
     recipe: Recipe, model: ComposerModel, data: DataBundle, splits: Sequence[str], device: Optional[str] = None
 ) -> dict[str, dict]:
     """Evaluate ``model`` on ``splits`` with a Composer ``Trainer``; ``{split: {metric: value}}``.
 
-    ``device`` overrides the recipe's (an int8 model runs on the CPU only).
+    ``device`` overrides the recipe's (an int8 model runs on the CPU only, in full precision).
     """
-    trainer = Trainer(
-        model=model,
-        eval_dataloader=_evaluators(data, splits),
-        progress_bar=False,
-        log_to_console=False,
-        precision=None if device == 'cpu' else recipe.precision,
-        device=device or recipe.device,
-        seed=recipe.seed,
-    )
-    trainer.eval()
-    results = {
-        split: {name: float(metric.compute()) for name, metric in trainer.state.eval_metrics[split].items()}
-        for split in splits
-    }
-    trainer.close()
-    return results
+    loaders = {split: data.eval_loader(split) for split in splits}
+    precision = None if device == 'cpu' else recipe.precision
+    return evaluate_model(model, loaders, device=device or recipe.device, precision=precision, seed=recipe.seed)
 
 
 def _student_tokenizer(recipe: Recipe) -> Optional[str]:
@@ -385,7 +457,10 @@ def _build_run(
         student = build_model(recipe.student, data.task)
         algorithms = [_component(spec, 'algorithm', f'algorithms.{i}') for i, spec in enumerate(recipe.algorithms)]
         algorithms += build_compression(recipe, data.task, student)
-        algorithms.append(build_distillation(recipe, teachers))
+        if recipe.distillation.tasks:
+            algorithms.extend(build_task_distillations(recipe, teachers))
+        else:
+            algorithms.append(build_distillation(recipe, teachers))
         recipe_loggers = [_component(spec, 'logger', f'loggers.{i}') for i, spec in enumerate(recipe.loggers)]
         try:
             trainer = build_trainer(

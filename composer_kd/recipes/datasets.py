@@ -12,9 +12,12 @@ from torch.utils.data import DataLoader, Dataset
 from composer_kd.data import (
     DIGITS_CLASSES,
     DIGITS_SHAPE,
+    DIGITS_TASKS,
     GLUE_TASKS,
     IGNORE_INDEX,
     MixedBatchSampler,
+    MultiTaskDataset,
+    digits_multitask,
     glue_files,
     load_digits_splits,
     read_glue_split,
@@ -65,7 +68,11 @@ class DataBundle:
     def train_loader(self) -> DataLoader:
         """A fresh training loader: shuffled, reproducibly from the seed alone."""
         if self.labelled_per_batch is not None:
-            labels = self.train.tensors[1]  # type: ignore[attr-defined]
+            # Hidden labels are hidden in every task of multi-task data: any task's column tells them.
+            if isinstance(self.train, MultiTaskDataset):
+                labels = next(iter(self.train.labels.values()))
+            else:
+                labels = self.train.tensors[1]  # type: ignore[attr-defined]
             sampler = MixedBatchSampler(labels, self.labelled_per_batch, self.batch_size, seed=self.seed)
             return DataLoader(self.train, batch_sampler=sampler)
         # Composer's own sampler: its order is a function of (seed, epoch), and the trainer sets the epoch.
@@ -89,10 +96,19 @@ def _digits(spec: DataSpec, seed: int) -> DataBundle:
     )
     hidden = int((splits.train.tensors[1] == IGNORE_INDEX).sum())
     mixed = options.labelled_per_batch if hidden else None
+    tasks = list(options.tasks)
+    train, val, test = splits.train, splits.val, splits.test
+    if tasks:
+        train, val, test = (digits_multitask(split, tasks) for split in (train, val, test))
     return DataBundle(
-        task=TaskInfo('image', DIGITS_CLASSES, (options.channels, *DIGITS_SHAPE[1:])),
-        train=splits.train,
-        splits={'val': splits.val, 'test': splits.test},
+        task=TaskInfo(
+            'image',
+            DIGITS_CLASSES,
+            (options.channels, *DIGITS_SHAPE[1:]),
+            tasks={t: DIGITS_TASKS[t] for t in tasks},
+        ),
+        train=train,
+        splits={'val': val, 'test': test},
         batch_size=spec.batch_size,
         eval_batch_size=spec.eval_batch_size,
         seed=seed,

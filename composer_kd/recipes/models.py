@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
-from composer.loss import soft_cross_entropy
 from composer.models import ComposerClassifier, ComposerModel, HuggingFaceModel
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from composer_kd.data import IGNORE_INDEX
+from composer_kd.data import IGNORE_INDEX, cross_entropy_with_hidden_labels
+from composer_kd.multitask import MultiTaskClassifier
 from composer_kd.recipes.schema import ModelSpec
 from composer_kd.teachers import load_teacher_checkpoint
 
@@ -26,10 +24,12 @@ __all__ = [
     'MODEL_KINDS',
     'TaskInfo',
     'build_model',
+    'classifier',
     'count_parameters',
     'cross_entropy_with_hidden_labels',
     'find_pretrained',
     'has_uri_scheme',
+    'hugging_face_classifier',
 ]
 
 #: The model kinds a recipe may name, and what each needs.
@@ -44,6 +44,8 @@ MODEL_KINDS: dict[str, str] = {
 #: Kinds that take images, and kinds that take token ids.
 IMAGE_KINDS = ('mlp', 'cnn', 'torchvision')
 TEXT_KINDS = ('hf_config', 'huggingface')
+#: Kinds that get one head per task on multi-task data.
+MULTITASK_KINDS = ('mlp', 'cnn')
 
 
 @dataclass(frozen=True)
@@ -55,12 +57,14 @@ class TaskInfo:
         num_classes (int): Number of classes.
         input_shape (tuple[int, ...]): One image's shape ``(C, H, W)``; for text ``(seq_len,)``.
         vocab_size (int, optional): For synthetic text: the size of its vocabulary.
+        tasks (dict[str, int]): For multi-task data: the classes of each task; empty for one task.
     """
 
     modality: str
     num_classes: int
     input_shape: tuple[int, ...]
     vocab_size: Optional[int] = None
+    tasks: dict[str, int] = field(default_factory=dict)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -71,20 +75,6 @@ def count_parameters(model: nn.Module) -> int:
 def has_uri_scheme(path: str) -> bool:
     """Whether ``path`` is a URI (``s3://...``) that Composer's ``get_file`` reads, rather than a local path."""
     return '://' in path
-
-
-def cross_entropy_with_hidden_labels(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over examples whose label is known (not ``IGNORE_INDEX``); 0 when none is.
-
-    ``torch.nn.functional.cross_entropy`` would return NaN for a batch without a single label, which happens
-    when a few labelled examples are mixed with many unlabelled ones. Dense targets (e.g. after Composer's
-    ``LabelSmoothing``) go to Composer's ``soft_cross_entropy``.
-    """
-    if targets.ndim == logits.ndim:
-        return soft_cross_entropy(logits, targets)
-    known = targets != IGNORE_INDEX
-    per_example = F.cross_entropy(logits, targets.clamp(min=0), reduction='none')
-    return (per_example * known).sum() / known.sum().clamp(min=1)
 
 
 def find_pretrained(name: str) -> tuple[Optional[str], list[str]]:
@@ -139,7 +129,31 @@ def _cnn(input_shape: tuple[int, ...], channels: list[int], hidden: list[int], n
     )
 
 
-def _classifier(module: nn.Module, num_classes: int) -> ComposerClassifier:
+def _multitask(spec: ModelSpec, task: TaskInfo) -> MultiTaskClassifier:
+    """The layers of an ``mlp`` or ``cnn`` as a shared trunk, and a linear head for each of its tasks."""
+    layers: list[nn.Module] = []
+    if spec.kind == 'cnn':
+        width = task.input_shape[0]
+        for c in list(spec.channels) or [32]:
+            layers += [nn.Conv2d(width, c, kernel_size=3, padding=1), nn.ReLU()]
+            width = c
+        layers.append(nn.MaxPool2d(2))
+        width *= (task.input_shape[1] // 2) * (task.input_shape[2] // 2)
+    else:
+        width = math.prod(task.input_shape)
+    layers.append(nn.Flatten())
+    for h in spec.hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if spec.dropout:
+            layers.append(nn.Dropout(spec.dropout))
+        width = h
+    tasks = list(spec.tasks) or list(task.tasks)
+    return MultiTaskClassifier(nn.Sequential(*layers), {t: nn.Linear(width, task.tasks[t]) for t in tasks})
+
+
+def classifier(module: nn.Module, num_classes: int) -> ComposerClassifier:
+    """``module`` as a ``ComposerClassifier`` whose loss and accuracy skip hidden labels (``IGNORE_INDEX``)."""
+
     def accuracy() -> MulticlassAccuracy:
         return MulticlassAccuracy(num_classes=num_classes, average='micro', ignore_index=IGNORE_INDEX)
 
@@ -152,7 +166,8 @@ def _classifier(module: nn.Module, num_classes: int) -> ComposerClassifier:
     )
 
 
-def _hugging_face(model: nn.Module, num_classes: int) -> HuggingFaceModel:
+def hugging_face_classifier(model: nn.Module, num_classes: int) -> HuggingFaceModel:
+    """A Hugging Face sequence classifier as a ``HuggingFaceModel`` with its logits and accuracy."""
     metric = MulticlassAccuracy(num_classes=num_classes, average='micro', ignore_index=IGNORE_INDEX)
     return HuggingFaceModel(model, use_logits=True, metrics=[metric])
 
@@ -169,20 +184,22 @@ def build_model(spec: ModelSpec, task: TaskInfo) -> ComposerModel:
     Returns:
         ComposerModel: A ``ComposerClassifier`` (image kinds) or ``HuggingFaceModel`` (text kinds).
     """
-    if spec.kind == 'mlp':
-        model: ComposerModel = _classifier(
+    if task.tasks and spec.kind in MULTITASK_KINDS:
+        model: ComposerModel = _multitask(spec, task)
+    elif spec.kind == 'mlp':
+        model = classifier(
             _mlp(math.prod(task.input_shape), list(spec.hidden), task.num_classes, spec.dropout), task.num_classes
         )
     elif spec.kind == 'cnn':
         module = _cnn(task.input_shape, list(spec.channels), list(spec.hidden), task.num_classes, spec.dropout)
-        model = _classifier(module, task.num_classes)
+        model = classifier(module, task.num_classes)
     elif spec.kind == 'torchvision':
         import torchvision
 
         constructor = getattr(torchvision.models, str(spec.name))
         # weights=None always: pretrained torchvision weights would be downloaded. Load a checkpoint instead.
         module = constructor(weights=None, num_classes=task.num_classes, **dict(spec.kwargs))
-        model = _classifier(module, task.num_classes)
+        model = classifier(module, task.num_classes)
     elif spec.kind == 'hf_config':
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -191,7 +208,7 @@ def build_model(spec: ModelSpec, task: TaskInfo) -> ComposerModel:
             options.setdefault('vocab_size', task.vocab_size)
         options.setdefault('max_position_embeddings', max(512, task.input_shape[0]))
         config = AutoConfig.for_model(str(spec.name), num_labels=task.num_classes, **options)
-        model = _hugging_face(AutoModelForSequenceClassification.from_config(config), task.num_classes)
+        model = hugging_face_classifier(AutoModelForSequenceClassification.from_config(config), task.num_classes)
     elif spec.kind == 'huggingface':
         from transformers import AutoModelForSequenceClassification
 
@@ -201,7 +218,7 @@ def build_model(spec: ModelSpec, task: TaskInfo) -> ComposerModel:
         hf_model = AutoModelForSequenceClassification.from_pretrained(
             directory, num_labels=task.num_classes, local_files_only=True, **dict(spec.kwargs)
         )
-        model = _hugging_face(hf_model, task.num_classes)
+        model = hugging_face_classifier(hf_model, task.num_classes)
     else:
         raise ValueError(f'Unknown model kind {spec.kind!r}; known: {", ".join(MODEL_KINDS)}.')
     if spec.checkpoint:

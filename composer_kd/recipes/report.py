@@ -57,17 +57,25 @@ def format_summary(summary: RunSummary) -> str:
         ]
         for m in summary.models
     ]
-    lines = [f'Summary of recipe {summary.recipe}', format_table(headers, rows, right=range(2, len(headers)))]
-    if summary.ratio is not None:
+    # A recipe's name, or the function that ran (distill()).
+    title = summary.recipe if summary.recipe.endswith('()') else f'recipe {summary.recipe}'
+    lines = [f'Summary of {title}', format_table(headers, rows, right=range(2, len(headers)))]
+    ratios = summary.ratios or ({summary.metric: summary.ratio} if summary.ratio is not None else {})
+    for metric, ratio in ratios.items():
         lines.append(
-            f'distillation ratio (distilled - alone) / (teacher - alone) on {summary.split} {summary.metric}: '
-            f'{summary.ratio:.2f}'
+            f'distillation ratio (distilled - alone) / (teacher - alone) on {summary.split} {metric}: {ratio:.2f}'
         )
     teachers = [m for m in summary.models if m.role.startswith('teacher')]
     students = [m for m in summary.models if m.role.startswith('student')]
     if teachers and students and students[0].parameters:
         lines.append(
             f'the student has {teachers[0].parameters / students[0].parameters:.0f}x fewer parameters than teacher 0'
+        )
+    if summary.inference:
+        speed = summary.inference
+        lines.append(
+            f'student inference speed-up over teacher 0: {speed["speedup"]:.1f}x '
+            f'({speed["teacher_us_per_example"]:.2f} vs {speed["student_us_per_example"]:.2f} µs per example)'
         )
     for m in summary.models:
         if m.checkpoint:

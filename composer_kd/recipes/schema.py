@@ -27,6 +27,7 @@ __all__ = [
     'Recipe',
     'ScheduleSpec',
     'SyntheticTextSpec',
+    'TaskSpec',
     'TeacherSpec',
     'TeacherTrainingSpec',
 ]
@@ -47,6 +48,10 @@ class ModelSpec:
       already in the local Hugging Face cache (nothing is downloaded).
 
     ``checkpoint`` (a Composer checkpoint or ``state_dict`` file, local or any URI Composer reads) is loaded last.
+
+    With multi-task data (``data.digits.tasks``) an ``mlp`` or ``cnn`` gets one linear head per task on top of its
+    layers (a :class:`~composer_kd.multitask.MultiTaskClassifier`); ``tasks`` limits them to some of the data's
+    tasks, e.g. a teacher of one task.
     """
 
     kind: str = MISSING
@@ -56,6 +61,7 @@ class ModelSpec:
     dropout: float = 0.0
     kwargs: dict[str, Any] = field(default_factory=dict)
     checkpoint: Optional[str] = None
+    tasks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -99,7 +105,11 @@ class TeacherSpec(ModelSpec):
 
 @dataclass
 class DigitsSpec:
-    """scikit-learn's bundled 8x8 handwritten digits (see :func:`composer_kd.data.load_digits_splits`)."""
+    """scikit-learn's bundled 8x8 handwritten digits (see :func:`composer_kd.data.load_digits_splits`).
+
+    ``tasks`` makes the data multi-task: each image is labelled for every task named, among ``digit`` (its
+    class), ``parity`` and ``at_least_5`` (see :data:`composer_kd.data.DIGITS_TASKS`).
+    """
 
     val_fraction: float = 0.2
     test_fraction: float = 0.3
@@ -108,6 +118,7 @@ class DigitsSpec:
     keep_unlabelled: bool = False
     labelled_per_batch: Optional[int] = None
     channels: int = 1
+    tasks: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -181,6 +192,24 @@ class FeaturePairSpec:
 
 
 @dataclass
+class TaskSpec:
+    """One task of a multi-task student, taught by its own teachers: a ``Distillation`` named after the task.
+
+    ``teachers`` are indices into the recipe's ``teachers`` (default: every teacher with a head for the task).
+    ``loss``, ``temperature`` and ``kd_loss_weight`` default to the ``distillation`` section's; the logits keys
+    to the task's name (the head of that name, in the student and in the teachers).
+    """
+
+    name: str = MISSING
+    teachers: list[int] = field(default_factory=list)
+    loss: Optional[str] = None
+    temperature: Optional[float] = None
+    kd_loss_weight: Optional[float] = None
+    student_logits_key: Optional[str] = None
+    teacher_logits_key: Optional[str] = None
+
+
+@dataclass
 class DistillationSpec:
     """Every argument of :class:`composer_kd.Distillation`.
 
@@ -188,6 +217,8 @@ class DistillationSpec:
     ``cosine``). ``start`` / ``end`` are Composer time strings or fractions of training. ``schedules`` may hold
     ``temperature``, ``org_loss_weight`` and ``kd_loss_weight`` schedules, which replace the constants.
     ``enabled: false`` trains the student alone (the teachers are still built, trained and evaluated).
+    ``tasks`` distils a multi-task student: one ``Distillation`` per task, each with its own teachers, weight and
+    temperature, while ``org_loss_weight`` weights the student's own loss once.
     """
 
     enabled: bool = True
@@ -200,6 +231,7 @@ class DistillationSpec:
     n_teachers_to_sample: Optional[int] = None
     schedules: dict[str, ScheduleSpec] = field(default_factory=dict)
     feature_pairs: list[FeaturePairSpec] = field(default_factory=list)
+    tasks: list[TaskSpec] = field(default_factory=list)
 
 
 @dataclass

@@ -13,13 +13,37 @@ import re
 from collections.abc import Iterable
 from typing import Optional
 
-from composer_kd.data import GLUE_TASKS, glue_files
+from composer_kd.data import DIGITS_TASKS, GLUE_TASKS, glue_files
 from composer_kd.losses import LOSSES
 from composer_kd.recipes.datasets import DATASETS
-from composer_kd.recipes.models import IMAGE_KINDS, MODEL_KINDS, TEXT_KINDS, find_pretrained, has_uri_scheme
-from composer_kd.recipes.schema import ComponentSpec, DataSpec, ModelSpec, OptimizerSpec, Recipe, TeacherSpec
+from composer_kd.recipes.models import (
+    IMAGE_KINDS,
+    MODEL_KINDS,
+    MULTITASK_KINDS,
+    TEXT_KINDS,
+    find_pretrained,
+    has_uri_scheme,
+)
+from composer_kd.recipes.schema import (
+    ComponentSpec,
+    DataSpec,
+    ModelSpec,
+    OptimizerSpec,
+    Recipe,
+    TaskSpec,
+    TeacherSpec,
+)
 
-__all__ = ['check_recipe', 'composer_algorithm', 'composer_logger', 'composer_scheduler', 'optimizer_class']
+__all__ = [
+    'check_recipe',
+    'composer_algorithm',
+    'composer_logger',
+    'composer_scheduler',
+    'data_tasks',
+    'model_tasks',
+    'optimizer_class',
+    'task_teachers',
+]
 
 _LOSS_ALIASES = ('mean_square_error', 'cosine_distance', 'kl_divergence')
 _SCHEDULE_KINDS = ('constant', 'linear', 'cosine')
@@ -30,6 +54,25 @@ _FEATURE_LOSSES = ('mse', 'cosine', 'attention_map', 'attention_probs')
 # Algorithms that rewrite class-index targets, which hidden labels (-100) would break.
 _LABEL_MIXING = ('LabelSmoothing', 'MixUp', 'CutMix')
 _TIME = re.compile(r'^\s*(\d+(\.\d*)?|\.\d+)\s*(ep|ba|sp|tok|dur)\s*$')
+_TASK_NAME = re.compile(r'[A-Za-z0-9_-]+')
+
+
+def data_tasks(recipe: Recipe) -> list[str]:
+    """The tasks of the recipe's data (``data.digits.tasks``); empty for single-task data."""
+    return list(recipe.data.digits.tasks) if recipe.data.name == 'digits' else []
+
+
+def model_tasks(spec: ModelSpec, recipe: Recipe) -> list[str]:
+    """The heads a model of the recipe has on multi-task data: its ``tasks``, else every task of the data."""
+    return list(spec.tasks) or data_tasks(recipe)
+
+
+def task_teachers(recipe: Recipe, task: TaskSpec) -> list[int]:
+    """The indices of a task's teachers: those it names, else every teacher with the head it reads."""
+    if task.teachers:
+        return list(task.teachers)
+    head = task.teacher_logits_key or task.student_logits_key or task.name
+    return [i for i, spec in enumerate(recipe.teachers) if head in model_tasks(spec, recipe)]
 
 
 def _nearest(name: str, known: Iterable[str]) -> str:
@@ -364,6 +407,106 @@ def _time_or_fraction(value: str):
         return value
 
 
+def _check_model_heads(recipe: Recipe, problems: _Problems) -> None:
+    tasks = data_tasks(recipe)
+    if recipe.data.name == 'digits':
+        for i, name in enumerate(tasks):
+            if name not in DIGITS_TASKS:
+                problems.add(
+                    f'data.digits.tasks.{i}',
+                    f'unknown task {name!r}{_nearest(name, DIGITS_TASKS)} (known: {", ".join(DIGITS_TASKS)})',
+                )
+            elif name in tasks[:i]:
+                problems.add(f'data.digits.tasks.{i}', f'task {name!r} is listed twice')
+    models = [('student', recipe.student), *((f'teachers.{i}', t) for i, t in enumerate(recipe.teachers))]
+    for key, spec in models:
+        if spec.tasks and not tasks:
+            problems.add(f'{key}.tasks', 'needs multi-task data: name the tasks in data.digits.tasks')
+            continue
+        for j, name in enumerate(spec.tasks):
+            if name not in tasks:
+                problems.add(
+                    f'{key}.tasks.{j}',
+                    f'{name!r} is not a task of the data{_nearest(name, tasks)} '
+                    f'(data.digits.tasks: {", ".join(tasks)})',
+                )
+        if tasks and spec.kind in MODEL_KINDS and spec.kind not in MULTITASK_KINDS:
+            problems.add(
+                f'{key}.kind',
+                f'multi-task data needs a model of kind {" or ".join(MULTITASK_KINDS)} (one head per task), '
+                f'got {spec.kind!r}',
+            )
+
+
+def _check_task(recipe: Recipe, i: int, task: TaskSpec, student_heads: list[str], problems: _Problems) -> None:
+    key = f'distillation.tasks.{i}'
+    if not _TASK_NAME.fullmatch(task.name):
+        problems.add(f'{key}.name', f'expected letters, digits, _ and - only, got {task.name!r}')
+    earlier = [t.name for t in recipe.distillation.tasks[:i]]
+    if task.name in earlier:
+        problems.add(
+            f'{key}.name', f'task {task.name!r} is already distilled by distillation.tasks.{earlier.index(task.name)}'
+        )
+    student_head = task.student_logits_key or task.name
+    if student_head not in student_heads:
+        problems.add(
+            f'{key}.{"student_logits_key" if task.student_logits_key else "name"}',
+            f'the student has no head {student_head!r}{_nearest(student_head, student_heads)} '
+            f'(its heads: {", ".join(student_heads)})',
+        )
+    known = sorted({*LOSSES, *_LOSS_ALIASES})
+    if task.loss is not None and task.loss not in known:
+        problems.add(
+            f'{key}.loss', f'unknown loss {task.loss!r}{_nearest(task.loss, known)} (known: {", ".join(known)})'
+        )
+    if task.temperature is not None and not task.temperature > 0:
+        problems.add(f'{key}.temperature', f'expected a number > 0, got {task.temperature}')
+    if task.kd_loss_weight is not None and task.kd_loss_weight < 0:
+        problems.add(f'{key}.kd_loss_weight', f'expected a number >= 0, got {task.kd_loss_weight}')
+    teacher_head = task.teacher_logits_key or student_head
+    n_teachers = len(recipe.teachers)
+    for j, index in enumerate(task.teachers):
+        if not 0 <= index < n_teachers:
+            problems.add(f'{key}.teachers.{j}', f'expected a teacher index from 0 to {n_teachers - 1}, got {index}')
+            continue
+        heads = model_tasks(recipe.teachers[index], recipe)
+        if teacher_head not in heads:
+            problems.add(
+                f'{key}.teachers.{j}',
+                f'teacher {index} has no head {teacher_head!r} (its heads: {", ".join(heads)}); give it that task '
+                f'in teachers.{index}.tasks, or read another head with teacher_logits_key',
+            )
+    if not task.teachers and not task_teachers(recipe, task):
+        problems.add(f'{key}.teachers', f"no teacher has a head {teacher_head!r}: name the task's teachers by index")
+
+
+def _check_tasks(recipe: Recipe, problems: _Problems) -> None:
+    """The multi-task form: ``distillation.tasks`` against the data's tasks and the models' heads."""
+    _check_model_heads(recipe, problems)
+    d, tasks = recipe.distillation, data_tasks(recipe)
+    if not d.tasks:
+        if tasks and d.enabled:
+            problems.add(
+                'distillation.tasks',
+                'required with multi-task data (data.digits.tasks): one entry per task to distil, e.g. '
+                '[{name: digit, teachers: [0]}]',
+            )
+        return
+    if not tasks:
+        problems.add('distillation.tasks', 'needs multi-task data: name the tasks in data.digits.tasks')
+        return
+    if d.feature_pairs:
+        problems.add('distillation.feature_pairs', 'cannot be combined with distillation.tasks')
+    if d.n_teachers_to_sample is not None:
+        problems.add('distillation.n_teachers_to_sample', 'cannot be combined with distillation.tasks')
+    for name in ('temperature', 'kd_loss_weight'):
+        if name in d.schedules:
+            problems.add(f'distillation.schedules.{name}', f"with distillation.tasks, set each task's {name}")
+    student_heads = model_tasks(recipe.student, recipe)
+    for i, task in enumerate(d.tasks):
+        _check_task(recipe, i, task, student_heads, problems)
+
+
 def check_recipe(recipe: Recipe) -> list[str]:
     """Every problem that would stop ``recipe`` from running, each starting with its dotted key.
 
@@ -389,6 +532,8 @@ def check_recipe(recipe: Recipe) -> list[str]:
     _check_data(recipe.data, 'data', problems, recipe.student)
     _check_distillation(recipe, problems)
     _check_compression(recipe, problems)
+
+    _check_tasks(recipe, problems)
     _check_optimizer(recipe.optimizer, 'optimizer', problems)
     _check_component(recipe.scheduler, 'scheduler', problems, 'scheduler')
     hidden_labels = recipe.data.name == 'digits' and recipe.data.digits.keep_unlabelled and recipe.data.digits.per_class

@@ -1,0 +1,663 @@
+"""``distill()``: knowledge distillation in one call, reported like ``composer-kd train`` reports a recipe.
+
+It takes the models and data a Composer user already has, builds an ordinary ``Trainer`` with
+:class:`~composer_kd.Distillation` in its algorithms, and runs it through
+:func:`~composer_kd.recipes.run.fit_and_report`, the same core that runs every recipe: so its report is a
+:class:`~composer_kd.recipes.run.RunSummary` with the teachers', the distilled student's and (with
+``baseline=True``) the student alone's metrics, parameters and training time, the distillation ratio, the
+inference speed-up and the wall time.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import inspect
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Optional, Union
+
+import torch
+from composer import Trainer
+from composer.core import Algorithm, Callback, DataSpec, Evaluator, Precision, Time
+from composer.devices import Device
+from composer.loggers import LoggerDestination
+from composer.models import ComposerClassifier, ComposerModel, HuggingFaceModel
+from composer.utils import dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from composer_kd.distillation import Distillation, KDLossFn
+from composer_kd.losses import LOSSES, get_loss
+from composer_kd.multitask import DistillationTask, MultiTaskClassifier, task_distillations
+from composer_kd.outputs import extract_logits, run_teacher
+from composer_kd.recipes.build import evaluate_model
+from composer_kd.recipes.models import classifier, hugging_face_classifier
+from composer_kd.recipes.run import RunSummary, TeacherEntry, fit_and_report
+from composer_kd.recipes.validate import optimizer_class
+from composer_kd.schedules import ScheduleOrValue
+from composer_kd.teachers import FrozenTeachers, TeacherSpec, resolve_teachers
+
+__all__ = ['DistillResult', 'distill']
+
+_DEVICES = ('cpu', 'gpu', 'mps', 'tpu', 'neuron')
+# Distillation's arguments that distill() sets from its own: they cannot come through **options.
+_SET_BY_DISTILL = {
+    'teachers': 'pass the teacher(s) as the first argument',
+    'kd_loss_fn': 'pass the loss as kd_loss= (a name such as "kl", or a callable)',
+}
+# Distillation's arguments that each task sets for itself under tasks=.
+_PER_TASK = ('name', 'student_logits_key', 'teacher_logits_key')
+
+# Trainer arguments distill() sets itself, and the distill() argument that sets each.
+_OWN_TRAINER_ARGUMENTS = {
+    'model': 'the student',
+    'train_dataloader': 'train_data',
+    'eval_dataloader': 'eval_data',
+    'eval_interval': 'eval_interval=',
+    'max_duration': 'max_duration=',
+    'optimizers': 'optimizer=',
+    'algorithms': 'algorithms=',
+    'callbacks': 'callbacks=',
+    'loggers': 'loggers=',
+    'precision': 'precision=',
+    'device': 'device=',
+    'seed': 'seed=',
+    'save_folder': 'save_folder=',
+    'progress_bar': 'progress_bar=',
+    'log_to_console': 'loggers=',
+}
+
+
+class DistillResult(NamedTuple):
+    """What :func:`distill` returns; unpack it as ``student, report = distill(...)``.
+
+    Attributes:
+        student: The student that was passed in, trained in place.
+        report (RunSummary): Every model's metrics, parameters and training time, the distillation ratio
+            (``report.ratio``), the inference speed-up (``report.speedup``) and the wall time; print it with
+            :func:`~composer_kd.recipes.report.format_summary`.
+    """
+
+    student: Any
+    report: RunSummary
+
+
+def _is_hf_pretrained(model: Any) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _describe(model: Any) -> str:
+    if isinstance(model, ComposerClassifier):
+        return f'ComposerClassifier({type(model.module).__name__})'
+    if isinstance(model, HuggingFaceModel):
+        return f'HuggingFaceModel({type(model.model).__name__})'
+    return type(model).__name__
+
+
+def _check_choice(name: str, value: Any, known: Sequence[str], extra: tuple[type, ...] = ()) -> None:
+    if value is None or isinstance(value, extra) or (isinstance(value, str) and value in known):
+        return
+    close = difflib.get_close_matches(str(value), list(known), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ''
+    raise ValueError(f'{name}: unknown value {value!r}{hint} (known: {", ".join(known)}, or None).')
+
+
+def _check_options(options: Mapping[str, Any]) -> None:
+    """Refuse keywords that are neither :func:`distill`'s nor ``Distillation``'s, naming the nearest known one."""
+    allowed = set(inspect.signature(Distillation.__init__).parameters) - {'self'}
+    own = set(inspect.signature(distill).parameters) - {'options'}
+    for key in options:
+        if key in _SET_BY_DISTILL:
+            raise TypeError(f'distill() sets {key!r} itself: {_SET_BY_DISTILL[key]}.')
+        if key not in allowed:
+            close = difflib.get_close_matches(key, sorted(allowed | own), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ''
+            raise TypeError(
+                f'distill() got an unexpected keyword argument {key!r}{hint} (besides its own options it takes '
+                f'those of Distillation: {", ".join(sorted(allowed - set(_SET_BY_DISTILL)))}).'
+            )
+
+
+def _check_trainer_kwargs(trainer_kwargs: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    trainer_kwargs = dict(trainer_kwargs or {})
+    accepted = set(inspect.signature(Trainer.__init__).parameters) - {'self'}
+    for key in trainer_kwargs:
+        if key not in accepted:
+            raise TypeError(f'trainer_kwargs: Trainer has no argument {key!r}.')
+        if key in _OWN_TRAINER_ARGUMENTS:
+            raise TypeError(f'trainer_kwargs: {key!r} is set by distill(); pass it as {_OWN_TRAINER_ARGUMENTS[key]}.')
+    return trainer_kwargs
+
+
+def _check_settings(
+    integers: Mapping[str, tuple[Any, int]],
+    flags: Mapping[str, Any],
+    num_classes: Any,
+    max_duration: Any,
+) -> None:
+    """Refuse integers below their minimum, flags that are not booleans, and a malformed duration, by name."""
+    for name, (value, minimum) in integers.items():
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+            raise ValueError(f'{name} must be an integer >= {minimum}, got {value!r}.')
+    if num_classes is not None and not (isinstance(num_classes, int) and num_classes >= 1):
+        raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}.')
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f'{name} must be True or False, got {flag!r}.')
+    try:
+        Time.from_input(max_duration)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"max_duration: {e} (expected e.g. '10ep', '500ba' or an integer number of epochs)") from e
+
+
+def _check_sequence(name: str, values: Sequence[Any], kind: type) -> list[Any]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        values = [values]
+    for i, value in enumerate(values):
+        if not isinstance(value, kind):
+            raise TypeError(f'{name}[{i}] must be a Composer {kind.__name__}, got {type(value).__name__}.')
+    return list(values)
+
+
+def _loader(data: Any, name: str, batch_size: int, shuffle: bool, seed: int) -> Union[DataLoader, DataSpec]:
+    """A DataLoader or DataSpec as it is; a map-style dataset in a DataLoader with Composer's seeded sampler."""
+    if isinstance(data, (DataLoader, DataSpec)):
+        return data
+    is_dataset = hasattr(data, '__getitem__') and hasattr(data, '__len__')
+    if not is_dataset or isinstance(data, (str, bytes, Mapping, torch.Tensor)):
+        raise TypeError(
+            f'{name} must be a map-style dataset (e.g. a torch Dataset), a DataLoader or a Composer DataSpec, '
+            f'got {type(data).__name__}.'
+        )
+    if len(data) == 0:
+        raise ValueError(f'{name} is empty.')
+    return DataLoader(data, batch_size=batch_size, sampler=dist.get_sampler(data, shuffle=shuffle, seed=seed))
+
+
+def _first_batch(loader: Union[DataLoader, DataSpec], name: str) -> Any:
+    dataloader = loader.dataloader if isinstance(loader, DataSpec) else loader
+    for batch in dataloader:
+        return batch
+    raise ValueError(f'{name} gives no batch.')
+
+
+def _to_device_of(module: nn.Module, batch: Any) -> Any:
+    parameter = next(module.parameters(), None)
+    if parameter is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(parameter.device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device_of(module, v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device_of(module, v) for v in batch)
+    return batch
+
+
+def _probe(module: nn.Module, call) -> Any:
+    """``call()`` with every module of ``module`` in eval mode and no gradient; the modes are given back."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            return call()
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _plain_inputs(batch: Any, name: str) -> Any:
+    if isinstance(batch, (list, tuple)) and len(batch) == 2:
+        return batch[0]
+    raise TypeError(
+        f'{name}: a plain nn.Module is trained as a classifier on (inputs, targets) batches, but the data gives '
+        f'batches of type {type(batch).__name__}; wrap the model in a ComposerModel (its own loss and metrics) '
+        'for other batches.'
+    )
+
+
+def _class_count(output: Any, name: str) -> int:
+    if not isinstance(output, torch.Tensor) or output.ndim != 2:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise TypeError(
+            f'{name}: a plain nn.Module must return class logits [batch, classes], got {shape}; wrap it in a '
+            'ComposerModel (its own loss and metrics) to distil other outputs.'
+        )
+    return int(output.shape[-1])
+
+
+def _composer_student(student: Any, batch: Any, num_classes: Optional[int], multitask: bool) -> ComposerModel:
+    """The student as a ComposerModel: as it is, in a HuggingFaceModel, or in a ComposerClassifier."""
+    if isinstance(student, ComposerModel):
+        return student
+    if multitask:
+        raise TypeError(
+            'student: with tasks=, the student must be a ComposerModel with one output per task (e.g. '
+            f'composer_kd.MultiTaskClassifier), got {type(student).__name__}.'
+        )
+    if _is_hf_pretrained(student):
+        labels = int(student.config.num_labels)
+        if num_classes is not None and num_classes != labels:
+            raise ValueError(f'num_classes={num_classes} but the Hugging Face student has num_labels={labels}.')
+        return hugging_face_classifier(student, labels)
+    if isinstance(student, nn.Module):
+        inputs = _plain_inputs(batch, 'train_data')
+        width = _class_count(_probe(student, lambda: student(_to_device_of(student, inputs))), 'student')
+        if num_classes is not None and num_classes != width:
+            raise ValueError(f'num_classes={num_classes} but the student returns {width} logits per example.')
+        return classifier(student, width)
+    raise TypeError(
+        'student must be an nn.Module, a ComposerModel or a Hugging Face PreTrainedModel, '
+        f'got {type(student).__name__}.'
+    )
+
+
+def _evaluable_teacher(
+    teacher: nn.Module, name: str, batch: Any, student_classes: Optional[int], task: Optional[str], key: Any
+) -> Optional[nn.Module]:
+    """A form of ``teacher`` a Trainer evaluates: itself when it is a ComposerModel, else a thin wrapper.
+
+    The wrapper holds the teacher itself (no copy), so what is evaluated is exactly what taught. A plain
+    module is run once on ``batch`` (as ``Distillation`` will run it) to read its number of classes, which must
+    be the student's. ``None`` when its labels cannot be told apart in the batch (a plain module fed by
+    ``input_key`` from a batch that is not ``(inputs, targets)`` nor multi-task).
+    """
+    if isinstance(teacher, ComposerModel):
+        return teacher
+    if _is_hf_pretrained(teacher):
+        return hugging_face_classifier(teacher, int(teacher.config.num_labels))
+    output = _probe(teacher, lambda: run_teacher(teacher, _to_device_of(teacher, batch), key))
+    width = _class_count(extract_logits(output, role='teacher'), name)
+    if task is not None:
+        return MultiTaskClassifier(nn.Identity(), {task: teacher}, num_classes={task: width})
+    if student_classes is not None and width != student_classes:
+        raise ValueError(
+            f'{name} returns {width} logits per example but the student {student_classes}: they must share one '
+            'label set.'
+        )
+    pair = isinstance(batch, (list, tuple)) and len(batch) == 2
+    return classifier(teacher, width) if pair and key is None else None
+
+
+def _optimizer(optimizer: Any, lr: float, weight_decay: float, model: nn.Module) -> torch.optim.Optimizer:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        # A fresh one of the same kind and settings, e.g. for the student alone.
+        return type(optimizer)(model.parameters(), **optimizer.defaults)
+    cls = optimizer_class(optimizer) if isinstance(optimizer, str) else optimizer
+    return cls(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def _check_optimizer(optimizer: Any, lr: Any, weight_decay: Any, student: nn.Module) -> None:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        own = {id(p) for p in student.parameters()}
+        if any(id(p) not in own for group in optimizer.param_groups for p in group['params']):
+            raise ValueError("optimizer: it holds parameters that are not the student's.")
+        return
+    if isinstance(optimizer, str):
+        if optimizer_class(optimizer) is None:
+            raise ValueError(
+                f'optimizer: unknown optimizer {optimizer!r} (expected a class name of composer.optim or torch.optim, '
+                'an optimizer class, or an optimizer over the student)'
+            )
+    elif not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
+        raise TypeError(f'optimizer must be a name, an Optimizer class or instance, got {type(optimizer).__name__}.')
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
+        raise ValueError(f'lr must be a number > 0, got {lr!r}.')
+    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+        raise ValueError(f'weight_decay must be a number >= 0, got {weight_decay!r}.')
+
+
+def _kd_loss_fn(kd_loss: Union[str, KDLossFn], temperature: Optional[ScheduleOrValue]) -> KDLossFn:
+    if callable(kd_loss):
+        return kd_loss
+    if not isinstance(kd_loss, str):
+        raise TypeError(f'kd_loss must be a loss name or a callable, got {type(kd_loss).__name__}.')
+    try:
+        cls = LOSSES[
+            {'mean_square_error': 'mse', 'cosine_distance': 'cosine', 'kl_divergence': 'kl'}.get(kd_loss, kd_loss)
+        ]
+    except KeyError:
+        close = difflib.get_close_matches(kd_loss, list(LOSSES), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ''
+        raise ValueError(f'kd_loss: unknown loss {kd_loss!r}{hint} (known: {", ".join(LOSSES)}).') from None
+    constant = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+    if constant and 'temperature' in inspect.signature(cls).parameters:
+        return get_loss(kd_loss, temperature=temperature)
+    return get_loss(kd_loss)
+
+
+def _resolve(teachers: TeacherSpec, name: str) -> list[nn.Module]:
+    try:
+        return resolve_teachers(teachers)
+    except (TypeError, ValueError, FileNotFoundError) as e:
+        raise type(e)(f'{name}: {e}') from e
+
+
+def _resolve_tasks(tasks: Any, options: Mapping[str, Any]) -> list[DistillationTask]:
+    """Copies of the tasks, as ``DistillationTask`` s with their teachers resolved (checkpoints loaded)."""
+    per_task = [key for key in _PER_TASK if key in options]
+    if per_task:
+        raise TypeError(f'{per_task[0]}: with tasks=, each task sets its own (a DistillationTask field).')
+    if isinstance(tasks, (str, bytes, Mapping)) or not isinstance(tasks, Sequence) or not tasks:
+        raise TypeError('tasks must be a non-empty list of DistillationTask or dicts of its fields.')
+    resolved = []
+    for i, task in enumerate(tasks):
+        try:
+            task = DistillationTask(**task) if isinstance(task, Mapping) else task
+        except TypeError as e:
+            raise TypeError(f'tasks[{i}]: {e}') from e
+        if not isinstance(task, DistillationTask):
+            raise TypeError(f'tasks[{i}] must be a DistillationTask or a dict, got {type(task).__name__}.')
+        resolved.append(copy.copy(task))
+        resolved[-1].teachers = _resolve(task.teachers, f'tasks[{i}].teachers')
+    return resolved
+
+
+def _eval_loaders(eval_data: Any, batch_size: int, seed: int) -> dict[str, Union[DataLoader, DataSpec]]:
+    """``{split: loader}``: ``eval_data``'s splits, or its one split named ``'eval'``; empty for ``None``."""
+    if eval_data is None:
+        return {}
+    if isinstance(eval_data, Mapping):
+        if not eval_data or not all(isinstance(k, str) for k in eval_data):
+            raise TypeError('eval_data: a mapping must be {split name: data}, with at least one split.')
+        return {
+            split: _loader(data, f'eval_data[{split!r}]', batch_size, shuffle=False, seed=seed)
+            for split, data in eval_data.items()
+        }
+    return {'eval': _loader(eval_data, 'eval_data', batch_size, shuffle=False, seed=seed)}
+
+
+def _prepare_tasks(
+    task_list: list[DistillationTask],
+    sample: Any,
+    options: Mapping[str, Any],
+    kd_loss: Union[str, KDLossFn],
+    temperature: Optional[ScheduleOrValue],
+) -> list[tuple[nn.Module, Optional[nn.Module], str]]:
+    """Complete each task with distill()'s defaults; ``(teacher, evaluable form, description)`` per teacher."""
+    entries = []
+    for i, task in enumerate(task_list):
+        task.options = {**options, **task.options}
+        plain = [not isinstance(m, ComposerModel) and not _is_hf_pretrained(m) for m in task.teachers]
+        if all(plain) and isinstance(sample, Mapping) and 'inputs' in sample:
+            # Plain modules read the inputs of a multi-task batch {'inputs': x, task: labels, ...}.
+            task.options.setdefault('input_key', 'inputs')
+        for j, module in enumerate(task.teachers):
+            name = f'tasks[{i}].teachers[{j}]'
+            wrapped = _evaluable_teacher(module, name, sample, None, task.name, task.options.get('input_key'))
+            entries.append((module, wrapped, f'{_describe(module)} for task {task.name}'))
+        if task.kd_loss_fn is None:  # distill()'s loss, at the task's temperature or distill()'s
+            task.temperature = task.temperature if task.temperature is not None else temperature
+            task.kd_loss_fn = (
+                _kd_loss_fn(kd_loss, task.temperature) if isinstance(kd_loss, str) else copy.deepcopy(kd_loss)
+            )
+    return entries
+
+
+class _Placement:
+    """The devices of some modules' parameters, to put them back where they were."""
+
+    def __init__(self, modules: Sequence[nn.Module]):
+        self._devices = [(m, {p.device for p in m.parameters()}) for m in modules]
+
+    def restore(self) -> None:
+        for module, devices in self._devices:
+            if len(devices) == 1:
+                module.to(next(iter(devices)))
+
+
+def distill(
+    teacher: Optional[TeacherSpec],
+    student: Any,
+    train_data: Any,
+    eval_data: Any = None,
+    *,
+    num_classes: Optional[int] = None,
+    tasks: Optional[Sequence[Union[DistillationTask, Mapping[str, Any]]]] = None,
+    kd_loss: Union[str, KDLossFn] = 'kl',
+    temperature: Optional[ScheduleOrValue] = None,
+    org_loss_weight: ScheduleOrValue = 1.0,
+    kd_loss_weight: ScheduleOrValue = 1.0,
+    max_duration: Union[str, int, Time] = '1ep',
+    optimizer: Union[str, type, torch.optim.Optimizer] = 'Adam',
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    batch_size: int = 32,
+    eval_batch_size: int = 256,
+    seed: int = 17,
+    device: Optional[Union[str, Device]] = None,
+    precision: Optional[Union[str, Precision]] = None,
+    baseline: bool = False,
+    algorithms: Sequence[Algorithm] = (),
+    callbacks: Sequence[Callback] = (),
+    loggers: Sequence[LoggerDestination] = (),
+    save_folder: Optional[str] = None,
+    eval_interval: Optional[Union[str, int]] = None,
+    progress_bar: bool = False,
+    measure_speed: bool = True,
+    trainer_kwargs: Optional[Mapping[str, Any]] = None,
+    **options: Any,
+) -> DistillResult:
+    """Distil ``teacher`` into ``student`` on ``train_data`` with a Composer ``Trainer``, and report.
+
+    The student (and, where it is not one already, its wrapper) is trained in place by an ordinary ``Trainer``
+    holding ``Distillation`` in its ``algorithms``; the teachers are never changed: their weights, modes,
+    ``requires_grad`` flags and devices are as they were when this returns. With ``baseline=True`` a copy of
+    the student as it was given is also trained alone, with the same batches, budget, optimizer settings, other
+    algorithms and seed, and the report carries the distillation ratio. Every argument is checked, and every
+    problem named, before any weight changes.
+
+    Models may be given as Composer takes them: a ``ComposerModel`` is used as it is; a Hugging Face
+    ``PreTrainedModel`` is wrapped in ``HuggingFaceModel`` (accuracy on its ``num_labels``); a plain
+    ``nn.Module`` classifier (on ``(inputs, targets)`` batches) in a ``ComposerClassifier`` whose class count is
+    read from its output (or checked against ``num_classes``). Data may be a map-style dataset (batched by
+    ``batch_size`` / ``eval_batch_size`` with Composer's seeded sampler), a ``DataLoader`` or a ``DataSpec``.
+
+    Args:
+        teacher: The teacher(s), in any form ``Distillation`` takes: a model, a list of models (their logits
+            averaged), or ``{checkpoint_path: model}``. ``None`` with ``tasks``.
+        student: The model to train.
+        train_data: Training data.
+        eval_data (optional): Evaluation data, or ``{split: data}``; the first split is the report's headline.
+            Default: none (the report then has parameters and times but no metrics).
+        num_classes (int, optional): Classes of a plain ``nn.Module`` student. Default: read from its output.
+        tasks (Sequence[DistillationTask | dict], optional): Multi-task distillation: one named
+            ``Distillation`` per task (see :func:`~composer_kd.multitask.task_distillations`), each with its own
+            teachers, weight and temperature; ``org_loss_weight`` weights the student's own loss once, and
+            ``kd_loss``, ``temperature`` and the other options are each task's defaults. Default: none.
+        kd_loss (str | Callable, optional): A loss name of ``composer_kd.LOSSES`` (``'kl'``, ``'js'``, ...) or a
+            callable ``(student_logits, teacher_logits) -> scalar``. Default: ``'kl'``.
+        temperature (float | Schedule, optional): The softening temperature. Default: ``None``, the loss's own
+            (4.0 for the named losses that take one).
+        org_loss_weight (float | Schedule, optional): Weight of the student's own loss. Default: ``1.0``.
+        kd_loss_weight (float | Schedule, optional): Weight of the distillation loss. Default: ``1.0``.
+        max_duration (str | int | Time, optional): Training budget (``'10ep'``, ``'500ba'``). Default: ``'1ep'``.
+        optimizer (str | type | Optimizer, optional): A class name of ``composer.optim`` or ``torch.optim``, an
+            optimizer class (built with ``lr`` and ``weight_decay``), or an optimizer over the student's
+            parameters. Default: ``'Adam'``.
+        lr (float, optional): Learning rate. Default: ``1e-3``.
+        weight_decay (float, optional): Weight decay. Default: ``0.0``.
+        batch_size (int, optional): Training batch size, for a dataset. Default: ``32``.
+        eval_batch_size (int, optional): Evaluation batch size, for a dataset. Default: ``256``.
+        seed (int, optional): Seed of initialization-free randomness: batch order, dropout. Default: ``17``.
+        device (str | Device, optional): Composer device. Default: the accelerator if there is one.
+        precision (str | Precision, optional): Composer precision, e.g. ``'amp_bf16'``. Default: the device's.
+        baseline (bool, optional): Also train the student alone, for the distillation ratio. Default: ``False``.
+        algorithms (Sequence[Algorithm], optional): Other Composer algorithms (copies go to the student alone).
+        callbacks (Sequence[Callback], optional): Callbacks of the distilled student's trainer.
+        loggers (Sequence[LoggerDestination], optional): Logger destinations of the distilled student's trainer.
+        save_folder (str, optional): Where the distilled student's checkpoints go. Default: none saved.
+        eval_interval (str | int, optional): Also evaluate during training, this often (logged). Default:
+            ``None``, only at the end, for the report.
+        progress_bar (bool, optional): Composer's progress bar. Default: ``False``.
+        measure_speed (bool, optional): Time teacher 0's and the student's inference on the first evaluation
+            batch (its first 64 examples). Default: ``True``.
+        trainer_kwargs (Mapping, optional): Any other ``Trainer`` argument (``schedulers``,
+            ``device_train_microbatch_size``, ``save_interval``, ...).
+        **options: Any other ``Distillation`` argument (``n_teachers_to_sample``, ``start``, ``end``,
+            ``input_key``, ``student_logits_key``, ``feature_pairs``, ``teacher_inference``, ``name``, ...).
+
+    Returns:
+        DistillResult: ``(student, report)``: the student passed in, trained, and the run's
+        :class:`~composer_kd.recipes.run.RunSummary`.
+
+    Raises:
+        TypeError: If an argument has the wrong kind (the message names it), or an option is unknown.
+        ValueError: If a value is out of range or models and data do not fit together (named likewise).
+
+    Example:
+        .. testcode::
+
+            import torch
+            from torch.utils.data import TensorDataset
+            from composer_kd import distill
+
+            x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+            teacher = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+            student, report = distill(
+                teacher, torch.nn.Linear(8, 3), TensorDataset(x, y), TensorDataset(x, y), device='cpu', temperature=2.0
+            )
+            assert [m.role for m in report.models] == ['teacher 0', 'student (distilled)']
+    """
+    started = time.perf_counter()
+    _check_options(options)
+    trainer_kwargs = _check_trainer_kwargs(trainer_kwargs)
+    _check_settings(
+        integers={'seed': (seed, 0), 'batch_size': (batch_size, 1), 'eval_batch_size': (eval_batch_size, 1)},
+        flags={'baseline': baseline, 'measure_speed': measure_speed, 'progress_bar': progress_bar},
+        num_classes=num_classes,
+        max_duration=max_duration,
+    )
+    _check_choice('device', device, _DEVICES, (Device,))
+    _check_choice('precision', precision, [p.value for p in Precision], (Precision,))
+    algorithms = _check_sequence('algorithms', algorithms, Algorithm)
+    callbacks = _check_sequence('callbacks', callbacks, Callback)
+    loggers = _check_sequence('loggers', loggers, LoggerDestination)
+    if any(isinstance(a, Distillation) for a in algorithms):
+        raise ValueError('algorithms: distill() adds its own Distillation; use tasks= for several.')
+    kd_loss_fn = _kd_loss_fn(kd_loss, temperature)
+
+    # Teachers: resolved (checkpoints loaded) and their state recorded, to be given back exactly.
+    multitask = tasks is not None
+    if multitask:
+        if teacher is not None:
+            raise ValueError('teacher: with tasks=, each task names its own teachers; pass teacher=None.')
+        task_list = _resolve_tasks(tasks, options)
+        teacher_modules = [t for task in task_list for t in task.teachers]
+    else:
+        if teacher is None:
+            raise TypeError('teacher is required (a model, a list of models, or {checkpoint: model}).')
+        teacher_modules = _resolve(teacher, 'teacher')
+    if not (isinstance(student, nn.Module)):
+        raise TypeError(
+            'student must be an nn.Module, a ComposerModel or a Hugging Face PreTrainedModel, '
+            f'got {type(student).__name__}.'
+        )
+    student_parameters = {id(p) for p in student.parameters()}
+    for i, module in enumerate(teacher_modules):
+        if module is student or any(id(p) in student_parameters for p in module.parameters()):
+            raise ValueError(
+                f'teacher {i} shares parameters with the student; a teacher must be a separate, fixed model '
+                '(copy it with copy.deepcopy if it starts from the same weights).'
+            )
+
+    train_loader = _loader(train_data, 'train_data', batch_size, shuffle=True, seed=seed)
+    eval_loaders = _eval_loaders(eval_data, eval_batch_size, seed)
+    sample = _first_batch(train_loader, 'train_data')
+
+    composer_student = _composer_student(student, sample, num_classes, multitask)
+    _check_optimizer(optimizer, lr, weight_decay, composer_student)
+    student_classes = getattr(composer_student, 'num_classes', None)
+    if multitask:
+        entries = _prepare_tasks(task_list, sample, options, kd_loss, temperature)
+        distillations = task_distillations(task_list, org_loss_weight=org_loss_weight)
+    else:
+        entries = [
+            (
+                module,
+                _evaluable_teacher(module, f'teacher {i}', sample, student_classes, None, options.get('input_key')),
+                _describe(module),
+            )
+            for i, module in enumerate(teacher_modules)
+        ]
+        distillations = [
+            Distillation(
+                teachers=teacher_modules,
+                kd_loss_fn=kd_loss_fn,
+                org_loss_weight=org_loss_weight,
+                kd_loss_weight=kd_loss_weight,
+                temperature=temperature,
+                **options,
+            )
+        ]
+
+    # Everything is checked; from here on the models are used. The teachers' state is put back at the end.
+    frozen, placement = FrozenTeachers(teacher_modules), _Placement(teacher_modules)
+    frozen.freeze()
+    try:
+        alone = copy.deepcopy(composer_student) if baseline else None
+        alone_algorithms = copy.deepcopy(algorithms) if baseline else []
+        trainer_options = dict(
+            train_dataloader=train_loader,
+            max_duration=max_duration,
+            precision=precision,
+            device=device,
+            seed=seed,
+            progress_bar=progress_bar,
+            log_to_console=False,
+            **trainer_kwargs,
+        )
+        evaluators = [Evaluator(label=split, dataloader=loader) for split, loader in eval_loaders.items()]
+        trainer = Trainer(
+            model=composer_student,
+            optimizers=optimizer
+            if isinstance(optimizer, torch.optim.Optimizer)
+            else _optimizer(optimizer, lr, weight_decay, composer_student),
+            algorithms=[*algorithms, *distillations],
+            callbacks=callbacks,
+            loggers=loggers,
+            save_folder=save_folder,
+            eval_dataloader=evaluators if eval_interval is not None and evaluators else None,
+            eval_interval=eval_interval if eval_interval is not None else 1,
+            **trainer_options,
+        )
+
+        def student_alone() -> tuple[ComposerModel, Trainer]:
+            assert alone is not None
+            return alone, Trainer(
+                model=alone,
+                optimizers=_optimizer(optimizer, lr, weight_decay, alone),
+                algorithms=alone_algorithms,
+                **trainer_options,
+            )
+
+        def evaluate(model: nn.Module) -> dict[str, dict[str, float]]:
+            return evaluate_model(model, eval_loaders, device=device, precision=precision, seed=seed)
+
+        speed_batch = None
+        if measure_speed and entries[0][1] is not None:  # a teacher is timed as it is evaluated
+            speed_batch = _first_batch(next(iter(eval_loaders.values())), 'eval_data') if eval_loaders else sample
+        report = fit_and_report(
+            'distill()',
+            composer_student,
+            trainer,
+            evaluate,
+            seed=seed,
+            teachers=[
+                TeacherEntry(model=wrapped or module, description=description, evaluated=wrapped is not None)
+                for module, wrapped, description in entries
+            ],
+            student_description=_describe(student),
+            student_alone=student_alone if baseline else None,
+            speed_batch=speed_batch,
+            started=started,
+        )
+    finally:
+        frozen.restore()
+        placement.restore()
+    return DistillResult(student, report)

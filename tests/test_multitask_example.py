@@ -1,0 +1,76 @@
+"""examples/multitask_distillation.py in a tiny setting: its report, its loss formula, its validation search."""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from composer_kd.recipes.run import distillation_ratio
+
+EXAMPLE = Path(__file__).resolve().parents[1] / 'examples' / 'multitask_distillation.py'
+TINY = ['--teacher-epochs', '1', '--student-batches', '4', '--device', 'cpu']
+
+
+@pytest.fixture(scope='module')
+def example():
+    spec = importlib.util.spec_from_file_location('composer_kd_example_multitask', EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    yield module
+    torch.set_num_threads(threads)  # main() runs on one thread; give the other tests theirs back
+
+
+def test_report_is_consistent_and_the_loss_is_each_task_s_term_on_the_labels_once(example):
+    printed = []
+    results = example.main(['--seeds', '2', *TINY], echo=printed.append)
+    settings = results['settings']
+    assert settings == example.DEFAULTS and results['seeds'] == [0, 1]
+    for run in results['runs']:
+        losses = run['losses']
+        w = settings['kd_loss_weight']
+        assert losses['original'] == pytest.approx(losses['ce/digit'] + losses['ce/parity'], rel=1e-5)
+        expected = (1 - w) * losses['original'] + w * losses['kd/digit'] + w * losses['kd/parity']
+        assert losses['total'] == pytest.approx(expected, rel=1e-5)
+    for task, row in results['tasks'].items():
+        for model in ('teacher', 'student_alone', 'student_distilled'):
+            per_seed = [run['test'][model][task] for run in results['runs']]
+            assert row['test_accuracy'][model]['mean'] == pytest.approx(statistics.fmean(per_seed))
+            assert all(0.0 <= v <= 1.0 for v in per_seed)
+        means = {m: row['test_accuracy'][m]['mean'] for m in row['test_accuracy']}
+        assert row['distillation_ratio'] == distillation_ratio(
+            means['teacher'], means['student_alone'], means['student_distilled']
+        )
+    assert printed[-1] == example.format_results(results)
+
+
+def test_accuracy_is_the_share_of_correct_predictions_per_head(example):
+    data = example.load_data(per_class=10)
+    torch.manual_seed(0)
+    student = example.student_model()
+    accuracy = example.accuracy(student, data['test'])
+    with torch.no_grad():
+        outputs = student({'inputs': data['test'].inputs})
+    assert set(accuracy) == {'digit', 'parity'}
+    for task, value in accuracy.items():
+        predicted, labels = outputs[task].argmax(1).tolist(), data['test'].labels[task].tolist()
+        correct = sum(int(p == t) for p, t in zip(predicted, labels, strict=True))
+        assert value == pytest.approx(correct / len(data['test']))
+    assert int((data['train'].labels['digit'] != -100).sum()) == 100 and len(data['teacher_train']) == 897
+
+
+def test_the_sweep_chooses_on_validation(example):
+    printed = []
+    results = example.main(['--sweep', '--sweep-seeds', '1', '--seeds', '1', *TINY], echo=printed.append)
+    search = results['sweep']
+    best_lr = max(search['student_alone'], key=search['student_alone'].get)
+    best = max(search['distilled'], key=lambda row: row['val_accuracy'])
+    assert all(row['lr'] == best_lr for row in search['distilled'])
+    assert len(search['distilled']) == 3 * 3 * 2
+    assert search['chosen'] == results['settings'] == {k: best[k] for k in example.DEFAULTS}

@@ -277,6 +277,13 @@ def test_float16_storage_refuses_logits_beyond_its_range():
         cache.record(torch.tensor([0, 1]), torch.tensor([[1.0, 7e4], [0.0, 1.0]]))
 
 
+def test_an_index_outside_the_dataset_is_named():
+    cache = TeacherCache()
+    cache.bind({'x': 1}, n_rows=4)
+    with pytest.raises(IndexError, match='Example index 7 is outside the training dataset of 4 examples'):
+        cache.record(torch.tensor([0, 7]), torch.zeros(2, 3))
+
+
 # ---- top-k --------------------------------------------------------------------------------------------------
 
 
@@ -485,14 +492,16 @@ def test_resume_gives_the_uninterrupted_trajectory(tmp_path, where, stop):
 
 def test_a_checkpoint_cache_from_another_teacher_is_refused(tmp_path):
     checkpointed_fit(tmp_path / 'a', [Distillation(make_teacher(), teacher_cache=TeacherCache())], '1ep', '1ep')
+    cache = TeacherCache()
     with pytest.raises(StaleTeacherCacheError, match='saved in the checkpoint'):
         checkpointed_fit(
             tmp_path / 'b',
-            [Distillation(make_teacher(seed=9), teacher_cache=TeacherCache())],
+            [Distillation(make_teacher(seed=9), teacher_cache=cache)],
             '2ep',
             '1ep',
             load_path=str(tmp_path / 'a' / 'ba5.pt'),
         )
+    assert cache.n_recorded == 0  # the refused outputs are gone, not kept for a later fit
 
 
 # ---- docs ---------------------------------------------------------------------------------------------------

@@ -1180,7 +1180,8 @@ class TeacherCache:
         The settings must be those the fit will use (``Trainer(precision=...)``, ``Distillation(input_key=...,
         teacher_logits_key=...)``, and no ``teacher_inference`` dtype), or the fit refuses the cache as recorded
         for other settings. Examples already recorded are skipped. Teachers are run in eval mode without gradients
-        and given back in the mode they had; they are moved to ``device``.
+        and given back in the mode they had; they are moved to ``device``. With several processes, call it on every
+        process: each records what its dataloader yields, then they share it (see :meth:`exchange`).
 
         Args:
             teachers (nn.Module | Sequence[nn.Module]): The teacher or teachers (as loaded; the fit must get the same

@@ -809,6 +809,7 @@ class TeacherCache:
             restored, self._restored = self._restored, None
             differences = _differences(restored['fingerprint'], fingerprint)
             if differences:
+                self._table, self._row_shape = None, None  # never to be used, not even by a later fit
                 raise StaleTeacherCacheError(
                     f'The {self._where()} saved in the checkpoint was recorded for another teacher or data '
                     f'({"; ".join(differences)}); it is not used. Resume with the teacher and data it was recorded '
@@ -920,11 +921,13 @@ class TeacherCache:
 
     def _check_rows(self, rows: torch.Tensor) -> torch.Tensor:
         rows = rows.reshape(-1).to('cpu', torch.long)
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self._n_rows):
-            raise IndexError(
-                f'Example index {int(rows.max()) if int(rows.max()) >= self._n_rows else int(rows.min())} is outside '
-                f'the training dataset of {self._n_rows} examples the teacher cache was bound to.'
-            )
+        if rows.numel():
+            low, high = (int(v) for v in rows.aminmax())
+            if low < 0 or high >= self._n_rows:
+                raise IndexError(
+                    f'Example index {high if high >= self._n_rows else low} is outside the training dataset of '
+                    f'{self._n_rows} examples the teacher cache was bound to.'
+                )
         return rows
 
     def lookup(self, rows: torch.Tensor, device: Union[str, torch.device] = 'cpu') -> Optional[torch.Tensor]:
@@ -1177,7 +1180,8 @@ class TeacherCache:
         The settings must be those the fit will use (``Trainer(precision=...)``, ``Distillation(input_key=...,
         teacher_logits_key=...)``, and no ``teacher_inference`` dtype), or the fit refuses the cache as recorded
         for other settings. Examples already recorded are skipped. Teachers are run in eval mode without gradients
-        and given back in the mode they had; they are moved to ``device``.
+        and given back in the mode they had; they are moved to ``device``. With several processes, call it on every
+        process: each records what its dataloader yields, then they share it (see :meth:`exchange`).
 
         Args:
             teachers (nn.Module | Sequence[nn.Module]): The teacher or teachers (as loaded; the fit must get the same

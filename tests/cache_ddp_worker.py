@@ -42,7 +42,7 @@ def main() -> None:
         trainer = Trainer(
             model=student,
             train_dataloader=DataLoader(dataset, batch_size=6, sampler=dist.get_sampler(dataset, shuffle=True)),
-            max_duration='3ep',
+            max_duration='2ep',
             optimizers=torch.optim.SGD(student.parameters(), lr=0.5),
             algorithms=[Distillation(teacher, KLDivergence(2.0), 0.5, 0.5, teacher_cache=cache[name])],
             device='cpu',
@@ -53,7 +53,7 @@ def main() -> None:
         trainer.fit()
         results[name] = {
             'weights': {k: v.detach().clone() for k, v in student.state_dict().items()},
-            'calls_per_epoch': dist.all_gather_object([epochs.count(e) for e in range(3)]),
+            'calls_per_epoch': dist.all_gather_object([epochs.count(e) for e in range(2)]),
             'recorded': cache[name].n_recorded if cache[name] is not None else None,
         }
     if dist.get_global_rank() == 0:

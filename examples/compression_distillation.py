@@ -23,7 +23,7 @@ this one process, on one thread, fp32 and int8 in alternating blocks.
 
 Run it with::
 
-    python examples/compression_distillation.py                  # 5 seeds, about 20 minutes on a busy CPU
+    python examples/compression_distillation.py                  # 5 seeds, about 25 minutes on a busy CPU
     python examples/compression_distillation.py --seeds 0 1 --sparsities 0.5 0.9
     python examples/compression_distillation.py --seeds 0 --teacher-epochs 1 --student-batches 10 \\
         --finetune-batches 5 --qat-lrs 0.01 --finetune-lrs 0.01 --sparsities 0.5 --latency-repeats 4  # seconds
@@ -141,7 +141,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         '--structured-sparsities', type=float, nargs='*', default=[0.5], help='shares of hidden units removed'
     )
     parser.add_argument('--finetune-batches', type=int, default=200)
-    parser.add_argument('--finetune-lrs', type=float, nargs='+', default=[0.001, 0.003, 0.01, 0.03])
+    parser.add_argument('--finetune-lrs', type=float, nargs='+', default=[0.0003, 0.001, 0.003, 0.01, 0.03, 0.1])
     parser.add_argument('--latency-repeats', type=int, default=500, help='timed calls per model and batch size')
     parser.add_argument(
         '--latency-widths',

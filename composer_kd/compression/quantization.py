@@ -41,7 +41,7 @@ __all__ = [
 #: also listed in ``torch.backends.quantized.supported_engines``.
 QAT_BACKENDS = ('x86', 'fbgemm', 'qnnpack', 'onednn')
 
-# Where the backend is recorded on a prepared network (GraphModule.meta survives copies and checkpoints' rebuilds).
+# Where the backend is recorded on a prepared network (GraphModule.meta survives deep copies).
 _BACKEND_KEY = 'composer_kd_quantization_backend'
 
 #: Example inputs: one tensor, or a tuple of the network's positional arguments.

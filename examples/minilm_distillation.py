@@ -26,7 +26,7 @@ Then, for each of the two students, the setting with the best mean validation ac
 chosen, and only those are reported on the test split (mean ± sample std over seeds), with the
 distillation ratio and the speed-up. ``report.json`` in ``--output-dir`` holds every number. Run it with::
 
-    python examples/minilm_distillation.py --output-dir outputs/minilm           # 5 seeds
+    python examples/minilm_distillation.py --output-dir outputs/minilm           # seeds 0, 1, 2
     python examples/minilm_distillation.py --output-dir outputs/minilm --seeds 3 4  # some seeds, in parallel
     python examples/minilm_distillation.py --output-dir outputs/minilm --tiny    # seconds: a few steps, 1 seed
 """
@@ -507,7 +507,7 @@ def format_table(report: Mapping[str, Any]) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--output-dir', default='outputs/minilm', help='report.json, cached teachers and runs')
-    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3, 4])
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--teacher-epochs', type=int, default=3)
     parser.add_argument('--student-epochs', type=int, default=3)
     parser.add_argument('--teacher-lr', type=float, default=1e-4)

@@ -14,18 +14,19 @@ For each seed:
    under ``--output-dir``, so a later run with the same settings reuses it;
 2. the student is built with ``composer_kd.student_from_teacher_layers`` from the fine-tuned teacher: its
    embeddings, pooler, classification head and blocks 0 and 3 of 0-5 (``--student-layers``);
-3. copies of that student, all with identical batches, budget and seed, are trained on the labels alone (at each
-   ``--alone-lrs``) and with ``Distillation(teachers=teacher, kd_loss_fn=KLDivergence(T), org_loss_weight=1 - w,
-   kd_loss_weight=w)`` (at each ``--temperatures`` x ``--kd-weights``);
+3. copies of that student, all with identical batches, budget and seed, are trained on the labels alone and with
+   ``Distillation(teachers=teacher, kd_loss_fn=KLDivergence(T), org_loss_weight=1 - w, kd_loss_weight=w)``, at
+   each learning rate of ``--student-lrs`` (and, distilled, each ``--temperatures`` x ``--kd-weights``);
 4. every model is evaluated on the validation and test splits, and the student's inference speed is compared
-   with the teacher's (median of repeated timings in one run). Each seed's results are saved under
-   ``<output-dir>/runs``: seeds can run in separate processes, and a later run gathers them.
+   with the teacher's (median of repeated timings in one run). Each result is saved under
+   ``<output-dir>/runs``: seeds can run in separate processes, a wider grid reuses what was already trained, and
+   a later run only gathers them.
 
-Then the student alone's learning rate and the distillation setting with the best mean validation accuracy over
-the seeds are chosen, and only those are reported on the test split (mean ± sample std over seeds), with the
+Then, for each of the two students, the setting with the best mean validation accuracy over the seeds is
+chosen, and only those are reported on the test split (mean ± sample std over seeds), with the
 distillation ratio and the speed-up. ``report.json`` in ``--output-dir`` holds every number. Run it with::
 
-    python examples/minilm_distillation.py --output-dir outputs/minilm           # 5 seeds
+    python examples/minilm_distillation.py --output-dir outputs/minilm           # seeds 0, 1, 2
     python examples/minilm_distillation.py --output-dir outputs/minilm --seeds 3 4  # some seeds, in parallel
     python examples/minilm_distillation.py --output-dir outputs/minilm --tiny    # seconds: a few steps, 1 seed
 """
@@ -41,13 +42,14 @@ os.environ.setdefault('TRANSFORMERS_OFFLINE', '1')
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import functools  # noqa: E402
 import hashlib  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from collections.abc import Mapping, Sequence  # noqa: E402
+from collections.abc import Callable, Mapping, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from importlib import resources  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -76,7 +78,7 @@ TINY = {
     'seeds': [0],
     'teacher_epochs': 1,
     'student_epochs': 1,
-    'alone_lrs': [1e-4],
+    'student_lrs': [1e-4],
     'temperatures': [2.0],
     'kd_weights': [0.5, 0.9],
     'max_length': 12,
@@ -286,34 +288,53 @@ def alone_key(lr: float) -> str:
     return f'lr={lr:g}'
 
 
-def distilled_key(temperature: float, kd_weight: float) -> str:
-    return f'T={temperature:g} w={kd_weight:g}'
+def distilled_key(lr: float, temperature: float, kd_weight: float) -> str:
+    return f'lr={lr:g} T={temperature:g} w={kd_weight:g}'
 
 
-def train_students(
-    args: argparse.Namespace, seed: int, teacher: HuggingFaceModel, task: Task
-) -> tuple[dict[str, dict[str, dict[str, float]]], torch.nn.Module]:
-    """Train the student alone at each ``--alone-lrs`` and distilled at each ``--temperatures`` x ``--kd-weights``.
+class ResultCache:
+    """One seed's results, one JSON file each under ``<output-dir>/runs/seed<k>``, named by what they depend on.
 
-    Every student starts from the same copy of the teacher's layers and sees the same batches; distilled students
-    train at ``--student-lr``.
-
-    Returns:
-        Their accuracies, ``{'alone': {alone_key(lr): {'val', 'test'}}, 'distilled': {distilled_key(T, w): ...}}``,
-        and the initial student network (for timing).
+    Seeds can run in separate processes, a grid can be widened without retraining what it already held, and a
+    run whose results are all there only gathers them.
     """
-    initial = student_from_teacher_layers(teacher.model, args.student_layers)
-    results: dict[str, dict[str, dict[str, float]]] = {'alone': {}, 'distilled': {}}
-    for lr in args.alone_lrs:
-        student = task.composer_model(copy.deepcopy(initial))
-        trainer = fit(student, task.datasets['train'], args.student_epochs, lr, args, seed)
-        results['alone'][alone_key(lr)] = evaluate(trainer, task.datasets)
-    for temperature, kd_weight in itertools.product(args.temperatures, args.kd_weights):
-        student = task.composer_model(copy.deepcopy(initial))
-        algorithm = distillation(args, teacher, temperature, kd_weight)
-        trainer = fit(student, task.datasets['train'], args.student_epochs, args.student_lr, args, seed, [algorithm])
-        results['distilled'][distilled_key(temperature, kd_weight)] = evaluate(trainer, task.datasets)
-    return results, initial
+
+    def __init__(self, args: argparse.Namespace, seed: int):
+        self.folder = Path(args.output_dir) / 'runs' / f'seed{seed}'
+        self.depends_on = {
+            'teacher': teacher_cache_key(args, seed),
+            'student_layers': args.student_layers,
+            'student_epochs': args.student_epochs,
+            'max_eval': args.max_eval,
+        }
+        self.hits = self.misses = 0
+
+    def get(self, name: str, compute: Callable[[], dict[str, Any]], **depends_on: Any) -> dict[str, Any]:
+        """The result called ``name``, read from its file, or computed by ``compute()`` and saved."""
+        settings = json.dumps({**self.depends_on, **depends_on, 'name': name}, sort_keys=True)
+        path = self.folder / f'{name.replace(" ", "_")}-{hashlib.sha256(settings.encode()).hexdigest()[:12]}.json'
+        if path.exists():
+            self.hits += 1
+            return json.loads(path.read_text())
+        self.misses += 1
+        result = compute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        return result
+
+
+def train_student(
+    args: argparse.Namespace,
+    seed: int,
+    task: Task,
+    initial: torch.nn.Module,
+    lr: float,
+    algorithms: Sequence[Algorithm] = (),
+) -> dict[str, float]:
+    """Train a copy of ``initial`` and return its validation and test accuracy."""
+    student = task.composer_model(copy.deepcopy(initial))
+    trainer = fit(student, task.datasets['train'], args.student_epochs, lr, args, seed, algorithms)
+    return evaluate(trainer, task.datasets)
 
 
 def mean_std(values: Sequence[float]) -> dict[str, Any]:
@@ -342,49 +363,55 @@ def load_task(args: argparse.Namespace) -> Task:
     return Task(datasets, tokenizer, splits['train'].label_names)
 
 
-def run_cache_key(args: argparse.Namespace, seed: int) -> str:
-    """A name for one seed's results that changes with every setting they depend on."""
-    settings = {key: value for key, value in vars(args).items() if key not in ('output_dir', 'seeds', 'tiny')}
-    settings['seed'] = seed
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return f'seed{seed}-{digest}.json'
-
-
 def run_seed(args: argparse.Namespace, seed: int, task: Task) -> dict[str, Any]:
-    """Teacher and every student of one seed: accuracies, parameter counts, speed, times.
+    """Teacher and every student of one seed: accuracies, parameter counts and speed.
 
-    The results are kept under ``<output-dir>/runs``, so that seeds can run in separate processes and a later
-    run with the same settings only gathers them.
+    Every student starts from the same copy of the fine-tuned teacher's layers and sees the same batches: alone at
+    each ``--student-lrs``, distilled at each learning rate x ``--temperatures`` x ``--kd-weights``. Results
+    already in the :class:`ResultCache` are read, not recomputed; the teacher is only loaded when something needs
+    it.
     """
-    path = Path(args.output_dir) / 'runs' / run_cache_key(args, seed)
-    if path.exists():
-        return {**json.loads(path.read_text()), 'run_cached': True}
-    reproducibility.seed_all(seed)
-    start = time.perf_counter()
-    teacher, teacher_trainer, cached = fine_tuned_teacher(args, seed, task)
-    teacher_time = time.perf_counter() - start
-    teacher_accuracy = evaluate(teacher_trainer, task.datasets)
+    cache = ResultCache(args, seed)
 
-    start = time.perf_counter()
-    students, initial = train_students(args, seed, teacher, task)
-    student_time = time.perf_counter() - start
+    @functools.cache
+    def teacher() -> tuple[HuggingFaceModel, Trainer, bool]:
+        reproducibility.seed_all(seed)
+        return fine_tuned_teacher(args, seed, task)
 
-    test = task.datasets['test']
-    batch = trim_padding([test[i] for i in range(min(args.speed_examples, len(test)))])
-    speed_batch = {key: batch[key] for key in ('input_ids', 'attention_mask', 'token_type_ids')}
-    speed = measure_speedup(teacher.model, initial, speed_batch, repeats=args.speed_repeats)
-    run = {
-        'seed': seed,
-        'teacher_cached': cached,
-        'teacher': teacher_accuracy,
-        **students,
-        'parameters': {'teacher': count_parameters(teacher.model), 'student': count_parameters(initial)},
-        'speed': {**speed, 'batch_shape': list(speed_batch['input_ids'].shape)},
-        'train_seconds': {'teacher': teacher_time, 'students': student_time},
+    @functools.cache
+    def initial() -> torch.nn.Module:
+        return student_from_teacher_layers(teacher()[0].model, args.student_layers)
+
+    def speed() -> dict[str, Any]:
+        test = task.datasets['test']
+        batch = trim_padding([test[i] for i in range(min(args.speed_examples, len(test)))])
+        inputs = {key: batch[key] for key in ('input_ids', 'attention_mask', 'token_type_ids')}
+        timings = measure_speedup(teacher()[0].model, initial(), inputs, repeats=args.speed_repeats)
+        parameters = {'teacher': count_parameters(teacher()[0].model), 'student': count_parameters(initial())}
+        return {**timings, 'batch_shape': list(inputs['input_ids'].shape), 'parameters': parameters}
+
+    run: dict[str, Any] = {'seed': seed}
+    run['teacher'] = cache.get('teacher', lambda: evaluate(teacher()[1], task.datasets))
+    run['alone'] = {
+        alone_key(lr): cache.get(f'alone {alone_key(lr)}', lambda lr=lr: train_student(args, seed, task, initial(), lr))
+        for lr in args.student_lrs
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(run, indent=2))
-    return {**run, 'run_cached': False}
+    run['distilled'] = {}
+    for lr, temperature, kd_weight in itertools.product(args.student_lrs, args.temperatures, args.kd_weights):
+
+        def distil(lr=lr, temperature=temperature, kd_weight=kd_weight) -> dict[str, float]:
+            algorithm = distillation(args, teacher()[0], temperature, kd_weight)
+            return train_student(args, seed, task, initial(), lr, [algorithm])
+
+        key = distilled_key(lr, temperature, kd_weight)
+        run['distilled'][key] = cache.get(f'distilled {key}', distil)
+    measured = cache.get('speed', speed, examples=args.speed_examples, repeats=args.speed_repeats, threads=args.threads)
+    run['parameters'] = measured.pop('parameters')
+    run['speed'] = measured
+    # Whether the fine-tuned teacher came from its cache; None when no result needed it.
+    run['teacher_cached'] = teacher()[2] if teacher.cache_info().currsize else None
+    run['results_read'], run['results_computed'] = cache.hits, cache.misses
+    return run
 
 
 def select_on_validation(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -445,7 +472,7 @@ def format_table(report: Mapping[str, Any]) -> str:
     batch_shape = report['runs'][0]['speed']['batch_shape']
     layers = ', '.join(str(i) for i in settings['student_layers'])
     lines = ['validation accuracy, mean over seeds (the test split is not looked at):']
-    for kind, label in (('alone', 'student alone'), ('distilled', f'distilled, lr={settings["student_lr"]:g}')):
+    for kind, label in (('alone', 'student alone'), ('distilled', 'distilled')):
         for key, value in chosen['val_means'][kind].items():
             mark = '  <- chosen' if key == chosen[kind] else ''
             lines.append(f'  {label}, {key}: {value:.2%}{mark}')
@@ -480,12 +507,13 @@ def format_table(report: Mapping[str, Any]) -> str:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--output-dir', default='outputs/minilm', help='report.json, cached teachers and runs')
-    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2, 3, 4])
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--teacher-epochs', type=int, default=3)
     parser.add_argument('--student-epochs', type=int, default=3)
     parser.add_argument('--teacher-lr', type=float, default=1e-4)
-    parser.add_argument('--alone-lrs', type=float, nargs='+', default=[1e-4, 3e-4], help='tried for the student alone')
-    parser.add_argument('--student-lr', type=float, default=1e-4, help='learning rate of the distilled students')
+    parser.add_argument(
+        '--student-lrs', type=float, nargs='+', default=[1e-4, 3e-4], help='learning rates tried for both students'
+    )
     parser.add_argument('--student-layers', type=int, nargs='+', default=[0, 3], help='teacher blocks kept')
     parser.add_argument('--temperatures', type=float, nargs='+', default=[1.0, 4.0], help='KL temperatures tried')
     parser.add_argument(
@@ -550,7 +578,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         print(
             f'seed {seed}: val accuracy teacher {run["teacher"]["val"]:.2%}, student alone '
             f'{max(acc["val"] for acc in run["alone"].values()):.2%}, distilled {best["val"]:.2%} (best of each); '
-            f'speed-up {run["speed"]["speedup"]:.2f}x' + (' (from the cache)' if run['run_cached'] else ''),
+            f'speed-up {run["speed"]["speedup"]:.2f}x; {run["results_read"]} results read from the cache',
             flush=True,
         )
     selection = select_on_validation(runs)

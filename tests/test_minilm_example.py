@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -30,15 +31,16 @@ def example() -> ModuleType:
 def tiny_reports(example, tmp_path_factory) -> tuple[dict, dict, dict, Path]:
     """Three tiny runs into one folder.
 
-    The second changes only the timing, so it must reuse the first's fine-tuned teacher and retrain the students
-    from it; the third repeats the first, so it must only gather the first's saved results.
+    Before the second, the saved results are deleted, so it must retrain every student from the first's cached
+    teacher; the third must only read the results the second saved.
     """
     threads = torch.get_num_threads()
     out = tmp_path_factory.mktemp('minilm')
     argv = ['--tiny', '--output-dir', str(out), '--device', 'cpu']
     try:
         first = example.main(argv)
-        second = example.main([*argv, '--speed-repeats', '6'])
+        shutil.rmtree(out / 'runs')
+        second = example.main(argv)
         third = example.main(argv)
     finally:
         torch.set_num_threads(threads)
@@ -76,7 +78,7 @@ def test_tiny_run_reports_consistent_numbers(tiny_reports):
     assert report['settings']['student_layers'] == [0, 3]
     (run,) = report['runs']
     assert set(run['alone']) == {'lr=0.0001'}
-    assert set(run['distilled']) == {'T=2 w=0.5', 'T=2 w=0.9'}
+    assert set(run['distilled']) == {'lr=0.0001 T=2 w=0.5', 'lr=0.0001 T=2 w=0.9'}
     scores = [run['teacher'], *run['alone'].values(), *run['distilled'].values()]
     for score in scores:
         for split in ('val', 'test'):
@@ -113,15 +115,16 @@ def test_tiny_run_reports_consistent_numbers(tiny_reports):
 
 def test_later_runs_reuse_the_teacher_and_the_results(tiny_reports):
     first, second, third, out = tiny_reports
-    assert (first['runs'][0]['teacher_cached'], first['runs'][0]['run_cached']) == (False, False)
-    assert (second['runs'][0]['teacher_cached'], second['runs'][0]['run_cached']) == (True, False)
-    assert third['runs'][0]['run_cached'] is True
+    # Teacher accuracy, one student alone, two distilled, the timing: five results.
+    assert (first['runs'][0]['teacher_cached'], first['runs'][0]['results_computed']) == (False, 5)
+    assert (second['runs'][0]['teacher_cached'], second['runs'][0]['results_computed']) == (True, 5)
+    assert (third['runs'][0]['teacher_cached'], third['runs'][0]['results_read']) == (None, 5)
     assert len(list((out / 'teachers').glob('teacher-seed0-*.pt'))) == 1
-    assert len(list((out / 'runs').glob('seed0-*.json'))) == 2
+    assert len(list((out / 'runs' / 'seed0').glob('*.json'))) == 5
     # The same teacher, and students retrained from it with the same seed, score the same.
     for kind in ('teacher', 'alone', 'distilled'):
         assert second['runs'][0][kind] == first['runs'][0][kind]
-    assert third['per_seed'] == first['per_seed']
+    assert third['per_seed'] == second['per_seed']
 
 
 def test_selection_uses_validation_only(example):

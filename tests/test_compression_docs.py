@@ -6,9 +6,20 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 PAGE = Path(__file__).resolve().parents[1] / 'docs' / 'compression.md'
 BLOCKS = re.findall(r'```python\n(.*?)```', PAGE.read_text(), flags=re.DOTALL)
+
+
+@pytest.fixture
+def nondeterministic_algorithms_allowed():
+    """PyTorch's int8 kernels have no deterministic version, and tests that use Composer's deterministic_mode
+    leave deterministic algorithms switched on for the process: off here, restored after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    yield
+    torch.use_deterministic_algorithms(previous)
 
 
 def test_the_page_shows_quantization_pruning_and_recipes():
@@ -16,7 +27,7 @@ def test_the_page_shows_quantization_pruning_and_recipes():
 
 
 @pytest.mark.parametrize('index', range(len(BLOCKS)))
-def test_block_runs(index, tmp_path, monkeypatch):
+def test_block_runs(index, tmp_path, monkeypatch, nondeterministic_algorithms_allowed):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(BLOCKS[index], str(PAGE), 'exec'), namespace)

@@ -123,7 +123,17 @@ TINY_COMPRESSION = (
 ).split()
 
 
-def test_compression_example_prints_both_tables(capsys, tmp_path):
+@pytest.fixture
+def nondeterministic_algorithms_allowed():
+    """PyTorch's int8 kernels have no deterministic version, and tests that use Composer's deterministic_mode
+    leave deterministic algorithms switched on for the process: off here, restored after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def test_compression_example_prints_both_tables(capsys, tmp_path, nondeterministic_algorithms_allowed):
     compression = load_example('compression_distillation')
     results = compression.main([*TINY_COMPRESSION, '--json', str(tmp_path / 'results.json')])
     out = capsys.readouterr().out

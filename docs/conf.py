@@ -41,6 +41,8 @@ myst_heading_anchors = 3
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+# Attributes sections become fields of their class: a NamedTuple's fields are also members, documented twice otherwise.
+napoleon_use_ivar = True
 autodoc_member_order = 'bysource'
 autodoc_typehints = 'description'
 autodoc_typehints_description_target = 'documented'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,10 @@ def test_every_public_name_is_in_the_api_reference(html):
     missing = []
     for name in composer_kd.__all__:
         obj = getattr(composer_kd, name)
+        if inspect.ismodule(obj):  # an exported subpackage: its own automodule block documents it
+            if obj.__name__ not in documented:
+                missing.append(obj.__name__)
+            continue
         module = getattr(obj, '__module__', None) if callable(obj) else None
         module = module or next(
             m for m in ('composer_kd.losses', 'composer_kd.distillation') if name in importlib.import_module(m).__all__

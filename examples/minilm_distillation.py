@@ -435,7 +435,8 @@ def chosen_accuracies(run: Mapping[str, Any], chosen: Mapping[str, Any]) -> dict
         'student_distilled': run['distilled'][chosen['distilled']],
     }
     teacher, alone, distilled = (accuracy[role]['test'] for role in ('teacher', 'student_alone', 'student_distilled'))
-    ratio = (distilled - alone) / (teacher - alone) if teacher != alone else float('nan')
+    # Undefined (None) where the student alone already matches the teacher: there is no lead to close.
+    ratio = (distilled - alone) / (teacher - alone) if teacher != alone else None
     return {'seed': run['seed'], 'accuracy': accuracy, 'distillation_ratio': ratio, 'speed': run['speed']}
 
 
@@ -457,12 +458,27 @@ def summarize(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     summary['distilled_better_on'] = sum(
         run['accuracy']['student_distilled']['test'] > run['accuracy']['student_alone']['test'] for run in per_seed
     )
-    summary['distillation_ratio_of_means'] = gain / gap if gap != 0 else float('nan')
-    summary['distillation_ratio'] = mean_std([run['distillation_ratio'] for run in per_seed])
+    summary['distillation_ratio_of_means'] = gain / gap if gap != 0 else None
+    ratios = [run['distillation_ratio'] for run in per_seed if run['distillation_ratio'] is not None]
+    summary['distillation_ratio'] = (
+        {**mean_std(ratios), 'undefined_on': len(per_seed) - len(ratios)} if ratios else None
+    )
     summary['speedup'] = mean_std([run['speed']['speedup'] for run in per_seed])
     summary['teacher_ms'] = mean_std([run['speed']['teacher_ms'] for run in per_seed])
     summary['student_ms'] = mean_std([run['speed']['student_ms'] for run in per_seed])
     return summary
+
+
+def ratio_text(summary: Mapping[str, Any]) -> str:
+    """The distillation ratio on the means and per seed, saying where it is undefined."""
+    of_means = summary['distillation_ratio_of_means']
+    text = 'undefined on the means' if of_means is None else f'{of_means:.2f} on the means'
+    per_seed = summary['distillation_ratio']
+    if per_seed is None:
+        return text + ', undefined on every seed'
+    undefined = per_seed['undefined_on']
+    note = f' (undefined on {undefined} seed(s): student alone = teacher)' if undefined else ''
+    return f'{text}, {fmt(per_seed, percent=False)} per seed{note}'
 
 
 def format_table(report: Mapping[str, Any]) -> str:
@@ -494,8 +510,7 @@ def format_table(report: Mapping[str, Any]) -> str:
         f'seeds {settings["seeds"]}; mean ± sample std; test split {report["data"]["sizes"]["test"]} headlines',
         f'distilled - alone: {summary["distilled_minus_alone"] * 100:+.2f} points '
         f'(better on {summary["distilled_better_on"]} of {len(report["per_seed"])} seeds)',
-        f'distillation ratio (distilled - alone) / (teacher - alone): {summary["distillation_ratio_of_means"]:.2f} '
-        f'on the means, {fmt(summary["distillation_ratio"], percent=False)} per seed',
+        f'distillation ratio (distilled - alone) / (teacher - alone): {ratio_text(summary)}',
         f'student inference speed-up over the teacher: {fmt(summary["speedup"], percent=False)}x '
         f'({summary["teacher_ms"]["mean"]:.1f} vs {summary["student_ms"]["mean"]:.1f} ms per batch of '
         f'{batch_shape[0]} test headlines x {batch_shape[1]} tokens, {settings["threads"]} thread(s), '

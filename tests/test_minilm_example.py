@@ -104,7 +104,7 @@ def test_tiny_run_reports_consistent_numbers(tiny_reports):
     if teacher != alone:
         assert chosen['distillation_ratio'] == pytest.approx((distilled - alone) / (teacher - alone))
     else:
-        assert math.isnan(chosen['distillation_ratio'])
+        assert chosen['distillation_ratio'] is None
     summary = report['summary']
     assert summary['accuracy']['teacher']['test']['mean'] == pytest.approx(teacher)
     assert summary['distilled_minus_alone'] == pytest.approx(distilled - alone)
@@ -168,6 +168,13 @@ def test_summary_is_mean_and_sample_std(example):
     assert summary['distillation_ratio']['mean'] == pytest.approx((0.5 + 10 / 14) / 2)
     assert summary['distilled_better_on'] == 2
     assert summary['speedup']['mean'] == pytest.approx(2.5)
+    assert summary['distillation_ratio']['undefined_on'] == 0
+    # A seed whose student alone equals its teacher has no ratio; the others still average.
+    runs[1]['distillation_ratio'] = None
+    summary = example.summarize(runs)
+    assert summary['distillation_ratio']['mean'] == pytest.approx(0.5)
+    assert summary['distillation_ratio']['undefined_on'] == 1
+    assert 'undefined on 1 seed(s)' in example.ratio_text(summary)
 
 
 def test_bad_kd_weight_is_refused(example, capsys):

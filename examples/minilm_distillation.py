@@ -275,7 +275,8 @@ def measure_speedup(
     }
 
 
-def distillation(args: argparse.Namespace, teacher: HuggingFaceModel, temperature: float, kd_weight: float):
+def distillation(teacher: HuggingFaceModel, temperature: float, kd_weight: float) -> Distillation:
+    """KL distillation from ``teacher`` at ``temperature``, weighted ``kd_weight`` against ``1 - kd_weight``."""
     return Distillation(
         teachers=teacher,
         kd_loss_fn=KLDivergence(temperature=temperature),
@@ -400,7 +401,7 @@ def run_seed(args: argparse.Namespace, seed: int, task: Task) -> dict[str, Any]:
     for lr, temperature, kd_weight in itertools.product(args.student_lrs, args.temperatures, args.kd_weights):
 
         def distil(lr=lr, temperature=temperature, kd_weight=kd_weight) -> dict[str, float]:
-            algorithm = distillation(args, teacher()[0], temperature, kd_weight)
+            algorithm = distillation(teacher()[0], temperature, kd_weight)
             return train_student(args, seed, task, initial(), lr, [algorithm])
 
         key = distilled_key(lr, temperature, kd_weight)

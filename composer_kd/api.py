@@ -72,11 +72,21 @@ _OWN_TRAINER_ARGUMENTS = {
 class DistillResult(NamedTuple):
     """What :func:`distill` returns; unpack it as ``student, report = distill(...)``.
 
-    Attributes:
+    Args:
         student: The student that was passed in, trained in place.
         report (RunSummary): Every model's metrics, parameters and training time, the distillation ratio
             (``report.ratio``), the inference speed-up (``report.speedup``) and the wall time; print it with
             :func:`~composer_kd.recipes.report.format_summary`.
+
+    Example:
+        .. testcode::
+
+            from composer_kd import DistillResult
+            from composer_kd.recipes.run import RunSummary
+
+            result = DistillResult(student='the student', report=RunSummary('distill()', [], 'test', 'accuracy'))
+            student, report = result
+            assert student == 'the student' and report.ratio is None
     """
 
     student: Any

@@ -269,6 +269,14 @@ def indexed_collate(collate_fn: Optional[Callable[[list], Any]] = None, key: str
     The indices are taken off the examples, ``collate_fn`` collates the bare examples (so a padding collator
     never sees them), and the index tensor is attached to whatever it returns.
 
+    Args:
+        collate_fn (Callable, optional): Collates the examples without their indices. Default: PyTorch's
+            ``default_collate``.
+        key (str, optional): Where the index tensor goes in the batch. Default: ``'index'``.
+
+    Returns:
+        Callable[[list], Any]: The ``collate_fn`` to give the ``DataLoader``.
+
     Example:
         .. testcode::
 
@@ -576,7 +584,24 @@ def _differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[
 
 
 class StaleTeacherCacheError(ValueError):
-    """Recorded teacher outputs belong to another teacher, dataset or setting, and are not used."""
+    """Recorded teacher outputs belong to another teacher, dataset or setting, and are not used.
+
+    Raised by :class:`TeacherCache` with the path and what differs; a ``ValueError``, so code that treats bad
+    input generally still catches it.
+
+    Args:
+        message (str): What was refused, and why.
+
+    Example:
+        .. testcode::
+
+            from composer_kd import StaleTeacherCacheError
+
+            try:
+                raise StaleTeacherCacheError('cache/ was recorded for another teacher')
+            except ValueError as error:
+                assert 'another teacher' in str(error)
+    """
 
 
 # --------------------------------------------------------------------------------------------------------------

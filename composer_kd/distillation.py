@@ -138,8 +138,20 @@ class CombinedLoss(dict):
     adds its own terms to this one's instead of weighting the already combined total as if it were the model's
     own loss (see :func:`combine_losses`).
 
-    Attributes:
-        weights (dict[str, float]): The weight of each term that enters ``'total'``.
+    Args:
+        terms (Mapping[str, torch.Tensor]): The named terms, ``'total'`` among them.
+        weights (Mapping[str, float]): The weight of each term that enters ``'total'``, kept as ``.weights``.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import CombinedLoss, combine_losses
+
+            loss = combine_losses(torch.tensor(2.0), torch.tensor(3.0), org_loss_weight=0.1, kd_loss_weight=0.9)
+            assert isinstance(loss, CombinedLoss)
+            assert loss.weights == {'original': 0.1, 'kd': 0.9}
+            assert torch.isclose(loss['total'], torch.tensor(0.1 * 2.0 + 0.9 * 3.0))
     """
 
     def __init__(self, terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]):

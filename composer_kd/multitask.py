@@ -35,6 +35,21 @@ class TaskAccuracy(MulticlassAccuracy):
     Args:
         task (str): The task, which names both the model's output and the batch's labels.
         num_classes (int): The task's number of classes.
+
+    Returns:
+        torch.Tensor: From ``compute()``, the share of correct predictions among the known labels.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import TaskAccuracy
+            from composer_kd.data import IGNORE_INDEX
+
+            metric = TaskAccuracy('parity', num_classes=2)
+            logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+            metric.update(logits, torch.tensor([0, 0, IGNORE_INDEX]))  # the third label is hidden
+            assert metric.compute().item() == 0.5
     """
 
     def __init__(self, task: str, num_classes: int):
@@ -55,6 +70,9 @@ class MultiTaskClassifier(ComposerModel):
         heads (Mapping[str, nn.Module]): ``{task: head}``; each head maps the features to that task's logits.
         num_classes (Mapping[str, int], optional): Classes per task, for the metrics. Default: each head's
             ``out_features`` (so ``nn.Linear`` heads need nothing here).
+
+    Returns:
+        dict[str, torch.Tensor]: From a forward pass, ``{task: logits}``.
 
     Example:
         .. testcode::
@@ -133,6 +151,17 @@ class DistillationTask:
         teacher_logits_key (int | str | Callable, optional): The teachers' logits. Default: the student's key, or a
             teacher's output itself when it is a bare tensor.
         options (dict, optional): Any other ``Distillation`` keyword (``input_key``, ``start``, ...).
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import DistillationTask, task_distillations
+
+            parity_teacher = torch.nn.Linear(64, 2)
+            task = DistillationTask('parity', parity_teacher, kd_loss_weight=0.5, temperature=2.0)
+            (distillation,) = task_distillations([task], org_loss_weight=0.5)
+            assert distillation.name == 'parity' and distillation.kd_loss_weight == 0.5
     """
 
     name: str

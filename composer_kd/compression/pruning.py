@@ -298,6 +298,17 @@ def sparsity(model: nn.Module, modules: ModulePaths = None) -> float:
 
     Returns:
         float: Zeros over weights, in ``[0, 1]``; biases are not counted.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import sparsity
+
+            model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+            with torch.no_grad():
+                model[0].weight[:2] = 0.0  # 8 of the 16 + 8 weights
+            assert sparsity(model) == 8 / 24 and sparsity(model, '0') == 0.5
     """
     if modules is None:
         layers = [m for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]

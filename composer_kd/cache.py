@@ -31,7 +31,7 @@ from composer.utils import batch_get, dist
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from composer_kd.outputs import Key, extract_logits, run_teacher
+from composer_kd.outputs import Key, extract_logits, poisoned_rows, run_teacher
 
 __all__ = [
     'IndexedDataset',
@@ -996,7 +996,7 @@ class TeacherCache:
             )
         assert self._table is not None
         logits = logits.detach()
-        bad = (torch.isnan(logits) | torch.isposinf(logits)).reshape(len(rows), -1).any(dim=1)
+        bad = poisoned_rows(logits)
         data = self._encode(logits)
         keep = (~bad).to('cpu') & ~self._table.filled[rows]
         if not bool(keep.any()):

@@ -23,7 +23,15 @@ from composer_kd.features import (
     select_output,
 )
 from composer_kd.losses import KLDivergence
-from composer_kd.outputs import Key, extract_logits, is_causal_lm, padding_mask, run_teacher, token_mask
+from composer_kd.outputs import (
+    Key,
+    extract_logits,
+    is_causal_lm,
+    padding_mask,
+    poisoned_rows,
+    run_teacher,
+    token_mask,
+)
 from composer_kd.schedules import Schedule, ScheduleOrValue, value_at
 from composer_kd.teachers import FrozenTeachers, TeacherInference, TeacherRunner, TeacherSpec, resolve_teachers
 from composer_kd.window import TimeSpec, parse_time, reached, to_trainer_time
@@ -798,11 +806,11 @@ class Distillation(Algorithm):
         if self.teacher_cache is not None:
             assert rows is not None
             self.teacher_cache.record(rows, average_logits(teacher_logits))  # poisoned rows are not kept
-        # -inf is a legitimate "impossible class"; NaN and +inf would poison the student. Poisoned logits are
-        # zeroed (so no NaN reaches any gradient) and their terms dropped, all on the device.
-        poisoned = torch.stack([(torch.isnan(t) | torch.isposinf(t)).any() for t in teacher_logits]).any()
+        poisoned = torch.stack([poisoned_rows(t).any() for t in teacher_logits]).any()
         self._poisoned.append(poisoned)
-        teacher_logits = [torch.where(poisoned, torch.zeros_like(t), t) for t in teacher_logits]
+        # Zeroed (so no NaN reaches any gradient) on the device, without waiting for the flag: one new tensor per
+        # teacher, and the teacher's own output, which may be a tensor the user holds, is left as it was.
+        teacher_logits = [torch.where(poisoned, 0.0, t) for t in teacher_logits]
         return average_logits(teacher_logits), poisoned
 
     def _distill(self, state: State) -> None:
@@ -818,11 +826,11 @@ class Distillation(Algorithm):
         if self.feature_pairs:
             assert poisoned is not None  # feature pairs never come with a cache
             features = {
-                name: (torch.where(poisoned, torch.zeros_like(loss), loss), weight)
+                name: (torch.where(poisoned, 0.0, loss), weight)
                 for name, (loss, weight) in self._feature_losses(state, set(self._active_teachers)).items()
             }
             for capture in self._captures or ():
                 capture.clear()  # this microbatch's features are used; the next records its own
         if poisoned is not None:
-            kd_loss = torch.where(poisoned, torch.zeros_like(kd_loss), kd_loss)
+            kd_loss = torch.where(poisoned, 0.0, kd_loss)
         state.loss = combine_losses(state.loss, kd_loss, *self._weights, extra_terms=features, name=self.name)

@@ -12,7 +12,7 @@ from composer.utils import batch_get
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ['Key', 'extract_logits', 'is_causal_lm', 'padding_mask', 'run_teacher', 'token_mask']
+__all__ = ['Key', 'extract_logits', 'is_causal_lm', 'padding_mask', 'poisoned_rows', 'run_teacher', 'token_mask']
 
 #: How a part of a batch or an output is chosen, as Composer's ``batch_get`` takes it: an index, a key, an
 #: attribute name, or a callable receiving the whole object.
@@ -66,6 +66,35 @@ def extract_logits(output: Any, key: Optional[Key] = None, *, role: str = 'stude
             f'`{role}_logits_key=` (an index, a key, or a callable taking the output) to choose them.'
         )
     return logits
+
+
+def poisoned_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Which examples' logits hold NaN or +inf, the values that would poison a student's gradients.
+
+    ``-inf`` is a legitimate "impossible class" and does not count. One max-reduction per example (which
+    propagates NaN), so no logits-sized temporary is made: this runs on every distilled microbatch, on logits that
+    may span a large vocabulary.
+
+    Args:
+        logits (torch.Tensor): Logits with examples along the first dimension.
+
+    Returns:
+        torch.Tensor: A bool tensor with one entry per example, on the logits' device.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.outputs import poisoned_rows
+
+            inf, nan = float('inf'), float('nan')
+            logits = torch.tensor([[0.0, -inf], [nan, 1.0], [inf, 0.0]])
+            assert poisoned_rows(logits).tolist() == [False, True, True]
+    """
+    if logits.numel() == 0:
+        return torch.zeros(logits.shape[0] if logits.dim() else 1, dtype=torch.bool, device=logits.device)
+    largest = logits.amax(dim=tuple(range(1, logits.dim()))) if logits.dim() > 1 else logits.reshape(-1)
+    return ~(largest < float('inf'))
 
 
 def _forward_argument_names(model: nn.Module) -> Optional[frozenset[str]]:

@@ -473,6 +473,27 @@ def test_nonfinite_teacher_output_can_be_skipped_and_counted():
     assert all(torch.isfinite(p).all() for p in student.parameters())
 
 
+def test_poisoned_logits_the_user_holds_are_left_as_they_were():
+    """A teacher may hand back a tensor that lives on (here: a table of precomputed logits)."""
+
+    class TableTeacher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.anchor = nn.Parameter(torch.zeros(()))
+            self.table = torch.randn(8, N_CLASSES)
+            self.table[3, 1] = float('nan')
+
+        def forward(self, x):
+            return self.table[: x.shape[0]]
+
+    teacher = TableTeacher()
+    before = teacher.table.clone()
+    recorder = Recorder()
+    fit(make_student(), [Distillation(teacher, on_nonfinite_teacher='skip')], callbacks=[recorder])
+    torch.testing.assert_close(teacher.table, before, rtol=0, atol=0, equal_nan=True)
+    assert all(step['loss']['kd'].item() == 0.0 for step in recorder.steps)
+
+
 def test_minus_inf_teacher_logits_are_legitimate():
     recorder = Recorder()
     fit(make_student(), [Distillation(FlakyTeacher({0, 1, 2, 3}, -float('inf')))], callbacks=[recorder])

@@ -15,6 +15,7 @@ from composer_kd import (
     reverse_kl_divergence,
     soft_cross_entropy,
 )
+from composer_kd.outputs import poisoned_rows
 
 DIVERGENCES = {'kl': kl_divergence, 'reverse_kl': reverse_kl_divergence, 'js': jensen_shannon_divergence}
 DISTRIBUTION_LOSSES = {**DIVERGENCES, 'soft_ce': soft_cross_entropy}
@@ -105,3 +106,23 @@ def test_soft_cross_entropy_is_at_least_kl(case):
         student, teacher, temperature, mask=mask
     )
     assert difference.item() >= -1e-4 * temperature**2
+
+
+@st.composite
+def logits_with_nonfinite_values(draw):
+    """Logits of 1 to 3 dimensions mixing finite values, NaN, +inf and -inf, possibly non-contiguous."""
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
+    n = int(torch.tensor(shape).prod())
+    values = st.sampled_from([0.0, -3.5, 1e30, -1e30, float('nan'), float('inf'), -float('inf')])
+    logits = torch.tensor(draw(st.lists(values, min_size=n, max_size=n))).reshape(shape)
+    logits = logits.to(draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])))
+    if logits.dim() == 3 and draw(st.booleans()):
+        logits = logits.transpose(1, 2)  # a view whose memory is not in row order
+    return logits
+
+
+@settings(max_examples=80, deadline=None)
+@given(logits=logits_with_nonfinite_values())
+def test_poisoned_rows_matches_the_elementwise_definition(logits):
+    expected = (torch.isnan(logits) | torch.isposinf(logits)).reshape(logits.shape[0], -1).any(dim=1)
+    assert torch.equal(poisoned_rows(logits), expected)

@@ -27,8 +27,8 @@ from composer_kd.outputs import (
     Key,
     extract_logits,
     is_causal_lm,
+    logits_are_usable,
     padding_mask,
-    poisoned_rows,
     run_teacher,
     token_mask,
 )
@@ -128,7 +128,7 @@ def distillation_loss(
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f'kd_loss_fn must return a scalar tensor, got {shape}.')
-    return loss.reshape(())
+    return loss if loss.dim() == 0 else loss.reshape(())
 
 
 def _takes_mask(fn: Callable) -> bool:
@@ -233,12 +233,12 @@ def combine_losses(
     else:
         taken = {'original', *ours}
         if isinstance(original_loss, torch.Tensor):
-            terms = {'original': original_loss.mean()}
+            terms = {'original': _scalar(original_loss)}
         elif isinstance(original_loss, Mapping):
-            terms = {f'original_{k}' if k in taken else k: v.mean() for k, v in original_loss.items()}
+            terms = {f'original_{k}' if k in taken else k: _scalar(v) for k, v in original_loss.items()}
             terms['original'] = terms.pop('total') if 'total' in terms else sum(terms.values())
         elif isinstance(original_loss, Sequence) and not isinstance(original_loss, str):
-            terms = {f'original_{i}': v.mean() for i, v in enumerate(original_loss)}
+            terms = {f'original_{i}': _scalar(v) for i, v in enumerate(original_loss)}
             terms['original'] = sum(terms.values())
         else:
             raise TypeError(f'Cannot combine an original loss of type {type(original_loss).__name__}.')
@@ -250,6 +250,11 @@ def combine_losses(
     for key, weight in weights.items():
         total = weight * terms[key] if total is None else total + weight * terms[key]
     return CombinedLoss({**terms, 'total': total}, weights)
+
+
+def _scalar(loss: torch.Tensor) -> torch.Tensor:
+    # A 0-dim loss (the usual case) is used as it is: a mean over one element is still an op and its backward.
+    return loss if loss.dim() == 0 else loss.mean()
 
 
 def _check_scheduled(name: str, value: ScheduleOrValue, minimum: float, inclusive: bool) -> None:
@@ -270,6 +275,9 @@ def _largest(value: ScheduleOrValue) -> float:
 # Where the projections sit on the student during a fit (suffixed by the instance's name, if it has one).
 _PROJECTIONS_NAME = 'distillation_projections'
 _NAME = re.compile(r'[A-Za-z0-9_-]+')
+# The events every instance handles; each fit adds those its settings need (see ``Distillation._fit_start``).
+_FIT_BOUNDARIES = frozenset({Event.INIT, Event.FIT_START, Event.FIT_END})
+_CACHE_EVENTS = frozenset({Event.AFTER_DATALOADER, Event.BEFORE_TRAIN_BATCH, Event.AFTER_TRAIN_BATCH, Event.EPOCH_END})
 
 
 def _as_feature_pair(pair: Union[FeaturePair, Mapping[str, Any]], index: int) -> FeaturePair:
@@ -487,7 +495,8 @@ class Distillation(Algorithm):
         self.teacher_cache = teacher_cache
         self._runners: list[TeacherRunner] = []
         self._skipped = 0
-        self._poisoned: list[torch.Tensor] = []  # one device flag per distilled microbatch of the current batch
+        # One device flag per distilled microbatch of the current batch: were its teacher logits usable?
+        self._usable: list[torch.Tensor] = []
         self.feature_pairs = [_as_feature_pair(pair, i) for i, pair in enumerate(feature_pairs)]
         for i, pair in enumerate(self.feature_pairs):
             if not 0 <= pair.teacher_index < n_teachers:
@@ -507,6 +516,13 @@ class Distillation(Algorithm):
         self._active_teachers: list[int] = []
         self._causal = False
         self._weights = (0.0, 0.0)
+        self._events = _FIT_BOUNDARIES
+        self._poison_check_event = self._poison_event()
+
+    def __str__(self) -> str:
+        # Composer's engine formats this into a trace key every time the algorithm runs: keep it cheap. Within one
+        # trainer it is unique, as names are.
+        return 'Distillation' if self.name is None else f'Distillation(name={self.name!r})'
 
     def __repr__(self) -> str:
         # Kept short and free of the teachers' weights: Composer stores this string in every checkpoint.
@@ -537,47 +553,46 @@ class Distillation(Algorithm):
             self.teacher_cache.load_state_dict(state['teacher_cache'])
 
     def match(self, event: Event, state: State) -> bool:
-        if event in (Event.AFTER_DATALOADER, Event.BEFORE_TRAIN_BATCH, Event.EPOCH_END):
-            return self.teacher_cache is not None
-        if event == Event.AFTER_LOSS:
+        # Identity tests and one set lookup: match runs for every event of every step, and equality of
+        # Composer's events (a StringEnum) costs a Python call per comparison.
+        if event is Event.AFTER_LOSS:
             return bool(self._active_teachers)
-        if event == Event.INIT:
+        if event is self._poison_check_event and self._usable:
             return True
-        if event in (Event.AFTER_TRAIN_BATCH, Event.BATCH_END):
-            return bool(self.feature_pairs) or bool(self._poisoned) or self.teacher_cache is not None
-        return event in (Event.FIT_START, Event.BATCH_START, Event.FIT_END)
+        return event in self._events
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.INIT:
-            self._check_unique_name(state)
-            self._init_features(state)
-        elif event == Event.FIT_START:
-            self._fit_start(state)
-        elif event == Event.AFTER_DATALOADER:
-            assert self.teacher_cache is not None
-            self.teacher_cache.take_index(state)
-        elif event == Event.BEFORE_TRAIN_BATCH:
-            assert self.teacher_cache is not None
-            self.teacher_cache.start_microbatches()
-        elif event == Event.EPOCH_END:
-            assert self.teacher_cache is not None
-            self.teacher_cache.exchange(state.device.tensor_to_device)
-        elif event == Event.BATCH_START:
+        if event is Event.AFTER_LOSS:
+            self._distill(state)
+        elif event is Event.BATCH_START:
             self._active_teachers = self._teachers_for_batch(state)
             if self._active_teachers:
                 self._set_scheduled_values(state, logger)
             self._capture(bool(self._active_teachers))
-        elif event == Event.AFTER_LOSS:
-            self._distill(state)
-        elif event == Event.AFTER_TRAIN_BATCH:
-            if self.teacher_cache is not None:
+        elif event is Event.AFTER_TRAIN_BATCH or event is Event.BATCH_END:
+            if event is Event.AFTER_TRAIN_BATCH and self.teacher_cache is not None:
                 self.teacher_cache.finish_batch()
-            self._check_poisoned(state, logger, before_step=True)
-        elif event == Event.BATCH_END:
-            self._check_poisoned(state, logger, before_step=False)
-            self._capture(False)
-        elif event == Event.FIT_END:
+            if event is self._poison_check_event:
+                self._check_poisoned(state, logger)
+            if event is Event.BATCH_END:
+                self._capture(False)
+        elif event is Event.AFTER_DATALOADER:
+            assert self.teacher_cache is not None
+            self.teacher_cache.take_index(state)
+        elif event is Event.BEFORE_TRAIN_BATCH:
+            assert self.teacher_cache is not None
+            self.teacher_cache.start_microbatches()
+        elif event is Event.EPOCH_END:
+            assert self.teacher_cache is not None
+            self.teacher_cache.exchange(state.device.tensor_to_device)
+        elif event is Event.INIT:
+            self._check_unique_name(state)
+            self._init_features(state)
+        elif event is Event.FIT_START:
+            self._fit_start(state, logger)
+        elif event is Event.FIT_END:
             self._active_teachers = []
+            self._events = _FIT_BOUNDARIES
             self._remove_captures()
             self._attach_projections(False)
             for runner in self._runners:
@@ -586,6 +601,17 @@ class Distillation(Algorithm):
             self.teachers.restore()
             if self.teacher_cache is not None:
                 self.teacher_cache.flush()
+
+    def _varies_per_batch(self) -> bool:
+        """Whether the teachers that run or the values in force can change from one batch to the next."""
+        scheduled = (self.org_loss_weight, self.kd_loss_weight, self.temperature)
+        return (
+            bool(self.feature_pairs)  # feature capture is switched on and off around every batch
+            or self.n_teachers_to_sample is not None
+            or self.start.value != 0
+            or self.end is not None
+            or any(isinstance(value, Schedule) for value in scheduled)
+        )
 
     def _check_unique_name(self, state: State) -> None:
         for other in state.algorithms:
@@ -693,7 +719,12 @@ class Distillation(Algorithm):
             terms[f'feature_{i}'] = (pair.loss_fn(student, teacher, mask), pair.weight)
         return terms
 
-    def _fit_start(self, state: State) -> None:
+    def _poison_event(self) -> Event:
+        # To raise, before the optimizer step; to skip, after it, where Composer's own read of the loss has
+        # already waited for the device (so the check adds no stall).
+        return Event.AFTER_TRAIN_BATCH if self.on_nonfinite_teacher == 'raise' else Event.BATCH_END
+
+    def _fit_start(self, state: State, logger: Logger) -> None:
         student_params = {id(p) for p in state.model.parameters()}
         for i, teacher in enumerate(self.teachers.modules):
             if any(id(p) in student_params for p in teacher.parameters()):
@@ -730,6 +761,20 @@ class Distillation(Algorithm):
             )
         self._start = to_trainer_time(self.start, state)
         self._end = None if self.end is None else to_trainer_time(self.end, state)
+        # Only the events these settings need: every event an algorithm handles costs Composer's engine a trace
+        # and a log call, which on a GPU at millisecond steps is a visible share of the step.
+        events = set(_FIT_BOUNDARIES)
+        if self._varies_per_batch():
+            events.add(Event.BATCH_START)
+        else:
+            self._active_teachers = list(range(len(self.teachers.modules)))
+            self._set_scheduled_values(state, logger)
+        if self.feature_pairs:
+            events.add(Event.BATCH_END)
+        if self.teacher_cache is not None:
+            events |= _CACHE_EVENTS
+        self._events = frozenset(events)
+        self._poison_check_event = self._poison_event()
 
     def _teachers_for_batch(self, state: State) -> list[int]:
         """Indices of the teachers that run this batch: none outside the window, else all or a sample."""
@@ -756,19 +801,17 @@ class Distillation(Algorithm):
         if scheduled:
             logger.log_metrics(scheduled)
 
-    def _check_poisoned(self, state: State, logger: Logger, before_step: bool) -> None:
+    def _check_poisoned(self, state: State, logger: Logger) -> None:
         """Act on the microbatches whose teacher logits were poisoned: one host sync per batch.
 
         The flags stay on the device while the batch runs, so the teacher's forward pass never waits for the
         host; they are read once the backward passes are done, before the optimizer step (to raise) or after it
         (to count).
         """
-        if not self._poisoned:
+        if not self._usable:
             return
-        if before_step != (self.on_nonfinite_teacher == 'raise'):
-            return
-        n_poisoned = int(torch.stack(self._poisoned).sum())
-        self._poisoned = []
+        flags, self._usable = self._usable, []
+        n_poisoned = len(flags) - int(flags[0] if len(flags) == 1 else torch.stack(flags).sum())
         if not n_poisoned:
             return
         if self.on_nonfinite_teacher == 'raise':
@@ -783,7 +826,7 @@ class Distillation(Algorithm):
     def _teacher_logits(
         self, state: State, student_logits: torch.Tensor
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The (averaged) teacher logits of this microbatch and its device flag of poisoned logits.
+        """The (averaged) teacher logits of this microbatch and its device flag: are they free of NaN and +inf?
 
         From the cache when every example in the microbatch is recorded there (the flag is then ``None``: only
         finite outputs are ever recorded); otherwise from the teachers, recording their outputs.
@@ -803,19 +846,19 @@ class Distillation(Algorithm):
                 output = run_teacher(runner.module, runner.inputs(state.batch), self.input_key)
                 bare = self._bare_teacher_tensor_is_logits and isinstance(output, torch.Tensor)
                 teacher_logits.append(extract_logits(output, None if bare else self.teacher_logits_key, role='teacher'))
+        logits = average_logits(teacher_logits)  # NaN and +inf in any teacher's logits carry into their mean
         if self.teacher_cache is not None:
             assert rows is not None
-            self.teacher_cache.record(rows, average_logits(teacher_logits))  # poisoned rows are not kept
-        poisoned = torch.stack([poisoned_rows(t).any() for t in teacher_logits]).any()
-        self._poisoned.append(poisoned)
-        # Zeroed (so no NaN reaches any gradient) on the device, without waiting for the flag: one new tensor per
-        # teacher, and the teacher's own output, which may be a tensor the user holds, is left as it was.
-        teacher_logits = [torch.where(poisoned, 0.0, t) for t in teacher_logits]
-        return average_logits(teacher_logits), poisoned
+            self.teacher_cache.record(rows, logits)  # poisoned rows are not kept
+        usable = logits_are_usable(logits)
+        self._usable.append(usable)
+        # Zeroed when unusable (so no NaN reaches any gradient) on the device, without waiting for the flag; a new
+        # tensor, so the teacher's own output, which may be a tensor the user holds, is left as it was.
+        return torch.where(usable, logits, 0.0), usable
 
     def _distill(self, state: State) -> None:
         student_logits = extract_logits(state.outputs, self.student_logits_key, role='student')
-        teacher_logits, poisoned = self._teacher_logits(state, student_logits)
+        teacher_logits, usable = self._teacher_logits(state, student_logits)
         kd_loss = distillation_loss(
             student_logits,
             teacher_logits,
@@ -824,13 +867,13 @@ class Distillation(Algorithm):
         )
         features = {}
         if self.feature_pairs:
-            assert poisoned is not None  # feature pairs never come with a cache
+            assert usable is not None  # feature pairs never come with a cache
             features = {
-                name: (torch.where(poisoned, 0.0, loss), weight)
+                name: (torch.where(usable, loss, 0.0), weight)
                 for name, (loss, weight) in self._feature_losses(state, set(self._active_teachers)).items()
             }
             for capture in self._captures or ():
                 capture.clear()  # this microbatch's features are used; the next records its own
-        if poisoned is not None:
-            kd_loss = torch.where(poisoned, 0.0, kd_loss)
+        if usable is not None:
+            kd_loss = torch.where(usable, kd_loss, 0.0)
         state.loss = combine_losses(state.loss, kd_loss, *self._weights, extra_terms=features, name=self.name)

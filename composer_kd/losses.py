@@ -55,7 +55,7 @@ def _mean_over_positions(per_position: torch.Tensor, mask: Optional[torch.Tensor
             f'mask {tuple(mask.shape)} must have the shape of the inputs without the class dimension, '
             f'{tuple(per_position.shape)}.'
         )
-    kept = torch.where(mask, per_position, torch.zeros_like(per_position))
+    kept = torch.where(mask, per_position, 0.0)
     return kept.sum() / mask.sum().clamp(min=1)
 
 
@@ -68,7 +68,7 @@ def _kl_terms(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tenso
     p = log_p.exp()
     # Zero the log-ratio itself where p == 0: -inf - (-inf) is nan, and even a torch.where around the product
     # would let it back in through the product's gradient (0 * nan).
-    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
+    log_ratio = torch.where(p > 0, log_p - log_q, 0.0)
     return (p * log_ratio).sum(dim=dim)
 
 
@@ -292,8 +292,7 @@ def jensen_shannon_divergence(
         # Classes both give zero probability are kept out of logaddexp, whose gradient there is nan; they
         # contribute nothing either way.
         dead = torch.isneginf(log_p) & torch.isneginf(log_q)
-        zeros = torch.zeros_like(log_p)
-        log_m = torch.logaddexp(torch.where(dead, zeros, log_p), torch.where(dead, zeros, log_q)) - math.log(2.0)
+        log_m = torch.logaddexp(torch.where(dead, 0.0, log_p), torch.where(dead, 0.0, log_q)) - math.log(2.0)
         return 0.5 * _kl_terms(log_p, log_m, dim) + 0.5 * _kl_terms(log_q, log_m, dim)
 
     return _distribution_loss(terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
@@ -333,7 +332,7 @@ def soft_cross_entropy(
 
     def terms(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
         p = log_p.exp()
-        return -(p * torch.where(p > 0, log_q, torch.zeros_like(log_q))).sum(dim=dim)
+        return -(p * torch.where(p > 0, log_q, 0.0)).sum(dim=dim)
 
     return _distribution_loss(terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
 

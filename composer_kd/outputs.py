@@ -12,7 +12,16 @@ from composer.utils import batch_get
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ['Key', 'extract_logits', 'is_causal_lm', 'padding_mask', 'poisoned_rows', 'run_teacher', 'token_mask']
+__all__ = [
+    'Key',
+    'extract_logits',
+    'is_causal_lm',
+    'logits_are_usable',
+    'padding_mask',
+    'poisoned_rows',
+    'run_teacher',
+    'token_mask',
+]
 
 #: How a part of a batch or an output is chosen, as Composer's ``batch_get`` takes it: an index, a key, an
 #: attribute name, or a callable receiving the whole object.
@@ -95,6 +104,32 @@ def poisoned_rows(logits: torch.Tensor) -> torch.Tensor:
         return torch.zeros(logits.shape[0] if logits.dim() else 1, dtype=torch.bool, device=logits.device)
     largest = logits.amax(dim=tuple(range(1, logits.dim()))) if logits.dim() > 1 else logits.reshape(-1)
     return ~(largest < float('inf'))
+
+
+def logits_are_usable(logits: torch.Tensor) -> torch.Tensor:
+    """Whether no entry of ``logits`` is NaN or +inf (``-inf``, an "impossible class", is fine).
+
+    One reduction and one comparison, left on the logits' device so that asking never waits for it: the flag is
+    computed for every distilled microbatch and read once per batch.
+
+    Args:
+        logits (torch.Tensor): Logits of any shape.
+
+    Returns:
+        torch.Tensor: A 0-dimensional bool tensor on the logits' device.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.outputs import logits_are_usable
+
+            assert logits_are_usable(torch.tensor([0.0, -float('inf')]))
+            assert not logits_are_usable(torch.tensor([0.0, float('nan')]))
+    """
+    if logits.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=logits.device)
+    return logits.amax() < float('inf')  # amax propagates NaN, and NaN < inf is false
 
 
 def _forward_argument_names(model: nn.Module) -> Optional[frozenset[str]]:

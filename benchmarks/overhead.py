@@ -1,9 +1,10 @@
 """Step times of distillation against its parts, measured in one process (one allocator setting).
 
-Four things are timed on the same fixed batch, interleaved round by round so that drift in the machine's speed
-touches all alike: a Composer step of the student alone, the teacher's forward pass alone, a Composer step with
-``Distillation``, and the same distillation step written as a plain PyTorch loop (plus the plain student step,
-to separate Composer's own cost from ours).
+Timed on the same fixed batch, interleaved round by round so that drift in the machine's speed touches all alike:
+a Composer step of the student alone, the teacher's forward pass alone, a Composer step with ``Distillation``,
+and the same distillation step written as a plain PyTorch loop (plus the plain student step, to separate
+Composer's own cost from ours). A Composer step with :class:`~benchmarks.host_work.LossTermAlgorithm`, which only
+adds a loss term, prices what Composer charges any algorithm that changes the loss.
 
 Offline distillation is timed apart: a Composer step with ``Distillation(teacher_cache=TeacherCache())`` once the
 cache holds the batch (the warm-up steps record it, as a first epoch would), against a student-only step fed by
@@ -22,6 +23,7 @@ import torch
 from composer import Callback, Trainer
 from torch.utils.data import DataLoader, Dataset
 
+from benchmarks.host_work import LossTermAlgorithm
 from benchmarks.pairs import Pair, plain_kd_loss
 from composer_kd import Distillation, IndexedDataset, KLDivergence, TeacherCache, TeacherInference
 
@@ -163,19 +165,21 @@ def measure(
     variants = {
         'student_step': _composer_runner(pair, [], device, total),
         'kd_step': _composer_runner(pair, [distillation()], device, total),
+        'loss_term_algorithm_step': _composer_runner(pair, [LossTermAlgorithm()], device, total),
         'teacher_forward': _timed_loop(teacher_forward, device),
         'plain_student_step': _timed_loop(plain_step(False), device),
         'plain_kd_step': _timed_loop(plain_step(True), device),
-        'kd_step_bf16_teacher': _composer_runner(
-            pair, [distillation(TeacherInference(dtype=torch.bfloat16))], device, total
-        ),
     }
+    timed_options = pair.time_teacher_options and not cache_only
     if cache_only:
         variants = {name: variants[name] for name in ('student_step', 'kd_step')}
-    elif pair.name == 'vision':
+    if timed_options:
+        options = TeacherInference(dtype=torch.bfloat16)
+        variants['kd_step_bf16_teacher'] = _composer_runner(pair, [distillation(options)], device, total)
+    if timed_options and pair.name == 'vision':
         options = TeacherInference(channels_last=True)
         variants['kd_step_channels_last_teacher'] = _composer_runner(pair, [distillation(options)], device, total)
-    if compile_teacher and not cache_only:
+    if compile_teacher and timed_options:
         options = TeacherInference(compile=True)
         variants['kd_step_compiled_teacher'] = _composer_runner(pair, [distillation(options)], device, total)
     if warmup < 1:
@@ -227,7 +231,13 @@ def ratios(m: dict[str, float]) -> dict[str, float]:
         'kd / (student + teacher)': ratio('kd_step', 'student_step', 'teacher_forward'),
         'kd / student': ratio('kd_step', 'student_step'),
         'kd / plain kd loop': ratio('kd_step', 'plain_kd_step'),
+        # What Composer itself charges an algorithm that adds a loss term (the noise floor is the control above).
+        'control: loss-term algorithm / student': ratio('loss_term_algorithm_step', 'student_step'),
         'student / plain student loop': ratio('student_step', 'plain_student_step'),
         'plain kd / (plain student + teacher)': ratio('plain_kd_step', 'plain_student_step', 'teacher_forward'),
     }
+    if all(key in m for key in ('loss_term_algorithm_step', 'plain_kd_step', 'plain_student_step')):
+        # Our step against its floor: Composer's price for a loss term plus the plain loop's distillation work.
+        floor = m['loss_term_algorithm_step'] + m['plain_kd_step'] - m['plain_student_step']
+        figures['kd / (loss-term algorithm + plain kd - plain student)'] = m['kd_step'] / floor
     return {name: value for name, value in figures.items() if value is not None}

@@ -26,6 +26,8 @@ class Pair:
     student_forward: Callable[[nn.Module, Any], torch.Tensor]  # logits, in a plain loop
     labels: Callable[[Any], torch.Tensor]
     description: str
+    # Whether the teacher-inference options (bf16, channels-last, compile) are worth timing on this pair.
+    time_teacher_options: bool = True
 
 
 def small_cnn(n_classes: int) -> nn.Module:
@@ -58,6 +60,30 @@ def vision_pair(batch_size: int = 64, tiny: bool = False) -> Pair:
             f'{"ResNet-18" if not tiny else "tiny CNN"} teacher, {"small CNN" if not tiny else "linear"} student, '
             f'3x32x32, batch {batch_size}'
         ),
+    )
+
+
+def dispatch_pair(batch_size: int = 8) -> Pair:
+    """Models so small that a step is dispatch-bound: its time is the host's work per operator, not arithmetic.
+
+    A GPU running millisecond steps is in the same regime (every operator costs a kernel launch of host time), so
+    this pair shows on any machine what the per-step cost of the code around the models is.
+    """
+    torch.manual_seed(0)
+    n_features, n_classes = 32, 10
+    teacher = nn.Sequential(nn.Linear(n_features, 64), nn.ReLU(), nn.Linear(64, n_classes))
+    student = ComposerClassifier(nn.Linear(n_features, n_classes), num_classes=n_classes)
+    batch = (torch.randn(batch_size, n_features), torch.randint(0, n_classes, (batch_size,)))
+    return Pair(
+        name='dispatch',
+        teacher=teacher,
+        student=student,
+        batch=batch,
+        teacher_forward=lambda model, b: model(b[0]),
+        student_forward=lambda model, b: model.module(b[0]),
+        labels=lambda b: b[1],
+        description=f'MLP 32-64-10 teacher, linear student, batch {batch_size} (dispatch-bound)',
+        time_teacher_options=False,
     )
 
 

@@ -4,8 +4,9 @@
     python -m benchmarks.run --quick         # tiny models and shapes: checks the suite works, measures nothing
     python -m benchmarks.run --only cache    # only the teacher cache's figures (results-cache.{json,md})
 
-Step times (benchmarks/overhead.py), peak memory of whole runs (benchmarks/memory.py) and the token-level KL's
-memory and time (benchmarks/kl_memory.py). Every time figure is a ratio of medians measured in the same run. On
+Step times (benchmarks/overhead.py), the operators and host synchronizations of a step (benchmarks/host_work.py),
+peak memory of whole runs (benchmarks/memory.py) and the token-level KL's memory and time
+(benchmarks/kl_memory.py). Every time figure is a ratio of medians measured in the same run. On
 CPU, each step-time measurement runs twice, in fresh processes: with glibc's default allocator settings, and
 with ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` raised, which stops glibc from handing large
 activation buffers back to the operating system after every step (and faulting them in again on the next).
@@ -34,15 +35,22 @@ def _worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     if args.worker == 'overhead':
         from benchmarks.overhead import measure
-        from benchmarks.pairs import text_pair, vision_pair
+        from benchmarks.pairs import dispatch_pair
 
-        pairs = [vision_pair(tiny=args.quick), text_pair(tiny=args.quick, seq=16 if args.quick else 128)]
         counts = {'warmup': 1, 'steps': 2, 'rounds': 2} if args.quick else {'warmup': 3, 'steps': 10, 'rounds': 3}
+        # Millisecond steps: many more of them, for medians as steady as the large pairs' 30.
+        dispatch_counts = counts if args.quick else {'warmup': 20, 'steps': 200, 'rounds': 3}
         cache_only = args.only == 'cache'
+        runs = [(pair, counts) for pair in _model_pairs(args.quick)] + [(dispatch_pair(), dispatch_counts)]
         result: Any = [
-            measure(pair, args.device, compile_teacher=not args.quick, cache_only=cache_only, **counts)
-            for pair in pairs
+            measure(pair, args.device, compile_teacher=not args.quick, cache_only=cache_only, **pair_counts)
+            for pair, pair_counts in runs
         ]
+    elif args.worker == 'host_work':
+        from benchmarks.host_work import measure
+        from benchmarks.pairs import dispatch_pair
+
+        result = [measure(pair) for pair in [*_model_pairs(args.quick), dispatch_pair()]]
     elif args.worker.startswith('memory_'):
         from benchmarks.memory import measure
         from benchmarks.pairs import text_pair, vision_pair
@@ -56,6 +64,12 @@ def _worker(args: argparse.Namespace) -> None:
         shape = (2, 16, 500) if args.quick else (4, 512, 32000)
         result = run(args.worker.removeprefix('kl_'), *shape, device=args.device)
     print(json.dumps(result))
+
+
+def _model_pairs(quick: bool) -> list:
+    from benchmarks.pairs import text_pair, vision_pair
+
+    return [vision_pair(tiny=quick), text_pair(tiny=quick, seq=16 if quick else 128)]
 
 
 def _spawn(worker: str, device: str, quick: bool, extra_env: dict[str, str], only: str = 'all') -> Any:
@@ -91,6 +105,18 @@ def _markdown(report: dict[str, Any]) -> str:
                 f'Teacher forward passes during the timed cached steps: {pair["cached_teacher_calls_timed"]}.',
                 '',
             ]
+    if 'host_work' in report:
+        lines += ['## Work per step on the host', '']
+        lines += [
+            'Operators dispatched and host synchronizations in one whole training step, counted (not timed); '
+            'the same on any machine for the same code.',
+            '',
+        ]
+        for pair in report['host_work']:
+            lines += [f'### {pair["pair"]}: {pair["description"]}', '', '| figure | count |', '| --- | --- |']
+            lines += [f'| {name} | {value} |' for name, value in pair['figures'].items()]
+            per_variant = ', '.join(f'{k} {v}' for k, v in pair['operators'].items())
+            lines += ['', f'Operators per step: {per_variant}.', '']
     if 'memory' in report:
         lines += ['## Peak memory of a run', '']
         lines += [
@@ -150,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(_markdown(report))
         print(f'written: {output / "results-cache.json"}, {output / "results-cache.md"}')
         return report
+    print('counting the operators of a step ...', flush=True)
+    report['host_work'] = _spawn('host_work', args.device, args.quick, {})
     print('measuring peak memory of runs ...', flush=True)
     from benchmarks.memory import VARIANTS, ratios
 

@@ -73,6 +73,7 @@ def distillation_loss(
     teacher_logits: torch.Tensor,
     kd_loss_fn: KDLossFn,
     mask: Optional[torch.Tensor] = None,
+    loss_takes_mask: Optional[bool] = None,
 ) -> torch.Tensor:
     """``kd_loss_fn`` on the positions that count.
 
@@ -86,6 +87,8 @@ def distillation_loss(
         teacher_logits (torch.Tensor): The teacher's logits, the same shape.
         kd_loss_fn (Callable): Maps ``(student_logits, teacher_logits)`` to a scalar.
         mask (torch.Tensor, optional): Boolean, the logits' shape without the last dimension.
+        loss_takes_mask (bool, optional): Whether ``kd_loss_fn`` accepts ``mask=``. Default: ``None``, read from
+            its signature (a module's ``forward``) on every call; pass it to spare that.
 
     Returns:
         torch.Tensor: A scalar; zero (still attached to the student's graph) when no position is valid.
@@ -117,7 +120,7 @@ def distillation_loss(
         loss = kd_loss_fn(student_logits, teacher_logits)
     else:
         mask = mask.to(device=student_logits.device, dtype=torch.bool)
-        if _takes_mask(kd_loss_fn):
+        if loss_takes_mask if loss_takes_mask is not None else takes_mask(kd_loss_fn):
             # This package's losses average over valid positions and give 0 when there are none, with no host
             # synchronization (which would stall a GPU's queue every step).
             loss = kd_loss_fn(student_logits, teacher_logits, mask=mask)
@@ -131,9 +134,23 @@ def distillation_loss(
     return loss if loss.dim() == 0 else loss.reshape(())
 
 
-def _takes_mask(fn: Callable) -> bool:
+def takes_mask(fn: Callable) -> bool:
+    """Whether the loss ``fn`` accepts a ``mask`` argument (for a module: its ``forward`` does).
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import KLDivergence
+            from composer_kd.distillation import takes_mask
+
+            assert takes_mask(KLDivergence())
+            assert not takes_mask(lambda student, teacher: torch.nn.functional.mse_loss(student, teacher))
+    """
+    # A module's own signature is its __call__'s, (*args, **kwargs), whatever its forward takes.
+    target = fn.forward if isinstance(fn, nn.Module) else fn
     try:
-        return 'mask' in inspect.signature(fn).parameters
+        return 'mask' in inspect.signature(target).parameters
     except (TypeError, ValueError):  # builtins without a signature
         return False
 
@@ -515,6 +532,7 @@ class Distillation(Algorithm):
         self._end: Optional[Any] = None
         self._active_teachers: list[int] = []
         self._causal = False
+        self._loss_takes_mask = False
         self._weights = (0.0, 0.0)
         self._events = _FIT_BOUNDARIES
         self._poison_check_event = self._poison_event()
@@ -750,6 +768,7 @@ class Distillation(Algorithm):
                 FeatureCapture(teacher_modules),
             )
         self._causal = self.causal_lm if self.causal_lm is not None else is_causal_lm(state.model)
+        self._loss_takes_mask = takes_mask(self.kd_loss_fn)
         if self.teacher_cache is not None:
             self.teacher_cache.start(
                 state,
@@ -864,6 +883,7 @@ class Distillation(Algorithm):
             teacher_logits,
             self.kd_loss_fn,
             mask=token_mask(state.batch, student_logits, causal=self._causal),
+            loss_takes_mask=self._loss_takes_mask,
         )
         features = {}
         if self.feature_pairs:

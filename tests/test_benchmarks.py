@@ -13,10 +13,12 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
     report = json.loads((tmp_path / 'results.json').read_text())
     assert set(report['overhead']) == {'glibc default', 'glibc thresholds raised'}
     for pairs in report['overhead'].values():
-        assert [p['pair'] for p in pairs] == ['vision', 'text']
+        assert [p['pair'] for p in pairs] == ['vision', 'text', 'dispatch']
         for pair in pairs:
             expected = {'student_step', 'kd_step', 'teacher_forward', 'plain_student_step', 'plain_kd_step'}
-            expected |= {'kd_step_bf16_teacher', 'student_step_loader', 'cached_kd_step'}
+            expected |= {'loss_term_algorithm_step', 'student_step_loader', 'cached_kd_step'}
+            if pair['pair'] != 'dispatch':
+                expected.add('kd_step_bf16_teacher')
             if pair['pair'] == 'vision':
                 expected.add('kd_step_channels_last_teacher')
             assert set(pair['median_seconds']) == expected
@@ -26,6 +28,14 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
             cached_ratio = pair['ratios']['cached kd (cache hit) / student, same loader']
             assert math.isclose(cached_ratio, m['cached_kd_step'] / m['student_step_loader'])
             assert pair['cached_teacher_calls_timed'] == 0  # every timed cached step read the cache
+            floor = m['loss_term_algorithm_step'] + m['plain_kd_step'] - m['plain_student_step']
+            floor_ratio = pair['ratios']['kd / (loss-term algorithm + plain kd - plain student)']
+            assert math.isclose(floor_ratio, m['kd_step'] / floor)
+    assert [p['pair'] for p in report['host_work']] == ['vision', 'text', 'dispatch']
+    for pair in report['host_work']:
+        ops, figures = pair['operators'], pair['figures']
+        assert figures['operators added: kd step - student step'] == ops['kd_step'] - ops['student_step'] > 0
+        assert ops['teacher_forward'] > 0
     for figures in report['memory'].values():
         extra = [figures[f'{name} (MiB)'] for name in ('kd run extra peak', 'student run extra peak')]
         activations = figures['teacher activations, one batch (MiB)']
@@ -38,4 +48,4 @@ def test_quick_benchmark_writes_json_and_markdown(tmp_path):
     assert kl['naive']['shape'] == kl['chunked']['shape'] == [2, 16, 500]
     markdown = (tmp_path / 'results.md').read_text()
     assert 'kd / (student + teacher)' in markdown and 'extra peak memory, chunked / naive' in markdown
-    assert '## Peak memory of a run' in markdown
+    assert '## Peak memory of a run' in markdown and '## Work per step on the host' in markdown

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -37,9 +38,10 @@ def _worker(args: argparse.Namespace) -> None:
         from benchmarks.overhead import measure
         from benchmarks.pairs import dispatch_pair
 
-        counts = {'warmup': 1, 'steps': 2, 'rounds': 2} if args.quick else {'warmup': 3, 'steps': 10, 'rounds': 3}
+        # Many short rounds: drift in the machine's speed then reaches every variant alike.
+        counts = {'warmup': 1, 'steps': 2, 'rounds': 2} if args.quick else {'warmup': 3, 'steps': 5, 'rounds': 10}
         # Millisecond steps: many more of them, for medians as steady as the large pairs' 30.
-        dispatch_counts = counts if args.quick else {'warmup': 20, 'steps': 200, 'rounds': 3}
+        dispatch_counts = counts if args.quick else {'warmup': 20, 'steps': 60, 'rounds': 10}
         cache_only = args.only == 'cache'
         runs = [(pair, counts) for pair in _model_pairs(args.quick)] + [(dispatch_pair(), dispatch_counts)]
         result: Any = [
@@ -87,8 +89,33 @@ def _spawn(worker: str, device: str, quick: bool, extra_env: dict[str, str], onl
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _machine(device: str) -> str:
+    """The processor (and the CPU features that decide whether bf16 can be fast on it), or the GPU."""
+    import torch
+
+    if device == 'cuda':
+        return torch.cuda.get_device_name()
+    model, flags = platform.processor() or 'unknown CPU', set()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                if key.strip() == 'model name':
+                    model = value.strip()
+                elif key.strip() == 'flags':
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    features = [flag for flag in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if flag in flags]
+    return f'{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads' + (
+        f' ({", ".join(features)})' if features else ''
+    )
+
+
 def _markdown(report: dict[str, Any]) -> str:
     lines = [f'# Benchmark results ({report["device"]}{", quick" if report["quick"] else ""})', '']
+    lines += [f'Machine: {report["machine"]}.', '']
     lines += ['## Step time ratios (medians)', '']
     for setting, pairs in report['overhead'].items():
         for pair in pairs:
@@ -164,7 +191,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
 
     settings = ALLOCATOR_SETTINGS if args.device == 'cpu' else {'CUDA caching allocator': {}}
-    report: dict[str, Any] = {'device': args.device, 'quick': args.quick, 'only': args.only, 'overhead': {}}
+    report: dict[str, Any] = {
+        'device': args.device,
+        'machine': _machine(args.device),
+        'quick': args.quick,
+        'only': args.only,
+        'overhead': {},
+    }
     for setting, env in settings.items():
         print(f'timing steps ({setting}) ...', flush=True)
         report['overhead'][setting] = _spawn('overhead', args.device, args.quick, env, args.only)

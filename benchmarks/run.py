@@ -126,7 +126,7 @@ def _markdown(report: dict[str, Any]) -> str:
             )
             lines += ['', '| figure | value |', '| --- | --- |']
             lines += [f'| {name} | {value:.3f} |' for name, value in pair['ratios'].items()]
-            medians = ', '.join(f'{k} {v * 1000:.1f} ms' for k, v in pair['median_seconds'].items())
+            medians = ', '.join(f'{k} {v * 1000:.3g} ms' for k, v in pair['median_seconds'].items())
             lines += ['', f'Medians: {medians}.']
             lines += [
                 f'Teacher forward passes during the timed cached steps: {pair["cached_teacher_calls_timed"]}.',

@@ -120,7 +120,8 @@ def distillation_loss(
         loss = kd_loss_fn(student_logits, teacher_logits)
     else:
         mask = mask.to(device=student_logits.device, dtype=torch.bool)
-        if loss_takes_mask if loss_takes_mask is not None else takes_mask(kd_loss_fn):
+        accepts_mask = loss_takes_mask if loss_takes_mask is not None else _takes_mask(kd_loss_fn)
+        if accepts_mask:
             # This package's losses average over valid positions and give 0 when there are none, with no host
             # synchronization (which would stall a GPU's queue every step).
             loss = kd_loss_fn(student_logits, teacher_logits, mask=mask)
@@ -134,19 +135,8 @@ def distillation_loss(
     return loss if loss.dim() == 0 else loss.reshape(())
 
 
-def takes_mask(fn: Callable) -> bool:
-    """Whether the loss ``fn`` accepts a ``mask`` argument (for a module: its ``forward`` does).
-
-    Example:
-        .. testcode::
-
-            import torch
-            from composer_kd import KLDivergence
-            from composer_kd.distillation import takes_mask
-
-            assert takes_mask(KLDivergence())
-            assert not takes_mask(lambda student, teacher: torch.nn.functional.mse_loss(student, teacher))
-    """
+def _takes_mask(fn: Callable) -> bool:
+    """Whether the loss ``fn`` accepts a ``mask`` argument (for a module: whether its ``forward`` does)."""
     # A module's own signature is its __call__'s, (*args, **kwargs), whatever its forward takes.
     target = fn.forward if isinstance(fn, nn.Module) else fn
     try:
@@ -768,7 +758,7 @@ class Distillation(Algorithm):
                 FeatureCapture(teacher_modules),
             )
         self._causal = self.causal_lm if self.causal_lm is not None else is_causal_lm(state.model)
-        self._loss_takes_mask = takes_mask(self.kd_loss_fn)
+        self._loss_takes_mask = _takes_mask(self.kd_loss_fn)
         if self.teacher_cache is not None:
             self.teacher_cache.start(
                 state,

@@ -360,6 +360,35 @@ def test_distillation_loss_masks_rows_and_refuses_non_scalar():
         distillation_loss(student, teacher, nn.MSELoss(reduction='none'))
 
 
+class MaskRecordingLoss(nn.Module):
+    """A loss module whose forward takes ``mask``: it must be given the mask, not boolean-indexed rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def forward(self, student, teacher, mask=None):
+        self.masks.append(mask)
+        kept = mask if mask is not None else torch.ones(student.shape[:-1], dtype=torch.bool)
+        return ((student - teacher) ** 2).sum(-1)[kept].mean()
+
+
+def test_distillation_loss_hands_the_mask_to_a_loss_module_that_takes_one():
+    student, teacher = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    mask = torch.tensor([[True, False, True], [False, False, True]])
+    loss_fn = MaskRecordingLoss()
+    loss = distillation_loss(student, teacher, loss_fn, mask)
+    assert loss_fn.masks[0].shape == (2, 3) and torch.equal(loss_fn.masks[0], mask)  # whole logits, mask passed
+    expected = ((student[mask] - teacher[mask]) ** 2).sum(-1).mean()
+    torch.testing.assert_close(loss, expected)
+    # Told, it skips reading the signature; a plain function without `mask` gets the selected rows.
+    distillation_loss(student, teacher, loss_fn, mask, loss_takes_mask=True)
+    assert len(loss_fn.masks) == 2
+    rows = []
+    distillation_loss(student, teacher, lambda s, t: rows.append(s.shape) or (s - t).pow(2).mean(), mask)
+    assert rows == [(int(mask.sum()), 5)]
+
+
 @pytest.mark.parametrize(
     ('kwargs', 'message'),
     [

@@ -18,12 +18,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from composer import Callback, Trainer
+from composer import Callback
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.pairs import Pair, plain_kd_loss
+from benchmarks.pairs import Pair, plain_step, student_trainer
 from composer_kd import Distillation, KLDivergence
 
 HOST_SYNC = 'aten._local_scalar_dense.default'
@@ -81,21 +81,8 @@ class _CountOneStep(Callback):
 
 def composer_step_counts(pair: Pair, algorithms: list, device: str = 'cpu', warmup: int = 2) -> Counter[str]:
     """Operators of one Composer step of ``pair.student`` with ``algorithms``, after ``warmup`` steps."""
-    student = copy.deepcopy(pair.student)
     counter = _CountOneStep()
-    batch_size = pair.labels(pair.batch).shape[0]
-    trainer = Trainer(
-        model=student,
-        train_dataloader=[pair.batch] * (warmup + 1),
-        device_train_microbatch_size=batch_size,
-        optimizers=torch.optim.SGD(student.parameters(), lr=0.01),
-        algorithms=algorithms,
-        device='gpu' if device == 'cuda' else 'cpu',
-        precision='fp32',
-        progress_bar=False,
-        log_to_console=False,
-        max_duration=f'{warmup + 1}ba',
-    )
+    trainer = student_trainer(pair, algorithms, device, warmup + 1)
     trainer.fit(duration=f'{warmup}ba')
     trainer.state.callbacks.append(counter)
     trainer.fit(duration='1ba')
@@ -104,23 +91,7 @@ def composer_step_counts(pair: Pair, algorithms: list, device: str = 'cpu', warm
 
 def plain_step_counts(pair: Pair, with_teacher: bool, temperature: float, device: str = 'cpu') -> Counter[str]:
     """Operators of one step of the hand-written PyTorch loop (student alone, or distilled)."""
-    student = copy.deepcopy(pair.student).to(device)
-    teacher = copy.deepcopy(pair.teacher).to(device).eval().requires_grad_(False)
-    optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
-    batch = pair.batch
-
-    def step() -> None:
-        logits = pair.student_forward(student, batch)
-        if with_teacher:
-            with torch.no_grad():
-                teacher_logits = pair.teacher_forward(teacher, batch)
-            loss = plain_kd_loss(logits, teacher_logits, pair.labels(batch), temperature)
-        else:
-            loss = torch.nn.functional.cross_entropy(logits, pair.labels(batch))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = plain_step(pair, device, with_teacher, temperature)
     step()  # the optimizer's state is made on the first step
     return _counted(step)
 

@@ -10,13 +10,11 @@ The goal: ``kd run extra peak <= student run extra peak + teacher activations of
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
-from composer import Trainer
 
-from benchmarks.pairs import Pair
+from benchmarks.pairs import Pair, student_trainer, to_device
 from composer_kd import Distillation, KLDivergence
 
 VARIANTS = ('student_run', 'kd_run', 'teacher_forward')
@@ -52,40 +50,22 @@ def _peak(device: str) -> int:
     return _high_water_bytes()
 
 
-def _to(batch: Any, device: str) -> Any:
-    if isinstance(batch, dict):
-        return {k: v.to(device) for k, v in batch.items()}
-    return tuple(v.to(device) for v in batch)
-
-
 def measure(pair: Pair, variant: str, device: str = 'cpu', steps: int = 3) -> dict[str, Any]:
     """Extra peak bytes of one variant: a Composer run of ``steps`` batches, or one teacher forward pass."""
     if variant not in VARIANTS:
         raise ValueError(f'variant must be one of {VARIANTS}, got {variant!r}.')
     teacher = pair.teacher.to(device).eval().requires_grad_(False)
     weight_bytes = sum(t.numel() * t.element_size() for t in [*teacher.parameters(), *teacher.buffers()])
-    batch = _to(pair.batch, device)
+    batch = to_device(pair.batch, device)
     if variant == 'teacher_forward':
         before = _reset_peak(device)
         with torch.no_grad():
             pair.teacher_forward(teacher, batch)
     else:
-        student = copy.deepcopy(pair.student)
         algorithms = []
         if variant == 'kd_run':
             algorithms = [Distillation(teacher, KLDivergence(temperature=4.0), org_loss_weight=0.5, kd_loss_weight=0.5)]
-        trainer = Trainer(
-            model=student,
-            train_dataloader=[pair.batch] * steps,
-            device_train_microbatch_size=pair.labels(pair.batch).shape[0],
-            optimizers=torch.optim.SGD(student.parameters(), lr=0.01),
-            algorithms=algorithms,
-            device='gpu' if device == 'cuda' else 'cpu',
-            precision='fp32',
-            progress_bar=False,
-            log_to_console=False,
-            max_duration=f'{steps}ba',
-        )
+        trainer = student_trainer(pair, algorithms, device, steps)
         before = _reset_peak(device)
         trainer.fit()
     return {

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from composer import Callback, Trainer
+from composer import Callback
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.host_work import LossTermAlgorithm
-from benchmarks.pairs import Pair, plain_kd_loss
+from benchmarks.pairs import Pair, plain_step, student_trainer, to_device
 from composer_kd import Distillation, IndexedDataset, KLDivergence, TeacherCache, TeacherInference
 
 TEMPERATURE = 4.0
@@ -50,12 +50,6 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def _to(batch: Any, device: str) -> Any:
-    if isinstance(batch, dict):
-        return {k: v.to(device) for k, v in batch.items()}
-    return tuple(v.to(device) for v in batch)
-
-
 class BatchRows(Dataset):
     """The rows of one batch as a dataset: a DataLoader over it rebuilds the batch, one batch per epoch."""
 
@@ -75,22 +69,9 @@ class BatchRows(Dataset):
 def _composer_runner(
     pair: Pair, algorithms: list, device: str, total_steps: int, dataset: Dataset | None = None
 ) -> Callable[[int], list[float]]:
-    student = copy.deepcopy(pair.student)
     timer = StepTimer(device)
-    batch_size = pair.labels(pair.batch).shape[0]
-    trainer = Trainer(
-        model=student,
-        train_dataloader=[pair.batch] * total_steps if dataset is None else DataLoader(dataset, batch_size=batch_size),
-        device_train_microbatch_size=batch_size,
-        optimizers=torch.optim.SGD(student.parameters(), lr=0.01),
-        algorithms=algorithms,
-        callbacks=[timer],
-        device='gpu' if device == 'cuda' else 'cpu',
-        precision='fp32',
-        progress_bar=False,
-        log_to_console=False,
-        max_duration=f'{total_steps}ba',
-    )
+    loader = None if dataset is None else DataLoader(dataset, batch_size=pair.labels(pair.batch).shape[0])
+    trainer = student_trainer(pair, algorithms, device, total_steps, train_dataloader=loader, callbacks=[timer])
 
     def run(steps: int) -> list[float]:
         before = len(timer.times)
@@ -129,25 +110,7 @@ def measure(
     """
     total = warmup + steps * rounds
     teacher = copy.deepcopy(pair.teacher).to(device).eval().requires_grad_(False)
-    batch = _to(pair.batch, device)
-
-    plain_student = copy.deepcopy(pair.student).to(device)
-    plain_optimizer = torch.optim.SGD(plain_student.parameters(), lr=0.01)
-
-    def plain_step(with_teacher: bool) -> Callable[[], None]:
-        def step() -> None:
-            logits = pair.student_forward(plain_student, batch)
-            if with_teacher:
-                with torch.no_grad():
-                    teacher_logits = pair.teacher_forward(teacher, batch)
-                loss = plain_kd_loss(logits, teacher_logits, pair.labels(batch), TEMPERATURE)
-            else:
-                loss = torch.nn.functional.cross_entropy(logits, pair.labels(batch))
-            loss.backward()
-            plain_optimizer.step()
-            plain_optimizer.zero_grad(set_to_none=True)
-
-        return step
+    batch = to_device(pair.batch, device)
 
     def teacher_forward() -> None:
         with torch.no_grad():
@@ -167,8 +130,8 @@ def measure(
         'kd_step': _composer_runner(pair, [distillation()], device, total),
         'loss_term_algorithm_step': _composer_runner(pair, [LossTermAlgorithm()], device, total),
         'teacher_forward': _timed_loop(teacher_forward, device),
-        'plain_student_step': _timed_loop(plain_step(False), device),
-        'plain_kd_step': _timed_loop(plain_step(True), device),
+        'plain_student_step': _timed_loop(plain_step(pair, device, False, TEMPERATURE), device),
+        'plain_kd_step': _timed_loop(plain_step(pair, device, True, TEMPERATURE), device),
     }
     timed_options = pair.time_teacher_options and not cache_only
     if cache_only:

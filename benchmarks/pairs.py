@@ -1,14 +1,17 @@
-"""The teacher/student pairs the benchmarks time: a vision pair and a text pair, built offline."""
+"""The teacher/student pairs the benchmarks time, built offline, and the two ways a benchmark trains on them: a
+Composer ``Trainer`` and a hand-written PyTorch step."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchvision
+from composer import Callback, Trainer
 from composer.models import ComposerClassifier, HuggingFaceModel
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
@@ -48,18 +51,27 @@ def vision_pair(batch_size: int = 64, tiny: bool = False) -> Pair:
         num_classes=n_classes,
     )
     batch = (torch.randn(batch_size, 3, 32, 32), torch.randint(0, n_classes, (batch_size,)))
+    description = (
+        f'{"ResNet-18" if not tiny else "tiny CNN"} teacher, {"small CNN" if not tiny else "linear"} student, '
+        f'3x32x32, batch {batch_size}'
+    )
+    return _classifier_pair('vision', teacher, student, batch, description)
+
+
+def _classifier_pair(
+    name: str, teacher: nn.Module, student: ComposerClassifier, batch: tuple, description: str, **options: Any
+) -> Pair:
+    """A pair whose batch is ``(inputs, labels)`` and whose student is a ``ComposerClassifier``."""
     return Pair(
-        name='vision',
+        name=name,
         teacher=teacher,
         student=student,
         batch=batch,
         teacher_forward=lambda model, b: model(b[0]),
         student_forward=lambda model, b: model.module(b[0]),
         labels=lambda b: b[1],
-        description=(
-            f'{"ResNet-18" if not tiny else "tiny CNN"} teacher, {"small CNN" if not tiny else "linear"} student, '
-            f'3x32x32, batch {batch_size}'
-        ),
+        description=description,
+        **options,
     )
 
 
@@ -74,17 +86,8 @@ def dispatch_pair(batch_size: int = 8) -> Pair:
     teacher = nn.Sequential(nn.Linear(n_features, 64), nn.ReLU(), nn.Linear(64, n_classes))
     student = ComposerClassifier(nn.Linear(n_features, n_classes), num_classes=n_classes)
     batch = (torch.randn(batch_size, n_features), torch.randint(0, n_classes, (batch_size,)))
-    return Pair(
-        name='dispatch',
-        teacher=teacher,
-        student=student,
-        batch=batch,
-        teacher_forward=lambda model, b: model(b[0]),
-        student_forward=lambda model, b: model.module(b[0]),
-        labels=lambda b: b[1],
-        description=f'MLP 32-64-10 teacher, linear student, batch {batch_size} (dispatch-bound)',
-        time_teacher_options=False,
-    )
+    description = f'MLP 32-64-10 teacher, linear student, batch {batch_size} (dispatch-bound)'
+    return _classifier_pair('dispatch', teacher, student, batch, description, time_teacher_options=False)
 
 
 def bert(layers: int, hidden: int, vocab: int, seq: int) -> BertForSequenceClassification:
@@ -137,3 +140,59 @@ def plain_kd_loss(
         log_target=True,
     )
     return 0.5 * F.cross_entropy(student_logits, labels) + 0.5 * kd * t * t
+
+
+def to_device(batch: Any, device: str) -> Any:
+    """A tuple or dict batch with every tensor on ``device``."""
+    if isinstance(batch, dict):
+        return {k: v.to(device) for k, v in batch.items()}
+    return tuple(v.to(device) for v in batch)
+
+
+def student_trainer(
+    pair: Pair,
+    algorithms: list,
+    device: str,
+    steps: int,
+    train_dataloader: Any = None,
+    callbacks: Sequence[Callback] = (),
+) -> Trainer:
+    """A ``Trainer`` for a fresh copy of the pair's student, the same in every benchmark: SGD, fp32, the whole batch
+    as one microbatch, nothing printed; by default ``steps`` repeats of the pair's batch."""
+    student = copy.deepcopy(pair.student)
+    return Trainer(
+        model=student,
+        train_dataloader=[pair.batch] * steps if train_dataloader is None else train_dataloader,
+        device_train_microbatch_size=pair.labels(pair.batch).shape[0],
+        optimizers=torch.optim.SGD(student.parameters(), lr=0.01),
+        algorithms=algorithms,
+        callbacks=list(callbacks),
+        device='gpu' if device == 'cuda' else 'cpu',
+        precision='fp32',
+        progress_bar=False,
+        log_to_console=False,
+        max_duration=f'{steps}ba',
+    )
+
+
+def plain_step(pair: Pair, device: str, with_teacher: bool, temperature: float) -> Callable[[], None]:
+    """One training step of a fresh copy of the student in plain PyTorch, alone or distilled (the same objective as
+    the benchmarked ``Distillation``, see :func:`plain_kd_loss`), on the pair's batch."""
+    student = copy.deepcopy(pair.student).to(device)
+    teacher = copy.deepcopy(pair.teacher).to(device).eval().requires_grad_(False)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
+    batch = to_device(pair.batch, device)
+
+    def step() -> None:
+        logits = pair.student_forward(student, batch)
+        if with_teacher:
+            with torch.no_grad():
+                teacher_logits = pair.teacher_forward(teacher, batch)
+            loss = plain_kd_loss(logits, teacher_logits, pair.labels(batch), temperature)
+        else:
+            loss = F.cross_entropy(logits, pair.labels(batch))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step

@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 from composer import Callback
-from composer.core import Algorithm, Event, State
-from composer.loggers import Logger
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.controls import LossTermAlgorithm, MinimalKDAlgorithm
 from benchmarks.pairs import Pair, plain_step, student_trainer
 from composer_kd import Distillation, KLDivergence
 
@@ -39,29 +38,6 @@ class OperatorCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[str(func)] += 1
         return func(*args, **(kwargs or {}))
-
-
-class LossTermAlgorithm(Algorithm):
-    """The least a loss-changing algorithm can do: log one more loss term at ``AFTER_LOSS``, as distillation does.
-
-    The loss becomes ``{'original', 'kd', 'total'}``, with a constant ``kd`` made once and ``total`` the model's
-    own loss, so no operator of its own runs: a step with it pays what Composer charges for running an algorithm
-    and for each loss term it logs, and nothing else.
-    """
-
-    def __init__(self):
-        self._term: torch.Tensor | None = None
-
-    def match(self, event: Event, state: State) -> bool:
-        return event is Event.AFTER_LOSS
-
-    def apply(self, event: Event, state: State, logger: Logger) -> None:
-        if self._term is None:
-            self._term = state.device.tensor_to_device(torch.zeros(()))
-        state.loss = {'original': state.loss, 'kd': self._term, 'total': state.loss}
-
-    def __str__(self) -> str:
-        return 'LossTermAlgorithm'
 
 
 class _CountOneStep(Callback):
@@ -109,6 +85,7 @@ def measure(pair: Pair, temperature: float = 4.0) -> dict[str, Any]:
     counts = {
         'student_step': composer_step_counts(pair, []),
         'loss_term_algorithm_step': composer_step_counts(pair, [LossTermAlgorithm()]),
+        'minimal_kd_algorithm_step': composer_step_counts(pair, [MinimalKDAlgorithm(pair, temperature)]),
         'kd_step': composer_step_counts(pair, [distillation]),
         'plain_student_step': plain_step_counts(pair, False, temperature),
         'plain_kd_step': plain_step_counts(pair, True, temperature),
@@ -128,21 +105,16 @@ def measure(pair: Pair, temperature: float = 4.0) -> dict[str, Any]:
 
 
 def figures(ops: dict[str, int], syncs: dict[str, int]) -> dict[str, int]:
-    """What distillation adds to a step, beside what the plain loop's distillation and Composer itself add."""
-
-    def beyond(counts: dict[str, int]) -> int:
-        # Ours, less Composer's price for a loss term and the plain loop's own distillation work.
-        plain = counts['plain_kd_step'] - counts['plain_student_step']
-        return counts['kd_step'] - counts['loss_term_algorithm_step'] - plain
-
+    """What distillation adds to a step, beside the plain loop's distillation and the least a Composer one does."""
     return {
         'operators added: kd step - student step': ops['kd_step'] - ops['student_step'],
         'operators added: plain kd - plain student': ops['plain_kd_step'] - ops['plain_student_step'],
+        'operators added: minimal KD algorithm - student step': ops['minimal_kd_algorithm_step'] - ops['student_step'],
         'operators Composer adds for a loss term: loss-term algorithm - student': (
             ops['loss_term_algorithm_step'] - ops['student_step']
         ),
-        'operators of ours: kd - loss-term algorithm - (plain kd - plain student)': beyond(ops),
+        'operators of ours: kd - minimal KD algorithm': ops['kd_step'] - ops['minimal_kd_algorithm_step'],
         'teacher forward operators': ops['teacher_forward'],
         'host syncs Composer adds for a loss term': syncs['loss_term_algorithm_step'] - syncs['student_step'],
-        'host syncs of ours: kd - loss-term algorithm - (plain kd - plain student)': beyond(syncs),
+        'host syncs of ours: kd - minimal KD algorithm': syncs['kd_step'] - syncs['minimal_kd_algorithm_step'],
     }

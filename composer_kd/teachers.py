@@ -250,6 +250,9 @@ class FrozenTeachers:
 class TeacherInference:
     """How teachers are run: opt-in speed-ups, each off by default until measured to help where it is used.
 
+    Whether one helps depends on the hardware and the model; :func:`~composer_kd.speed.measure_teacher_inference`
+    times the teacher's forward pass with each on the machine at hand.
+
     Args:
         dtype (torch.dtype, optional): Keep a copy of each teacher's weights in this dtype (e.g.
             ``torch.bfloat16``) and feed it floating inputs of that dtype. The user's teacher is not converted.

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from composer_kd import Distillation, FeaturePair, KLDivergence, TeacherInference
+from composer_kd.speed import measure_teacher_inference
 
 
 def cnn(seed: int) -> nn.Module:
@@ -114,3 +115,28 @@ def test_bf16_copy_is_what_feature_hooks_watch():
 def test_compile_with_feature_pairs_is_refused():
     with pytest.raises(ValueError, match='compile cannot be combined with feature_pairs'):
         Distillation(cnn(2), teacher_inference=TeacherInference(compile=True), feature_pairs=[FeaturePair('0', '0')])
+
+
+def test_measuring_the_options_leaves_the_teacher_alone_and_reports_each():
+    teacher = cnn(0).train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    batch = next(iter(images()))
+    options = {'bf16': TeacherInference(dtype=torch.bfloat16), 'channels_last': TeacherInference(channels_last=True)}
+    results = measure_teacher_inference(teacher, batch, options, repeats=4, rounds=2)
+    assert list(results) == ['plain', 'bf16', 'channels_last']
+    for row in results.values():
+        assert row['milliseconds'] > 0
+        assert row['speedup'] == pytest.approx(results['plain']['milliseconds'] / row['milliseconds'])
+    assert results['plain']['max_abs_difference'] == 0.0
+    assert results['channels_last']['max_abs_difference'] < 1e-5  # the same math in another layout
+    assert 0.0 < results['bf16']['max_abs_difference'] < 0.1  # bf16 rounds, a little
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert teacher[0].weight.is_contiguous()  # not left channels-last
+
+
+def test_default_candidates_offer_channels_last_only_to_convolutional_teachers():
+    from composer_kd.speed import _default_candidates
+
+    assert set(_default_candidates(cnn(0))) == {'bf16', 'channels_last', 'compile'}
+    assert set(_default_candidates(nn.Linear(4, 2))) == {'bf16', 'compile'}

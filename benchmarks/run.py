@@ -115,7 +115,8 @@ def _machine(device: str) -> str:
 
 def _markdown(report: dict[str, Any]) -> str:
     lines = [f'# Benchmark results ({report["device"]}{", quick" if report["quick"] else ""})', '']
-    lines += [f'Machine: {report["machine"]}.', '']
+    if 'machine' in report:  # reports written before the machine was recorded lack it
+        lines += [f'Machine: {report["machine"]}.', '']
     lines += ['## Step time ratios (medians)', '']
     for setting, pairs in report['overhead'].items():
         for pair in pairs:

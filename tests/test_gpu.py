@@ -129,3 +129,37 @@ def test_student_under_fsdp_with_a_replicated_teacher():
     assert len(seen) == 4 and all(torch.isfinite(kd) and kd > 0 for kd in seen)
     for key, value in teacher.state_dict().items():  # the teacher is replicated, frozen, untouched
         torch.testing.assert_close(value.cpu(), before[key], rtol=0, atol=0)
+
+
+def test_distilling_a_microbatch_never_waits_for_the_gpu():
+    """CUDA's own sync detector, set to error, around the distillation of every microbatch (token logits with
+    padding, so the masked loss runs too)."""
+    from test_step_cost import BATCH, TokenModel, token_batches
+
+    distillation = Distillation(TokenModel(width=16), KLDivergence(2.0))
+    apply = distillation.apply
+    checked = []
+
+    def strict_apply(event, state, logger):
+        if event.name != 'AFTER_LOSS':
+            return apply(event, state, logger)
+        torch.cuda.set_sync_debug_mode('error')
+        try:
+            apply(event, state, logger)
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+        checked.append(state.loss['kd'].device.type)
+
+    distillation.apply = strict_apply
+    model = TokenModel(width=4)
+    Trainer(
+        model=model,
+        train_dataloader=token_batches(3),
+        device_train_microbatch_size=BATCH // 2,
+        optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
+        algorithms=[distillation],
+        max_duration='3ba',
+        device='gpu',
+        progress_bar=False,
+    ).fit()
+    assert checked == ['cuda'] * 6

@@ -7,17 +7,13 @@ Composer's (running an algorithm, logging each loss term) is told apart from wha
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
 from benchmarks.pairs import Pair, plain_kd_term
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    return outputs if isinstance(outputs, torch.Tensor) else outputs['logits']
+from composer_kd.outputs import extract_logits
 
 
 class LossTermAlgorithm(Algorithm):
@@ -65,7 +61,7 @@ class MinimalKDAlgorithm(Algorithm):
             self._placed = True
         with torch.no_grad():
             teacher_logits = self.pair.teacher_forward(self.teacher, state.batch)
-        kd = plain_kd_term(_logits(state.outputs), teacher_logits, self.temperature)
+        kd = plain_kd_term(extract_logits(state.outputs), teacher_logits, self.temperature)
         state.loss = {'original': state.loss, 'kd': kd, 'total': 0.5 * state.loss + 0.5 * kd}
 
     def __str__(self) -> str:

@@ -81,8 +81,8 @@ def poisoned_rows(logits: torch.Tensor) -> torch.Tensor:
     """Which examples' logits hold NaN or +inf, the values that would poison a student's gradients.
 
     ``-inf`` is a legitimate "impossible class" and does not count. One max-reduction per example (which
-    propagates NaN), so no logits-sized temporary is made: this runs on every distilled microbatch, on logits that
-    may span a large vocabulary.
+    propagates NaN), so no logits-sized temporary is made, however large the vocabulary. A teacher cache uses it to
+    leave such examples unrecorded; :func:`logits_are_usable` gives the one flag a whole microbatch needs.
 
     Args:
         logits (torch.Tensor): Logits with examples along the first dimension.

@@ -85,11 +85,17 @@ def _timer(model: nn.Module, batch: Any) -> Callable[[], float]:
         def forward() -> Any:
             return run_teacher(model, batch)
 
+    return _timed(forward, device)
+
+
+def _timed(call: Callable[[], Any], device: torch.device) -> Callable[[], float]:
+    """``call`` made to return how long it took, waiting on a GPU for the work itself, not only its launch."""
+
     def timed() -> float:
         start = time.perf_counter()
-        forward()
+        call()
         if device.type == 'cuda':
-            torch.cuda.synchronize(device)  # time the work, not only its launch
+            torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
     return timed
@@ -211,9 +217,8 @@ def measure_teacher_inference(
             )
             assert set(results) == {'plain', 'bf16'} and results['plain']['speedup'] == 1.0
     """
-    options = {'plain': TeacherInference(), **(dict(candidates) if candidates is not None else {})}
-    if candidates is None:
-        options.update(_default_candidates(teacher))
+    chosen = _default_candidates(teacher) if candidates is None else dict(candidates)
+    options = {'plain': TeacherInference(), **chosen}
     device = next(teacher.parameters()).device
     batch = _map_tensors(batch, lambda t: t.to(device))
     runners = {
@@ -229,15 +234,11 @@ def measure_teacher_inference(
     with torch.no_grad():
         reference = calls['plain']().float()
         differences = {name: float((call().float() - reference).abs().max()) for name, call in calls.items()}
+        timed = {name: _timed(call, device) for name, call in calls.items()}
         for _ in range(rounds):
             for name, call in calls.items():
                 call(), call()
-                for _ in range(max(1, repeats // rounds)):
-                    start = time.perf_counter()
-                    call()
-                    if device.type == 'cuda':
-                        torch.cuda.synchronize(device)
-                    timings[name].append(time.perf_counter() - start)
+                timings[name] += [timed[name]() for _ in range(max(1, repeats // rounds))]
     for runner in runners.values():
         runner.release()
     medians = {name: statistics.median(t) for name, t in timings.items()}

@@ -26,12 +26,13 @@ from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
-from composer.core import Event, Precision, State, get_precision_context
-from composer.utils import batch_get, dist
+from composer.core import Event, Precision, State
+from composer.utils import batch_get, dist, get_device
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
-from composer_kd.outputs import Key, extract_logits, poisoned_rows, run_teacher
+from composer_kd.outputs import Key, poisoned_rows
+from composer_kd.teachers import FrozenTeachers, resolve_teacher_logits_key, teacher_logits
 
 __all__ = [
     'IndexedDataset',
@@ -791,10 +792,6 @@ class TeacherCache:
         self._restored: Optional[dict[str, Any]] = None  # a checkpoint's cache, until the fit binds it
         self._unshared: list[torch.Tensor] = []  # rows recorded here since the processes last exchanged theirs
         # Per fit: where the index comes from, and the current batch's indices and how many rows are consumed.
-        self._index_from_dataset = False
-        self._dataset_key = INDEX_KEY
-        self._batch_index: Optional[torch.Tensor] = None
-        self._consumed = 0
 
     def __repr__(self) -> str:
         where = 'memory' if self.path is None else repr(self.path)
@@ -1089,8 +1086,13 @@ class TeacherCache:
         logits_key: Optional[Key] = None,
         teacher_dtype: Optional[torch.dtype] = None,
         algorithms: Sequence[Any] = (),
-    ) -> None:
-        """Check the training data and bind the cache at the start of a fit (``Distillation`` calls it).
+    ) -> CachedFit:
+        """Check the training data, bind the cache at the start of a fit, and return what drives it during the fit.
+
+        ``Distillation`` calls it when a fit starts and hands the events of the fit to the returned object.
+
+        Returns:
+            CachedFit: The cache's state for this fit.
 
         Raises:
             ValueError: If the data are randomly augmented (the message names the transform or algorithm) and
@@ -1103,9 +1105,8 @@ class TeacherCache:
                 'teacher_cache needs a training DataLoader over a map-style dataset (with __len__ and __getitem__) to '
                 f'key outputs by example; got {type(state.train_dataloader).__name__} over {type(dataset).__name__}.'
             )
-        self._index_from_dataset = isinstance(dataset, IndexedDataset) and self.index_key is None
-        self._dataset_key = dataset.key if self._index_from_dataset else INDEX_KEY
-        if not self._index_from_dataset and self.index_key is None:
+        index_from_dataset = isinstance(dataset, IndexedDataset) and self.index_key is None
+        if not index_from_dataset and self.index_key is None:
             raise ValueError(
                 "teacher_cache needs each example's dataset index: wrap the training dataset in "
                 'IndexedDataset(dataset) (the index is removed before the student sees the batch), or name a batch '
@@ -1124,7 +1125,7 @@ class TeacherCache:
             logits_key=logits_key,
         )
         self.bind(fingerprint, len(dataset))
-        self._batch_index, self._consumed = None, 0
+        return CachedFit(self, dataset.key if index_from_dataset else None)
 
     def _refuse_augmentation(self, dataset: Any, algorithms: Sequence[Any], state: Optional[State]) -> None:
         if self.allow_augmentation:
@@ -1138,56 +1139,6 @@ class TeacherCache:
                 "first epoch's outputs anyway."
             )
 
-    def take_index(self, state: State) -> None:
-        """Take the example indices off a freshly loaded batch (with :class:`IndexedDataset`)."""
-        if not self._index_from_dataset:
-            return
-        state.batch, index = detach_index(state.batch, self._dataset_key)
-        self._batch_index = index.to('cpu', torch.long)
-        self._consumed = 0
-
-    def start_microbatches(self) -> None:
-        """Composer is about to (re)run the batch's microbatches from the first."""
-        self._consumed = 0
-
-    def microbatch_rows(self, state: State, n_rows: int) -> torch.Tensor:
-        """The dataset indices of the current microbatch, whose logits have ``n_rows`` rows.
-
-        With :class:`IndexedDataset`, the batch's indices are consumed in order, ``n_rows`` at a time, as
-        Composer splits the batch into consecutive microbatches; otherwise they are read from ``index_key``.
-        """
-        if not self._index_from_dataset:
-            rows = batch_get(state.batch, self.index_key)  # type: ignore[arg-type]
-            rows = torch.as_tensor(rows).reshape(-1)
-            if rows.numel() != n_rows:
-                raise ValueError(
-                    f'The batch entry index_key={self.index_key!r} holds {rows.numel()} indices for a microbatch '
-                    f'whose logits have {n_rows} rows.'
-                )
-            return rows.to('cpu', torch.long)
-        if self._batch_index is None:
-            raise RuntimeError('No example indices were taken from this batch (Event.AFTER_DATALOADER did not run).')
-        start, self._consumed = self._consumed, self._consumed + n_rows
-        if self._consumed > len(self._batch_index):
-            raise ValueError(
-                f'The microbatches of this batch have more rows ({self._consumed} so far) than the batch has example '
-                f'indices ({len(self._batch_index)}): the teacher cache expects microbatches of consecutive rows, '
-                'with logits of one row per example.'
-            )
-        return self._batch_index[start : self._consumed]
-
-    def finish_batch(self) -> None:
-        """Check that the microbatches used every index of the batch (after they all ran)."""
-        if (
-            self._index_from_dataset
-            and self._batch_index is not None
-            and self._consumed not in (0, len(self._batch_index))
-        ):
-            raise ValueError(
-                f"The microbatches used {self._consumed} of the batch's {len(self._batch_index)} example indices: "
-                'the teacher cache expects microbatches of consecutive rows, with logits of one row per example.'
-            )
-
     # ---- before training ----------------------------------------------------------------------------------
 
     def precompute(
@@ -1198,15 +1149,16 @@ class TeacherCache:
         device: Optional[str] = None,
         precision: Union[str, Precision] = 'fp32',
         input_key: Optional[Key] = None,
+        student_logits_key: Optional[Key] = None,
         teacher_logits_key: Optional[Key] = None,
     ) -> TeacherCache:
         """Record the teachers' (averaged) logits for every example ``dataloader`` yields, before training.
 
         The settings must be those the fit will use (``Trainer(precision=...)``, ``Distillation(input_key=...,
-        teacher_logits_key=...)``, and no ``teacher_inference`` dtype), or the fit refuses the cache as recorded
-        for other settings. Examples already recorded are skipped. Teachers are run in eval mode without gradients
-        and given back in the mode they had; they are moved to ``device``. With several processes, call it on every
-        process: each records what its dataloader yields, then they share it (see :meth:`exchange`).
+        student_logits_key=..., teacher_logits_key=...)``, and no ``teacher_inference`` dtype), or the fit refuses the
+        cache as recorded for other settings. Examples already recorded are skipped. Teachers are run in eval mode
+        without gradients and given back in the mode they had; they are moved to ``device``. With several processes,
+        call it on every process: each records what its dataloader yields, then they share it (see :meth:`exchange`).
 
         Args:
             teachers (nn.Module | Sequence[nn.Module]): The teacher or teachers (as loaded; the fit must get the same
@@ -1215,6 +1167,9 @@ class TeacherCache:
             device (str, optional): Composer device name (``'cpu'``, ``'gpu'``). Default: the GPU if there is one.
             precision (str | Precision, optional): As the trainer's. Default: ``'fp32'``.
             input_key (int | str | Callable, optional): As ``Distillation``'s. Default: ``None``.
+            student_logits_key (int | str | Callable, optional): As ``Distillation``'s: without a
+                ``teacher_logits_key``, teachers' outputs are read with it (a bare tensor output being the logits).
+                Default: ``None``.
             teacher_logits_key (int | str | Callable, optional): As ``Distillation``'s. Default: ``None``.
 
         Returns:
@@ -1231,11 +1186,6 @@ class TeacherCache:
                 cache = TeacherCache().precompute(torch.nn.Linear(4, 3), DataLoader(data, batch_size=4), device='cpu')
                 assert cache.n_recorded == 10
         """
-        from composer.utils import get_device
-
-        from composer_kd.distillation import average_logits
-        from composer_kd.teachers import FrozenTeachers
-
         teacher_list = [teachers] if isinstance(teachers, nn.Module) else list(teachers)
         dataset = getattr(dataloader, 'dataset', None)
         if dataset is None or not hasattr(dataset, '__len__'):
@@ -1247,6 +1197,7 @@ class TeacherCache:
         self._refuse_augmentation(dataset, (), None)
         composer_device = get_device(device)
         precision = Precision(precision)
+        logits_key, bare_tensor_is_logits = resolve_teacher_logits_key(student_logits_key, teacher_logits_key)
         fingerprint = cache_fingerprint(
             teacher_list,
             dataset,
@@ -1255,7 +1206,7 @@ class TeacherCache:
             dtype=self.dtype,
             precision=precision,
             input_key=input_key,
-            logits_key=teacher_logits_key,
+            logits_key=logits_key,
         )
         self.bind(fingerprint, len(dataset))
         frozen = FrozenTeachers(teacher_list)
@@ -1271,12 +1222,100 @@ class TeacherCache:
                 if self.contains(rows):
                     continue
                 batch = composer_device.batch_to_device(batch)
-                with torch.no_grad(), get_precision_context(precision):
-                    outputs = [run_teacher(teacher, batch, input_key) for teacher in teacher_list]
-                    logits = average_logits([extract_logits(o, teacher_logits_key, role='teacher') for o in outputs])
+                logits = teacher_logits(
+                    teacher_list,
+                    batch,
+                    input_key=input_key,
+                    logits_key=logits_key,
+                    bare_tensor_is_logits=bare_tensor_is_logits,
+                    precision=precision,
+                )
                 self.record(rows, logits)
         finally:
             frozen.restore()
         self.exchange(composer_device.tensor_to_device)
         self.flush()
         return self
+
+
+class CachedFit:
+    """A :class:`TeacherCache` during one fit: which examples each microbatch holds, and the fit's events.
+
+    Made by :meth:`TeacherCache.start`; ``Distillation`` hands it the events in :attr:`EVENTS` and asks it for
+    each microbatch's recorded logits. The example indices come from :class:`IndexedDataset` (taken off each batch
+    before the student sees it and consumed microbatch by microbatch, as Composer splits batches into consecutive
+    rows) or from the batch entry ``index_key``.
+
+    Args:
+        cache (TeacherCache): The bound cache.
+        dataset_key (str, optional): The key :class:`IndexedDataset` stores indices under, or ``None`` when they
+            are read from the cache's ``index_key``.
+    """
+
+    #: The events of a fit the cache acts on.
+    EVENTS = frozenset(
+        {Event.AFTER_DATALOADER, Event.BEFORE_TRAIN_BATCH, Event.AFTER_TRAIN_BATCH, Event.EPOCH_END, Event.FIT_END}
+    )
+
+    def __init__(self, cache: TeacherCache, dataset_key: Optional[str]):
+        self.cache = cache
+        self.dataset_key = dataset_key
+        self._batch_index: Optional[torch.Tensor] = None
+        self._consumed = 0
+
+    def on_event(self, event: Event, state: State) -> None:
+        """Act on one of :attr:`EVENTS`."""
+        if event is Event.AFTER_DATALOADER:
+            if self.dataset_key is not None:
+                state.batch, index = detach_index(state.batch, self.dataset_key)
+                self._batch_index = index.to('cpu', torch.long)
+                self._consumed = 0
+        elif event is Event.BEFORE_TRAIN_BATCH:
+            self._consumed = 0  # Composer is about to (re)run the batch's microbatches from the first
+        elif event is Event.AFTER_TRAIN_BATCH:
+            self._check_batch_used()
+        elif event is Event.EPOCH_END:
+            self.cache.exchange(state.device.tensor_to_device)
+        elif event is Event.FIT_END:
+            self.cache.flush()
+
+    def microbatch_rows(self, state: State, n_rows: int) -> torch.Tensor:
+        """The dataset indices of the current microbatch, whose logits have ``n_rows`` rows."""
+        if self.dataset_key is None:
+            rows = batch_get(state.batch, self.cache.index_key)  # type: ignore[arg-type]
+            rows = torch.as_tensor(rows).reshape(-1)
+            if rows.numel() != n_rows:
+                raise ValueError(
+                    f'The batch entry index_key={self.cache.index_key!r} holds {rows.numel()} indices for a '
+                    f'microbatch whose logits have {n_rows} rows.'
+                )
+            return rows.to('cpu', torch.long)
+        if self._batch_index is None:
+            raise RuntimeError('No example indices were taken from this batch (Event.AFTER_DATALOADER did not run).')
+        start, self._consumed = self._consumed, self._consumed + n_rows
+        if self._consumed > len(self._batch_index):
+            raise ValueError(
+                f'The microbatches of this batch have more rows ({self._consumed} so far) than the batch has example '
+                f'indices ({len(self._batch_index)}): the teacher cache expects microbatches of consecutive rows, '
+                'with logits of one row per example.'
+            )
+        return self._batch_index[start : self._consumed]
+
+    def lookup(
+        self, state: State, n_rows: int, device: Union[str, torch.device]
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """The current microbatch's recorded logits on ``device`` (``None`` unless all are recorded), and its rows."""
+        rows = self.microbatch_rows(state, n_rows)
+        return self.cache.lookup(rows, device), rows
+
+    def record(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
+        """Record the teachers' logits of ``rows`` (rows holding NaN or +inf are left out)."""
+        self.cache.record(rows, logits)
+
+    def _check_batch_used(self) -> None:
+        """Check that the microbatches used every index of the batch (after they all ran)."""
+        if self._batch_index is not None and self._consumed not in (0, len(self._batch_index)):
+            raise ValueError(
+                f"The microbatches used {self._consumed} of the batch's {len(self._batch_index)} example indices: "
+                'the teacher cache expects microbatches of consecutive rows, with logits of one row per example.'
+            )

@@ -1,267 +1,51 @@
-"""The ``Distillation`` algorithm and the pure functions it is made of."""
+"""The ``Distillation`` algorithm: decides when teachers run and wires their logits into the trainer's loss.
+
+What it is made of lives in modules of their own (see ``docs/architecture.md``): the objective in
+:mod:`composer_kd.objective`, running teachers in :mod:`composer_kd.teachers`, feature pairs in
+:mod:`composer_kd.features`, the NaN/+inf guard in :mod:`composer_kd.nonfinite`, the teacher cache in
+:mod:`composer_kd.cache`. The names this module exported before they moved are still importable from it.
+"""
 
 from __future__ import annotations
 
-import inspect
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
 import torch
-from composer.core import Algorithm, Event, State, get_precision_context
+from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
-from composer.utils import ensure_tuple
 from torch import nn
 
-from composer_kd.cache import TeacherCache
-from composer_kd.features import (
-    FeatureCapture,
-    FeaturePair,
-    feature_dim,
-    output_width,
-    resolve_module,
-    select_output,
-)
+from composer_kd.cache import CachedFit, TeacherCache
+from composer_kd.features import FeatureDistillation, FeaturePair
 from composer_kd.losses import KLDivergence
-from composer_kd.outputs import (
-    Key,
-    extract_logits,
-    is_causal_lm,
-    logits_are_usable,
-    padding_mask,
-    run_teacher,
-    token_mask,
-)
+from composer_kd.nonfinite import NonFiniteGuard
+from composer_kd.objective import CombinedLoss, KDLossFn, combine_losses, distillation_loss, takes_mask
+from composer_kd.outputs import Key, extract_logits, is_causal_lm, token_mask
 from composer_kd.schedules import Schedule, ScheduleOrValue, value_at
-from composer_kd.teachers import FrozenTeachers, TeacherInference, TeacherRunner, TeacherSpec, resolve_teachers
+from composer_kd.teachers import (
+    FrozenTeachers,
+    TeacherInference,
+    TeacherRunner,
+    TeacherSpec,
+    average_logits,
+    resolve_teacher_logits_key,
+    resolve_teachers,
+    sample_teachers,
+    teacher_logits,
+)
 from composer_kd.window import TimeSpec, parse_time, reached, to_trainer_time
 
-__all__ = ['CombinedLoss', 'Distillation', 'combine_losses', 'distillation_loss', 'average_logits', 'sample_teachers']
-
-#: A loss between student and teacher logits, e.g. :class:`~composer_kd.KLDivergence`.
-KDLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def average_logits(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The element-wise mean of several teachers' logits (the ensemble's logits).
-
-    Args:
-        teacher_logits (Sequence[torch.Tensor]): One tensor per teacher, all of one shape.
-
-    Returns:
-        torch.Tensor: Their mean; the tensor itself for a single teacher.
-
-    Example:
-        .. testcode::
-
-            import torch
-            from composer_kd import average_logits
-
-            mean = average_logits([torch.zeros(2, 3), torch.ones(2, 3)])
-            assert torch.equal(mean, torch.full((2, 3), 0.5))
-    """
-    if len(teacher_logits) == 1:
-        return teacher_logits[0]
-    shapes = {tuple(t.shape) for t in teacher_logits}
-    if len(shapes) > 1:
-        raise ValueError(f'Teachers returned logits of different shapes {sorted(shapes)}; they cannot be averaged.')
-    return torch.stack([t.float() for t in teacher_logits]).mean(dim=0)
-
-
-def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    kd_loss_fn: KDLossFn,
-    mask: Optional[torch.Tensor] = None,
-    loss_takes_mask: Optional[bool] = None,
-) -> torch.Tensor:
-    """``kd_loss_fn`` on the positions that count.
-
-    With a ``mask`` over the logits' leading dimensions (e.g. valid tokens of ``[batch, seq, vocab]`` logits),
-    a loss that takes a ``mask`` argument (every loss of this package does) receives it; any other loss receives
-    only the selected rows, so a loss averaging over rows averages over valid tokens either way. Passing the
-    mask spares copying the logits, which matters for large vocabularies.
-
-    Args:
-        student_logits (torch.Tensor): The student's logits.
-        teacher_logits (torch.Tensor): The teacher's logits, the same shape.
-        kd_loss_fn (Callable): Maps ``(student_logits, teacher_logits)`` to a scalar.
-        mask (torch.Tensor, optional): Boolean, the logits' shape without the last dimension.
-        loss_takes_mask (bool, optional): Whether ``kd_loss_fn`` accepts ``mask=``. Default: ``None``, read from
-            its signature (a module's ``forward``) on every call; pass it to spare that.
-
-    Returns:
-        torch.Tensor: A scalar; zero (still attached to the student's graph) when no position is valid.
-
-    Raises:
-        ValueError: If the shapes differ (the message shows both) or the loss is not a scalar.
-
-    Example:
-        .. testcode::
-
-            import torch
-            from composer_kd import KLDivergence, distillation_loss
-
-            loss = distillation_loss(torch.randn(4, 10), torch.randn(4, 10), KLDivergence(temperature=2.0))
-    """
-    if student_logits.shape != teacher_logits.shape:
-        same_positions = student_logits.shape[:-1] == teacher_logits.shape[:-1]
-        detail = (
-            f'the teacher has {teacher_logits.shape[-1]} classes (vocabulary entries), the student '
-            f'{student_logits.shape[-1]}; they must share one label set / tokenizer'
-            if same_positions
-            else 'distillation needs them equal'
-        )
-        raise ValueError(
-            f'Teacher logits have shape {tuple(teacher_logits.shape)} but student logits have shape '
-            f'{tuple(student_logits.shape)}: {detail}.'
-        )
-    if mask is None:
-        loss = kd_loss_fn(student_logits, teacher_logits)
-    else:
-        mask = mask.to(device=student_logits.device, dtype=torch.bool)
-        accepts_mask = loss_takes_mask if loss_takes_mask is not None else _takes_mask(kd_loss_fn)
-        if accepts_mask:
-            # This package's losses average over valid positions and give 0 when there are none, with no host
-            # synchronization (which would stall a GPU's queue every step).
-            loss = kd_loss_fn(student_logits, teacher_logits, mask=mask)
-        elif not mask.any():
-            return student_logits.sum() * 0.0
-        else:
-            loss = kd_loss_fn(student_logits[mask], teacher_logits[mask])
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ValueError(f'kd_loss_fn must return a scalar tensor, got {shape}.')
-    return loss if loss.dim() == 0 else loss.reshape(())
-
-
-def _takes_mask(fn: Callable) -> bool:
-    """Whether the loss ``fn`` accepts a ``mask`` argument (for a module: whether its ``forward`` does)."""
-    # A module's own signature is its __call__'s, (*args, **kwargs), whatever its forward takes.
-    target = fn.forward if isinstance(fn, nn.Module) else fn
-    try:
-        return 'mask' in inspect.signature(target).parameters
-    except (TypeError, ValueError):  # builtins without a signature
-        return False
-
-
-class CombinedLoss(dict):
-    """The loss dict a :class:`Distillation` leaves in ``state.loss``: named terms and their weighted ``'total'``.
-
-    A plain ``dict`` to Composer (which logs each entry as ``loss/train/<name>`` and trains on ``'total'``), it
-    also remembers the weight of every term in the total, so that a second ``Distillation`` in the same trainer
-    adds its own terms to this one's instead of weighting the already combined total as if it were the model's
-    own loss (see :func:`combine_losses`).
-
-    Args:
-        terms (Mapping[str, torch.Tensor]): The named terms, ``'total'`` among them.
-        weights (Mapping[str, float]): The weight of each term that enters ``'total'``, kept as ``.weights``.
-
-    Example:
-        .. testcode::
-
-            import torch
-            from composer_kd import CombinedLoss, combine_losses
-
-            loss = combine_losses(torch.tensor(2.0), torch.tensor(3.0), org_loss_weight=0.1, kd_loss_weight=0.9)
-            assert isinstance(loss, CombinedLoss)
-            assert loss.weights == {'original': 0.1, 'kd': 0.9}
-            assert torch.isclose(loss['total'], torch.tensor(0.1 * 2.0 + 0.9 * 3.0))
-    """
-
-    def __init__(self, terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]):
-        super().__init__(terms)
-        self.weights = dict(weights)
-
-
-def combine_losses(
-    original_loss: Any,
-    kd_loss: torch.Tensor,
-    org_loss_weight: float,
-    kd_loss_weight: float,
-    extra_terms: Optional[Mapping[str, tuple[torch.Tensor, float]]] = None,
-    name: Optional[str] = None,
-) -> CombinedLoss:
-    """The loss dict ``{..original terms.., 'original', 'kd', 'total'}`` that replaces the trainer's loss.
-
-    ``total = org_loss_weight * original + kd_loss_weight * kd``. The original loss may be a tensor, a tuple/list
-    of tensors, or a dict (as ``ComposerModel.loss`` may return); like Composer, terms are averaged to scalars
-    and summed, and a dict's own ``'total'`` is used as the original total when present. Composer logs every
-    entry as ``loss/train/<name>``.
-
-    With a ``name``, the distillation term is ``'kd/<name>'`` and each extra term ``'<term>/<name>'``. When
-    ``original_loss`` is itself a :class:`CombinedLoss` (another ``Distillation`` of the same trainer ran
-    first), its terms are kept with their weights, the model's own loss (``'original'``) has its weight
-    multiplied by ``org_loss_weight``, and this call's terms are added: with several instances ``i``,
-
-    ``total = (prod_i org_loss_weight_i) * original + sum_i kd_loss_weight_i * kd_i (+ extra terms)``
-
-    so the model's own loss is counted once, whatever the number of instances.
-
-    Args:
-        original_loss: What the model's ``loss`` returned, or an earlier call's result.
-        kd_loss (torch.Tensor): The distillation term, a scalar.
-        org_loss_weight (float): Weight of the original loss (a factor of it, on top of an earlier call's).
-        kd_loss_weight (float): Weight of the distillation term.
-        extra_terms (Mapping[str, tuple[torch.Tensor, float]], optional): Further named ``(loss, weight)`` terms,
-            e.g. feature distillation's, added to the total.
-        name (str, optional): Names this call's terms, so that several can share one loss dict.
-
-    Returns:
-        CombinedLoss: The loss terms and their weighted ``'total'``.
-
-    Raises:
-        ValueError: If a term of this call is already in ``original_loss`` (two unnamed or same-named calls).
-
-    Example:
-        .. testcode::
-
-            import torch
-            from composer_kd import combine_losses
-
-            losses = combine_losses(torch.tensor(2.0), torch.tensor(1.0), org_loss_weight=0.1, kd_loss_weight=0.9)
-            assert torch.isclose(losses['total'], torch.tensor(1.1))
-            both = combine_losses(losses, torch.tensor(3.0), org_loss_weight=1.0, kd_loss_weight=0.5, name='b')
-            assert torch.isclose(both['total'], torch.tensor(0.1 * 2.0 + 0.9 * 1.0 + 0.5 * 3.0))
-    """
-    suffix = '' if name is None else f'/{name}'
-    extra = {f'{key}{suffix}': term for key, term in (extra_terms or {}).items()}
-    ours = {'kd' + suffix: (kd_loss, kd_loss_weight), **extra}
-    if isinstance(original_loss, CombinedLoss):
-        clashing = [key for key in ours if key in original_loss]
-        if clashing:
-            raise ValueError(
-                f'Two Distillation algorithms write the loss term {clashing[0]!r}: give each its own name= so '
-                "that each writes its own 'kd/<name>' term."
-            )
-        terms = {k: v for k, v in original_loss.items() if k != 'total'}
-        weights = dict(original_loss.weights)
-        weights['original'] = weights['original'] * org_loss_weight
-    else:
-        taken = {'original', *ours}
-        if isinstance(original_loss, torch.Tensor):
-            terms = {'original': _scalar(original_loss)}
-        elif isinstance(original_loss, Mapping):
-            terms = {f'original_{k}' if k in taken else k: _scalar(v) for k, v in original_loss.items()}
-            terms['original'] = terms.pop('total') if 'total' in terms else sum(terms.values())
-        elif isinstance(original_loss, Sequence) and not isinstance(original_loss, str):
-            terms = {f'original_{i}': _scalar(v) for i, v in enumerate(original_loss)}
-            terms['original'] = sum(terms.values())
-        else:
-            raise TypeError(f'Cannot combine an original loss of type {type(original_loss).__name__}.')
-        weights = {'original': org_loss_weight}
-    for key, (loss, weight) in ours.items():
-        terms[key] = loss
-        weights[key] = weight
-    total = None
-    for key, weight in weights.items():
-        total = weight * terms[key] if total is None else total + weight * terms[key]
-    return CombinedLoss({**terms, 'total': total}, weights)
-
-
-def _scalar(loss: torch.Tensor) -> torch.Tensor:
-    # A 0-dim loss (the usual case) is used as it is: a mean over one element is still an op and its backward.
-    return loss if loss.dim() == 0 else loss.mean()
+__all__ = [
+    'CombinedLoss',
+    'Distillation',
+    'KDLossFn',
+    'average_logits',
+    'combine_losses',
+    'distillation_loss',
+    'sample_teachers',
+]
 
 
 def _check_scheduled(name: str, value: ScheduleOrValue, minimum: float, inclusive: bool) -> None:
@@ -279,49 +63,9 @@ def _largest(value: ScheduleOrValue) -> float:
     return value.bounds[1] if isinstance(value, Schedule) else value
 
 
-# Where the projections sit on the student during a fit (suffixed by the instance's name, if it has one).
-_PROJECTIONS_NAME = 'distillation_projections'
 _NAME = re.compile(r'[A-Za-z0-9_-]+')
 # The events every instance handles; each fit adds those its settings need (see ``Distillation._fit_start``).
 _FIT_BOUNDARIES = frozenset({Event.INIT, Event.FIT_START, Event.FIT_END})
-_CACHE_EVENTS = frozenset({Event.AFTER_DATALOADER, Event.BEFORE_TRAIN_BATCH, Event.AFTER_TRAIN_BATCH, Event.EPOCH_END})
-
-
-def _as_feature_pair(pair: Union[FeaturePair, Mapping[str, Any]], index: int) -> FeaturePair:
-    if isinstance(pair, FeaturePair):
-        return pair
-    if isinstance(pair, Mapping):
-        try:
-            return FeaturePair(**pair)
-        except TypeError as e:
-            raise TypeError(f'feature_pairs[{index}]: {e}') from e
-    raise TypeError(f'feature_pairs[{index}] must be a FeaturePair or a dict, got {type(pair).__name__}.')
-
-
-def sample_teachers(n_teachers: int, k: int, seed: int, step: int) -> list[int]:
-    """Indices of ``k`` of ``n_teachers`` teachers for one step, a pure function of ``(seed, step)``.
-
-    Depending on nothing but the seed and the step makes the draw reproducible and identical after a resume,
-    with no generator state to checkpoint.
-
-    Args:
-        n_teachers (int): How many teachers there are.
-        k (int): How many to draw, ``1 <= k <= n_teachers``.
-        seed (int): The run's seed (Composer's ``rank_zero_seed``, the same on every rank).
-        step (int): The batch index.
-
-    Returns:
-        list[int]: ``k`` distinct indices, sorted.
-
-    Example:
-        .. testcode::
-
-            from composer_kd import sample_teachers
-
-            assert sample_teachers(4, 2, seed=17, step=3) == sample_teachers(4, 2, seed=17, step=3)
-    """
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
-    return sorted(torch.randperm(n_teachers, generator=generator)[:k].tolist())
 
 
 class Distillation(Algorithm):
@@ -473,13 +217,12 @@ class Distillation(Algorithm):
         self.n_teachers_to_sample = n_teachers_to_sample
         self.input_key = input_key
         self.student_logits_key = student_logits_key
-        self.teacher_logits_key = teacher_logits_key if teacher_logits_key is not None else student_logits_key
-        # A teacher's bare tensor output is its logits unless a teacher key was asked for explicitly.
-        self._bare_teacher_tensor_is_logits = teacher_logits_key is None
+        self.teacher_logits_key, self._bare_teacher_tensor_is_logits = resolve_teacher_logits_key(
+            student_logits_key, teacher_logits_key
+        )
         self.causal_lm = causal_lm
-        if on_nonfinite_teacher not in ('raise', 'skip'):
-            raise ValueError(f"on_nonfinite_teacher must be 'raise' or 'skip', got {on_nonfinite_teacher!r}.")
         self.on_nonfinite_teacher = on_nonfinite_teacher
+        self._guard = NonFiniteGuard(on_nonfinite_teacher, log_key=self._log_key('skipped_microbatches'))
         self.teacher_inference = teacher_inference or TeacherInference()
         if self.teacher_inference.compile and feature_pairs:
             raise ValueError(
@@ -500,24 +243,12 @@ class Distillation(Algorithm):
                     "teacher's intermediate outputs at every step. Drop one of the two."
                 )
         self.teacher_cache = teacher_cache
-        self._runners: list[TeacherRunner] = []
-        self._skipped = 0
-        # One device flag per distilled microbatch of the current batch: were its teacher logits usable?
-        self._usable: list[torch.Tensor] = []
-        self.feature_pairs = [_as_feature_pair(pair, i) for i, pair in enumerate(feature_pairs)]
-        for i, pair in enumerate(self.feature_pairs):
-            if not 0 <= pair.teacher_index < n_teachers:
-                raise ValueError(
-                    f'feature_pairs[{i}].teacher_index={pair.teacher_index} but there are {n_teachers} teachers.'
-                )
-        # Learnable maps from student to teacher feature widths, keyed by pair index; created at Event.INIT.
-        self.projections = nn.ModuleDict()
-        self._student_feature_modules: list[nn.Module] = []
-        self._projection_owner: Optional[nn.Module] = None
-        self._captures: Optional[tuple[FeatureCapture, FeatureCapture]] = None
+        self.features = FeatureDistillation(feature_pairs, n_teachers, name=name)
 
-        # Set at fit start: the window in the trainer's units. Set each batch: the teachers that run, and the
-        # weights in force.
+        # Set at fit start: the teachers as they run, the cache's state for the fit, the window in the trainer's
+        # units, and the events to handle. Set each batch: the teachers that run, and the weights in force.
+        self._runners: list[TeacherRunner] = []
+        self._cached_fit: Optional[CachedFit] = None
         self._start: Optional[Any] = None
         self._end: Optional[Any] = None
         self._active_teachers: list[int] = []
@@ -525,7 +256,6 @@ class Distillation(Algorithm):
         self._loss_takes_mask = False
         self._weights = (0.0, 0.0)
         self._events = _FIT_BOUNDARIES
-        self._poison_check_event = self._poison_event()
 
     def __str__(self) -> str:
         # Composer's engine formats this into a trace key every time the algorithm runs: keep it cheap. Within one
@@ -549,6 +279,21 @@ class Distillation(Algorithm):
         """The teachers, as given (with checkpoint weights loaded)."""
         return self.teachers.modules
 
+    @property
+    def feature_pairs(self) -> list[FeaturePair]:
+        """The feature pairs, as :class:`~composer_kd.features.FeaturePair` objects."""
+        return self.features.pairs
+
+    @property
+    def projections(self) -> nn.ModuleDict:
+        """The learned feature projections, keyed by pair index (empty where widths match)."""
+        return self.features.projections
+
+    @property
+    def find_unused_parameters(self) -> bool:
+        # Outside the window, or when a sampled step skips a pair's teacher, projections get no gradient.
+        return bool(self.projections)
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.teacher_cache is not None:
@@ -565,172 +310,32 @@ class Distillation(Algorithm):
         # Composer's events (a StringEnum) costs a Python call per comparison.
         if event is Event.AFTER_LOSS:
             return bool(self._active_teachers)
-        if event is self._poison_check_event and self._usable:
+        if event is self._guard.check_event and self._guard.pending:
             return True
         return event in self._events
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event is Event.AFTER_LOSS:
             self._distill(state)
-        elif event is Event.BATCH_START:
+            return
+        if self._cached_fit is not None and event in CachedFit.EVENTS:
+            self._cached_fit.on_event(event, state)
+        if event is self._guard.check_event:
+            self._guard.settle(state, logger)
+        if event is Event.BATCH_START:
             self._active_teachers = self._teachers_for_batch(state)
             if self._active_teachers:
                 self._set_scheduled_values(state, logger)
-            self._capture(bool(self._active_teachers))
-        elif event is Event.AFTER_TRAIN_BATCH or event is Event.BATCH_END:
-            if event is Event.AFTER_TRAIN_BATCH and self.teacher_cache is not None:
-                self.teacher_cache.finish_batch()
-            if event is self._poison_check_event:
-                self._check_poisoned(state, logger)
-            if event is Event.BATCH_END:
-                self._capture(False)
-        elif event is Event.AFTER_DATALOADER:
-            assert self.teacher_cache is not None
-            self.teacher_cache.take_index(state)
-        elif event is Event.BEFORE_TRAIN_BATCH:
-            assert self.teacher_cache is not None
-            self.teacher_cache.start_microbatches()
-        elif event is Event.EPOCH_END:
-            assert self.teacher_cache is not None
-            self.teacher_cache.exchange(state.device.tensor_to_device)
+            self.features.capture(bool(self._active_teachers))
+        elif event is Event.BATCH_END:
+            self.features.capture(False)
         elif event is Event.INIT:
             self._check_unique_name(state)
-            self._init_features(state)
+            self.features.init(state, self.teachers.modules)
         elif event is Event.FIT_START:
             self._fit_start(state, logger)
         elif event is Event.FIT_END:
-            self._active_teachers = []
-            self._events = _FIT_BOUNDARIES
-            self._remove_captures()
-            self._attach_projections(False)
-            for runner in self._runners:
-                runner.release()
-            self._runners = []
-            self.teachers.restore()
-            if self.teacher_cache is not None:
-                self.teacher_cache.flush()
-
-    def _varies_per_batch(self) -> bool:
-        """Whether the teachers that run or the values in force can change from one batch to the next."""
-        scheduled = (self.org_loss_weight, self.kd_loss_weight, self.temperature)
-        return (
-            bool(self.feature_pairs)  # feature capture is switched on and off around every batch
-            or self.n_teachers_to_sample is not None
-            or self.start.value != 0
-            or self.end is not None
-            or any(isinstance(value, Schedule) for value in scheduled)
-        )
-
-    def _check_unique_name(self, state: State) -> None:
-        for other in state.algorithms:
-            if other is not self and isinstance(other, Distillation) and other.name == self.name:
-                raise ValueError(
-                    f'Two Distillation algorithms in one Trainer are both named {self.name!r}: each writes its loss '
-                    "term as 'kd/<name>' ('kd' without a name), so give each a distinct name=."
-                )
-
-    def _log_key(self, key: str) -> str:
-        return f'distillation/{key}' if self.name is None else f'distillation/{self.name}/{key}'
-
-    @property
-    def _projections_name(self) -> str:
-        return _PROJECTIONS_NAME if self.name is None else f'{_PROJECTIONS_NAME}_{self.name}'
-
-    @property
-    def find_unused_parameters(self) -> bool:
-        # Outside the window, or when a sampled step skips a pair's teacher, projections get no gradient.
-        return bool(self.projections)
-
-    def _attach_projections(self, attached: bool) -> None:
-        """Lend the projections to the student during a fit, and take them back when it ends.
-
-        While attached they are ordinary parameters of the model, so Composer's optimizer, checkpoints (under
-        ``distillation_projections.``), resumption and DDP gradient averaging all treat them like the student's
-        own; once the fit ends the student is exactly the model the user gave.
-        """
-        if self._projection_owner is None or not self.projections:
-            return
-        if attached:
-            self._projection_owner.add_module(self._projections_name, self.projections)
-        elif hasattr(self._projection_owner, self._projections_name):
-            delattr(self._projection_owner, self._projections_name)
-
-    def _init_features(self, state: State) -> None:
-        """Resolve the feature modules and create projections while the optimizer can still take them in.
-
-        Event.INIT comes after the optimizer is built but before a checkpoint is loaded, so projections added
-        here are restored with the model's and the optimizer's state on resume.
-        """
-        self._student_feature_modules = []
-        for i, pair in enumerate(self.feature_pairs):
-            student_module = resolve_module(state.model, pair.student, role='student')
-            teacher_module = resolve_module(self.teachers.modules[pair.teacher_index], pair.teacher, role='teacher')
-            self._student_feature_modules.append(student_module)
-            if not pair.projectable:
-                continue
-            widths = (
-                pair.student_dim or output_width(student_module),
-                pair.teacher_dim or output_width(teacher_module),
-            )
-            # An unreadable width (e.g. of an activation module) is taken to match; the first step checks it.
-            if None not in widths and widths[0] != widths[1]:
-                self.projections[str(i)] = nn.Linear(*widths, bias=False)
-        if self.projections:
-            state.device.module_to_device(self.projections)
-            self._projection_owner = state.model
-            self._attach_projections(True)
-            optimizer = ensure_tuple(state.optimizers)[0]
-            # Train the projections as the student's first group is trained (the same lr, weight decay, and keys
-            # such as Composer's 'initial_lr' that a plain add_param_group would leave out).
-            group = {k: v for k, v in optimizer.param_groups[0].items() if k != 'params'}
-            optimizer.add_param_group({**group, 'params': list(self.projections.parameters())})
-
-    def _capture(self, enabled: bool) -> None:
-        if self._captures is not None:
-            for capture in self._captures:
-                capture.enabled = enabled
-                capture.clear()
-
-    def _remove_captures(self) -> None:
-        if self._captures is not None:
-            for capture in self._captures:
-                capture.remove()
-            self._captures = None
-
-    def _feature_losses(self, state: State, active: set[int]) -> dict[str, tuple[torch.Tensor, float]]:
-        assert self._captures is not None
-        student_outputs, teacher_outputs = (capture.outputs for capture in self._captures)
-        terms = {}
-        for i, pair in enumerate(self.feature_pairs):
-            if pair.teacher_index not in active:
-                continue
-            key = str(i)
-            if key not in student_outputs or key not in teacher_outputs:
-                raise RuntimeError(
-                    f'feature_pairs[{i}]: module {pair.student!r} (student) or {pair.teacher!r} (teacher) did not run '
-                    'during the forward pass.'
-                )
-            student = select_output(student_outputs[key], pair.index, pair.student)
-            teacher = select_output(teacher_outputs[key], pair.index, pair.teacher)
-            if key in self.projections:
-                dim = feature_dim(student)
-                student = self.projections[key](student.movedim(dim, -1)).movedim(-1, dim)
-            elif pair.projectable and student.shape != teacher.shape:
-                raise ValueError(
-                    f'feature_pairs[{i}]: student features {tuple(student.shape)} ({pair.student!r}) and teacher '
-                    f'features {tuple(teacher.shape)} ({pair.teacher!r}) differ and no projection was made: pass '
-                    'student_dim= and teacher_dim= (the feature widths) to have one learned.'
-                )
-            # Token features [B, S, D] and attention probabilities [B, H, S, S] are masked by query position.
-            positions = (student.shape[0], student.shape[2]) if pair.loss == 'attention_probs' else student.shape[:-1]
-            mask = padding_mask(state.batch, tuple(positions))
-            terms[f'feature_{i}'] = (pair.loss_fn(student, teacher, mask), pair.weight)
-        return terms
-
-    def _poison_event(self) -> Event:
-        # To raise, before the optimizer step; to skip, after it, where Composer's own read of the loss has
-        # already waited for the device (so the check adds no stall).
-        return Event.AFTER_TRAIN_BATCH if self.on_nonfinite_teacher == 'raise' else Event.BATCH_END
+            self._fit_end()
 
     def _fit_start(self, state: State, logger: Logger) -> None:
         student_params = {id(p) for p in state.model.parameters()}
@@ -745,22 +350,12 @@ class Distillation(Algorithm):
             state.device.module_to_device(teacher)
         self._runners = [TeacherRunner(teacher, self.teacher_inference) for teacher in self.teachers.modules]
         running = [runner.prepare() for runner in self._runners]
-        if self.feature_pairs:
-            self._attach_projections(True)  # again, for a second fit() with the same trainer
-            self._remove_captures()
-            # Watch the modules that actually run (a converted copy, where teacher_inference made one).
-            teacher_modules = {
-                str(i): resolve_module(running[pair.teacher_index], pair.teacher, role='teacher')
-                for i, pair in enumerate(self.feature_pairs)
-            }
-            self._captures = (
-                FeatureCapture({str(i): module for i, module in enumerate(self._student_feature_modules)}),
-                FeatureCapture(teacher_modules),
-            )
+        if self.features:
+            self.features.start(running)
         self._causal = self.causal_lm if self.causal_lm is not None else is_causal_lm(state.model)
-        self._loss_takes_mask = _takes_mask(self.kd_loss_fn)
+        self._loss_takes_mask = takes_mask(self.kd_loss_fn)
         if self.teacher_cache is not None:
-            self.teacher_cache.start(
+            self._cached_fit = self.teacher_cache.start(
                 state,
                 self.teachers.modules,
                 input_key=self.input_key,
@@ -778,12 +373,44 @@ class Distillation(Algorithm):
         else:
             self._active_teachers = list(range(len(self.teachers.modules)))
             self._set_scheduled_values(state, logger)
-        if self.feature_pairs:
+        if self.features:
             events.add(Event.BATCH_END)
-        if self.teacher_cache is not None:
-            events |= _CACHE_EVENTS
+        if self._cached_fit is not None:
+            events |= CachedFit.EVENTS
         self._events = frozenset(events)
-        self._poison_check_event = self._poison_event()
+
+    def _fit_end(self) -> None:
+        self._cached_fit = None
+        self._active_teachers = []
+        self._events = _FIT_BOUNDARIES
+        self._guard.reset()
+        self.features.end()
+        for runner in self._runners:
+            runner.release()
+        self._runners = []
+        self.teachers.restore()
+
+    def _varies_per_batch(self) -> bool:
+        """Whether the teachers that run or the values in force can change from one batch to the next."""
+        scheduled = (self.org_loss_weight, self.kd_loss_weight, self.temperature)
+        return (
+            bool(self.features)  # feature capture is switched on and off around every batch
+            or self.n_teachers_to_sample is not None
+            or self.start.value != 0
+            or self.end is not None
+            or any(isinstance(value, Schedule) for value in scheduled)
+        )
+
+    def _check_unique_name(self, state: State) -> None:
+        for other in state.algorithms:
+            if other is not self and isinstance(other, Distillation) and other.name == self.name:
+                raise ValueError(
+                    f'Two Distillation algorithms in one Trainer are both named {self.name!r}: each writes its loss '
+                    "term as 'kd/<name>' ('kd' without a name), so give each a distinct name=."
+                )
+
+    def _log_key(self, key: str) -> str:
+        return f'distillation/{key}' if self.name is None else f'distillation/{self.name}/{key}'
 
     def _teachers_for_batch(self, state: State) -> list[int]:
         """Indices of the teachers that run this batch: none outside the window, else all or a sample."""
@@ -810,30 +437,8 @@ class Distillation(Algorithm):
         if scheduled:
             logger.log_metrics(scheduled)
 
-    def _check_poisoned(self, state: State, logger: Logger) -> None:
-        """Act on the microbatches whose teacher logits were poisoned: one host sync per batch.
-
-        The flags stay on the device while the batch runs, so the teacher's forward pass never waits for the
-        host; they are read once the backward passes are done, before the optimizer step (to raise) or after it
-        (to count).
-        """
-        if not self._usable:
-            return
-        flags, self._usable = self._usable, []
-        n_poisoned = len(flags) - int(flags[0] if len(flags) == 1 else torch.stack(flags).sum())
-        if not n_poisoned:
-            return
-        if self.on_nonfinite_teacher == 'raise':
-            where = f'batch {int(state.timestamp.batch)} (epoch {int(state.timestamp.epoch)})'
-            raise FloatingPointError(
-                f'A teacher produced NaN or +inf logits at {where}; the student was not updated from them. '
-                "Pass on_nonfinite_teacher='skip' to train on without the distillation terms of such microbatches."
-            )
-        self._skipped += n_poisoned
-        logger.log_metrics({self._log_key('skipped_microbatches'): self._skipped})
-
     def _teacher_logits(
-        self, state: State, student_logits: torch.Tensor
+        self, state: State, n_rows: int, device: torch.device
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The (averaged) teacher logits of this microbatch and its device flag: are they free of NaN and +inf?
 
@@ -841,49 +446,33 @@ class Distillation(Algorithm):
         finite outputs are ever recorded); otherwise from the teachers, recording their outputs.
         """
         rows = None
-        if self.teacher_cache is not None:
-            rows = self.teacher_cache.microbatch_rows(state, student_logits.shape[0])
-            cached = self.teacher_cache.lookup(rows, student_logits.device)
+        if self._cached_fit is not None:
+            cached, rows = self._cached_fit.lookup(state, n_rows, device)
             if cached is not None:
                 return cached, None
-        teacher_logits = []
-        with torch.no_grad(), get_precision_context(state.precision, state.precision_config):
-            for index in self._active_teachers:
-                runner = self._runners[index]
-                if runner.module.training:  # something outside switched it back; dropout must stay off
-                    runner.module.eval()
-                output = run_teacher(runner.module, runner.inputs(state.batch), self.input_key)
-                bare = self._bare_teacher_tensor_is_logits and isinstance(output, torch.Tensor)
-                teacher_logits.append(extract_logits(output, None if bare else self.teacher_logits_key, role='teacher'))
-        logits = average_logits(teacher_logits)  # NaN and +inf in any teacher's logits carry into their mean
-        if self.teacher_cache is not None:
-            assert rows is not None
-            self.teacher_cache.record(rows, logits)  # poisoned rows are not kept
-        usable = logits_are_usable(logits)
-        self._usable.append(usable)
-        # Zeroed when unusable (so no NaN reaches any gradient) on the device, without waiting for the flag; a new
-        # tensor, so the teacher's own output, which may be a tensor the user holds, is left as it was.
-        return torch.where(usable, logits, 0.0), usable
+        logits = teacher_logits(
+            [self._runners[index] for index in self._active_teachers],
+            state.batch,
+            input_key=self.input_key,
+            logits_key=self.teacher_logits_key,
+            bare_tensor_is_logits=self._bare_teacher_tensor_is_logits,
+            precision=state.precision,
+            precision_config=state.precision_config,
+        )
+        if self._cached_fit is not None:
+            self._cached_fit.record(rows, logits)  # poisoned rows are not kept
+        return self._guard.screen(logits)  # NaN and +inf in any teacher's logits carry into their mean
 
     def _distill(self, state: State) -> None:
         student_logits = extract_logits(state.outputs, self.student_logits_key, role='student')
-        teacher_logits, usable = self._teacher_logits(state, student_logits)
+        teacher, usable = self._teacher_logits(state, student_logits.shape[0], student_logits.device)
         kd_loss = distillation_loss(
             student_logits,
-            teacher_logits,
+            teacher,
             self.kd_loss_fn,
             mask=token_mask(state.batch, student_logits, causal=self._causal),
             loss_takes_mask=self._loss_takes_mask,
         )
-        features = {}
-        if self.feature_pairs:
-            assert usable is not None  # feature pairs never come with a cache
-            features = {
-                name: (torch.where(usable, loss, 0.0), weight)
-                for name, (loss, weight) in self._feature_losses(state, set(self._active_teachers)).items()
-            }
-            for capture in self._captures or ():
-                capture.clear()  # this microbatch's features are used; the next records its own
-        if usable is not None:
-            kd_loss = torch.where(usable, kd_loss, 0.0)
+        features = self.features.losses(state.batch, self._active_teachers, usable) if self.features else {}
+        kd_loss = NonFiniteGuard.mask(kd_loss, usable)
         state.loss = combine_losses(state.loss, kd_loss, *self._weights, extra_terms=features, name=self.name)

@@ -15,16 +15,20 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from composer.core import State
 from composer.models import HuggingFaceModel
+from composer.utils import ensure_tuple
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
-from composer_kd.losses import _mean_over_positions, cosine_distance, logits_mse
+from composer_kd.losses import cosine_distance, logits_mse, mean_over_positions
+from composer_kd.outputs import padding_mask
 
 __all__ = [
     'FEATURE_LOSSES',
     'FeatureCapture',
+    'FeatureDistillation',
     'FeaturePair',
     'attention_map',
     'attention_map_loss',
@@ -32,6 +36,7 @@ __all__ = [
     'feature_dim',
     'output_width',
     'resolve_module',
+    'select_output',
 ]
 
 FeatureLossFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -259,7 +264,7 @@ def attention_probs_mse(
     if student.shape[1] != teacher.shape[1]:
         student, teacher = student.mean(dim=1, keepdim=True), teacher.mean(dim=1, keepdim=True)
     per_query = (student.float() - teacher.float()).pow(2).mean(dim=(1, 3))
-    return _mean_over_positions(per_query, mask)
+    return mean_over_positions(per_query, mask)
 
 
 def _features_mse(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -311,3 +316,183 @@ class FeatureCapture:
             handle.remove()
         self._handles = []
         self.clear()
+
+
+#: Where a ``Distillation``'s projections sit on the student during a fit (and in its checkpoints), suffixed by the
+#: instance's name when it has one.
+PROJECTIONS_NAME = 'distillation_projections'
+
+
+def as_feature_pair(pair: Union[FeaturePair, Mapping[str, Any]], index: int) -> FeaturePair:
+    """``pair`` as a :class:`FeaturePair` (a dict gives its fields); errors name ``feature_pairs[index]``."""
+    if isinstance(pair, FeaturePair):
+        return pair
+    if isinstance(pair, Mapping):
+        try:
+            return FeaturePair(**pair)
+        except TypeError as e:
+            raise TypeError(f'feature_pairs[{index}]: {e}') from e
+    raise TypeError(f'feature_pairs[{index}] must be a FeaturePair or a dict, got {type(pair).__name__}.')
+
+
+class FeatureDistillation:
+    """The feature pairs of one ``Distillation``: their hooks, their learned projections and their loss terms.
+
+    Through a fit: :meth:`init` (at ``Event.INIT``) finds the modules and makes the projections where widths
+    differ, lending them to the student so that Composer's optimizer, checkpoints and DDP treat them as the
+    student's own; :meth:`start` hooks the modules that will run; :meth:`capture` switches recording on for the
+    batches the teachers run on; :meth:`losses` turns a microbatch's recorded features into loss terms;
+    :meth:`end` removes the hooks and takes the projections back, so the student is exactly the model the user
+    gave.
+
+    Args:
+        pairs (Sequence[FeaturePair | dict]): The pairs.
+        n_teachers (int): How many teachers there are (each pair names one by ``teacher_index``).
+        name (str, optional): The owning ``Distillation``'s name: the projections sit on the student as
+            ``distillation_projections_<name>`` (``distillation_projections`` without one).
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.features import FeatureDistillation, FeaturePair
+
+            features = FeatureDistillation([FeaturePair(student='0', teacher='0')], n_teachers=1)
+            assert len(features.pairs) == 1 and not features.projections
+    """
+
+    def __init__(
+        self, pairs: Sequence[Union[FeaturePair, Mapping[str, Any]]], n_teachers: int, name: Optional[str] = None
+    ):
+        self.pairs = [as_feature_pair(pair, i) for i, pair in enumerate(pairs)]
+        for i, pair in enumerate(self.pairs):
+            if not 0 <= pair.teacher_index < n_teachers:
+                raise ValueError(
+                    f'feature_pairs[{i}].teacher_index={pair.teacher_index} but there are {n_teachers} teachers.'
+                )
+        self.projections_name = PROJECTIONS_NAME if name is None else f'{PROJECTIONS_NAME}_{name}'
+        # Learnable maps from student to teacher feature widths, keyed by pair index; made by init().
+        self.projections = nn.ModuleDict()
+        self._student_modules: list[nn.Module] = []
+        self._owner: Optional[nn.Module] = None
+        self._captures: Optional[tuple[FeatureCapture, FeatureCapture]] = None
+
+    def __bool__(self) -> bool:
+        return bool(self.pairs)
+
+    def init(self, state: State, teachers: Sequence[nn.Module]) -> None:
+        """Resolve the modules and make the projections while the optimizer can still take them in.
+
+        ``Event.INIT`` comes after the optimizer is built but before a checkpoint is loaded, so projections added
+        here are restored with the model's and the optimizer's state on resume.
+        """
+        self._student_modules = []
+        for i, pair in enumerate(self.pairs):
+            student_module = resolve_module(state.model, pair.student, role='student')
+            teacher_module = resolve_module(teachers[pair.teacher_index], pair.teacher, role='teacher')
+            self._student_modules.append(student_module)
+            if not pair.projectable:
+                continue
+            widths = (
+                pair.student_dim or output_width(student_module),
+                pair.teacher_dim or output_width(teacher_module),
+            )
+            # An unreadable width (e.g. of an activation module) is taken to match; the first step checks it.
+            if None not in widths and widths[0] != widths[1]:
+                self.projections[str(i)] = nn.Linear(*widths, bias=False)
+        if self.projections:
+            state.device.module_to_device(self.projections)
+            self._owner = state.model
+            self._attach(True)
+            optimizer = ensure_tuple(state.optimizers)[0]
+            # Train the projections as the student's first group is trained (the same lr, weight decay, and keys
+            # such as Composer's 'initial_lr' that a plain add_param_group would leave out).
+            group = {k: v for k, v in optimizer.param_groups[0].items() if k != 'params'}
+            optimizer.add_param_group({**group, 'params': list(self.projections.parameters())})
+
+    def start(self, running_teachers: Sequence[nn.Module]) -> None:
+        """Hook the student's modules and those of the teachers that will actually run (converted copies, where
+        teacher options made them)."""
+        self._attach(True)  # again, for a second fit() with the same trainer
+        self._remove_hooks()
+        teacher_modules = {
+            str(i): resolve_module(running_teachers[pair.teacher_index], pair.teacher, role='teacher')
+            for i, pair in enumerate(self.pairs)
+        }
+        self._captures = (
+            FeatureCapture({str(i): module for i, module in enumerate(self._student_modules)}),
+            FeatureCapture(teacher_modules),
+        )
+
+    def capture(self, enabled: bool) -> None:
+        """Switch recording on or off (and drop what was recorded)."""
+        for capture in self._captures or ():
+            capture.enabled = enabled
+            capture.clear()
+
+    def losses(
+        self, batch: Any, active_teachers: Sequence[int], usable: Optional[torch.Tensor] = None
+    ) -> dict[str, tuple[torch.Tensor, float]]:
+        """The ``'feature_<i>'`` terms of this microbatch and their weights, for the pairs whose teacher ran.
+
+        Args:
+            batch (Any): The microbatch (its padding mask, if any, masks token features by position).
+            active_teachers (Sequence[int]): The teachers that ran.
+            usable (torch.Tensor, optional): The teachers' logits were free of NaN and +inf; the terms are zeroed
+                where not.
+
+        Returns:
+            dict[str, tuple[torch.Tensor, float]]: ``{'feature_<i>': (loss, weight)}``.
+        """
+        assert self._captures is not None, 'FeatureDistillation.start() was not called'
+        student_outputs, teacher_outputs = (capture.outputs for capture in self._captures)
+        active = set(active_teachers)
+        terms = {}
+        for i, pair in enumerate(self.pairs):
+            if pair.teacher_index not in active:
+                continue
+            key = str(i)
+            if key not in student_outputs or key not in teacher_outputs:
+                raise RuntimeError(
+                    f'feature_pairs[{i}]: module {pair.student!r} (student) or {pair.teacher!r} (teacher) did not run '
+                    'during the forward pass.'
+                )
+            student = select_output(student_outputs[key], pair.index, pair.student)
+            teacher = select_output(teacher_outputs[key], pair.index, pair.teacher)
+            if key in self.projections:
+                dim = feature_dim(student)
+                student = self.projections[key](student.movedim(dim, -1)).movedim(-1, dim)
+            elif pair.projectable and student.shape != teacher.shape:
+                raise ValueError(
+                    f'feature_pairs[{i}]: student features {tuple(student.shape)} ({pair.student!r}) and teacher '
+                    f'features {tuple(teacher.shape)} ({pair.teacher!r}) differ and no projection was made: pass '
+                    'student_dim= and teacher_dim= (the feature widths) to have one learned.'
+                )
+            # Token features [B, S, D] and attention probabilities [B, H, S, S] are masked by query position.
+            positions = (student.shape[0], student.shape[2]) if pair.loss == 'attention_probs' else student.shape[:-1]
+            loss = pair.loss_fn(student, teacher, padding_mask(batch, tuple(positions)))
+            terms[f'feature_{i}'] = (loss if usable is None else torch.where(usable, loss, 0.0), pair.weight)
+        for capture in self._captures:
+            capture.clear()  # this microbatch's features are used; the next records its own
+        return terms
+
+    def end(self) -> None:
+        """Remove the hooks and take the projections back from the student."""
+        self._remove_hooks()
+        self._attach(False)
+
+    def _remove_hooks(self) -> None:
+        for capture in self._captures or ():
+            capture.remove()
+        self._captures = None
+
+    def _attach(self, attached: bool) -> None:
+        """Lend the projections to the student during a fit (as ordinary parameters of the model, so Composer's
+        optimizer, checkpoints under ``distillation_projections.``, resumption and DDP gradient averaging treat them
+        like the student's own), and take them back when it ends."""
+        if self._owner is None or not self.projections:
+            return
+        if attached:
+            self._owner.add_module(self.projections_name, self.projections)
+        elif hasattr(self._owner, self.projections_name):
+            delattr(self._owner, self.projections_name)

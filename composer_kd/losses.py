@@ -46,7 +46,27 @@ def _check_shapes(student: torch.Tensor, teacher: torch.Tensor) -> None:
         raise ValueError(f'student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must have the same shape.')
 
 
-def _mean_over_positions(per_position: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def mean_over_positions(per_position: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The mean of a per-position loss over the positions ``mask`` keeps (all without a mask; 0 if none is kept).
+
+    No host synchronization: an empty mask divides by one instead of branching on its count.
+
+    Args:
+        per_position (torch.Tensor): The loss at each position (example or token).
+        mask (torch.Tensor, optional): Boolean, the shape of ``per_position``.
+
+    Returns:
+        torch.Tensor: A scalar.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.losses import mean_over_positions
+
+            loss = mean_over_positions(torch.tensor([1.0, 2.0, 6.0]), torch.tensor([True, False, True]))
+            assert loss.item() == 3.5
+    """
     if mask is None:
         return per_position.mean()
     mask = mask.to(device=per_position.device, dtype=torch.bool)
@@ -84,7 +104,7 @@ def _distribution_loss(
     _check_shapes(student_logits, teacher_logits)
     log_q = _softened_log_probs(student_logits, temperature, softmax_dim)
     log_p = _softened_log_probs(teacher_logits, temperature, softmax_dim)
-    return _mean_over_positions(per_position_fn(log_p, log_q, softmax_dim) * temperature**2, mask)
+    return mean_over_positions(per_position_fn(log_p, log_q, softmax_dim) * temperature**2, mask)
 
 
 def kl_divergence(
@@ -365,7 +385,7 @@ def logits_mse(
     """
     _check_shapes(student, teacher)
     per_position = (student.float() - teacher.float()).pow(2).mean(dim=-1)
-    return _mean_over_positions(per_position, mask)
+    return mean_over_positions(per_position, mask)
 
 
 def cosine_distance(
@@ -398,7 +418,7 @@ def cosine_distance(
     """
     _check_shapes(student, teacher)
     per_position = 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=eps)
-    return _mean_over_positions(per_position, mask)
+    return mean_over_positions(per_position, mask)
 
 
 class _SoftenedLoss(nn.Module):

@@ -13,8 +13,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from composer_kd.outputs import Key, extract_logits, run_teacher
-from composer_kd.teachers import TeacherInference, TeacherRunner
+from composer_kd.outputs import Key, run_teacher
+from composer_kd.teachers import TeacherInference, TeacherRunner, teacher_logits
 
 __all__ = ['example_count', 'first_examples', 'measure_speedup', 'measure_teacher_inference']
 
@@ -226,10 +226,9 @@ def measure_teacher_inference(
     }
     calls: dict[str, Callable[[], torch.Tensor]] = {}
     for name, runner in runners.items():
-        module, inputs = runner.prepare(), runner.inputs(batch)
-        calls[name] = lambda module=module, inputs=inputs: extract_logits(
-            run_teacher(module, inputs, input_key), logits_key, role='teacher'
-        )
+        runner.prepare()
+        # Run as a fit runs it, inputs adapted to each option on every call included.
+        calls[name] = lambda runner=runner: teacher_logits([runner], batch, input_key=input_key, logits_key=logits_key)
     timings: dict[str, list[float]] = {name: [] for name in calls}
     with torch.no_grad():
         reference = calls['plain']().float()

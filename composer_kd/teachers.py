@@ -12,17 +12,24 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
+from composer.core import Precision, get_precision_context
 from composer.models import HuggingFaceModel
 from composer.utils import get_file
 from torch import nn
+
+from composer_kd.outputs import Key, extract_logits, run_teacher
 
 __all__ = [
     'FrozenTeachers',
     'TeacherInference',
     'TeacherRunner',
     'TeacherSpec',
+    'average_logits',
     'load_teacher_checkpoint',
+    'resolve_teacher_logits_key',
     'resolve_teachers',
+    'sample_teachers',
+    'teacher_logits',
 ]
 
 #: What ``Distillation(teachers=...)`` accepts.
@@ -337,3 +344,142 @@ class TeacherRunner:
                 target._compiled_call_impl = None
         self.module = self.teacher
         self._changed_user_module = False
+
+
+def average_logits(teacher_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The element-wise mean of several teachers' logits (the ensemble's logits).
+
+    Args:
+        teacher_logits (Sequence[torch.Tensor]): One tensor per teacher, all of one shape.
+
+    Returns:
+        torch.Tensor: Their mean; the tensor itself for a single teacher.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd import average_logits
+
+            mean = average_logits([torch.zeros(2, 3), torch.ones(2, 3)])
+            assert torch.equal(mean, torch.full((2, 3), 0.5))
+    """
+    if len(teacher_logits) == 1:
+        return teacher_logits[0]
+    shapes = {tuple(t.shape) for t in teacher_logits}
+    if len(shapes) > 1:
+        raise ValueError(f'Teachers returned logits of different shapes {sorted(shapes)}; they cannot be averaged.')
+    return torch.stack([t.float() for t in teacher_logits]).mean(dim=0)
+
+
+def resolve_teacher_logits_key(
+    student_logits_key: Optional[Key], teacher_logits_key: Optional[Key]
+) -> tuple[Key, bool]:
+    """The key that chooses the logits in a teacher's output, and whether a bare tensor output is the logits.
+
+    Without a teacher key of its own, a teacher is read with the student's key, except that a teacher returning a
+    bare tensor gives that tensor: a single-task teacher can then teach one head of a multi-head student chosen by
+    ``student_logits_key``. An explicit teacher key applies to every output, bare tensors included.
+
+    Args:
+        student_logits_key (int | str | Callable, optional): ``Distillation``'s ``student_logits_key``.
+        teacher_logits_key (int | str | Callable, optional): ``Distillation``'s ``teacher_logits_key``.
+
+    Returns:
+        tuple: The key to read teachers' outputs with (``None``: the default rule of
+        :func:`~composer_kd.outputs.extract_logits`), and whether a bare tensor output is taken as it is.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.teachers import resolve_teacher_logits_key
+
+            assert resolve_teacher_logits_key('digit', None) == ('digit', True)
+            assert resolve_teacher_logits_key('digit', 'logits') == ('logits', False)
+    """
+    if teacher_logits_key is not None:
+        return teacher_logits_key, False
+    return student_logits_key, True
+
+
+def teacher_logits(
+    teachers: Sequence[Union[nn.Module, TeacherRunner]],
+    batch: Any,
+    *,
+    input_key: Optional[Key] = None,
+    logits_key: Optional[Key] = None,
+    bare_tensor_is_logits: bool = False,
+    precision: Union[str, Precision] = Precision.FP32,
+    precision_config: Optional[dict[str, Any]] = None,
+) -> torch.Tensor:
+    """The teachers' logits for one (micro)batch: each teacher run on ``batch`` and their logits averaged.
+
+    The one place a teacher is run for distillation, whether during a fit, to fill a teacher cache or to time
+    inference options. Teachers run without gradients, under ``precision``, and in eval mode (a teacher found in
+    training mode, switched back by something outside, is put back in eval mode: dropout must stay off). A
+    :class:`TeacherRunner` runs its prepared module on inputs adapted to its options.
+
+    Args:
+        teachers (Sequence[nn.Module | TeacherRunner]): The (frozen, placed) teachers.
+        batch (Any): The batch the student received.
+        input_key (int | str | Callable, optional): Chooses the teachers' input, as in
+            :func:`~composer_kd.outputs.run_teacher`. Default: ``None``.
+        logits_key (int | str | Callable, optional): Chooses the logits in each output, as in
+            :func:`~composer_kd.outputs.extract_logits`. Default: ``None``.
+        bare_tensor_is_logits (bool, optional): Take a bare tensor output as the logits whatever ``logits_key``
+            says (see :func:`resolve_teacher_logits_key`). Default: ``False``.
+        precision (str | Precision, optional): Composer precision to run under. Default: ``'fp32'``.
+        precision_config (dict, optional): As Composer's ``get_precision_context`` takes it. Default: ``None``.
+
+    Returns:
+        torch.Tensor: The logits, averaged over teachers (see :func:`average_logits`).
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.teachers import teacher_logits
+
+            teachers = [torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)]
+            batch = (torch.randn(2, 4), torch.zeros(2, dtype=torch.long))
+            logits = teacher_logits(teachers, batch)
+            expected = (teachers[0](batch[0]) + teachers[1](batch[0])) / 2
+            assert torch.allclose(logits, expected)
+    """
+    logits = []
+    with torch.no_grad(), get_precision_context(precision, precision_config):
+        for teacher in teachers:
+            runner = teacher if isinstance(teacher, TeacherRunner) else None
+            module = teacher.module if isinstance(teacher, TeacherRunner) else teacher
+            if module.training:
+                module.eval()
+            output = run_teacher(module, batch if runner is None else runner.inputs(batch), input_key)
+            key = None if bare_tensor_is_logits and isinstance(output, torch.Tensor) else logits_key
+            logits.append(extract_logits(output, key, role='teacher'))
+    return average_logits(logits)
+
+
+def sample_teachers(n_teachers: int, k: int, seed: int, step: int) -> list[int]:
+    """Indices of ``k`` of ``n_teachers`` teachers for one step, a pure function of ``(seed, step)``.
+
+    Depending on nothing but the seed and the step makes the draw reproducible and identical after a resume,
+    with no generator state to checkpoint.
+
+    Args:
+        n_teachers (int): How many teachers there are.
+        k (int): How many to draw, ``1 <= k <= n_teachers``.
+        seed (int): The run's seed (Composer's ``rank_zero_seed``, the same on every rank).
+        step (int): The batch index.
+
+    Returns:
+        list[int]: ``k`` distinct indices, sorted.
+
+    Example:
+        .. testcode::
+
+            from composer_kd import sample_teachers
+
+            assert sample_teachers(4, 2, seed=17, step=3) == sample_teachers(4, 2, seed=17, step=3)
+    """
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+    return sorted(torch.randperm(n_teachers, generator=generator)[:k].tolist())

@@ -13,7 +13,15 @@ from conftest import N_FEATURES
 from torch import nn
 from torch.utils.data import DataLoader
 
-from composer_kd import CombinedLoss, Distillation, KLDivergence, LinearSchedule, combine_losses
+from composer_kd import (
+    CombinedLoss,
+    Distillation,
+    IndexedDataset,
+    KLDivergence,
+    LinearSchedule,
+    TeacherCache,
+    combine_losses,
+)
 from composer_kd.data import IGNORE_INDEX, MultiTaskDataset, digits_multitask, load_digits_splits
 from composer_kd.multitask import DistillationTask, MultiTaskClassifier, task_distillations
 
@@ -309,3 +317,24 @@ def test_digit_tasks_are_facts_about_the_digit_and_hidden_labels_stay_hidden():
         digits_multitask(splits.train, ['odd'])
     with pytest.raises(ValueError, match=r"labels\['a'\] has 2 entries for 3 inputs"):
         MultiTaskDataset(torch.zeros(3, 1), {'a': torch.zeros(2)})
+
+
+def test_precomputed_cache_serves_a_bare_tensor_teacher_of_one_head():
+    """A single-task teacher (bare tensor output) teaches the 'digit' head from a cache filled before training."""
+    teacher = make_teachers()['digit']
+    data = IndexedDataset(make_data())
+    cache = TeacherCache().precompute(
+        teacher, DataLoader(data, batch_size=8), device='cpu', input_key='inputs', student_logits_key='digit'
+    )
+    assert cache.n_recorded == len(data)
+    teacher_calls = []
+    teacher.register_forward_hook(lambda module, args, output: teacher_calls.append(1))
+    distillation = Distillation(
+        teacher, KLDivergence(temperature=2.0), student_logits_key='digit', input_key='inputs', teacher_cache=cache
+    )
+    recorder = LossRecorder()
+    fit(make_student(), [distillation], callbacks=[recorder], data=data)
+    assert not teacher_calls  # every microbatch was served from the cache, which the fit accepted as its own
+    for step in recorder.steps:
+        expected = reference_kd(step['outputs']['digit'], teacher(step['batch']['inputs']), 2.0)
+        torch.testing.assert_close(step['loss']['kd'].double(), expected, rtol=1e-5, atol=1e-6)

@@ -289,11 +289,6 @@ class Distillation(Algorithm):
         """The learned feature projections, keyed by pair index (empty where widths match)."""
         return self.features.projections
 
-    @property
-    def find_unused_parameters(self) -> bool:
-        # Outside the window, or when a sampled step skips a pair's teacher, projections get no gradient.
-        return bool(self.projections)
-
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.teacher_cache is not None:
@@ -327,6 +322,9 @@ class Distillation(Algorithm):
             if self._active_teachers:
                 self._set_scheduled_values(state, logger)
             self.features.capture(bool(self._active_teachers))
+        elif event is Event.AFTER_TRAIN_BATCH:
+            if self.features.reduces_gradients:
+                self.features.reduce_gradients()
         elif event is Event.BATCH_END:
             self.features.capture(False)
         elif event is Event.INIT:
@@ -375,6 +373,8 @@ class Distillation(Algorithm):
             self._set_scheduled_values(state, logger)
         if self.features:
             events.add(Event.BATCH_END)
+        if self.features.reduces_gradients:
+            events.add(Event.AFTER_TRAIN_BATCH)
         if self._cached_fit is not None:
             events |= CachedFit.EVENTS
         self._events = frozenset(events)

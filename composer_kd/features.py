@@ -9,20 +9,26 @@ across.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from composer.core import State
 from composer.models import HuggingFaceModel
-from composer.utils import ensure_tuple
+from composer.utils import dist, ensure_tuple
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
-from composer_kd.losses import cosine_distance, logits_mse, mean_over_positions
+from composer_kd.feature_losses import (
+    FEATURE_LOSSES,
+    FeatureLossFn,
+    attention_map,
+    attention_map_loss,
+    attention_probs_mse,
+    feature_dim,
+)
 from composer_kd.outputs import padding_mask
 
 __all__ = [
@@ -38,8 +44,6 @@ __all__ = [
     'resolve_module',
     'select_output',
 ]
-
-FeatureLossFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -184,11 +188,6 @@ def output_width(module: nn.Module) -> Optional[int]:
     return None
 
 
-def feature_dim(features: torch.Tensor) -> int:
-    """The dimension holding feature channels: 1 for image maps ``[B, C, H, W]``, else the last one."""
-    return 1 if features.ndim == 4 else -1
-
-
 def select_output(output: Any, index: int, where: str) -> torch.Tensor:
     """The tensor a hooked module produced: itself, element ``index`` of a tuple, or a model output's first."""
     if isinstance(output, torch.Tensor):
@@ -201,89 +200,6 @@ def select_output(output: Any, index: int, where: str) -> torch.Tensor:
         f'Module {where!r} output {type(output).__name__} has no tensor at index {index}. For attention '
         "probabilities, build the model with config output_attentions=True and attn_implementation='eager'."
     )
-
-
-def attention_map(features: torch.Tensor) -> torch.Tensor:
-    """Spatial attention of a CNN feature map ``[B, C, H, W]``: the channel-mean of squares, flattened, L2-normalized.
-
-    Example:
-        .. testcode::
-
-            import torch
-            from composer_kd.features import attention_map
-
-            assert attention_map(torch.randn(2, 8, 4, 4)).shape == (2, 16)
-    """
-    if features.ndim != 4:
-        raise ValueError(f'attention maps need [batch, channels, height, width] features, got {tuple(features.shape)}.')
-    return F.normalize(features.float().pow(2).mean(dim=1).flatten(1), dim=1)
-
-
-def attention_map_loss(
-    student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """Attention transfer (Zagoruyko & Komodakis, 2017): mean squared distance of the two attention maps.
-
-    Channel counts may differ; spatial sizes must match (the student's map is resized to the teacher's if not).
-
-    Example:
-        .. testcode::
-
-            import torch
-            from composer_kd.features import attention_map_loss
-
-            loss = attention_map_loss(torch.randn(2, 8, 4, 4), torch.randn(2, 32, 4, 4))
-    """
-    if student.shape[-2:] != teacher.shape[-2:]:
-        student = F.interpolate(student.float(), size=teacher.shape[-2:], mode='bilinear', align_corners=False)
-    return (attention_map(student) - attention_map(teacher)).pow(2).sum(dim=1).mean()
-
-
-def attention_probs_mse(
-    student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """TinyBERT's attention loss: MSE between attention probabilities ``[B, heads, query, key]``.
-
-    Head counts may differ, in which case each side is averaged over its heads first. Only valid query
-    positions count (``mask`` is ``[B, query]``); padded keys hold zero probability on both sides.
-
-    Example:
-        .. testcode::
-
-            import torch
-            from composer_kd.features import attention_probs_mse
-
-            probs = torch.softmax(torch.randn(2, 4, 5, 5), dim=-1)
-            assert attention_probs_mse(probs, probs).item() == 0.0
-    """
-    if student.ndim != 4 or teacher.ndim != 4:
-        raise ValueError(
-            f'attention probabilities must be [batch, heads, query, key], got {tuple(student.shape)} (student) and '
-            f'{tuple(teacher.shape)} (teacher).'
-        )
-    if student.shape[1] != teacher.shape[1]:
-        student, teacher = student.mean(dim=1, keepdim=True), teacher.mean(dim=1, keepdim=True)
-    per_query = (student.float() - teacher.float()).pow(2).mean(dim=(1, 3))
-    return mean_over_positions(per_query, mask)
-
-
-def _features_mse(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    dim = feature_dim(student)
-    return logits_mse(student.movedim(dim, -1), teacher.movedim(dim, -1), mask)
-
-
-def _features_cosine(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    dim = feature_dim(student)
-    return cosine_distance(student.movedim(dim, -1), teacher.movedim(dim, -1), mask)
-
-
-#: Feature losses by the names ``FeaturePair(loss=...)`` takes.
-FEATURE_LOSSES: dict[str, FeatureLossFn] = {
-    'mse': _features_mse,
-    'cosine': _features_cosine,
-    'attention_map': attention_map_loss,
-    'attention_probs': attention_probs_mse,
-}
 
 
 class FeatureCapture:
@@ -401,9 +317,23 @@ class FeatureDistillation:
             if None not in widths and widths[0] != widths[1]:
                 self.projections[str(i)] = nn.Linear(*widths, bias=False)
         if self.projections:
+            if state.fsdp_config is not None:
+                raise ValueError(
+                    f'feature_pairs: pairs {sorted(int(key) for key in self.projections)} need a learned projection '
+                    '(their feature widths differ), which is not supported under FSDP. Train with DDP, or pair '
+                    'modules of equal width (student_dim= / teacher_dim= equal).'
+                )
             state.device.module_to_device(self.projections)
             self._owner = state.model
             self._attach(True)
+            # DDP must leave the projections alone: they run after the forward pass, where DDP's reducer does not
+            # expect parameters (declaring them unused makes it count their gradients twice). Set before Composer
+            # wraps the model; their gradients are averaged across processes by reduce_gradients() instead.
+            ignored = getattr(state.model, '_ddp_params_and_buffers_to_ignore', [])
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                state.model,
+                [*ignored, *(f'{self.projections_name}.{name}' for name, _ in self.projections.named_parameters())],
+            )
             optimizer = ensure_tuple(state.optimizers)[0]
             # Train the projections as the student's first group is trained (the same lr, weight decay, and keys
             # such as Composer's 'initial_lr' that a plain add_param_group would leave out).
@@ -412,8 +342,13 @@ class FeatureDistillation:
 
     def start(self, running_teachers: Sequence[nn.Module]) -> None:
         """Hook the student's modules and those of the teachers that will actually run (converted copies, where
-        teacher options made them)."""
+        teacher options made them), and give every process rank zero's projections."""
         self._attach(True)  # again, for a second fit() with the same trainer
+        if dist.get_world_size() > 1:
+            # Each process made its own at Event.INIT, from its own seed; DDP, which would broadcast them, ignores
+            # them. After a resume they are already equal, and this changes nothing.
+            for parameter in self.projections.parameters():
+                dist.broadcast(parameter.data, src=0)
         self._remove_hooks()
         teacher_modules = {
             str(i): resolve_module(running_teachers[pair.teacher_index], pair.teacher, role='teacher')
@@ -475,6 +410,25 @@ class FeatureDistillation:
         for capture in self._captures:
             capture.clear()  # this microbatch's features are used; the next records its own
         return terms
+
+    @property
+    def reduces_gradients(self) -> bool:
+        """Whether :meth:`reduce_gradients` has work to do: learned projections on more than one process."""
+        return bool(self.projections) and dist.get_world_size() > 1
+
+    def reduce_gradients(self) -> None:
+        """Average the projections' gradients across processes, as DDP averages the student's (after the batch's
+        backward passes, before the optimizer step).
+
+        A projection without a gradient (its teacher did not run this batch, or the window is closed) has none on
+        every process, as those choices depend only on the seed and the step; it is left so, and the optimizer
+        skips it, as it does on one process.
+        """
+        world_size = dist.get_world_size()
+        for parameter in self.projections.parameters():
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad, reduce_operation='SUM')
+                parameter.grad.div_(world_size)
 
     def end(self) -> None:
         """Remove the hooks and take the projections back from the student."""

@@ -163,3 +163,30 @@ def test_distilling_a_microbatch_never_waits_for_the_gpu():
         progress_bar=False,
     ).fit()
     assert checked == ['cuda'] * 6
+
+
+def test_learned_feature_projection_under_fsdp_is_refused_before_training():
+    from collections import OrderedDict
+
+    from torch import nn
+
+    from composer_kd import FeaturePair
+
+    def net(width: int) -> nn.Module:
+        return nn.Sequential(OrderedDict(hidden=nn.Linear(6, width), act=nn.ReLU(), out=nn.Linear(width, 4)))
+
+    student = make_student()
+    student.module = net(8)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    distillation = Distillation(net(16), feature_pairs=[FeaturePair(student='hidden', teacher='hidden')])
+    with pytest.raises(ValueError, match=r'pairs \[0\] need a learned projection .* not supported under FSDP'):
+        Trainer(
+            model=student,
+            train_dataloader=make_dataloader(),
+            max_duration='1ep',
+            device='gpu',
+            parallelism_config={'fsdp': {'sharding_strategy': 'FULL_SHARD'}},
+            algorithms=[distillation],
+        )
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(value.cpu(), before[key].cpu(), rtol=0, atol=0)

@@ -150,13 +150,16 @@ def mlp(width: int, seed: int) -> nn.Module:
 def test_feature_distillation_lends_a_projection_and_gives_the_mse_of_projected_features():
     student, teacher = ComposerClassifier(mlp(8, seed=1), num_classes=4), mlp(16, seed=2)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-    state = SimpleNamespace(model=student, device=DeviceCPU(), optimizers=optimizer)
+    state = SimpleNamespace(model=student, device=DeviceCPU(), optimizers=optimizer, fsdp_config=None)
     features = FeatureDistillation([{'student': 'hidden', 'teacher': 'hidden', 'weight': 0.5}], n_teachers=1)
     features.init(state, [teacher])
     projection = features.projections['0']
     assert projection.weight.shape == (16, 8)
     assert student.distillation_projections is features.projections  # lent to the student during the fit
     assert optimizer.param_groups[-1]['params'] == [projection.weight]
+    # DDP must leave the projection (used after the forward pass) to reduce_gradients().
+    assert student._ddp_params_and_buffers_to_ignore == ['distillation_projections.0.weight']
+    assert not features.reduces_gradients  # one process: nothing to average
     features.start([teacher])
     features.capture(True)
     inputs = torch.randn(5, 6)

@@ -8,6 +8,8 @@ What it is made of lives in modules of their own (see ``docs/architecture.md``):
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
@@ -19,7 +21,7 @@ from torch import nn
 
 from composer_kd.cache import CachedFit, TeacherCache
 from composer_kd.features import FeatureDistillation, FeaturePair
-from composer_kd.losses import KLDivergence
+from composer_kd.losses import LOSSES, KLDivergence, get_loss
 from composer_kd.nonfinite import NonFiniteGuard
 from composer_kd.objective import CombinedLoss, KDLossFn, combine_losses, distillation_loss, takes_mask
 from composer_kd.outputs import Key, extract_logits, is_causal_lm, token_mask
@@ -30,6 +32,7 @@ from composer_kd.teachers import (
     TeacherRunner,
     TeacherSpec,
     average_logits,
+    check_teachers_can_run,
     resolve_teacher_logits_key,
     resolve_teachers,
     sample_teachers,
@@ -63,6 +66,13 @@ def _largest(value: ScheduleOrValue) -> float:
     return value.bounds[1] if isinstance(value, Schedule) else value
 
 
+def _has_no_batches(state: State) -> bool:
+    loader = state.train_dataloader
+    if state.dataloader_len is not None and int(state.dataloader_len) == 0:
+        return True
+    return hasattr(loader, '__len__') and len(loader) == 0  # type: ignore[arg-type]
+
+
 _NAME = re.compile(r'[A-Za-z0-9_-]+')
 # The events every instance handles; each fit adds those its settings need (see ``Distillation._fit_start``).
 _FIT_BOUNDARIES = frozenset({Event.INIT, Event.FIT_START, Event.FIT_END})
@@ -85,8 +95,9 @@ class Distillation(Algorithm):
         teachers: A teacher (``nn.Module``, ``ComposerModel`` or Hugging Face ``PreTrainedModel``), a list of
             teachers, or a dict ``{checkpoint_path: model}`` whose weights are loaded at once from Composer
             checkpoints or ``state_dict`` files (local paths or any URI Composer reads).
-        kd_loss_fn (Callable, optional): Loss between student and teacher logits, returning a scalar. Default:
-            ``KLDivergence(temperature=4.0)``.
+        kd_loss_fn (Callable | str, optional): Loss between student and teacher logits, returning a scalar, or the
+            name of one (``'kl'``, ``'js'``, ... as :func:`~composer_kd.losses.get_loss` takes them, with its
+            default temperature). Default: ``KLDivergence(temperature=4.0)``.
         org_loss_weight (float | Schedule, optional): Weight of the model's own loss, constant or following a
             :class:`~composer_kd.schedules.Schedule` over training. Default: ``1.0``.
         kd_loss_weight (float | Schedule, optional): Weight of the distillation loss, likewise. Default: ``1.0``.
@@ -158,6 +169,16 @@ class Distillation(Algorithm):
             trainer.fit()
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Distillation:
+        # Python's own message for a misspelled keyword names no alternative; this one does, before __init__ runs.
+        known = inspect.signature(cls.__init__).parameters
+        for keyword in kwargs:
+            if keyword not in known:
+                nearest = difflib.get_close_matches(keyword, [k for k in known if k != 'self'], n=1)
+                hint = f"; did you mean '{nearest[0]}'?" if nearest else ''
+                raise TypeError(f"Distillation() got an unexpected keyword argument '{keyword}'{hint}")
+        return super().__new__(cls)
+
     def __init__(
         self,
         teachers: TeacherSpec,
@@ -185,8 +206,13 @@ class Distillation(Algorithm):
             _check_scheduled(argument, weight, minimum=0.0, inclusive=True)
         if _largest(org_loss_weight) == 0 and _largest(kd_loss_weight) == 0:
             raise ValueError('org_loss_weight and kd_loss_weight are both 0: nothing would be trained.')
+        if isinstance(kd_loss_fn, str):
+            kd_loss_fn = get_loss(kd_loss_fn)  # a name, as recipes give it; unknown names list the known ones
         if kd_loss_fn is not None and not callable(kd_loss_fn):
-            raise TypeError(f'kd_loss_fn must be callable, got {type(kd_loss_fn).__name__}.')
+            raise TypeError(
+                f'kd_loss_fn must be a loss name (one of {sorted(LOSSES)}) or a callable (student_logits, '
+                f'teacher_logits) -> scalar, got {type(kd_loss_fn).__name__}.'
+            )
         self.kd_loss_fn = kd_loss_fn if kd_loss_fn is not None else KLDivergence(temperature=4.0)
         if temperature is not None:
             _check_scheduled('temperature', temperature, minimum=0.0, inclusive=False)
@@ -343,6 +369,13 @@ class Distillation(Algorithm):
                     f'teachers[{i}] shares parameters with the student being trained; a teacher must be a '
                     'separate, fixed model (copy it with copy.deepcopy if it starts from the same weights).'
                 )
+        check_teachers_can_run(self.teachers.modules, state.model, converts_dtype=bool(self.teacher_inference.dtype))
+        if _has_no_batches(state):
+            raise ValueError(
+                'The training dataloader is empty (0 batches): there is nothing to distil on, and the training loop '
+                'would wait for a batch forever. Check the dataset and the batch size (drop_last=True with fewer '
+                'examples than one batch gives no batch).'
+            )
         self.teachers.freeze()
         for teacher in self.teachers.modules:
             state.device.module_to_device(teacher)
@@ -438,7 +471,7 @@ class Distillation(Algorithm):
             logger.log_metrics(scheduled)
 
     def _teacher_logits(
-        self, state: State, n_rows: int, device: torch.device
+        self, state: State, shape: torch.Size, device: torch.device
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The (averaged) teacher logits of this microbatch and its device flag: are they free of NaN and +inf?
 
@@ -447,12 +480,14 @@ class Distillation(Algorithm):
         """
         rows = None
         if self._cached_fit is not None:
-            cached, rows = self._cached_fit.lookup(state, n_rows, device)
+            cached, rows = self._cached_fit.lookup(state, shape[0], device)
             if cached is not None:
                 return cached, None
         logits = teacher_logits(
             [self._runners[index] for index in self._active_teachers],
             state.batch,
+            teacher_indices=self._active_teachers,
+            expected_shape=shape,
             input_key=self.input_key,
             logits_key=self.teacher_logits_key,
             bare_tensor_is_logits=self._bare_teacher_tensor_is_logits,
@@ -465,7 +500,7 @@ class Distillation(Algorithm):
 
     def _distill(self, state: State) -> None:
         student_logits = extract_logits(state.outputs, self.student_logits_key, role='student')
-        teacher, usable = self._teacher_logits(state, student_logits.shape[0], student_logits.device)
+        teacher, usable = self._teacher_logits(state, student_logits.shape, student_logits.device)
         kd_loss = distillation_loss(
             student_logits,
             teacher,

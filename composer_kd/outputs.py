@@ -14,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
     'Key',
+    'describe_batch',
     'extract_logits',
     'is_causal_lm',
     'logits_are_usable',
@@ -306,3 +307,27 @@ def token_mask(batch: Any, logits: torch.Tensor, causal: bool = False) -> Option
     if present is None:
         return target_ok
     return present if target_ok is None else present & target_ok
+
+
+def describe_batch(batch: Any, depth: int = 0) -> str:
+    """A short description of a batch's structure for error messages: tensor shapes and dtypes, keys, types.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.outputs import describe_batch
+
+            text = describe_batch((torch.zeros(8, 20), {'labels': torch.zeros(8, dtype=torch.long)}))
+            assert text == "(Tensor[8, 20] float32, {'labels': Tensor[8] int64})"
+    """
+    if isinstance(batch, torch.Tensor):
+        return f'Tensor{list(batch.shape)} {str(batch.dtype).removeprefix("torch.")}'
+    if depth >= 3:
+        return type(batch).__name__
+    if isinstance(batch, Mapping):
+        return '{' + ', '.join(f'{k!r}: {describe_batch(v, depth + 1)}' for k, v in list(batch.items())[:8]) + '}'
+    if isinstance(batch, (list, tuple)):
+        inner = ', '.join(describe_batch(v, depth + 1) for v in batch[:8])
+        return f'({inner})' if isinstance(batch, tuple) else f'[{inner}]'
+    return type(batch).__name__

@@ -1,12 +1,12 @@
-"""Teachers: accepting them in every form a user has them, loading their checkpoints, and freezing them."""
+"""Teachers: accepting them in every form a user has them, freezing them, and running them on a batch.
+
+Their checkpoints are read by :mod:`composer_kd.checkpoints` (``load_teacher_checkpoint`` is importable from here too).
+"""
 
 from __future__ import annotations
 
 import copy
 import os
-import pickle
-import tempfile
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -14,17 +14,19 @@ from typing import Any, Optional, Union
 import torch
 from composer.core import Precision, get_precision_context
 from composer.models import HuggingFaceModel
-from composer.utils import get_file
 from torch import nn
 
-from composer_kd.outputs import Key, extract_logits, run_teacher
+from composer_kd.checkpoints import align_state_dict_keys, load_teacher_checkpoint
+from composer_kd.outputs import Key, describe_batch, extract_logits, run_teacher
 
 __all__ = [
     'FrozenTeachers',
+    'align_state_dict_keys',
     'TeacherInference',
     'TeacherRunner',
     'TeacherSpec',
     'average_logits',
+    'check_teachers_can_run',
     'load_teacher_checkpoint',
     'resolve_teacher_logits_key',
     'resolve_teachers',
@@ -34,142 +36,6 @@ __all__ = [
 
 #: What ``Distillation(teachers=...)`` accepts.
 TeacherSpec = Union[nn.Module, Sequence[nn.Module], Mapping[str, nn.Module]]
-
-# How many offending keys an error message shows; a full list for a mismatched model would be thousands.
-_KEYS_SHOWN = 5
-
-
-def _read_checkpoint_file(path: str) -> Any:
-    """Read a checkpoint through Composer's ``get_file``, so a path may be local or any URI Composer reads."""
-    with tempfile.TemporaryDirectory() as tmpdir:
-        local_copy = os.path.join(tmpdir, os.path.basename(path.rstrip('/')) or 'checkpoint')
-        try:
-            get_file(path, local_copy, progress_bar=False)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f'Teacher checkpoint not found: {path!r}.') from e
-        try:
-            try:
-                return torch.load(local_copy, map_location='cpu', weights_only=True)
-            except pickle.UnpicklingError:
-                # Composer checkpoints carry non-tensor state (timestamps, RNG states, metadata) that the
-                # weights-only unpickler refuses; Composer itself loads its checkpoints this way.
-                return torch.load(local_copy, map_location='cpu', weights_only=False)
-        except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
-            raise ValueError(
-                f'Teacher checkpoint {path!r} could not be read (truncated or not a PyTorch checkpoint): {e}'
-            ) from e
-
-
-def _model_weights(checkpoint: Any, path: str) -> Mapping[str, torch.Tensor]:
-    """The model weights inside a Composer checkpoint or a plain ``state_dict`` file."""
-    if isinstance(checkpoint, Mapping):
-        state = checkpoint.get('state')
-        if isinstance(state, Mapping) and isinstance(state.get('model'), Mapping):
-            return state['model']  # written by Composer's Trainer
-        for key in ('state_dict', 'model_state_dict', 'model'):
-            if isinstance(checkpoint.get(key), Mapping):
-                return checkpoint[key]
-        if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-            return checkpoint
-    raise ValueError(
-        f'Teacher checkpoint {path!r} holds no model weights: expected a Composer checkpoint '
-        "(weights under ['state']['model']) or a state_dict of tensors."
-    )
-
-
-def _shared_prefixes(keys: Sequence[str]) -> list[str]:
-    """Dotted prefixes (up to two levels) carried by at least half the keys: wrapper names such as ``model.``."""
-    counts: dict[str, int] = {}
-    for key in keys:
-        parts = key.split('.')
-        for depth in (1, 2):
-            if len(parts) > depth:
-                prefix = '.'.join(parts[:depth]) + '.'
-                counts[prefix] = counts.get(prefix, 0) + 1
-    return [p for p, n in counts.items() if 2 * n >= len(keys)]
-
-
-def align_state_dict_keys(weights: Mapping[str, Any], expected: Sequence[str]) -> dict[str, Any]:
-    """Rename ``weights``' keys to best fit ``expected``, adding or removing wrapper prefixes.
-
-    Composer saves a ``ComposerClassifier`` under ``module.``, a ``HuggingFaceModel`` under ``model.``, and DDP
-    adds ``module.``; a teacher may be given wrapped or bare either way. Every candidate renaming (strip one
-    shared prefix, add one, or both) is scored by how many expected keys it produces; the best one wins, with
-    no renaming preferred on ties. A model whose own submodule is called ``model`` is therefore safe.
-    """
-    expected_set = set(expected)
-    strips = [''] + _shared_prefixes(list(weights))
-    adds = [''] + _shared_prefixes(list(expected))
-
-    def rename(strip: str, add: str) -> dict[str, Any]:
-        return {add + (k[len(strip) :] if strip and k.startswith(strip) else k): v for k, v in weights.items()}
-
-    best, best_score = dict(weights), len(expected_set.intersection(weights))
-    for strip in strips:
-        for add in adds:
-            if not strip and not add:
-                continue
-            candidate = rename(strip, add)
-            score = len(expected_set.intersection(candidate))
-            if score > best_score:
-                best, best_score = candidate, score
-    return best
-
-
-def load_teacher_checkpoint(model: nn.Module, path: str) -> nn.Module:
-    """Load the weights at ``path`` into ``model`` and return it.
-
-    ``path`` is a Composer checkpoint written by ``Trainer(save_folder=...)`` or a plain ``state_dict`` file,
-    local or at any URI Composer's ``get_file`` reads. Wrapper prefixes are reconciled (see
-    :func:`align_state_dict_keys`). Every key and shape is checked before anything is copied, so on error
-    ``model`` is left exactly as it was; the file is never written to.
-
-    Args:
-        model (nn.Module): The teacher's architecture.
-        path (str): Where its weights are.
-
-    Returns:
-        nn.Module: ``model``, now holding the weights.
-
-    Raises:
-        FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the file cannot be read, or its weights do not fit ``model`` (the message names the file,
-            the first missing and unexpected keys, and mismatched shapes).
-
-    Example:
-        .. testcode::
-
-            import os, tempfile
-            import torch
-            from composer_kd.teachers import load_teacher_checkpoint
-
-            path = os.path.join(tempfile.mkdtemp(), 'teacher.pt')
-            torch.save(torch.nn.Linear(4, 2).state_dict(), path)
-            teacher = load_teacher_checkpoint(torch.nn.Linear(4, 2), path)
-    """
-    weights = _model_weights(_read_checkpoint_file(path), path)
-    target = model.state_dict()
-    weights = align_state_dict_keys(weights, list(target))
-    missing = [k for k in target if k not in weights]
-    unexpected = [k for k in weights if k not in target]
-    mismatched = [
-        f'{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}'
-        for k, v in target.items()
-        if k in weights and isinstance(weights[k], torch.Tensor) and weights[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        details = []
-        if missing:
-            details.append(f'{len(missing)} missing keys, first {missing[:_KEYS_SHOWN]}')
-        if unexpected:
-            details.append(f'{len(unexpected)} unexpected keys, first {unexpected[:_KEYS_SHOWN]}')
-        if mismatched:
-            details.append(f'{len(mismatched)} shape mismatches, first {mismatched[:_KEYS_SHOWN]}')
-        raise ValueError(
-            f'Weights in teacher checkpoint {path!r} do not fit {type(model).__name__}: ' + '; '.join(details) + '.'
-        )
-    model.load_state_dict(weights, strict=True)
-    return model
 
 
 def resolve_teachers(teachers: TeacherSpec) -> list[nn.Module]:
@@ -411,6 +277,8 @@ def teacher_logits(
     bare_tensor_is_logits: bool = False,
     precision: Union[str, Precision] = Precision.FP32,
     precision_config: Optional[dict[str, Any]] = None,
+    teacher_indices: Optional[Sequence[int]] = None,
+    expected_shape: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """The teachers' logits for one (micro)batch: each teacher run on ``batch`` and their logits averaged.
 
@@ -430,9 +298,18 @@ def teacher_logits(
             says (see :func:`resolve_teacher_logits_key`). Default: ``False``.
         precision (str | Precision, optional): Composer precision to run under. Default: ``'fp32'``.
         precision_config (dict, optional): As Composer's ``get_precision_context`` takes it. Default: ``None``.
+        teacher_indices (Sequence[int], optional): Each teacher's index among all of them, for error messages.
+            Default: their positions in ``teachers``.
+        expected_shape (Sequence[int], optional): The student's logits' shape. A teacher returning a tuple whose
+            first element (taken as its logits) has another shape is refused, naming ``teacher_logits_key=``.
+            Default: ``None``, not checked.
 
     Returns:
         torch.Tensor: The logits, averaged over teachers (see :func:`average_logits`).
+
+    Raises:
+        RuntimeError, TypeError, ValueError, IndexError: When a teacher's forward pass fails, the same error type,
+            its message naming the teacher, the batch it received and ``input_key``.
 
     Example:
         .. testcode::
@@ -448,15 +325,48 @@ def teacher_logits(
     """
     logits = []
     with torch.no_grad(), get_precision_context(precision, precision_config):
-        for teacher in teachers:
+        for position, teacher in enumerate(teachers):
+            index = position if teacher_indices is None else teacher_indices[position]
             runner = teacher if isinstance(teacher, TeacherRunner) else None
             module = teacher.module if isinstance(teacher, TeacherRunner) else teacher
             if module.training:
                 module.eval()
-            output = run_teacher(module, batch if runner is None else runner.inputs(batch), input_key)
+            inputs = batch if runner is None else runner.inputs(batch)
+            try:
+                output = run_teacher(module, inputs, input_key)
+            except (RuntimeError, TypeError, ValueError, IndexError) as e:
+                raise _attributed(e, index, module, inputs, input_key) from e
             key = None if bare_tensor_is_logits and isinstance(output, torch.Tensor) else logits_key
-            logits.append(extract_logits(output, key, role='teacher'))
+            chosen = extract_logits(output, key, role='teacher')
+            if key is None and isinstance(output, (tuple, list)) and _differs(chosen, expected_shape):
+                raise ValueError(
+                    f'teachers[{index}] returned a {type(output).__name__} of {len(output)} elements whose first, '
+                    f"taken as its logits, has shape {tuple(chosen.shape)}, while the student's logits have "
+                    f"shape {tuple(expected_shape)}. If the teacher's logits are another element of its output, "
+                    'choose it with teacher_logits_key= (e.g. teacher_logits_key=1).'
+                )
+            logits.append(chosen)
     return average_logits(logits)
+
+
+def _differs(logits: torch.Tensor, expected_shape: Optional[Sequence[int]]) -> bool:
+    return expected_shape is not None and tuple(logits.shape) != tuple(expected_shape)
+
+
+def _attributed(error: Exception, index: int, module: nn.Module, inputs: Any, input_key: Optional[Key]) -> Exception:
+    """``error`` raised by a teacher's forward pass, said again with which teacher it was and what it was given."""
+    if 'out of memory' in str(error):  # Composer retries OOMs with smaller microbatches by matching its text
+        return error
+    chosen = f'input_key={input_key!r}' if input_key is not None else 'input_key=None (the default choice of input)'
+    message = (
+        f'teachers[{index}] ({type(module).__name__}) failed on the batch it was given, '
+        f'{describe_batch(inputs)}, with {chosen}: {error}. If the teacher takes another part of the batch, '
+        'choose it with input_key= (an index, a key, or a callable taking the batch).'
+    )
+    try:
+        return type(error)(message)
+    except Exception:  # an exception class whose constructor takes other arguments
+        return RuntimeError(message)
 
 
 def sample_teachers(n_teachers: int, k: int, seed: int, step: int) -> list[int]:
@@ -483,3 +393,45 @@ def sample_teachers(n_teachers: int, k: int, seed: int, step: int) -> list[int]:
     """
     generator = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
     return sorted(torch.randperm(n_teachers, generator=generator)[:k].tolist())
+
+
+def check_teachers_can_run(teachers: Sequence[nn.Module], student: nn.Module, converts_dtype: bool) -> None:
+    """Refuse, when a fit starts, teachers that hold no weights or whose weights' dtype the student's batch cannot
+    meet, naming the teacher and what to do (rather than a bare PyTorch error at the first step).
+
+    Args:
+        teachers (Sequence[nn.Module]): The teachers.
+        student (nn.Module): The student being trained.
+        converts_dtype (bool): Whether the teachers run on copies converted to another dtype (a
+            :class:`TeacherInference` ``dtype``), which makes their own dtype irrelevant.
+
+    Raises:
+        ValueError: For a teacher with parameters on the ``meta`` device, or float64 parameters beside a student
+            that is not float64.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.teachers import check_teachers_can_run
+
+            check_teachers_can_run([torch.nn.Linear(4, 2)], torch.nn.Linear(4, 2), converts_dtype=False)
+    """
+    student_dtypes = {p.dtype for p in student.parameters() if p.is_floating_point()}
+    for i, teacher in enumerate(teachers):
+        for name, tensor in [*teacher.named_parameters(), *teacher.named_buffers()]:
+            if tensor.is_meta:
+                raise ValueError(
+                    f'teachers[{i}] ({type(teacher).__name__}) has tensors on the meta device (e.g. {name!r}): it '
+                    'holds no weights. Load them before training (e.g. teacher.load_state_dict(weights, '
+                    'assign=True)), or pass teachers={checkpoint_path: teacher} to load a checkpoint.'
+                )
+        if converts_dtype or torch.float64 in student_dtypes:
+            continue
+        wide = next((name for name, p in teacher.named_parameters() if p.dtype == torch.float64), None)
+        if wide is not None:
+            raise ValueError(
+                f'teachers[{i}] ({type(teacher).__name__}) has float64 parameters (e.g. {wide!r}) but the student '
+                'and its batches are not float64, so its first layer would refuse them. Convert the teacher first '
+                '(teacher.float()), or run it on a converted copy with TeacherInference(dtype=torch.float32).'
+            )

@@ -401,7 +401,7 @@ def test_distillation_loss_hands_the_mask_to_a_loss_module_that_takes_one():
         ({'start': '3xx'}, "start='3xx' is not a Composer time string"),
         ({'end': 1.5}, r'end=1.5.*\[0, 1\]'),
         ({'start': '5ba', 'end': '2ba'}, "end='2ba' must come after start='5ba'"),
-        ({'kd_loss_fn': 'kl'}, 'kd_loss_fn must be callable'),
+        ({'kd_loss_fn': 3}, r'kd_loss_fn must be a loss name \(one of .* or a callable'),
         ({'on_nonfinite_teacher': 'ignore'}, "on_nonfinite_teacher must be 'raise' or 'skip'"),
     ],
 )

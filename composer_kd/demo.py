@@ -24,7 +24,7 @@ from composer import Trainer
 from composer.loggers import InMemoryLogger
 from omegaconf import OmegaConf
 
-from composer_kd.data import IGNORE_INDEX
+from composer_kd.losses import IGNORE_INDEX
 from composer_kd.recipes import build_run, load_recipe
 from composer_kd.recipes.report import format_table, percent
 from composer_kd.recipes.run import RunSummary, describe_model, distillation_ratio

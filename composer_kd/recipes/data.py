@@ -14,9 +14,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from composer.loss import soft_cross_entropy
 from torch.utils.data import Dataset, Sampler, TensorDataset
+
+from composer_kd.losses import IGNORE_INDEX, cross_entropy_with_hidden_labels
 
 __all__ = [
     'DIGITS_TASKS',
@@ -38,26 +38,9 @@ __all__ = [
 DIGITS_CLASSES = 10
 DIGITS_SHAPE = (1, 8, 8)
 
-#: The label of an example whose label is hidden: losses and metrics skip it, distillation still uses it.
-IGNORE_INDEX = -100
-
 #: Labels a digit image carries besides its class, each a fact about the digit: ``{task: number of classes}``.
 #: ``digit`` is the class itself, ``parity`` 1 for odd digits, ``at_least_5`` 1 for 5 to 9.
 DIGITS_TASKS: dict[str, int] = {'digit': 10, 'parity': 2, 'at_least_5': 2}
-
-
-def cross_entropy_with_hidden_labels(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over examples whose label is known (not ``IGNORE_INDEX``); 0 when none is.
-
-    ``torch.nn.functional.cross_entropy`` would return NaN for a batch without a single label, which happens
-    when a few labelled examples are mixed with many unlabelled ones. Dense targets (e.g. after Composer's
-    ``LabelSmoothing``) go to Composer's ``soft_cross_entropy``.
-    """
-    if targets.ndim == logits.ndim:
-        return soft_cross_entropy(logits, targets)
-    known = targets != IGNORE_INDEX
-    per_example = F.cross_entropy(logits, targets.clamp(min=0), reduction='none')
-    return (per_example * known).sum() / known.sum().clamp(min=1)
 
 
 @dataclass
@@ -119,8 +102,13 @@ def load_digits_splits(
     Returns:
         DigitsSplits: The train, validation and test splits.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as e:  # scikit-learn is the optional `demo` extra
+        raise ImportError(
+            f'{e}: the digits come with scikit-learn; install it with pip install "composer-kd[demo]".'
+        ) from e
 
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(
@@ -171,7 +159,7 @@ class MultiTaskDataset(Dataset):
         .. testcode::
 
             import torch
-            from composer_kd.data import MultiTaskDataset
+            from composer_kd.recipes.data import MultiTaskDataset
 
             data = MultiTaskDataset(torch.zeros(4, 2), {'a': torch.arange(4), 'b': torch.ones(4, dtype=torch.long)})
             assert set(data[1]) == {'inputs', 'a', 'b'} and int(data[1]['a']) == 1
@@ -216,7 +204,7 @@ def digits_multitask(dataset: TensorDataset, tasks: Sequence[str]) -> MultiTaskD
 
             import torch
             from torch.utils.data import TensorDataset
-            from composer_kd.data import digits_multitask
+            from composer_kd.recipes.data import digits_multitask
 
             data = digits_multitask(TensorDataset(torch.zeros(3, 1, 8, 8), torch.tensor([3, 8, -100])), ['parity'])
             assert data.labels['parity'].tolist() == [1, 0, -100]

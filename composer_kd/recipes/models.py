@@ -15,7 +15,7 @@ from composer.models import ComposerClassifier, ComposerModel, HuggingFaceModel
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from composer_kd.data import IGNORE_INDEX, cross_entropy_with_hidden_labels
+from composer_kd.losses import IGNORE_INDEX, cross_entropy_with_hidden_labels
 from composer_kd.multitask import MultiTaskClassifier
 from composer_kd.recipes.schema import ModelSpec
 from composer_kd.teachers import load_teacher_checkpoint

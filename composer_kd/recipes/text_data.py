@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from sklearn.model_selection import train_test_split
 
-from composer_kd.data import TextClassificationDataset
+from composer_kd.recipes.data import TextClassificationDataset
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -96,7 +96,7 @@ def article_text(article: str, field: str = 'headline') -> str:
     Example:
         .. testcode::
 
-            from composer_kd.text_data import article_text
+            from composer_kd.recipes.text_data import article_text
 
             article = 'Rovers reject bid\\n\\nThe club turned down an offer.\\n\\nTalks may resume.'
             assert article_text(article) == 'Rovers reject bid'
@@ -170,7 +170,7 @@ def read_bbc_news(field: str = 'headline', folder: Optional[Traversable] = None)
     Example:
         .. testcode::
 
-            from composer_kd.text_data import read_bbc_news
+            from composer_kd.recipes.text_data import read_bbc_news
 
             news = read_bbc_news()
             assert news.label_names == ('business', 'entertainment', 'politics', 'sports', 'tech')
@@ -260,7 +260,7 @@ def trim_padding(examples: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, to
         .. testcode::
 
             import torch
-            from composer_kd.text_data import trim_padding
+            from composer_kd.recipes.text_data import trim_padding
 
             rows = [{'input_ids': torch.tensor([101, 7, 102, 0, 0]), 'attention_mask': torch.tensor([1, 1, 1, 0, 0]),
                      'labels': torch.tensor(2)}]

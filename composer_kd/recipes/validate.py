@@ -13,8 +13,8 @@ import re
 from collections.abc import Iterable
 from typing import Optional
 
-from composer_kd.data import DIGITS_TASKS, GLUE_TASKS, glue_files
 from composer_kd.losses import LOSSES
+from composer_kd.recipes.data import DIGITS_TASKS, GLUE_TASKS, glue_files
 from composer_kd.recipes.datasets import DATASETS
 from composer_kd.recipes.models import (
     IMAGE_KINDS,

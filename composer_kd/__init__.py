@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the names as type checkers and editors see them
         topk_compress,
         topk_logits,
     )
+    from composer_kd.checkpoints import load_teacher_checkpoint
     from composer_kd.compression import (
         Pruning,
         QuantizationAwareTraining,
@@ -31,14 +32,7 @@ if TYPE_CHECKING:  # the names as type checkers and editors see them
         prune_model,
         sparsity,
     )
-    from composer_kd.distillation import (
-        CombinedLoss,
-        Distillation,
-        average_logits,
-        combine_losses,
-        distillation_loss,
-        sample_teachers,
-    )
+    from composer_kd.distillation import Distillation
     from composer_kd.features import FeaturePair
     from composer_kd.losses import (
         LOSSES,
@@ -58,9 +52,10 @@ if TYPE_CHECKING:  # the names as type checkers and editors see them
         soft_cross_entropy,
     )
     from composer_kd.multitask import DistillationTask, MultiTaskClassifier, TaskAccuracy, task_distillations
+    from composer_kd.objective import CombinedLoss, combine_losses, distillation_loss
     from composer_kd.schedules import ConstantSchedule, CosineSchedule, LinearSchedule, Schedule
     from composer_kd.student_init import student_from_teacher_layers
-    from composer_kd.teachers import TeacherInference, load_teacher_checkpoint
+    from composer_kd.teachers import TeacherInference, average_logits, sample_teachers
 
 __all__ = [
     'LOSSES',
@@ -138,14 +133,8 @@ _EXPORTED_FROM = {
         'topk_compress',
         'topk_logits',
     ),
-    'composer_kd.distillation': (
-        'CombinedLoss',
-        'Distillation',
-        'average_logits',
-        'combine_losses',
-        'distillation_loss',
-        'sample_teachers',
-    ),
+    'composer_kd.distillation': ('Distillation',),
+    'composer_kd.objective': ('CombinedLoss', 'combine_losses', 'distillation_loss'),
     'composer_kd.features': ('FeaturePair',),
     'composer_kd.losses': (
         'LOSSES',
@@ -167,7 +156,8 @@ _EXPORTED_FROM = {
     'composer_kd.multitask': ('DistillationTask', 'MultiTaskClassifier', 'TaskAccuracy', 'task_distillations'),
     'composer_kd.schedules': ('ConstantSchedule', 'CosineSchedule', 'LinearSchedule', 'Schedule'),
     'composer_kd.student_init': ('student_from_teacher_layers',),
-    'composer_kd.teachers': ('TeacherInference', 'load_teacher_checkpoint'),
+    'composer_kd.teachers': ('TeacherInference', 'average_logits', 'sample_teachers'),
+    'composer_kd.checkpoints': ('load_teacher_checkpoint',),
 }
 #: Where each exported name lives: ``{name: module}``.
 EXPORTS = {name: module for module, names in _EXPORTED_FROM.items() for name in names}

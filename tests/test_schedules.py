@@ -26,7 +26,9 @@ class StepLog(Callback):
                 'batch': int(state.timestamp.batch),
                 'x': x.clone(),
                 'logits': state.outputs.detach().clone(),
-                'loss': {k: v.detach().clone() for k, v in state.loss.items()},
+                'loss': {k: v.detach().clone() for k, v in state.loss.items()}
+                if isinstance(state.loss, dict)
+                else {'original': state.loss.detach().clone()},
             }
         )
 
@@ -117,3 +119,16 @@ def test_schedule_needs_no_checkpoint_state():
     schedule = LinearSchedule(2.0, 1.0)
     assert not isinstance(schedule, nn.Module)
     assert repr(schedule) == 'LinearSchedule(2.0, 1.0, start=0.0dur, end=1.0dur)'
+
+
+def test_fractions_of_training_are_not_rounded_to_whole_batches():
+    """'0.5dur' of 5 batches is batch 2.5: the schedule as written, and a window covering batches 0 to 2."""
+    teacher = make_teacher()
+    scheduled = Distillation(teacher, kd_loss_weight=LinearSchedule(1.0, 0.0, end='0.5dur'))
+    _, metrics = run(scheduled, teacher, n_batches=5)
+    logged = [v for _, v in metrics['distillation/kd_loss_weight']]
+    assert logged == pytest.approx([1.0, 0.6, 0.2, 0.0, 0.0])
+    windowed = Distillation(teacher, start='0.3dur', end='0.5dur')
+    steps, _ = run(windowed, teacher, n_batches=5)
+    # Batch i begins when i/5 of training is done: inside [0.3, 0.5) for i = 2 only (0.4); 1.5 <= i < 2.5.
+    assert [step['batch'] for step in steps if 'kd' in step['loss']] == [2]

@@ -37,18 +37,24 @@ if TYPE_CHECKING:  # the names as type checkers and editors see them
     from composer_kd.losses import (
         LOSSES,
         CosineDistance,
+        GeneralizedJSD,
         JensenShannonDivergence,
         KLDivergence,
         LogitsMSE,
         ReverseKLDivergence,
+        SkewKLDivergence,
+        SkewReverseKLDivergence,
         SoftCrossEntropy,
         chunked_kl_divergence,
         cosine_distance,
+        generalized_jsd,
         get_loss,
         jensen_shannon_divergence,
         kl_divergence,
         logits_mse,
         reverse_kl_divergence,
+        skew_kl_divergence,
+        skew_reverse_kl_divergence,
         soft_cross_entropy,
     )
     from composer_kd.multitask import DistillationTask, MultiTaskClassifier, TaskAccuracy, task_distillations
@@ -109,6 +115,13 @@ __all__ = [
     'topk_compress',
     'topk_logits',
     'task_distillations',
+    # Divergences for on-policy distillation of generative models.
+    'GeneralizedJSD',
+    'SkewKLDivergence',
+    'SkewReverseKLDivergence',
+    'generalized_jsd',
+    'skew_kl_divergence',
+    'skew_reverse_kl_divergence',
 ]
 
 _EXPORTED_FROM = {
@@ -152,6 +165,13 @@ _EXPORTED_FROM = {
         'logits_mse',
         'reverse_kl_divergence',
         'soft_cross_entropy',
+        # Divergences for on-policy distillation of generative models.
+        'GeneralizedJSD',
+        'SkewKLDivergence',
+        'SkewReverseKLDivergence',
+        'generalized_jsd',
+        'skew_kl_divergence',
+        'skew_reverse_kl_divergence',
     ),
     'composer_kd.multitask': ('DistillationTask', 'MultiTaskClassifier', 'TaskAccuracy', 'task_distillations'),
     'composer_kd.schedules': ('ConstantSchedule', 'CosineSchedule', 'LinearSchedule', 'Schedule'),

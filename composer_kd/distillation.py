@@ -383,7 +383,7 @@ class Distillation(Algorithm):
             self._check_unique_name(state)
             self.features.init(state, self.teachers.modules)
             if self.on_policy is not None:
-                self.on_policy.check(state.model, self.teachers.modules)
+                self.on_policy.check(state, self.teachers.modules)
         elif event is Event.FIT_START:
             self._fit_start(state, logger)
         elif event is Event.FIT_END:
@@ -425,7 +425,9 @@ class Distillation(Algorithm):
         self._start = to_trainer_time(self.start, state)
         self._end = None if self.end is None else to_trainer_time(self.end, state)
         if self.on_policy is not None:
-            self._on_policy_fit = self.on_policy.start(state, [r.module for r in self._runners], self._log_key('')[:-1])
+            self._on_policy_fit = self.on_policy.start(
+                state, [r.module for r in self._runners], self._log_key('').rstrip('/')
+            )
         # Only the events these settings need: every event an algorithm handles costs Composer's engine a trace
         # and a log call, which on a GPU at millisecond steps is a visible share of the step.
         events = set(_FIT_BOUNDARIES)

@@ -514,14 +514,21 @@ class OnPolicy:
         generator = generative_model(teachers[0], 'teacher') if self.source == 'teacher' else student
         return OnPolicyFit(self, generator, student, log_prefix)
 
-    def check(self, model: nn.Module, teachers: Sequence[nn.Module]) -> None:
-        """Refuse, when the trainer is built, a student (or generating teacher) that cannot generate.
+    def check(self, state: State, teachers: Sequence[nn.Module]) -> None:
+        """Refuse, when the trainer is built, a student (or generating teacher) that cannot generate, and a second
+        algorithm of the trainer that also replaces batches with generated ones.
 
         Args:
-            model (nn.Module): The trainer's model.
+            state (State): The trainer's state at ``Event.INIT``.
             teachers (Sequence[nn.Module]): The teachers, as given.
         """
-        generative_model(model, 'student')
+        generating = [a for a in state.algorithms if isinstance(getattr(a, 'on_policy', None), OnPolicy)]
+        if len(generating) > 1:
+            raise ValueError(
+                f'{len(generating)} algorithms of this Trainer have on_policy set; each would replace the batch with '
+                'its own generations. Give on_policy to one of them.'
+            )
+        generative_model(state.model, 'student')
         if self.source == 'teacher':
             generative_model(teachers[0], 'teacher')
 

@@ -493,6 +493,20 @@ def test_a_student_that_cannot_generate_is_refused_when_the_trainer_is_built(kin
         )
 
 
+def test_two_algorithms_generating_in_one_trainer_are_refused():
+    teacher = teacher_model()
+    with pytest.raises(ValueError, match='2 algorithms of this Trainer have on_policy set'):
+        Trainer(
+            model=student_model(),
+            train_dataloader=loader(),
+            max_duration='1ba',
+            algorithms=[
+                Distillation(teacher, on_policy=OnPolicy(), name='a'),
+                Distillation(teacher, on_policy=OnPolicy(), name='b'),
+            ],
+        )
+
+
 def test_a_teacher_that_cannot_generate_is_refused_for_sequence_level_distillation():
     with pytest.raises(ValueError, match='needs a teacher that generates text'):
         generative_model(torch.nn.Linear(2, 2), 'teacher')

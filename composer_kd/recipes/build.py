@@ -88,7 +88,7 @@ def build_run(
     Raises:
         RecipeError: If the recipe has any problem (every one is listed), before anything is built.
     """
-    problems = check_recipe(recipe)
+    problems = check_recipe(recipe, teachers_given=teachers is not None)
     if problems:
         raise RecipeError(source or recipe.name, problems)
     try:
@@ -111,7 +111,7 @@ def _build_run(
             teacher_trainers.append(None)
             continue
         reproducibility.seed_all(recipe.seed + _TEACHER_SEED_OFFSET * (i + 1))
-        teacher = build_model(spec, data.task)
+        teacher = build_model(spec, data.task, teacher_key=f'teachers.{i}')
         teachers.append(teacher)
         if spec.train is None:
             teacher_trainers.append(None)

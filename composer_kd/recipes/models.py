@@ -17,6 +17,7 @@ from torch import nn
 from composer_kd.adapters import classifier, hugging_face_classifier
 from composer_kd.losses import cross_entropy_with_hidden_labels
 from composer_kd.multitask import MultiTaskClassifier
+from composer_kd.recipes.loader import RecipeError
 from composer_kd.recipes.schema import ModelSpec
 from composer_kd.reporting import count_parameters
 from composer_kd.teachers import load_teacher_checkpoint
@@ -149,7 +150,21 @@ def _multitask(spec: ModelSpec, task: TaskInfo) -> MultiTaskClassifier:
     return MultiTaskClassifier(nn.Sequential(*layers), {t: nn.Linear(width, task.tasks[t]) for t in tasks})
 
 
-def build_model(spec: ModelSpec, task: TaskInfo) -> ComposerModel:
+def _untrained_head(spec: ModelSpec, directory: str, missing: list[str], key: str) -> RecipeError:
+    shown = ', '.join(missing[:4]) + (f' and {len(missing) - 4} more' if len(missing) > 4 else '')
+    return RecipeError(
+        'recipe',
+        [
+            f'{key}.name: teacher {key.rsplit(".", 1)[-1]} would distil from a random head: the Hugging Face model '
+            f'at {directory} has no weights for its sequence-classification head ({shown} would be newly '
+            f'initialized; it holds a bare encoder, or a model for another task). Add {key}.train (e.g. '
+            f'{key}.train.max_duration=3ep) to fine-tune it first, give {key}.checkpoint (a fine-tuned '
+            f'checkpoint), or point {key}.name at a model fine-tuned for this task'
+        ],
+    )
+
+
+def build_model(spec: ModelSpec, task: TaskInfo, teacher_key: Optional[str] = None) -> ComposerModel:
     """Build the model ``spec`` describes for ``task``, loading ``spec.checkpoint`` if given.
 
     Assumes the recipe passed :func:`composer_kd.recipes.validate.check_recipe` (names and files exist).
@@ -157,9 +172,15 @@ def build_model(spec: ModelSpec, task: TaskInfo) -> ComposerModel:
     Args:
         spec (ModelSpec): The model's section of the recipe.
         task (TaskInfo): The dataset's classes and input shape.
+        teacher_key (str, optional): For a teacher, its recipe key (``'teachers.0'``): a ``huggingface`` teacher
+            that neither ``train:`` fine-tunes nor ``checkpoint:`` loads must then hold trained weights for every
+            layer, its task head included. Default: ``None``, a model that is trained here (a student).
 
     Returns:
         ComposerModel: A ``ComposerClassifier`` (image kinds) or ``HuggingFaceModel`` (text kinds).
+
+    Raises:
+        RecipeError: For a teacher whose task head would be newly initialized, naming the keys to add.
     """
     if task.tasks and spec.kind in MULTITASK_KINDS:
         model: ComposerModel = _multitask(spec, task)
@@ -192,9 +213,16 @@ def build_model(spec: ModelSpec, task: TaskInfo) -> ComposerModel:
         directory, _ = find_pretrained(str(spec.name))
         if directory is None:
             raise FileNotFoundError(f'Hugging Face model {spec.name!r} is not on this machine.')
-        hf_model = AutoModelForSequenceClassification.from_pretrained(
-            directory, num_labels=task.num_classes, local_files_only=True, **dict(spec.kwargs)
+        hf_model, loading = AutoModelForSequenceClassification.from_pretrained(
+            directory,
+            num_labels=task.num_classes,
+            local_files_only=True,
+            output_loading_info=True,
+            **dict(spec.kwargs),
         )
+        untaught = teacher_key is not None and getattr(spec, 'train', None) is None and not spec.checkpoint
+        if untaught and loading['missing_keys']:
+            raise _untrained_head(spec, directory, sorted(loading['missing_keys']), teacher_key)
         model = hugging_face_classifier(hf_model, task.num_classes)
     else:
         raise ValueError(f'Unknown model kind {spec.kind!r}; known: {", ".join(MODEL_KINDS)}.')

@@ -215,6 +215,19 @@ def _check_data(spec: DataSpec, key: str, problems: Problems, student: ModelSpec
             problems.add(f'{key}.glue.tokenizer', 'required unless the student is a huggingface model (whose is used)')
 
 
+def _check_taught(spec: TeacherSpec, key: str, problems: Problems) -> None:
+    """Refuse a teacher built with random weights and left so: neither trained here nor loaded from anywhere."""
+    if spec.train is not None or spec.checkpoint or spec.kind == 'huggingface' or spec.kind not in MODEL_KINDS:
+        return  # a huggingface teacher's pretrained weights are checked when it is loaded (its task head)
+    what = f'{spec.kind} {spec.name}' if spec.name else spec.kind
+    problems.add(
+        key,
+        f'teacher {key.rsplit(".", 1)[-1]} ({what}) has nothing to teach: it is neither trained by this recipe nor '
+        f'loaded from a checkpoint, so it would keep its random initial weights. Add {key}.train (e.g. '
+        f'{key}.train.max_duration=10ep) to train it first, or {key}.checkpoint (the file of its trained weights)',
+    )
+
+
 def _check_teacher(spec: TeacherSpec, key: str, recipe: Recipe, modality: Optional[str], problems: Problems) -> None:
     _check_model(spec, key, modality, problems)
     if spec.train is None:
@@ -311,15 +324,19 @@ def _check_compression(recipe: Recipe, problems: Problems) -> None:
                 problems.add(f'{key}.pruning.end', f'{pruning.end!r} must come after start {pruning.start!r}')
 
 
-def check_recipe(recipe: Recipe) -> list[str]:
+def check_recipe(recipe: Recipe, *, teachers_given: bool = False) -> list[str]:
     """Every problem that would stop ``recipe`` from running, each starting with its dotted key.
 
     Checks model kinds and names (torchvision constructors, Hugging Face model types, pretrained models on disk),
     checkpoint and data files, dataset, loss, algorithm, logger, optimizer and scheduler names, quantization
-    backends, time strings, and numbers' ranges. Never downloads.
+    backends, time strings, and numbers' ranges; and that every teacher has something to teach: a teacher that is
+    neither trained by the recipe (``train:``) nor loaded (``checkpoint:``, or a ``huggingface`` model's
+    pretrained weights) is refused. Never downloads.
 
     Args:
         recipe (Recipe): A recipe as :func:`composer_kd.recipes.loader.load_recipe` returns it.
+        teachers_given (bool, optional): Whether the run gets its teachers already trained (``build_run``'s
+            ``teachers=``), so that how the recipe would make them does not matter. Default: ``False``.
 
     Returns:
         list[str]: The problems; empty when the recipe can run.
@@ -333,6 +350,8 @@ def check_recipe(recipe: Recipe) -> list[str]:
         problems.add('teachers', 'expected at least one teacher')
     for i, teacher in enumerate(recipe.teachers):
         _check_teacher(teacher, f'teachers.{i}', recipe, modality, problems)
+        if not teachers_given:
+            _check_taught(teacher, f'teachers.{i}', problems)
     _check_data(recipe.data, 'data', problems, recipe.student)
     _check_distillation(recipe, problems)
     _check_compression(recipe, problems)

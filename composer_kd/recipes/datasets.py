@@ -65,8 +65,16 @@ class DataBundle:
     default_eval_splits: tuple[str, ...] = ('val',)
     notes: dict[str, int] = field(default_factory=dict)
 
-    def train_loader(self) -> DataLoader:
-        """A fresh training loader: shuffled, reproducibly from the seed alone."""
+    def train_loader(self, drop_last: bool = False) -> DataLoader:
+        """A fresh training loader: shuffled, reproducibly from the seed alone.
+
+        Args:
+            drop_last (bool, optional): Drop each epoch's last batch when it is incomplete. Default: ``False``.
+                Batches of mixed labelled and unlabelled examples are always complete.
+
+        Returns:
+            DataLoader: The loader.
+        """
         if self.labelled_per_batch is not None:
             # Hidden labels are hidden in every task of multi-task data: any task's column tells them.
             if isinstance(self.train, MultiTaskDataset):
@@ -77,7 +85,7 @@ class DataBundle:
             return DataLoader(self.train, batch_sampler=sampler)
         # Composer's own sampler: its order is a function of (seed, epoch), and the trainer sets the epoch.
         sampler = dist.get_sampler(self.train, shuffle=True, seed=self.seed)
-        return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler)
+        return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last)
 
     def eval_loader(self, split: str) -> DataLoader:
         """A loader over the evaluation split ``split``, in order."""

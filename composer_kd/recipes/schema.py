@@ -155,11 +155,14 @@ class DataSpec:
     """The dataset (``name``: ``digits``, ``synthetic_text`` or ``glue``) and its batches.
 
     Only the section named by ``name`` is used. ``eval_splits`` default to the dataset's validation split.
+    ``drop_last`` drops each epoch's last, incomplete training batch; by default (``null``) it is dropped for the
+    training of a model with BatchNorm layers only, which cannot train on a batch of one example.
     """
 
     name: str = MISSING
     batch_size: int = 32
     eval_batch_size: int = 256
+    drop_last: Optional[bool] = None
     eval_splits: Optional[list[str]] = None
     digits: DigitsSpec = field(default_factory=DigitsSpec)
     synthetic_text: SyntheticTextSpec = field(default_factory=SyntheticTextSpec)

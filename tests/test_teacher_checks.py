@@ -106,6 +106,32 @@ def test_a_hugging_face_teacher_with_a_new_head_is_refused_unless_fine_tuned_fir
     assert run.teacher_trainers == [None]
 
 
+def test_a_recipe_teacher_weaker_than_the_student_alone_is_named_and_the_ratio_omission_explained(tmp_path):
+    recipe_file = tmp_path / 'recipe.yaml'
+    recipe_file.write_text(
+        'baseline: true\n'
+        'student: {kind: mlp, hidden: [32]}\n'
+        'teachers: [{kind: mlp, hidden: [8], train: {max_duration: 2ba, optimizer: {name: SGD, lr: 0.01}}}]\n'
+        'data: {name: digits, batch_size: 64}\n'
+        'optimizer: {name: Adam, lr: 0.01}\n'
+    )
+    before = digest(tmp_path)
+    recipe = load_recipe(recipe_file, ['progress_bar=false', 'max_duration=40ba', 'eval_interval=40ba', 'device=cpu'])
+    with pytest.warns(WeakTeacherWarning) as caught:
+        summary = build_run(recipe).fit()
+    teacher, alone = summary.value('teacher 0'), summary.value('student alone')
+    assert teacher < alone and summary.ratio is None
+    text = format_summary(summary)
+    assert 'warning: teacher 0 is weaker than the student trained alone: val MulticlassAccuracy' in text
+    assert (
+        'warning: distillation ratio on val MulticlassAccuracy omitted: (distilled - alone) / (teacher - alone) '
+        'means nothing when the best teacher' in text
+    )
+    assert 'distillation ratio (distilled' not in text
+    assert any('weaker than the student trained alone' in str(w.message) for w in caught)
+    assert digest(tmp_path) == before
+
+
 def test_distill_warns_about_a_teacher_at_chance_level_and_leaves_it_unchanged():
     digits = load_digits_splits()
     torch.manual_seed(3)

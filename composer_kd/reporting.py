@@ -23,6 +23,7 @@ from torch import nn
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from composer_kd.speed import first_examples, measure_speedup
+from composer_kd.training import quiet_plumbing
 
 __all__ = [
     'CHANCE_SHARE',
@@ -321,6 +322,7 @@ def fit_and_report(
     started: Optional[float] = None,
     before_evaluation: Callable[[ComposerModel], None] = lambda student: None,
     export: Callable[[str, ComposerModel], list[ModelReport]] = lambda role, student: [],
+    announce: Callable[[str], None] = lambda role: None,
 ) -> RunSummary:
     """Fit the student's trainer, then evaluate every model and report: the core of every run.
 
@@ -351,6 +353,8 @@ def fit_and_report(
             fix a quantization-aware student's ranges). Default: nothing.
         export (Callable, optional): Called with each student's role and model after its evaluation; the reports
             it returns (e.g. of an int8 export) follow the student's. Default: none.
+        announce (Callable, optional): Called with a student's role right before its fit (e.g. to say which
+            model the progress bar that follows trains). Default: nothing.
 
     Returns:
         RunSummary: Every model's parameters, metrics and training time, the ratios and the speed-up.
@@ -358,7 +362,9 @@ def fit_and_report(
     start = time.perf_counter() if started is None else started
     reproducibility.seed_all(seed)
     student_start = time.perf_counter()
-    trainer.fit()
+    announce('student (distilled)' if distilled else 'student alone')
+    with quiet_plumbing():
+        trainer.fit()
     student_seconds = time.perf_counter() - student_start
 
     reports = [
@@ -389,7 +395,9 @@ def fit_and_report(
         alone, alone_trainer = student_alone()
         reproducibility.seed_all(seed)
         alone_start = time.perf_counter()
-        alone_trainer.fit()
+        announce('student alone')
+        with quiet_plumbing():
+            alone_trainer.fit()
         before_evaluation(alone)
         reports.append(
             ModelReport(
@@ -455,16 +463,17 @@ def evaluate_model(
     """
     if not dataloaders:
         return {}
-    trainer = Trainer(
-        model=model,
-        eval_dataloader=[Evaluator(label=split, dataloader=loader) for split, loader in dataloaders.items()],
-        progress_bar=False,
-        log_to_console=False,
-        precision=precision,
-        device=device,
-        seed=seed,
-    )
-    trainer.eval()
+    with quiet_plumbing():  # no optimizer: this trainer only evaluates
+        trainer = Trainer(
+            model=model,
+            eval_dataloader=[Evaluator(label=split, dataloader=loader) for split, loader in dataloaders.items()],
+            progress_bar=False,
+            log_to_console=False,
+            precision=precision,
+            device=device,
+            seed=seed,
+        )
+        trainer.eval()
     results = {
         split: {name: float(metric.compute()) for name, metric in trainer.state.eval_metrics[split].items()}
         for split in dataloaders

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from composer.models import ComposerModel
 from torch import nn
 
@@ -18,7 +19,7 @@ from composer_kd.adapters import classifier, hugging_face_classifier
 from composer_kd.losses import cross_entropy_with_hidden_labels
 from composer_kd.multitask import MultiTaskClassifier
 from composer_kd.recipes.loader import RecipeError
-from composer_kd.recipes.schema import ModelSpec
+from composer_kd.recipes.schema import ModelSpec, Recipe
 from composer_kd.reporting import count_parameters
 from composer_kd.teachers import load_teacher_checkpoint
 
@@ -28,12 +29,14 @@ __all__ = [
     'MODEL_KINDS',
     'TaskInfo',
     'build_model',
+    'check_model_takes',
     'classifier',
     'count_parameters',
     'cross_entropy_with_hidden_labels',
     'find_pretrained',
     'has_uri_scheme',
     'hugging_face_classifier',
+    'input_hint',
 ]
 
 #: The model kinds a recipe may name, and what each needs.
@@ -229,3 +232,86 @@ def build_model(spec: ModelSpec, task: TaskInfo, teacher_key: Optional[str] = No
     if spec.checkpoint:
         load_teacher_checkpoint(model, spec.checkpoint)
     return model
+
+
+def _describe_batch(batch) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f'{list(batch.shape)} {str(batch.dtype).removeprefix("torch.")}'
+    if isinstance(batch, dict):
+        return '{' + ', '.join(f'{k}: {_describe_batch(v)}' for k, v in batch.items()) + '}'
+    if isinstance(batch, (list, tuple)):
+        return '(' + ', '.join(_describe_batch(v) for v in batch) + ')'
+    return type(batch).__name__
+
+
+def input_hint(recipe: Recipe, spec: ModelSpec) -> str:
+    """What to change in the recipe when the model ``spec`` cannot take the data: the data key that sets the
+    inputs' channels or size, or the model's.
+
+    Args:
+        recipe (Recipe): The recipe.
+        spec (ModelSpec): The model's section.
+
+    Returns:
+        str: A sentence, or ``''`` when there is nothing specific to say.
+    """
+    data = recipe.data
+    if data.name == 'digits':
+        channels, size = ('data.digits.channels', data.digits.channels), None
+    elif data.name == 'image_folder':
+        channels, size = ('data.image_folder.channels', data.image_folder.channels), 'data.image_folder.image_size'
+    else:
+        return 'the model must take the token ids of the data (its vocabulary and position embeddings must cover them)'
+    hints = []
+    if spec.kind == 'torchvision' and channels[1] != 3:
+        hints.append(f'torchvision models take 3-channel images: set {channels[0]}: 3')
+    else:
+        hints.append(f"{channels[0]} sets the images' channels")
+    if size:
+        hints.append(f'{size} their size')
+    return '; '.join(hints)
+
+
+def check_model_takes(model: nn.Module, batch, key: str, who: str, hint: str = '') -> None:
+    """Run ``model`` once on ``batch`` (eval mode, no gradient) and turn a failure into a recipe problem.
+
+    A model that cannot take the data fails here, before any trainer or run folder exists, rather than inside
+    its first training step.
+
+    Args:
+        model (nn.Module): A ComposerModel built for the recipe.
+        batch: A batch of the recipe's data, as its loaders give it (a few examples).
+        key (str): The model's recipe key (``'teachers.0'``, ``'student'``).
+        who (str): The model in words (``'teacher 0'``).
+        hint (str, optional): What to change (see :func:`input_hint`).
+
+    Raises:
+        RecipeError: Naming the key, the batch's shapes, the model's complaint and the hint.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.adapters import classifier
+            from composer_kd.recipes.models import check_model_takes
+
+            batch = (torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+            check_model_takes(classifier(torch.nn.Flatten(), 64), batch, 'student', 'the student')
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(batch)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        complaint = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RecipeError(
+            'recipe',
+            [
+                f'{key}: {who} cannot take this data: on a batch {_describe_batch(batch)} it fails with '
+                f'"{complaint}"' + (f'. {hint[:1].upper()}{hint[1:]}' if hint else '')
+            ],
+        ) from error
+    finally:
+        for module, training in modes:
+            module.training = training

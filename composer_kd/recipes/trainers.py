@@ -211,6 +211,7 @@ def build_student(
     loggers: LoggerFactory = no_loggers,
     callbacks: Sequence[Callback] = (),
     main: bool = True,
+    model: Optional[ComposerModel] = None,
 ) -> tuple[ComposerModel, Trainer]:
     """A fresh student and its trainer: distilled from ``teachers``, or alone without them.
 
@@ -227,6 +228,8 @@ def build_student(
         callbacks (Sequence[Callback], optional): Extra callbacks.
         main (bool, optional): Whether this is the run's main trainer, which gets the recipe's loggers and
             checkpoints. Default: ``True``.
+        model (ComposerModel, optional): The student, built already (by :func:`build_model` right after seeding
+            the recipe's seed, as here). Default: ``None``, built here.
 
     Returns:
         tuple[ComposerModel, Trainer]: The student and its trainer, not yet fit.
@@ -247,8 +250,10 @@ def build_student(
             trainer.fit()
             assert eval_splits(recipe, data) == ['val'] and int(trainer.state.timestamp.batch) == 2
     """
-    reproducibility.seed_all(recipe.seed)
-    student = build_model(recipe.student, data.task)
+    if model is None:
+        reproducibility.seed_all(recipe.seed)
+        model = build_model(recipe.student, data.task)
+    student = model
     algorithms = [build_component(spec, 'algorithm', f'algorithms.{i}') for i, spec in enumerate(recipe.algorithms)]
     algorithms += build_compression(recipe, data.task, student)
     if teachers is not None:

@@ -16,7 +16,8 @@ from composer_kd.compression import QAT_BACKENDS
 from composer_kd.features import FEATURE_LOSSES
 from composer_kd.losses import LOSS_ALIASES, LOSSES, canonical_loss_name
 from composer_kd.recipes.data import GLUE_TASKS, glue_files
-from composer_kd.recipes.datasets import DATASETS
+from composer_kd.recipes.datasets import DATASETS, FILE_DATASETS
+from composer_kd.recipes.files import check_image_folder, check_text_files
 from composer_kd.recipes.loader import Problems, nearest, teacher_data_spec
 from composer_kd.recipes.models import IMAGE_KINDS, MODEL_KINDS, TEXT_KINDS, find_pretrained, has_uri_scheme
 from composer_kd.recipes.schema import (
@@ -176,7 +177,7 @@ def _check_data(spec: DataSpec, key: str, problems: Problems, student: ModelSpec
             problems.add(f'{key}.{name}', f'expected an integer >= 1, got {getattr(spec, name)}')
     splits = DATASETS[spec.name][1]
     for i, split in enumerate(spec.eval_splits or []):
-        if split not in splits:
+        if spec.name not in FILE_DATASETS and split not in splits:
             problems.add(
                 f'{key}.eval_splits.{i}', f'{spec.name} has no split {split!r} (its splits: {", ".join(splits)})'
             )
@@ -191,6 +192,12 @@ def _check_data(spec: DataSpec, key: str, problems: Problems, student: ModelSpec
                 f'{key}.digits.labelled_per_batch',
                 f'expected an integer in [1, batch_size={spec.batch_size}), got {d.labelled_per_batch}',
             )
+    elif spec.name == 'image_folder':
+        check_image_folder(spec.image_folder, spec.eval_splits, f'{key}.image_folder', problems)
+    elif spec.name == 'text':
+        check_text_files(spec.text, spec.eval_splits, f'{key}.text', problems, student.kind)
+        if spec.text.tokenizer:
+            _check_pretrained(spec.text.tokenizer, f'{key}.text.tokenizer', problems, 'tokenizer')
     elif spec.name == 'glue':
         g = spec.glue
         if g.task not in GLUE_TASKS:
@@ -344,7 +351,7 @@ def check_recipe(recipe: Recipe, *, teachers_given: bool = False) -> list[str]:
     problems = Problems()
     modality = None
     if recipe.data.name in DATASETS:
-        modality = 'text' if recipe.data.name in ('synthetic_text', 'glue') else 'image'
+        modality = 'text' if recipe.data.name in ('synthetic_text', 'glue', 'text') else 'image'
     _check_model(recipe.student, 'student', modality, problems)
     if not recipe.teachers:
         problems.add('teachers', 'expected at least one teacher')

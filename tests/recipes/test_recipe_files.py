@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import EXAMPLES
 from PIL import Image
 
 from composer_kd.recipes import RecipeError, build_run, load_recipe
@@ -222,7 +223,7 @@ def test_the_imagefolder_example_writes_the_digits_and_runs_its_recipe(tmp_path)
     import importlib.util
     import sys
 
-    path = os.path.join(os.path.dirname(__file__), '..', 'examples', 'imagefolder_distillation.py')
+    path = str(EXAMPLES / 'imagefolder_distillation.py')
     spec = importlib.util.spec_from_file_location('composer_kd_example_imagefolder', path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

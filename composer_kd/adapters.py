@@ -25,6 +25,7 @@ from composer_kd.outputs import extract_logits, run_teacher
 
 __all__ = [
     'as_loader',
+    'check_batch',
     'classifier',
     'composer_student',
     'describe_module',
@@ -33,6 +34,8 @@ __all__ = [
     'first_batch',
     'hugging_face_classifier',
     'is_hf_pretrained',
+    'is_hugging_face',
+    'prepare_dataset',
 ]
 
 
@@ -116,6 +119,117 @@ def is_hf_pretrained(model: Any) -> bool:
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
     return isinstance(model, PreTrainedModel)
+
+
+def is_hugging_face(model: Any) -> bool:
+    """Whether ``model`` is trained as a Hugging Face model: a ``PreTrainedModel``, or one in a ``HuggingFaceModel``.
+
+    Args:
+        model (Any): Anything.
+
+    Returns:
+        bool: ``True`` when its loss comes from the model itself, computed from the batch's ``labels``.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.adapters import is_hugging_face
+
+            assert not is_hugging_face(torch.nn.Linear(2, 2))
+    """
+    return isinstance(model, HuggingFaceModel) or is_hf_pretrained(model)
+
+
+def _is_hf_dataset(data: Any) -> bool:
+    return type(data).__module__.split('.')[0] == 'datasets' and hasattr(data, 'column_names')
+
+
+def prepare_dataset(data: Any, name: str, hugging_face: bool) -> Any:
+    """A Hugging Face ``datasets.Dataset`` made ready for a Composer ``Trainer``; any other data as it is.
+
+    Its usual ``label`` column is renamed ``labels`` for a Hugging Face model (which computes its loss from
+    ``labels``), in a new dataset: the one passed in is unchanged. A dataset still giving Python lists (no
+    ``set_format('torch')``) is refused, naming the call to make.
+
+    Args:
+        data (Any): Training or evaluation data.
+        name (str): What the data are called, for messages (``'train_data'``).
+        hugging_face (bool): Whether the model trained or evaluated on them is a Hugging Face model.
+
+    Returns:
+        Any: The data, or a renamed view of the ``datasets.Dataset``.
+
+    Raises:
+        TypeError: If a ``datasets.Dataset`` gives Python lists rather than tensors.
+
+    Example:
+        .. testcode::
+
+            import datasets
+            from composer_kd.adapters import prepare_dataset
+
+            data = datasets.Dataset.from_dict({'input_ids': [[1, 2], [3, 4]], 'label': [0, 1]}).with_format('torch')
+            ready = prepare_dataset(data, 'train_data', hugging_face=True)
+            assert ready.column_names == ['input_ids', 'labels'] and data.column_names == ['input_ids', 'label']
+    """
+    if not _is_hf_dataset(data):
+        return data
+    if data.format.get('type') is None:
+        columns = [column for column, feature in data.features.items() if getattr(feature, 'dtype', None) != 'string']
+        raise TypeError(
+            f'{name}: this datasets.Dataset gives Python lists, which batch into lists of tensors whose batch size '
+            f"Composer cannot tell; give tensors: {name}.set_format('torch', columns={columns!r}) (or "
+            f"{name} = {name}.with_format('torch', columns=...)), keeping the columns the model takes."
+        )
+    if hugging_face and 'label' in data.column_names and 'labels' not in data.column_names:
+        data = data.rename_column('label', 'labels')
+    return data
+
+
+def check_batch(batch: Any, name: str, hugging_face: bool) -> None:
+    """Refuse, by column, a batch a Composer ``Trainer`` would fail on: lists for tensors, no ``labels``.
+
+    Args:
+        batch (Any): The first batch of the data.
+        name (str): What the data are called, for messages (``'train_data'``).
+        hugging_face (bool): Whether a Hugging Face model is trained on them (its loss needs ``labels``).
+
+    Raises:
+        TypeError: If a column of a dict batch is a list of tensors or numbers rather than a tensor.
+        ValueError: If a Hugging Face model would get no ``labels`` column.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.adapters import check_batch
+
+            check_batch({'input_ids': torch.zeros(2, 3), 'labels': torch.zeros(2)}, 'train_data', hugging_face=True)
+            try:
+                check_batch({'input_ids': torch.zeros(2, 3), 'label': torch.zeros(2)}, 'train_data', True)
+            except ValueError as error:
+                assert "'label'" in str(error)
+    """
+    if not isinstance(batch, Mapping):
+        return
+    for column, value in batch.items():
+        if isinstance(value, (list, tuple)) and value and not isinstance(value[0], str):
+            raise TypeError(
+                f'{name}: batch column {column!r} is a list of {len(value)} {type(value[0]).__name__}s, not a '
+                'tensor: the examples hold Python lists, which Composer cannot batch (nor count). Give tensors: '
+                "for a datasets.Dataset, set_format('torch', columns=[...]); otherwise a collate_fn that stacks them."
+            )
+    if hugging_face and 'labels' not in batch:
+        found = ', '.join(repr(k) for k in batch)
+        if 'label' in batch:
+            hint = "rename it: dataset.rename_column('label', 'labels') for a datasets.Dataset"
+        else:
+            hint = "add the class indices as a 'labels' column"
+        raise ValueError(
+            f"{name}: a Hugging Face model computes its loss and accuracy from a 'labels' column, and the batches "
+            f'have {found}; {hint}.'
+        )
 
 
 def describe_module(model: Any) -> str:

@@ -27,12 +27,15 @@ from torch import nn
 
 from composer_kd.adapters import (
     as_loader,
+    check_batch,
     composer_student,
     describe_module,
     eval_loaders,
     evaluable_teacher,
     first_batch,
     is_hf_pretrained,
+    is_hugging_face,
+    prepare_dataset,
 )
 from composer_kd.distillation import Distillation, KDLossFn
 from composer_kd.losses import LOSSES, canonical_loss_name, loss_from_name
@@ -286,7 +289,9 @@ def distill(
     ``PreTrainedModel`` is wrapped in ``HuggingFaceModel`` (accuracy on its ``num_labels``); a plain
     ``nn.Module`` classifier (on ``(inputs, targets)`` batches) in a ``ComposerClassifier`` whose class count is
     read from its output (or checked against ``num_classes``). Data may be a map-style dataset (batched by
-    ``batch_size`` / ``eval_batch_size`` with Composer's seeded sampler), a ``DataLoader`` or a ``DataSpec``.
+    ``batch_size`` / ``eval_batch_size`` with Composer's seeded sampler), a ``DataLoader`` or a ``DataSpec``. A
+    Hugging Face ``datasets.Dataset`` must give tensors (``set_format('torch')``); its ``label`` column is read as
+    the ``labels`` a Hugging Face student computes its loss from (the dataset passed in is unchanged).
 
     Args:
         teacher: The teacher(s), in any form ``Distillation`` takes: a model, a list of models (their logits
@@ -396,9 +401,19 @@ def distill(
                 '(copy it with copy.deepcopy if it starts from the same weights).'
             )
 
+    # A Hugging Face student reads its labels from 'labels': a datasets.Dataset's usual 'label' column is renamed.
+    hugging_face = is_hugging_face(student)
+    train_data = prepare_dataset(train_data, 'train_data', hugging_face)
+    if isinstance(eval_data, Mapping):
+        eval_data = {k: prepare_dataset(v, f'eval_data[{k!r}]', hugging_face) for k, v in eval_data.items()}
+    else:
+        eval_data = prepare_dataset(eval_data, 'eval_data', hugging_face)
     train_loader = as_loader(train_data, 'train_data', batch_size, shuffle=True, seed=seed)
     splits = eval_loaders(eval_data, eval_batch_size, seed)
     sample = first_batch(train_loader, 'train_data')
+    check_batch(sample, 'train_data', hugging_face)
+    for split, loader in splits.items():
+        check_batch(first_batch(loader, f'eval_data[{split!r}]'), f'eval_data[{split!r}]', hugging_face)
 
     wrapped_student = composer_student(student, sample, num_classes, multitask)
     check_optimizer(optimizer, wrapped_student, lr=lr, weight_decay=weight_decay)

@@ -65,6 +65,9 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import time
+
+    started = time.perf_counter()
     _offline()
     _quiet()
     from composer_kd.recipes import RecipeError, build_run, load_recipe
@@ -90,6 +93,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = run.fit()
     print()
     print(format_summary(summary))
+    print(
+        f'command wall time: {time.perf_counter() - started:.1f} s (reading, checking and building the recipe included)'
+    )
     if args.summary_json:
         with open(args.summary_json, 'w') as f:
             json.dump(asdict(summary), f, indent=2)

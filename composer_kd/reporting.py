@@ -10,6 +10,7 @@ a CI transcript alike.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -19,14 +20,20 @@ from composer.core import Evaluator
 from composer.models import ComposerModel
 from composer.utils import reproducibility
 from torch import nn
+from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
 from composer_kd.speed import first_examples, measure_speedup
+from composer_kd.training import quiet_plumbing
 
 __all__ = [
+    'CHANCE_SHARE',
     'SPEED_EXAMPLES',
     'ModelReport',
     'RunSummary',
     'TeacherEntry',
+    'WeakTeacherWarning',
+    'chance_levels',
+    'teacher_warnings',
     'count_parameters',
     'distillation_ratio',
     'evaluate_model',
@@ -39,6 +46,14 @@ __all__ = [
 #: How many examples of the first evaluation batch the inference speed-up is timed on, and how many timings.
 SPEED_EXAMPLES = 64
 _SPEED_REPEATS = 10
+
+#: A teacher's accuracy counts as chance level when it has gone no further than this share of the way from
+#: chance (one over its number of classes) to 100%: 55% on two classes, 19% on ten.
+CHANCE_SHARE = 0.1
+
+
+class WeakTeacherWarning(UserWarning):
+    """A teacher evaluated at chance level, or below the student trained alone: it has little to teach."""
 
 
 def distillation_ratio(teacher: float, alone: float, distilled: float) -> Optional[float]:
@@ -124,6 +139,8 @@ class RunSummary:
             defined (e.g. one per task of a multi-task student), against the best teacher that has the metric.
         inference (dict[str, float]): Teacher 0's and the student's inference time per example and the
             ``speedup`` (see :func:`~composer_kd.speed.measure_speedup`); empty when not measured.
+        warnings (list[str]): What looks wrong with the run: a teacher at chance level or below the student
+            alone, and why a distillation ratio is then omitted (see :func:`teacher_warnings`).
     """
 
     recipe: str
@@ -135,6 +152,7 @@ class RunSummary:
     notes: list[str] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)
     inference: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return format_summary(self)
@@ -188,6 +206,106 @@ def _ratios(summary: RunSummary, n_teachers: int) -> dict[str, float]:
     return ratios
 
 
+def chance_levels(model: nn.Module) -> dict[str, float]:
+    """The accuracy of random guessing for each accuracy metric of ``model``: ``{metric name: chance}``.
+
+    Read from the model's own evaluation metrics (a ``ComposerModel``'s ``get_metrics(is_train=False)``): a
+    multiclass accuracy over ``k`` classes (top-1) has chance ``1 / k``, a binary accuracy ``1 / 2``. Other metrics
+    have no chance level and are left out, as is every metric of a model that is no ``ComposerModel``.
+
+    Args:
+        model (nn.Module): A model as a run evaluates it.
+
+    Returns:
+        dict[str, float]: The chance level of each accuracy metric, by the name its results carry.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer.models import ComposerClassifier
+            from composer_kd.reporting import chance_levels
+
+            model = ComposerClassifier(torch.nn.Linear(4, 5), num_classes=5)
+            assert chance_levels(model) == {'MulticlassAccuracy': 0.2}
+    """
+    get_metrics = getattr(model, 'get_metrics', None)
+    if not callable(get_metrics):
+        return {}
+    levels = {}
+    for name, metric in get_metrics(is_train=False).items():
+        if isinstance(metric, MulticlassAccuracy) and metric.num_classes:
+            levels[name] = min(1.0, (getattr(metric, 'top_k', 1) or 1) / metric.num_classes)
+        elif isinstance(metric, BinaryAccuracy):
+            levels[name] = 0.5
+    return levels
+
+
+def teacher_warnings(summary: RunSummary, chances: Sequence[Mapping[str, float]]) -> list[str]:
+    """What a run's teachers' evaluation says is wrong with them, and why a distillation ratio is left out.
+
+    On the headline split: a teacher whose accuracy is at chance level (no more than :data:`CHANCE_SHARE` of the
+    way from chance to 100%: an untrained teacher, a newly initialized head) or below the student trained alone
+    has nothing to teach; and where the student alone was trained but a metric has no distillation ratio, the
+    reason: the best teacher is not above the student alone, so ``(distilled - alone) / (teacher - alone)``
+    means nothing.
+
+    Args:
+        summary (RunSummary): The run's report, with its models' metrics.
+        chances (Sequence[Mapping[str, float]]): For teacher ``i``, the chance level of each of its metrics
+            (see :func:`chance_levels`); empty where unknown.
+
+    Returns:
+        list[str]: One line per finding, empty when the teachers look fine.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.reporting import ModelReport, RunSummary, teacher_warnings
+
+            models = [
+                ModelReport('teacher 0', 'cnn', 1000, {'val': {'accuracy': 0.12}}),
+                ModelReport('student (distilled)', 'mlp', 100, {'val': {'accuracy': 0.7}}),
+                ModelReport('student alone', 'mlp', 100, {'val': {'accuracy': 0.8}}),
+            ]
+            found = teacher_warnings(RunSummary('digits', models, 'val', 'accuracy'), [{'accuracy': 0.1}])
+            assert found[0].startswith('teacher 0 is at chance level')
+            assert found[1].startswith('teacher 0 is weaker than the student trained alone')
+            assert found[2].startswith('distillation ratio on val accuracy omitted')
+    """
+    split, found = summary.split, []
+    teachers = [m for m in summary.models if m.role.startswith('teacher')]
+    for i, teacher in enumerate(teachers):
+        chance = chances[i] if i < len(chances) else {}
+        for name, value in teacher.metrics.get(split, {}).items():
+            level = chance.get(name)
+            if level is not None and value <= level + CHANCE_SHARE * (1 - level):
+                found.append(
+                    f'{teacher.role} is at chance level: {split} {name} {percent(value)}, where guessing gives '
+                    f'{percent(level)}; it has nothing to teach (untrained, or a newly initialized head?): train it '
+                    'first, or load its trained weights'
+                )
+            alone = summary.value('student alone', name)
+            if alone is not None and value < alone:
+                found.append(
+                    f'{teacher.role} is weaker than the student trained alone: {split} {name} {percent(value)} '
+                    f'against {percent(alone)}; distilling from it pulls the student towards worse answers: train '
+                    'it longer, or use a better teacher'
+                )
+    students = [m for m in summary.models if m.role.startswith('student')]
+    metrics = dict.fromkeys(name for m in students for name in m.metrics.get(split, {}))
+    for name in metrics:
+        alone, distilled = summary.value('student alone', name), summary.value('student (distilled)', name)
+        best = max((v for t in teachers if (v := t.metrics.get(split, {}).get(name)) is not None), default=None)
+        if None in (alone, distilled, best) or name in summary.ratios:
+            continue
+        found.append(
+            f'distillation ratio on {split} {name} omitted: (distilled - alone) / (teacher - alone) means nothing '
+            f'when the best teacher ({percent(best)}) is not above the student alone ({percent(alone)})'
+        )
+    return found
+
+
 def fit_and_report(
     name: str,
     student: ComposerModel,
@@ -204,11 +322,16 @@ def fit_and_report(
     started: Optional[float] = None,
     before_evaluation: Callable[[ComposerModel], None] = lambda student: None,
     export: Callable[[str, ComposerModel], list[ModelReport]] = lambda role, student: [],
+    announce: Callable[[str], None] = lambda role: None,
 ) -> RunSummary:
     """Fit the student's trainer, then evaluate every model and report: the core of every run.
 
     The global random state is reset to ``seed`` right before each student's fit, so the distilled student and
     the student alone start from the same state whatever ran before (teacher training, evaluation).
+
+    A teacher evaluated at chance level or below the student alone is reported in the summary's ``warnings``
+    (see :func:`teacher_warnings`), which also say why a distillation ratio is omitted, and each is issued as a
+    :class:`WeakTeacherWarning`.
 
     Args:
         name (str): The run's name in the summary.
@@ -230,6 +353,8 @@ def fit_and_report(
             fix a quantization-aware student's ranges). Default: nothing.
         export (Callable, optional): Called with each student's role and model after its evaluation; the reports
             it returns (e.g. of an int8 export) follow the student's. Default: none.
+        announce (Callable, optional): Called with a student's role right before its fit (e.g. to say which
+            model the progress bar that follows trains). Default: nothing.
 
     Returns:
         RunSummary: Every model's parameters, metrics and training time, the ratios and the speed-up.
@@ -237,7 +362,9 @@ def fit_and_report(
     start = time.perf_counter() if started is None else started
     reproducibility.seed_all(seed)
     student_start = time.perf_counter()
-    trainer.fit()
+    announce('student (distilled)' if distilled else 'student alone')
+    with quiet_plumbing():
+        trainer.fit()
     student_seconds = time.perf_counter() - student_start
 
     reports = [
@@ -268,7 +395,9 @@ def fit_and_report(
         alone, alone_trainer = student_alone()
         reproducibility.seed_all(seed)
         alone_start = time.perf_counter()
-        alone_trainer.fit()
+        announce('student alone')
+        with quiet_plumbing():
+            alone_trainer.fit()
         before_evaluation(alone)
         reports.append(
             ModelReport(
@@ -287,6 +416,10 @@ def fit_and_report(
     summary = RunSummary(name, reports, split, metric)
     summary.ratios = _ratios(summary, len(teachers))
     summary.ratio = summary.ratios.get(metric)
+    chances = [chance_levels(entry.model) if entry.evaluated else {} for entry in teachers]
+    summary.warnings = teacher_warnings(summary, chances)
+    for line in summary.warnings:
+        warnings.warn(line, WeakTeacherWarning, stacklevel=2)
     if speed_batch is not None and teachers:
         batch = first_examples(speed_batch, SPEED_EXAMPLES)
         summary.inference = measure_speedup(teachers[0].model, student, batch, repeats=_SPEED_REPEATS, rounds=2)
@@ -330,16 +463,17 @@ def evaluate_model(
     """
     if not dataloaders:
         return {}
-    trainer = Trainer(
-        model=model,
-        eval_dataloader=[Evaluator(label=split, dataloader=loader) for split, loader in dataloaders.items()],
-        progress_bar=False,
-        log_to_console=False,
-        precision=precision,
-        device=device,
-        seed=seed,
-    )
-    trainer.eval()
+    with quiet_plumbing():  # no optimizer: this trainer only evaluates
+        trainer = Trainer(
+            model=model,
+            eval_dataloader=[Evaluator(label=split, dataloader=loader) for split, loader in dataloaders.items()],
+            progress_bar=False,
+            log_to_console=False,
+            precision=precision,
+            device=device,
+            seed=seed,
+        )
+        trainer.eval()
     results = {
         split: {name: float(metric.compute()) for name, metric in trainer.state.eval_metrics[split].items()}
         for split in dataloaders
@@ -396,8 +530,9 @@ def _seconds(value: Optional[float]) -> str:
 def format_summary(summary: RunSummary) -> str:
     """The end-of-run summary of ``composer-kd train`` and ``distill()``: every model's size, metrics and time.
 
-    Below the table come the distillation ratios, the parameter and inference speed-up ratios, the checkpoints,
-    the run's notes and its wall time.
+    Below the table come the distillation ratios, the warnings about the teachers (a teacher at chance level or
+    below the student alone, and why a ratio is then omitted), the parameter and inference speed-up ratios, the
+    checkpoints, the run's notes and its wall time.
 
     Args:
         summary (RunSummary): What the run produced.
@@ -437,6 +572,7 @@ def format_summary(summary: RunSummary) -> str:
         lines.append(
             f'distillation ratio (distilled - alone) / (teacher - alone) on {summary.split} {metric}: {ratio:.2f}'
         )
+    lines.extend(f'warning: {line}' for line in summary.warnings)
     teachers = [m for m in summary.models if m.role.startswith('teacher')]
     students = [m for m in summary.models if m.role.startswith('student')]
     if teachers and students and students[0].parameters:

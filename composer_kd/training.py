@@ -7,8 +7,10 @@ their algorithms, loggers and schedulers up here by class name.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Optional, Union
 
 import composer.optim
@@ -31,6 +33,7 @@ __all__ = [
     'composer_scheduler',
     'make_trainer',
     'optimizer_class',
+    'quiet_plumbing',
     'optimizer_names',
 ]
 
@@ -275,6 +278,32 @@ def check_optimizer(optimizer: Any, model: nn.Module, *, lr: Any, weight_decay: 
         raise ValueError(f'lr must be a number > 0, got {lr!r}.')
     if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
         raise ValueError(f'weight_decay must be a number >= 0, got {weight_decay!r}.')
+
+
+#: Composer's warnings about choices the package makes on purpose: an evaluation-only Trainer has no optimizer,
+#: and a last batch smaller than the microbatch size is not split.
+PLUMBING_WARNINGS = ('No optimizer was specified', 'Cannot split tensor of length')
+
+
+@contextlib.contextmanager
+def quiet_plumbing() -> Iterator[None]:
+    """Silence Composer's warnings about the package's own plumbing (:data:`PLUMBING_WARNINGS`) inside the block.
+
+    Example:
+        .. testcode::
+
+            import warnings
+            from composer_kd.training import quiet_plumbing
+
+            with warnings.catch_warnings():
+                warnings.simplefilter('error')
+                with quiet_plumbing():
+                    warnings.warn('No optimizer was specified. Defaulting to DecoupledSGDW(lr=0.1)')
+    """
+    with warnings.catch_warnings():
+        for message in PLUMBING_WARNINGS:
+            warnings.filterwarnings('ignore', message=message)
+        yield
 
 
 def make_trainer(

@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import Optional
 
+from composer import Trainer
 from composer.core import Callback
 from composer.models import ComposerModel
 from composer.utils import reproducibility
@@ -22,9 +23,9 @@ from composer_kd.recipes.components import (
     build_distillation,
     build_task_distillations,
 )
-from composer_kd.recipes.datasets import build_data
+from composer_kd.recipes.datasets import build_data, example_batch
 from composer_kd.recipes.loader import RecipeError, teacher_data_spec
-from composer_kd.recipes.models import build_model
+from composer_kd.recipes.models import build_model, check_model_takes, find_pretrained, input_hint
 from composer_kd.recipes.run import RecipeRun
 from composer_kd.recipes.schema import Recipe
 from composer_kd.recipes.trainers import (
@@ -62,6 +63,42 @@ def _student_tokenizer(recipe: Recipe) -> Optional[str]:
     return recipe.student.name if recipe.student.kind == 'huggingface' else None
 
 
+def _check_tokenizers(recipe: Recipe, data) -> None:
+    """Refuse a Hugging Face model whose own tokenizer would turn the data's texts into other token ids."""
+    if data.tokenizer is None:
+        return
+    from transformers import AutoTokenizer
+
+    train = data.train
+    sample = train.columns['input_ids'][:64] if hasattr(train, 'columns') else None
+    if sample is None:
+        return
+    ours = AutoTokenizer.from_pretrained(data.tokenizer, local_files_only=True)
+    texts = ours.batch_decode(sample, skip_special_tokens=True)
+    models = [('student', recipe.student), *((f'teachers.{i}', t) for i, t in enumerate(recipe.teachers))]
+    for key, spec in models:
+        if spec.kind != 'huggingface':
+            continue
+        directory, _ = find_pretrained(str(spec.name))
+        if directory is None or os.path.realpath(directory) == os.path.realpath(data.tokenizer):
+            continue
+        try:
+            theirs = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        except (OSError, ValueError):
+            continue  # no tokenizer of its own: it reads the data's
+        differ = [t for t in texts if ours(t)['input_ids'] != theirs(t)['input_ids']]
+        if differ:
+            raise RecipeError(
+                'recipe',
+                [
+                    f'{key}.name: the tokenizer at {directory} splits the data differently from the one that '
+                    f'tokenizes them ({data.tokenizer}): {len(differ)} of {len(texts)} sampled texts get other token '
+                    f'ids (e.g. {differ[0][:60]!r}), so the model would read other words than the data hold. Use '
+                    "models sharing one tokenizer, or set the data's tokenizer to this model's"
+                ],
+            )
+
+
 def build_run(
     recipe: Recipe,
     *,
@@ -88,7 +125,7 @@ def build_run(
     Raises:
         RecipeError: If the recipe has any problem (every one is listed), before anything is built.
     """
-    problems = check_recipe(recipe)
+    problems = check_recipe(recipe, teachers_given=teachers is not None)
     if problems:
         raise RecipeError(source or recipe.name, problems)
     try:
@@ -104,16 +141,25 @@ def _build_run(
     given_teachers: Optional[Sequence[ComposerModel]],
 ) -> RecipeRun:
     data = build_data(recipe.data, recipe.seed, _student_tokenizer(recipe))
-    teachers, teacher_trainers = [], []
+    _check_tokenizers(recipe, data)
+    teachers = []
     for i, spec in enumerate(recipe.teachers):
         if given_teachers is not None:
             teachers.append(given_teachers[i])
-            teacher_trainers.append(None)
             continue
         reproducibility.seed_all(recipe.seed + _TEACHER_SEED_OFFSET * (i + 1))
-        teacher = build_model(spec, data.task)
-        teachers.append(teacher)
-        if spec.train is None:
+        teachers.append(build_model(spec, data.task, teacher_key=f'teachers.{i}'))
+    reproducibility.seed_all(recipe.seed)  # as build_student seeds it: every student of the run starts alike
+    student = build_model(recipe.student, data.task)
+    # Every model takes one example batch before any trainer (or run folder) exists.
+    batch = example_batch(data)
+    for i, teacher in enumerate(teachers):
+        check_model_takes(teacher, batch, f'teachers.{i}', f'teacher {i}', input_hint(recipe, recipe.teachers[i]))
+    check_model_takes(student, batch, 'student', 'the student', input_hint(recipe, recipe.student))
+
+    teacher_trainers: list[Optional[Trainer]] = []
+    for i, (spec, teacher) in enumerate(zip(recipe.teachers, teachers, strict=True)):
+        if given_teachers is not None or spec.train is None:
             teacher_trainers.append(None)
             continue
         teacher_data = data
@@ -138,10 +184,12 @@ def _build_run(
 
     if recipe.distillation.enabled:
         student, trainer = build_student(
-            recipe, data, 'student (distilled)', teachers=teachers, loggers=loggers, callbacks=callbacks
+            recipe, data, 'student (distilled)', teachers=teachers, loggers=loggers, callbacks=callbacks, model=student
         )
     else:
-        student, trainer = build_student_alone(recipe, data, loggers, callbacks, main=True)
+        student, trainer = build_student(
+            recipe, data, 'student alone', loggers=loggers, callbacks=callbacks, model=student
+        )
     return RecipeRun(
         recipe=recipe,
         data=data,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
@@ -23,17 +24,32 @@ from composer_kd.recipes.data import (
     read_glue_split,
     synthetic_text_classification,
 )
+from composer_kd.recipes.files import (
+    default_eval_split,
+    image_folder_splits,
+    label_names,
+    read_labelled_texts,
+    split_folders,
+    text_splits,
+    tokenize_split,
+)
+from composer_kd.recipes.loader import RecipeError
 from composer_kd.recipes.models import TaskInfo, find_pretrained
 from composer_kd.recipes.schema import DataSpec
 
-__all__ = ['DATASETS', 'DataBundle', 'build_data']
+__all__ = ['DATASETS', 'FILE_DATASETS', 'DataBundle', 'build_data', 'example_batch']
 
 #: The datasets a recipe may name: ``{name: (what it is, its splits, the splits evaluated by default)}``.
 DATASETS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     'digits': ("scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)", ('val', 'test'), ('val',)),
     'synthetic_text': ('generated token sequences, keyword-count classification', ('val',), ('val',)),
     'glue': ('a GLUE task from its TSV files on disk (qnli, rte, sst2, qqp, mnli, wnli)', ('dev',), ('dev',)),
+    # Datasets of the user's files: their splits are what the disk holds.
+    'image_folder': ('images in class folders on disk (train/<class>/*.png, val/...)', (), ()),
+    'text': ("labelled texts on disk: CSV, TSV, JSON Lines files or a datasets' save_to_disk folder", (), ()),
 }
+#: The datasets whose splits are read from the disk rather than fixed.
+FILE_DATASETS = ('image_folder', 'text')
 
 
 @dataclass
@@ -53,6 +69,8 @@ class DataBundle:
         labelled_per_batch (int, optional): When set, each training batch holds this many labelled examples and
             the rest unlabelled (see :class:`~composer_kd.recipes.data.MixedBatchSampler`).
         default_eval_splits (tuple[str, ...]): Evaluated when the recipe does not say.
+        notes (dict[str, int]): Counts worth reporting (labelled examples, classes).
+        tokenizer (str, optional): For text tokenized here: the tokenizer's directory.
     """
 
     task: TaskInfo
@@ -64,9 +82,18 @@ class DataBundle:
     labelled_per_batch: Optional[int] = None
     default_eval_splits: tuple[str, ...] = ('val',)
     notes: dict[str, int] = field(default_factory=dict)
+    tokenizer: Optional[str] = None
 
-    def train_loader(self) -> DataLoader:
-        """A fresh training loader: shuffled, reproducibly from the seed alone."""
+    def train_loader(self, drop_last: bool = False) -> DataLoader:
+        """A fresh training loader: shuffled, reproducibly from the seed alone.
+
+        Args:
+            drop_last (bool, optional): Drop each epoch's last batch when it is incomplete. Default: ``False``.
+                Batches of mixed labelled and unlabelled examples are always complete.
+
+        Returns:
+            DataLoader: The loader.
+        """
         if self.labelled_per_batch is not None:
             # Hidden labels are hidden in every task of multi-task data: any task's column tells them.
             if isinstance(self.train, MultiTaskDataset):
@@ -77,7 +104,7 @@ class DataBundle:
             return DataLoader(self.train, batch_sampler=sampler)
         # Composer's own sampler: its order is a function of (seed, epoch), and the trainer sets the epoch.
         sampler = dist.get_sampler(self.train, shuffle=True, seed=self.seed)
-        return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler)
+        return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last)
 
     def eval_loader(self, split: str) -> DataLoader:
         """A loader over the evaluation split ``split``, in order."""
@@ -158,10 +185,71 @@ def _glue(spec: DataSpec, seed: int, tokenizer_name: Optional[str]) -> DataBundl
         eval_batch_size=spec.eval_batch_size,
         seed=seed,
         default_eval_splits=('dev',),
+        tokenizer=directory,
     )
 
 
-_BUILDERS: dict[str, Callable[..., DataBundle]] = {'digits': _digits, 'synthetic_text': _synthetic_text}
+def _image_folder(spec: DataSpec, seed: int) -> DataBundle:
+    o = spec.image_folder
+    folder = os.path.abspath(os.path.expanduser(str(o.folder)))
+    splits = list(spec.eval_splits or default_eval_split(split_folders(folder), o.train_split))
+    train, evaluation, classes = image_folder_splits(o, splits)
+    first = train[0][0]
+    shape = tuple(first.shape)
+    for split, dataset in evaluation.items():
+        other = tuple(dataset[0][0].shape)
+        if other != shape:
+            raise RecipeError(
+                'recipe',
+                [
+                    f'data.image_folder: the training transforms give images of shape {list(shape)} but those of '
+                    f'{split}/ come out {list(other)}; set data.image_folder.image_size, or make train_transforms '
+                    'and eval_transforms end at one size (e.g. RandomCrop and CenterCrop of one size)'
+                ],
+            )
+    return DataBundle(
+        task=TaskInfo('image', len(classes), shape),
+        train=train,
+        splits=evaluation,
+        batch_size=spec.batch_size,
+        eval_batch_size=spec.eval_batch_size,
+        seed=seed,
+        default_eval_splits=tuple(splits),
+        notes={'classes': len(classes)},
+    )
+
+
+def _text_files(spec: DataSpec, seed: int, tokenizer_name: Optional[str]) -> DataBundle:
+    from transformers import AutoTokenizer
+
+    o = spec.text
+    assert tokenizer_name is not None  # checked by validate.check_recipe
+    directory, _ = find_pretrained(tokenizer_name)
+    if directory is None:
+        raise FileNotFoundError(f'tokenizer {tokenizer_name!r} is not on this machine.')
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    splits = list(spec.eval_splits or default_eval_split(text_splits(o), o.train_split))
+    _, _, train_labels = read_labelled_texts(o, o.train_split)
+    classes = label_names(o, train_labels)
+    train = tokenize_split(o, o.train_split, tokenizer, classes)
+    return DataBundle(
+        task=TaskInfo('text', len(classes), (o.max_length,), vocab_size=len(tokenizer)),
+        train=train,
+        splits={split: tokenize_split(o, split, tokenizer, classes) for split in splits},
+        batch_size=spec.batch_size,
+        eval_batch_size=spec.eval_batch_size,
+        seed=seed,
+        default_eval_splits=tuple(splits),
+        notes={'classes': len(classes)},
+        tokenizer=directory,
+    )
+
+
+_BUILDERS: dict[str, Callable[..., DataBundle]] = {
+    'digits': _digits,
+    'synthetic_text': _synthetic_text,
+    'image_folder': _image_folder,
+}
 
 
 def build_data(spec: DataSpec, seed: int, tokenizer_name: Optional[str] = None) -> DataBundle:
@@ -177,7 +265,24 @@ def build_data(spec: DataSpec, seed: int, tokenizer_name: Optional[str] = None) 
     """
     if spec.name == 'glue':
         bundle = _glue(spec, seed, spec.glue.tokenizer or tokenizer_name)
+    elif spec.name == 'text':
+        bundle = _text_files(spec, seed, spec.text.tokenizer or tokenizer_name)
     else:
         bundle = _BUILDERS[spec.name](spec, seed)
-    bundle.default_eval_splits = DATASETS[spec.name][2]
+    if spec.name not in FILE_DATASETS:
+        bundle.default_eval_splits = DATASETS[spec.name][2]
     return bundle
+
+
+def example_batch(data: DataBundle, size: int = 2):
+    """The first ``size`` training examples as one batch, as the training loader collates them.
+
+    Args:
+        data (DataBundle): A recipe's data.
+        size (int, optional): How many examples. Default: ``2``.
+
+    Returns:
+        Any: The batch.
+    """
+    loader = DataLoader(data.train, batch_size=size, shuffle=False)
+    return next(iter(loader))

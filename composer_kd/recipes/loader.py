@@ -84,9 +84,15 @@ def nearest(name: str, known: Iterable[str]) -> str:
             from composer_kd.recipes.loader import nearest
 
             assert nearest('digitz', ['digits', 'glue']) == "; did you mean 'digits'?"
+            assert nearest('Adamw', ['Adam', 'AdamW']) == "; did you mean 'AdamW'?"  # case counts least
     """
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ''
+    by_case = {}
+    for known_name in known:
+        by_case.setdefault(known_name.lower(), known_name)
+    if name.lower() in by_case:
+        return f"; did you mean '{by_case[name.lower()]}'?"
+    close = difflib.get_close_matches(name.lower(), list(by_case), n=1, cutoff=0.5)
+    return f"; did you mean '{by_case[close[0]]}'?" if close else ''
 
 
 def builtin_recipes() -> dict[str, str]:
@@ -212,11 +218,20 @@ def _check(value: Any, hint: Any, key: str, problems: list[str], complete: bool 
 
 
 def _normalize(plain: dict) -> dict:
-    """Accept the shorthand ``algorithms: [ChannelsLast]`` for ``algorithms: [{name: ChannelsLast}]``."""
+    """Accept the shorthand ``algorithms: [ChannelsLast]`` for ``algorithms: [{name: ChannelsLast}]`` (and so for
+    image transforms)."""
+
+    def named(entries: Any) -> Any:
+        return [{'name': e} if isinstance(e, str) else e for e in entries] if isinstance(entries, list) else entries
+
     for section in _NAMED_COMPONENT_LISTS:
-        entries = plain.get(section)
-        if isinstance(entries, list):
-            plain[section] = [{'name': e} if isinstance(e, str) else e for e in entries]
+        if section in plain:
+            plain[section] = named(plain[section])
+    images = plain.get('data', {}).get('image_folder') if isinstance(plain.get('data'), dict) else None
+    if isinstance(images, dict):
+        for name in ('train_transforms', 'eval_transforms'):
+            if name in images:
+                images[name] = named(images[name])
     return plain
 
 

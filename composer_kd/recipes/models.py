@@ -11,13 +11,15 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 from composer.models import ComposerModel
 from torch import nn
 
 from composer_kd.adapters import classifier, hugging_face_classifier
 from composer_kd.losses import cross_entropy_with_hidden_labels
 from composer_kd.multitask import MultiTaskClassifier
-from composer_kd.recipes.schema import ModelSpec
+from composer_kd.recipes.loader import RecipeError
+from composer_kd.recipes.schema import ModelSpec, Recipe
 from composer_kd.reporting import count_parameters
 from composer_kd.teachers import load_teacher_checkpoint
 
@@ -27,12 +29,14 @@ __all__ = [
     'MODEL_KINDS',
     'TaskInfo',
     'build_model',
+    'check_model_takes',
     'classifier',
     'count_parameters',
     'cross_entropy_with_hidden_labels',
     'find_pretrained',
     'has_uri_scheme',
     'hugging_face_classifier',
+    'input_hint',
 ]
 
 #: The model kinds a recipe may name, and what each needs.
@@ -149,7 +153,21 @@ def _multitask(spec: ModelSpec, task: TaskInfo) -> MultiTaskClassifier:
     return MultiTaskClassifier(nn.Sequential(*layers), {t: nn.Linear(width, task.tasks[t]) for t in tasks})
 
 
-def build_model(spec: ModelSpec, task: TaskInfo) -> ComposerModel:
+def _untrained_head(spec: ModelSpec, directory: str, missing: list[str], key: str) -> RecipeError:
+    shown = ', '.join(missing[:4]) + (f' and {len(missing) - 4} more' if len(missing) > 4 else '')
+    return RecipeError(
+        'recipe',
+        [
+            f'{key}.name: teacher {key.rsplit(".", 1)[-1]} would distil from a random head: the Hugging Face model '
+            f'at {directory} has no weights for its sequence-classification head ({shown} would be newly '
+            f'initialized; it holds a bare encoder, or a model for another task). Add {key}.train (e.g. '
+            f'{key}.train.max_duration=3ep) to fine-tune it first, give {key}.checkpoint (a fine-tuned '
+            f'checkpoint), or point {key}.name at a model fine-tuned for this task'
+        ],
+    )
+
+
+def build_model(spec: ModelSpec, task: TaskInfo, teacher_key: Optional[str] = None) -> ComposerModel:
     """Build the model ``spec`` describes for ``task``, loading ``spec.checkpoint`` if given.
 
     Assumes the recipe passed :func:`composer_kd.recipes.validate.check_recipe` (names and files exist).
@@ -157,9 +175,15 @@ def build_model(spec: ModelSpec, task: TaskInfo) -> ComposerModel:
     Args:
         spec (ModelSpec): The model's section of the recipe.
         task (TaskInfo): The dataset's classes and input shape.
+        teacher_key (str, optional): For a teacher, its recipe key (``'teachers.0'``): a ``huggingface`` teacher
+            that neither ``train:`` fine-tunes nor ``checkpoint:`` loads must then hold trained weights for every
+            layer, its task head included. Default: ``None``, a model that is trained here (a student).
 
     Returns:
         ComposerModel: A ``ComposerClassifier`` (image kinds) or ``HuggingFaceModel`` (text kinds).
+
+    Raises:
+        RecipeError: For a teacher whose task head would be newly initialized, naming the keys to add.
     """
     if task.tasks and spec.kind in MULTITASK_KINDS:
         model: ComposerModel = _multitask(spec, task)
@@ -192,12 +216,102 @@ def build_model(spec: ModelSpec, task: TaskInfo) -> ComposerModel:
         directory, _ = find_pretrained(str(spec.name))
         if directory is None:
             raise FileNotFoundError(f'Hugging Face model {spec.name!r} is not on this machine.')
-        hf_model = AutoModelForSequenceClassification.from_pretrained(
-            directory, num_labels=task.num_classes, local_files_only=True, **dict(spec.kwargs)
+        hf_model, loading = AutoModelForSequenceClassification.from_pretrained(
+            directory,
+            num_labels=task.num_classes,
+            local_files_only=True,
+            output_loading_info=True,
+            **dict(spec.kwargs),
         )
+        untaught = teacher_key is not None and getattr(spec, 'train', None) is None and not spec.checkpoint
+        if untaught and loading['missing_keys']:
+            raise _untrained_head(spec, directory, sorted(loading['missing_keys']), teacher_key)
         model = hugging_face_classifier(hf_model, task.num_classes)
     else:
         raise ValueError(f'Unknown model kind {spec.kind!r}; known: {", ".join(MODEL_KINDS)}.')
     if spec.checkpoint:
         load_teacher_checkpoint(model, spec.checkpoint)
     return model
+
+
+def _describe_batch(batch) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f'{list(batch.shape)} {str(batch.dtype).removeprefix("torch.")}'
+    if isinstance(batch, dict):
+        return '{' + ', '.join(f'{k}: {_describe_batch(v)}' for k, v in batch.items()) + '}'
+    if isinstance(batch, (list, tuple)):
+        return '(' + ', '.join(_describe_batch(v) for v in batch) + ')'
+    return type(batch).__name__
+
+
+def input_hint(recipe: Recipe, spec: ModelSpec) -> str:
+    """What to change in the recipe when the model ``spec`` cannot take the data: the data key that sets the
+    inputs' channels or size, or the model's.
+
+    Args:
+        recipe (Recipe): The recipe.
+        spec (ModelSpec): The model's section.
+
+    Returns:
+        str: A sentence, or ``''`` when there is nothing specific to say.
+    """
+    data = recipe.data
+    if data.name == 'digits':
+        channels, size = ('data.digits.channels', data.digits.channels), None
+    elif data.name == 'image_folder':
+        channels, size = ('data.image_folder.channels', data.image_folder.channels), 'data.image_folder.image_size'
+    else:
+        return 'the model must take the token ids of the data (its vocabulary and position embeddings must cover them)'
+    hints = []
+    if spec.kind == 'torchvision' and channels[1] != 3:
+        hints.append(f'torchvision models take 3-channel images: set {channels[0]}: 3')
+    else:
+        hints.append(f"{channels[0]} sets the images' channels")
+    if size:
+        hints.append(f'{size} their size')
+    return '; '.join(hints)
+
+
+def check_model_takes(model: nn.Module, batch, key: str, who: str, hint: str = '') -> None:
+    """Run ``model`` once on ``batch`` (eval mode, no gradient) and turn a failure into a recipe problem.
+
+    A model that cannot take the data fails here, before any trainer or run folder exists, rather than inside
+    its first training step.
+
+    Args:
+        model (nn.Module): A ComposerModel built for the recipe.
+        batch: A batch of the recipe's data, as its loaders give it (a few examples).
+        key (str): The model's recipe key (``'teachers.0'``, ``'student'``).
+        who (str): The model in words (``'teacher 0'``).
+        hint (str, optional): What to change (see :func:`input_hint`).
+
+    Raises:
+        RecipeError: Naming the key, the batch's shapes, the model's complaint and the hint.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.adapters import classifier
+            from composer_kd.recipes.models import check_model_takes
+
+            batch = (torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+            check_model_takes(classifier(torch.nn.Flatten(), 64), batch, 'student', 'the student')
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(batch)
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        complaint = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise RecipeError(
+            'recipe',
+            [
+                f'{key}: {who} cannot take this data: on a batch {_describe_batch(batch)} it fails with '
+                f'"{complaint}"' + (f'. {hint[:1].upper()}{hint[1:]}' if hint else '')
+            ],
+        ) from error
+    finally:
+        for module, training in modes:
+            module.training = training

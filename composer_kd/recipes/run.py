@@ -39,6 +39,7 @@ from composer_kd.reporting import (
     distillation_ratio,
     fit_and_report,
 )
+from composer_kd.training import quiet_plumbing
 
 __all__ = [
     'SPEED_EXAMPLES',
@@ -119,7 +120,9 @@ class RecipeRun:
                 self.teacher_seconds.append(None)
                 continue
             start = time.perf_counter()
-            trainer.fit()
+            self._announce(f'teacher {len(self.teacher_seconds)}')
+            with quiet_plumbing():
+                trainer.fit()
             self.teacher_seconds.append(time.perf_counter() - start)
 
     def fit(self) -> RunSummary:
@@ -173,9 +176,15 @@ class RecipeRun:
             started=start,
             before_evaluation=self._freeze_observers,
             export=lambda role, student: self._export(role, student, splits, notes),
+            announce=self._announce,
         )
         summary.notes = notes
         return summary
+
+    def _announce(self, role: str) -> None:
+        """Say which model the progress bar that follows trains (Composer labels them all 'train')."""
+        if self.recipe.progress_bar:
+            print(f'Training {role}:', flush=True)
 
     @staticmethod
     def _freeze_observers(student: ComposerModel) -> None:

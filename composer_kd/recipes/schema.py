@@ -20,6 +20,7 @@ __all__ = [
     'DistillationSpec',
     'FeaturePairSpec',
     'GlueSpec',
+    'ImageFolderSpec',
     'ModelSpec',
     'OnPolicySpec',
     'OptimizerSpec',
@@ -31,6 +32,7 @@ __all__ = [
     'TaskSpec',
     'TeacherSpec',
     'TeacherTrainingSpec',
+    'TextFilesSpec',
 ]
 
 
@@ -152,19 +154,66 @@ class GlueSpec:
 
 
 @dataclass
+class ImageFolderSpec:
+    """Images in class folders on disk, as torchvision's ``ImageFolder`` reads them: ``folder/<split>/<class>/*.png``.
+
+    ``folder`` holds one sub-folder per split (``train/`` and e.g. ``val/``, ``test/``), each holding one folder per
+    class, the same classes in every split (their sorted names give the labels). Every image is read as
+    ``channels`` channels (1: grayscale, 3: RGB), made a float tensor in ``[0, 1]``, resized to ``image_size`` x
+    ``image_size`` when set, and passed through ``train_transforms`` (training) or ``eval_transforms``
+    (evaluation): classes of ``torchvision.transforms.v2`` by name with their ``kwargs``, e.g.
+    ``RandomHorizontalFlip``, ``RandomCrop``, ``Normalize``. The evaluated split is ``val`` by default.
+    """
+
+    folder: Optional[str] = None
+    train_split: str = 'train'
+    channels: int = 3
+    image_size: Optional[int] = None
+    train_transforms: list[ComponentSpec] = field(default_factory=list)
+    eval_transforms: list[ComponentSpec] = field(default_factory=list)
+
+
+@dataclass
+class TextFilesSpec:
+    """Labelled texts on disk: a file per split (``files``: CSV, TSV, JSON Lines or a JSON list of objects), or
+    a folder written by ``datasets``' ``save_to_disk`` (``folder``: a ``DatasetDict``, one dataset per split).
+
+    ``text_column`` (and ``text_pair_column`` for sentence pairs) and ``label_column`` name the columns. Labels
+    may be class names (sorted to give indices) or integers (their own index; a ``ClassLabel`` keeps its order);
+    every split must use the training split's labels. Texts are tokenized with ``tokenizer`` (a local directory
+    or a cached Hub id; by default the student's, for a ``huggingface`` student), padded and cut to ``max_length``
+    tokens. The evaluated split is ``val`` by default.
+    """
+
+    files: dict[str, str] = field(default_factory=dict)
+    folder: Optional[str] = None
+    train_split: str = 'train'
+    text_column: str = 'text'
+    text_pair_column: Optional[str] = None
+    label_column: str = 'label'
+    tokenizer: Optional[str] = None
+    max_length: int = 128
+
+
+@dataclass
 class DataSpec:
-    """The dataset (``name``: ``digits``, ``synthetic_text`` or ``glue``) and its batches.
+    """The dataset (``name``: ``digits``, ``synthetic_text``, ``glue``, ``image_folder`` or ``text``) and its batches.
 
     Only the section named by ``name`` is used. ``eval_splits`` default to the dataset's validation split.
+    ``drop_last`` drops each epoch's last, incomplete training batch; by default (``null``) it is dropped for the
+    training of a model with BatchNorm layers only, which cannot train on a batch of one example.
     """
 
     name: str = MISSING
     batch_size: int = 32
     eval_batch_size: int = 256
+    drop_last: Optional[bool] = None
     eval_splits: Optional[list[str]] = None
     digits: DigitsSpec = field(default_factory=DigitsSpec)
     synthetic_text: SyntheticTextSpec = field(default_factory=SyntheticTextSpec)
     glue: GlueSpec = field(default_factory=GlueSpec)
+    image_folder: ImageFolderSpec = field(default_factory=ImageFolderSpec)
+    text: TextFilesSpec = field(default_factory=TextFilesSpec)
 
 
 @dataclass

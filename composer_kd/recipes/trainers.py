@@ -13,6 +13,8 @@ from composer.core import Callback
 from composer.loggers import LoggerDestination
 from composer.models import ComposerModel
 from composer.utils import reproducibility
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from composer_kd.recipes.components import (
     build_component,
@@ -35,6 +37,7 @@ __all__ = [
     'build_trainer',
     'eval_splits',
     'evaluate',
+    'has_batch_norm',
     'no_loggers',
 ]
 
@@ -75,6 +78,44 @@ def eval_splits(recipe: Recipe, data: DataBundle) -> list[str]:
     return list(recipe.data.eval_splits or data.default_eval_splits)
 
 
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm layer, which cannot train on a batch of one example.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.recipes.trainers import has_batch_norm
+
+            assert has_batch_norm(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4)))
+            assert not has_batch_norm(torch.nn.Linear(4, 2))
+    """
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
+
+
+def _drop_last(recipe: Recipe, model: nn.Module, data: DataBundle, key: str) -> bool:
+    """``data.drop_last``, or by default whether ``model`` has BatchNorm; refuse a last batch of one under it."""
+    batch_norm = has_batch_norm(model)
+    if recipe.data.drop_last is not None:
+        drop = recipe.data.drop_last
+    else:
+        drop = batch_norm
+    if drop or not batch_norm or data.labelled_per_batch is not None:
+        return drop
+    examples = len(data.train)  # type: ignore[arg-type]
+    if examples % data.batch_size == 1:
+        who = 'the student' if key == 'recipe' else f'teacher {key.split(".")[1]}'
+        raise RecipeError(
+            'recipe',
+            [
+                f'data.drop_last: false leaves a last training batch of one example ({examples} = '
+                f'{examples // data.batch_size} x {data.batch_size} + 1), and the BatchNorm layers of {who} cannot '
+                'train on one; set data.drop_last: true (or leave it out), or change data.batch_size'
+            ],
+        )
+    return drop
+
+
 def build_trainer(
     recipe: Recipe,
     model: ComposerModel,
@@ -112,7 +153,7 @@ def build_trainer(
         Trainer: Built, not yet fit.
     """
     splits = list(splits) if splits is not None else eval_splits(recipe, data)
-    train_loader = data.train_loader()
+    train_loader = data.train_loader(drop_last=_drop_last(recipe, model, data, key))
     microbatch = recipe.device_train_microbatch_size
     if microbatch is None and train_loader.batch_size is None:
         microbatch = data.batch_size  # a batch sampler hides the batch size from Composer
@@ -170,6 +211,7 @@ def build_student(
     loggers: LoggerFactory = no_loggers,
     callbacks: Sequence[Callback] = (),
     main: bool = True,
+    model: Optional[ComposerModel] = None,
 ) -> tuple[ComposerModel, Trainer]:
     """A fresh student and its trainer: distilled from ``teachers``, or alone without them.
 
@@ -186,6 +228,8 @@ def build_student(
         callbacks (Sequence[Callback], optional): Extra callbacks.
         main (bool, optional): Whether this is the run's main trainer, which gets the recipe's loggers and
             checkpoints. Default: ``True``.
+        model (ComposerModel, optional): The student, built already (by :func:`build_model` right after seeding
+            the recipe's seed, as here). Default: ``None``, built here.
 
     Returns:
         tuple[ComposerModel, Trainer]: The student and its trainer, not yet fit.
@@ -206,8 +250,10 @@ def build_student(
             trainer.fit()
             assert eval_splits(recipe, data) == ['val'] and int(trainer.state.timestamp.batch) == 2
     """
-    reproducibility.seed_all(recipe.seed)
-    student = build_model(recipe.student, data.task)
+    if model is None:
+        reproducibility.seed_all(recipe.seed)
+        model = build_model(recipe.student, data.task)
+    student = model
     algorithms = [build_component(spec, 'algorithm', f'algorithms.{i}') for i, spec in enumerate(recipe.algorithms)]
     algorithms += build_compression(recipe, data.task, student)
     if teachers is not None:

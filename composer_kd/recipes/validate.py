@@ -18,7 +18,8 @@ from composer_kd.features import FEATURE_LOSSES
 from composer_kd.losses import LOSS_ALIASES, LOSSES, canonical_loss_name
 from composer_kd.onpolicy import OnPolicy
 from composer_kd.recipes.data import GLUE_TASKS, glue_files
-from composer_kd.recipes.datasets import DATASETS
+from composer_kd.recipes.datasets import DATASETS, FILE_DATASETS
+from composer_kd.recipes.files import check_image_folder, check_text_files
 from composer_kd.recipes.loader import Problems, nearest, teacher_data_spec
 from composer_kd.recipes.models import IMAGE_KINDS, MODEL_KINDS, TEXT_KINDS, find_pretrained, has_uri_scheme
 from composer_kd.recipes.schema import (
@@ -178,7 +179,7 @@ def _check_data(spec: DataSpec, key: str, problems: Problems, student: ModelSpec
             problems.add(f'{key}.{name}', f'expected an integer >= 1, got {getattr(spec, name)}')
     splits = DATASETS[spec.name][1]
     for i, split in enumerate(spec.eval_splits or []):
-        if split not in splits:
+        if spec.name not in FILE_DATASETS and split not in splits:
             problems.add(
                 f'{key}.eval_splits.{i}', f'{spec.name} has no split {split!r} (its splits: {", ".join(splits)})'
             )
@@ -193,6 +194,12 @@ def _check_data(spec: DataSpec, key: str, problems: Problems, student: ModelSpec
                 f'{key}.digits.labelled_per_batch',
                 f'expected an integer in [1, batch_size={spec.batch_size}), got {d.labelled_per_batch}',
             )
+    elif spec.name == 'image_folder':
+        check_image_folder(spec.image_folder, spec.eval_splits, f'{key}.image_folder', problems)
+    elif spec.name == 'text':
+        check_text_files(spec.text, spec.eval_splits, f'{key}.text', problems, student.kind)
+        if spec.text.tokenizer:
+            _check_pretrained(spec.text.tokenizer, f'{key}.text.tokenizer', problems, 'tokenizer')
     elif spec.name == 'glue':
         g = spec.glue
         if g.task not in GLUE_TASKS:
@@ -215,6 +222,19 @@ def _check_data(spec: DataSpec, key: str, problems: Problems, student: ModelSpec
             _check_pretrained(g.tokenizer, f'{key}.glue.tokenizer', problems, 'tokenizer')
         elif student.kind != 'huggingface':
             problems.add(f'{key}.glue.tokenizer', 'required unless the student is a huggingface model (whose is used)')
+
+
+def _check_taught(spec: TeacherSpec, key: str, problems: Problems) -> None:
+    """Refuse a teacher built with random weights and left so: neither trained here nor loaded from anywhere."""
+    if spec.train is not None or spec.checkpoint or spec.kind == 'huggingface' or spec.kind not in MODEL_KINDS:
+        return  # a huggingface teacher's pretrained weights are checked when it is loaded (its task head)
+    what = f'{spec.kind} {spec.name}' if spec.name else spec.kind
+    problems.add(
+        key,
+        f'teacher {key.rsplit(".", 1)[-1]} ({what}) has nothing to teach: it is neither trained by this recipe nor '
+        f'loaded from a checkpoint, so it would keep its random initial weights. Add {key}.train (e.g. '
+        f'{key}.train.max_duration=10ep) to train it first, or {key}.checkpoint (the file of its trained weights)',
+    )
 
 
 def _check_teacher(spec: TeacherSpec, key: str, recipe: Recipe, modality: Optional[str], problems: Problems) -> None:
@@ -332,15 +352,19 @@ def _check_compression(recipe: Recipe, problems: Problems) -> None:
                 problems.add(f'{key}.pruning.end', f'{pruning.end!r} must come after start {pruning.start!r}')
 
 
-def check_recipe(recipe: Recipe) -> list[str]:
+def check_recipe(recipe: Recipe, *, teachers_given: bool = False) -> list[str]:
     """Every problem that would stop ``recipe`` from running, each starting with its dotted key.
 
     Checks model kinds and names (torchvision constructors, Hugging Face model types, pretrained models on disk),
     checkpoint and data files, dataset, loss, algorithm, logger, optimizer and scheduler names, quantization
-    backends, time strings, and numbers' ranges. Never downloads.
+    backends, time strings, and numbers' ranges; and that every teacher has something to teach: a teacher that is
+    neither trained by the recipe (``train:``) nor loaded (``checkpoint:``, or a ``huggingface`` model's
+    pretrained weights) is refused. Never downloads.
 
     Args:
         recipe (Recipe): A recipe as :func:`composer_kd.recipes.loader.load_recipe` returns it.
+        teachers_given (bool, optional): Whether the run gets its teachers already trained (``build_run``'s
+            ``teachers=``), so that how the recipe would make them does not matter. Default: ``False``.
 
     Returns:
         list[str]: The problems; empty when the recipe can run.
@@ -348,12 +372,14 @@ def check_recipe(recipe: Recipe) -> list[str]:
     problems = Problems()
     modality = None
     if recipe.data.name in DATASETS:
-        modality = 'text' if recipe.data.name in ('synthetic_text', 'glue') else 'image'
+        modality = 'text' if recipe.data.name in ('synthetic_text', 'glue', 'text') else 'image'
     _check_model(recipe.student, 'student', modality, problems)
     if not recipe.teachers:
         problems.add('teachers', 'expected at least one teacher')
     for i, teacher in enumerate(recipe.teachers):
         _check_teacher(teacher, f'teachers.{i}', recipe, modality, problems)
+        if not teachers_given:
+            _check_taught(teacher, f'teachers.{i}', problems)
     _check_data(recipe.data, 'data', problems, recipe.student)
     _check_distillation(recipe, problems)
     _check_on_policy(recipe, problems)

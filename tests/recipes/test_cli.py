@@ -88,6 +88,15 @@ def test_train_runs_a_recipe_and_prints_a_summary(tmp_path, capsys):
         in out
     )
     assert 'wall time:' in out
+    assert 'command wall time:' in out and '(reading, checking and building the recipe included)' in out
+
+
+def test_progress_bars_are_announced_by_the_model_they_train(capfd):
+    code = main(['train', 'digits', *[o for o in TINY if o != 'progress_bar=false']])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    said = [line for line in out.splitlines() if line.startswith('Training ')]
+    assert said == ['Training teacher 0:', 'Training student (distilled):', 'Training student alone:']
 
 
 def test_train_refuses_a_bad_recipe_before_training(tmp_path, capsys):

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
-from conftest import EXAMPLES
+from conftest import EXAMPLES, load_example
 from safetensors.torch import load_file
 
 EXAMPLE = EXAMPLES / 'minilm_distillation.py'
@@ -20,12 +18,7 @@ EXAMPLE = EXAMPLES / 'minilm_distillation.py'
 
 @pytest.fixture(scope='module')
 def example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location('composer_kd_example_minilm', EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example('minilm_distillation')
 
 
 @pytest.fixture(scope='module')

@@ -1,60 +1,65 @@
-"""Knowledge distillation for MosaicML Composer: add ``Distillation`` to a Trainer's algorithms."""
+"""Knowledge distillation for MosaicML Composer: add ``Distillation`` to a Trainer's algorithms.
 
-from composer_kd import compression
-from composer_kd.api import DistillResult, distill
-from composer_kd.cache import (
-    IndexedDataset,
-    StaleTeacherCacheError,
-    TeacherCache,
-    indexed_collate,
-    topk_compress,
-    topk_logits,
-)
-from composer_kd.compression import (
-    Pruning,
-    QuantizationAwareTraining,
-    calibrate,
-    convert_to_int8,
-    make_pruning_permanent,
-    model_size_bytes,
-    prepare_qat,
-    prune_model,
-    sparsity,
-)
-from composer_kd.distillation import (
-    CombinedLoss,
-    Distillation,
-    average_logits,
-    combine_losses,
-    distillation_loss,
-    sample_teachers,
-)
-from composer_kd.features import FeaturePair
-from composer_kd.losses import (
-    LOSSES,
-    CosineDistance,
-    DecoupledKD,
-    JensenShannonDivergence,
-    KLDivergence,
-    LogitsMSE,
-    ReverseKLDivergence,
-    SoftCrossEntropy,
-    Standardized,
-    chunked_kl_divergence,
-    cosine_distance,
-    decoupled_kd,
-    get_loss,
-    jensen_shannon_divergence,
-    kl_divergence,
-    logits_mse,
-    reverse_kl_divergence,
-    soft_cross_entropy,
-    standardize_logits,
-)
-from composer_kd.multitask import DistillationTask, MultiTaskClassifier, TaskAccuracy, task_distillations
-from composer_kd.schedules import ConstantSchedule, CosineSchedule, LinearSchedule, Schedule
-from composer_kd.student_init import student_from_teacher_layers
-from composer_kd.teachers import TeacherInference, load_teacher_checkpoint
+Every exported name is imported from its module the first time it is used (see :mod:`composer_kd.lazy`), so
+``import composer_kd`` is quick and loads neither torch nor Composer; ``from composer_kd import Distillation``
+works as ever.
+"""
+
+from typing import TYPE_CHECKING
+
+from composer_kd.lazy import lazy_exports
+
+if TYPE_CHECKING:  # the names as type checkers and editors see them
+    from composer_kd import compression
+    from composer_kd.api import DistillResult, distill
+    from composer_kd.cache import (
+        IndexedDataset,
+        StaleTeacherCacheError,
+        TeacherCache,
+        indexed_collate,
+        topk_compress,
+        topk_logits,
+    )
+    from composer_kd.checkpoints import load_teacher_checkpoint
+    from composer_kd.compression import (
+        Pruning,
+        QuantizationAwareTraining,
+        calibrate,
+        convert_to_int8,
+        make_pruning_permanent,
+        model_size_bytes,
+        prepare_qat,
+        prune_model,
+        sparsity,
+    )
+    from composer_kd.distillation import Distillation
+    from composer_kd.features import FeaturePair
+    from composer_kd.losses import (
+        LOSSES,
+        CosineDistance,
+        DecoupledKD,
+        JensenShannonDivergence,
+        KLDivergence,
+        LogitsMSE,
+        ReverseKLDivergence,
+        SoftCrossEntropy,
+        Standardized,
+        chunked_kl_divergence,
+        cosine_distance,
+        decoupled_kd,
+        get_loss,
+        jensen_shannon_divergence,
+        kl_divergence,
+        logits_mse,
+        reverse_kl_divergence,
+        soft_cross_entropy,
+        standardize_logits,
+    )
+    from composer_kd.multitask import DistillationTask, MultiTaskClassifier, TaskAccuracy, task_distillations
+    from composer_kd.objective import CombinedLoss, combine_losses, distillation_loss
+    from composer_kd.schedules import ConstantSchedule, CosineSchedule, LinearSchedule, Schedule
+    from composer_kd.student_init import student_from_teacher_layers
+    from composer_kd.teachers import TeacherInference, average_logits, sample_teachers
 
 __all__ = [
     'LOSSES',
@@ -113,5 +118,62 @@ __all__ = [
     'topk_logits',
     'task_distillations',
 ]
+
+_EXPORTED_FROM = {
+    'composer_kd.compression': (
+        'compression',
+        'Pruning',
+        'QuantizationAwareTraining',
+        'calibrate',
+        'convert_to_int8',
+        'make_pruning_permanent',
+        'model_size_bytes',
+        'prepare_qat',
+        'prune_model',
+        'sparsity',
+    ),
+    'composer_kd.api': ('DistillResult', 'distill'),
+    'composer_kd.cache': (
+        'IndexedDataset',
+        'StaleTeacherCacheError',
+        'TeacherCache',
+        'indexed_collate',
+        'topk_compress',
+        'topk_logits',
+    ),
+    'composer_kd.distillation': ('Distillation',),
+    'composer_kd.objective': ('CombinedLoss', 'combine_losses', 'distillation_loss'),
+    'composer_kd.features': ('FeaturePair',),
+    'composer_kd.losses': (
+        'LOSSES',
+        'CosineDistance',
+        'DecoupledKD',
+        'JensenShannonDivergence',
+        'KLDivergence',
+        'LogitsMSE',
+        'ReverseKLDivergence',
+        'SoftCrossEntropy',
+        'Standardized',
+        'chunked_kl_divergence',
+        'cosine_distance',
+        'decoupled_kd',
+        'get_loss',
+        'jensen_shannon_divergence',
+        'kl_divergence',
+        'logits_mse',
+        'reverse_kl_divergence',
+        'soft_cross_entropy',
+        'standardize_logits',
+    ),
+    'composer_kd.multitask': ('DistillationTask', 'MultiTaskClassifier', 'TaskAccuracy', 'task_distillations'),
+    'composer_kd.schedules': ('ConstantSchedule', 'CosineSchedule', 'LinearSchedule', 'Schedule'),
+    'composer_kd.student_init': ('student_from_teacher_layers',),
+    'composer_kd.teachers': ('TeacherInference', 'average_logits', 'sample_teachers'),
+    'composer_kd.checkpoints': ('load_teacher_checkpoint',),
+}
+#: Where each exported name lives: ``{name: module}``.
+EXPORTS = {name: module for module, names in _EXPORTED_FROM.items() for name in names}
+
+__getattr__, __dir__ = lazy_exports(__name__, EXPORTS, globals())
 
 __version__ = '0.1.0'

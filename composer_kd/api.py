@@ -2,8 +2,8 @@
 
 It takes the models and data a Composer user already has, builds an ordinary ``Trainer`` with
 :class:`~composer_kd.Distillation` in its algorithms, and runs it through
-:func:`~composer_kd.recipes.run.fit_and_report`, the same core that runs every recipe: so its report is a
-:class:`~composer_kd.recipes.run.RunSummary` with the teachers', the distilled student's and (with
+:func:`~composer_kd.reporting.fit_and_report`, the same core that runs every recipe: so its report is a
+:class:`~composer_kd.reporting.RunSummary` with the teachers', the distilled student's and (with
 ``baseline=True``) the student alone's metrics, parameters and training time, the distillation ratio, the
 inference speed-up and the wall time.
 """
@@ -19,28 +19,31 @@ from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from composer import Trainer
-from composer.core import Algorithm, Callback, DataSpec, Evaluator, Precision, Time
+from composer.core import Algorithm, Callback, Precision, Time
 from composer.devices import Device
 from composer.loggers import LoggerDestination
-from composer.models import ComposerClassifier, ComposerModel, HuggingFaceModel
-from composer.utils import dist
+from composer.models import ComposerModel
 from torch import nn
-from torch.utils.data import DataLoader
 
+from composer_kd.adapters import (
+    as_loader,
+    composer_student,
+    describe_module,
+    eval_loaders,
+    evaluable_teacher,
+    first_batch,
+    is_hf_pretrained,
+)
 from composer_kd.distillation import Distillation, KDLossFn
-from composer_kd.losses import LOSSES, get_loss
-from composer_kd.multitask import DistillationTask, MultiTaskClassifier, task_distillations
-from composer_kd.outputs import extract_logits, run_teacher
-from composer_kd.recipes.build import evaluate_model
-from composer_kd.recipes.models import classifier, hugging_face_classifier
-from composer_kd.recipes.run import RunSummary, TeacherEntry, fit_and_report
-from composer_kd.recipes.validate import optimizer_class
+from composer_kd.losses import LOSSES, canonical_loss_name, loss_from_name
+from composer_kd.multitask import DistillationTask, task_distillations
+from composer_kd.reporting import RunSummary, TeacherEntry, evaluate_model, fit_and_report
 from composer_kd.schedules import ScheduleOrValue
 from composer_kd.teachers import FrozenTeachers, TeacherSpec, resolve_teachers
+from composer_kd.training import DEVICES, PRECISIONS, build_optimizer, check_optimizer, make_trainer
 
 __all__ = ['DistillResult', 'distill']
 
-_DEVICES = ('cpu', 'gpu', 'mps', 'tpu', 'neuron')
 # Distillation's arguments that distill() sets from its own: they cannot come through **options.
 _SET_BY_DISTILL = {
     'teachers': 'pass the teacher(s) as the first argument',
@@ -76,13 +79,13 @@ class DistillResult(NamedTuple):
         student: The student that was passed in, trained in place.
         report (RunSummary): Every model's metrics, parameters and training time, the distillation ratio
             (``report.ratio``), the inference speed-up (``report.speedup``) and the wall time; print it with
-            :func:`~composer_kd.recipes.report.format_summary`.
+            :func:`~composer_kd.reporting.format_summary`.
 
     Example:
         .. testcode::
 
             from composer_kd import DistillResult
-            from composer_kd.recipes.run import RunSummary
+            from composer_kd.reporting import RunSummary
 
             result = DistillResult(student='the student', report=RunSummary('distill()', [], 'test', 'accuracy'))
             student, report = result
@@ -91,22 +94,6 @@ class DistillResult(NamedTuple):
 
     student: Any
     report: RunSummary
-
-
-def _is_hf_pretrained(model: Any) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
-    return isinstance(model, PreTrainedModel)
-
-
-def _describe(model: Any) -> str:
-    if isinstance(model, ComposerClassifier):
-        return f'ComposerClassifier({type(model.module).__name__})'
-    if isinstance(model, HuggingFaceModel):
-        return f'HuggingFaceModel({type(model.model).__name__})'
-    return type(model).__name__
 
 
 def _check_choice(name: str, value: Any, known: Sequence[str], extra: tuple[type, ...] = ()) -> None:
@@ -174,171 +161,18 @@ def _check_sequence(name: str, values: Sequence[Any], kind: type) -> list[Any]:
     return list(values)
 
 
-def _loader(data: Any, name: str, batch_size: int, shuffle: bool, seed: int) -> Union[DataLoader, DataSpec]:
-    """A DataLoader or DataSpec as it is; a map-style dataset in a DataLoader with Composer's seeded sampler."""
-    if isinstance(data, (DataLoader, DataSpec)):
-        return data
-    is_dataset = hasattr(data, '__getitem__') and hasattr(data, '__len__')
-    if not is_dataset or isinstance(data, (str, bytes, Mapping, torch.Tensor)):
-        raise TypeError(
-            f'{name} must be a map-style dataset (e.g. a torch Dataset), a DataLoader or a Composer DataSpec, '
-            f'got {type(data).__name__}.'
-        )
-    if len(data) == 0:
-        raise ValueError(f'{name} is empty.')
-    return DataLoader(data, batch_size=batch_size, sampler=dist.get_sampler(data, shuffle=shuffle, seed=seed))
-
-
-def _first_batch(loader: Union[DataLoader, DataSpec], name: str) -> Any:
-    dataloader = loader.dataloader if isinstance(loader, DataSpec) else loader
-    for batch in dataloader:
-        return batch
-    raise ValueError(f'{name} gives no batch.')
-
-
-def _to_device_of(module: nn.Module, batch: Any) -> Any:
-    parameter = next(module.parameters(), None)
-    if parameter is None:
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return batch.to(parameter.device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device_of(module, v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device_of(module, v) for v in batch)
-    return batch
-
-
-def _probe(module: nn.Module, call) -> Any:
-    """``call()`` with every module of ``module`` in eval mode and no gradient; the modes are given back."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad():
-            return call()
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def _plain_inputs(batch: Any, name: str) -> Any:
-    if isinstance(batch, (list, tuple)) and len(batch) == 2:
-        return batch[0]
-    raise TypeError(
-        f'{name}: a plain nn.Module is trained as a classifier on (inputs, targets) batches, but the data gives '
-        f'batches of type {type(batch).__name__}; wrap the model in a ComposerModel (its own loss and metrics) '
-        'for other batches.'
-    )
-
-
-def _class_count(output: Any, name: str) -> int:
-    if not isinstance(output, torch.Tensor) or output.ndim != 2:
-        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise TypeError(
-            f'{name}: a plain nn.Module must return class logits [batch, classes], got {shape}; wrap it in a '
-            'ComposerModel (its own loss and metrics) to distil other outputs.'
-        )
-    return int(output.shape[-1])
-
-
-def _composer_student(student: Any, batch: Any, num_classes: Optional[int], multitask: bool) -> ComposerModel:
-    """The student as a ComposerModel: as it is, in a HuggingFaceModel, or in a ComposerClassifier."""
-    if isinstance(student, ComposerModel):
-        return student
-    if multitask:
-        raise TypeError(
-            'student: with tasks=, the student must be a ComposerModel with one output per task (e.g. '
-            f'composer_kd.MultiTaskClassifier), got {type(student).__name__}.'
-        )
-    if _is_hf_pretrained(student):
-        labels = int(student.config.num_labels)
-        if num_classes is not None and num_classes != labels:
-            raise ValueError(f'num_classes={num_classes} but the Hugging Face student has num_labels={labels}.')
-        return hugging_face_classifier(student, labels)
-    if isinstance(student, nn.Module):
-        inputs = _plain_inputs(batch, 'train_data')
-        width = _class_count(_probe(student, lambda: student(_to_device_of(student, inputs))), 'student')
-        if num_classes is not None and num_classes != width:
-            raise ValueError(f'num_classes={num_classes} but the student returns {width} logits per example.')
-        return classifier(student, width)
-    raise TypeError(
-        'student must be an nn.Module, a ComposerModel or a Hugging Face PreTrainedModel, '
-        f'got {type(student).__name__}.'
-    )
-
-
-def _evaluable_teacher(
-    teacher: nn.Module, name: str, batch: Any, student_classes: Optional[int], task: Optional[str], key: Any
-) -> Optional[nn.Module]:
-    """A form of ``teacher`` a Trainer evaluates: itself when it is a ComposerModel, else a thin wrapper.
-
-    The wrapper holds the teacher itself (no copy), so what is evaluated is exactly what taught. A plain
-    module is run once on ``batch`` (as ``Distillation`` will run it) to read its number of classes, which must
-    be the student's. ``None`` when its labels cannot be told apart in the batch (a plain module fed by
-    ``input_key`` from a batch that is not ``(inputs, targets)`` nor multi-task).
-    """
-    if isinstance(teacher, ComposerModel):
-        return teacher
-    if _is_hf_pretrained(teacher):
-        return hugging_face_classifier(teacher, int(teacher.config.num_labels))
-    output = _probe(teacher, lambda: run_teacher(teacher, _to_device_of(teacher, batch), key))
-    width = _class_count(extract_logits(output, role='teacher'), name)
-    if task is not None:
-        return MultiTaskClassifier(nn.Identity(), {task: teacher}, num_classes={task: width})
-    if student_classes is not None and width != student_classes:
-        raise ValueError(
-            f'{name} returns {width} logits per example but the student {student_classes}: they must share one '
-            'label set.'
-        )
-    pair = isinstance(batch, (list, tuple)) and len(batch) == 2
-    return classifier(teacher, width) if pair and key is None else None
-
-
-def _optimizer(optimizer: Any, lr: float, weight_decay: float, model: nn.Module) -> torch.optim.Optimizer:
-    if isinstance(optimizer, torch.optim.Optimizer):
-        # A fresh one of the same kind and settings, e.g. for the student alone.
-        return type(optimizer)(model.parameters(), **optimizer.defaults)
-    cls = optimizer_class(optimizer) if isinstance(optimizer, str) else optimizer
-    return cls(model.parameters(), lr=lr, weight_decay=weight_decay)
-
-
-def _check_optimizer(optimizer: Any, lr: Any, weight_decay: Any, student: nn.Module) -> None:
-    if isinstance(optimizer, torch.optim.Optimizer):
-        own = {id(p) for p in student.parameters()}
-        if any(id(p) not in own for group in optimizer.param_groups for p in group['params']):
-            raise ValueError("optimizer: it holds parameters that are not the student's.")
-        return
-    if isinstance(optimizer, str):
-        if optimizer_class(optimizer) is None:
-            raise ValueError(
-                f'optimizer: unknown optimizer {optimizer!r} (expected a class name of composer.optim or torch.optim, '
-                'an optimizer class, or an optimizer over the student)'
-            )
-    elif not (isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer)):
-        raise TypeError(f'optimizer must be a name, an Optimizer class or instance, got {type(optimizer).__name__}.')
-    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
-        raise ValueError(f'lr must be a number > 0, got {lr!r}.')
-    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-        raise ValueError(f'weight_decay must be a number >= 0, got {weight_decay!r}.')
-
-
 def _kd_loss_fn(kd_loss: Union[str, KDLossFn], temperature: Optional[ScheduleOrValue]) -> KDLossFn:
     if callable(kd_loss):
         return kd_loss
     if not isinstance(kd_loss, str):
         raise TypeError(f'kd_loss must be a loss name or a callable, got {type(kd_loss).__name__}.')
-    try:
-        cls = LOSSES[
-            {'mean_square_error': 'mse', 'cosine_distance': 'cosine', 'kl_divergence': 'kl'}.get(kd_loss, kd_loss)
-        ]
-    except KeyError:
+    if canonical_loss_name(kd_loss) is None:
         close = difflib.get_close_matches(kd_loss, list(LOSSES), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ''
-        raise ValueError(f'kd_loss: unknown loss {kd_loss!r}{hint} (known: {", ".join(LOSSES)}).') from None
+        raise ValueError(f'kd_loss: unknown loss {kd_loss!r}{hint} (known: {", ".join(LOSSES)}).')
+    # A scheduled temperature is Distillation's to apply at each step; the loss then keeps its own.
     constant = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-    if constant and 'temperature' in inspect.signature(cls).parameters:
-        return get_loss(kd_loss, temperature=temperature)
-    return get_loss(kd_loss)
+    return loss_from_name(kd_loss, temperature if constant else None)
 
 
 def _resolve(teachers: TeacherSpec, name: str) -> list[nn.Module]:
@@ -368,20 +202,6 @@ def _resolve_tasks(tasks: Any, options: Mapping[str, Any]) -> list[DistillationT
     return resolved
 
 
-def _eval_loaders(eval_data: Any, batch_size: int, seed: int) -> dict[str, Union[DataLoader, DataSpec]]:
-    """``{split: loader}``: ``eval_data``'s splits, or its one split named ``'eval'``; empty for ``None``."""
-    if eval_data is None:
-        return {}
-    if isinstance(eval_data, Mapping):
-        if not eval_data or not all(isinstance(k, str) for k in eval_data):
-            raise TypeError('eval_data: a mapping must be {split name: data}, with at least one split.')
-        return {
-            split: _loader(data, f'eval_data[{split!r}]', batch_size, shuffle=False, seed=seed)
-            for split, data in eval_data.items()
-        }
-    return {'eval': _loader(eval_data, 'eval_data', batch_size, shuffle=False, seed=seed)}
-
-
 def _prepare_tasks(
     task_list: list[DistillationTask],
     sample: Any,
@@ -393,14 +213,14 @@ def _prepare_tasks(
     entries = []
     for i, task in enumerate(task_list):
         task.options = {**options, **task.options}
-        plain = [not isinstance(m, ComposerModel) and not _is_hf_pretrained(m) for m in task.teachers]
+        plain = [not isinstance(m, ComposerModel) and not is_hf_pretrained(m) for m in task.teachers]
         if all(plain) and isinstance(sample, Mapping) and 'inputs' in sample:
             # Plain modules read the inputs of a multi-task batch {'inputs': x, task: labels, ...}.
             task.options.setdefault('input_key', 'inputs')
         for j, module in enumerate(task.teachers):
             name = f'tasks[{i}].teachers[{j}]'
-            wrapped = _evaluable_teacher(module, name, sample, None, task.name, task.options.get('input_key'))
-            entries.append((module, wrapped, f'{_describe(module)} for task {task.name}'))
+            wrapped = evaluable_teacher(module, name, sample, None, task.name, task.options.get('input_key'))
+            entries.append((module, wrapped, f'{describe_module(module)} for task {task.name}'))
         if task.kd_loss_fn is None:  # distill()'s loss, at the task's temperature or distill()'s
             task.temperature = task.temperature if task.temperature is not None else temperature
             task.kd_loss_fn = (
@@ -514,7 +334,7 @@ def distill(
 
     Returns:
         DistillResult: ``(student, report)``: the student passed in, trained, and the run's
-        :class:`~composer_kd.recipes.run.RunSummary`.
+        :class:`~composer_kd.reporting.RunSummary`.
 
     Raises:
         TypeError: If an argument has the wrong kind (the message names it), or an option is unknown.
@@ -543,8 +363,8 @@ def distill(
         num_classes=num_classes,
         max_duration=max_duration,
     )
-    _check_choice('device', device, _DEVICES, (Device,))
-    _check_choice('precision', precision, [p.value for p in Precision], (Precision,))
+    _check_choice('device', device, DEVICES, (Device,))
+    _check_choice('precision', precision, PRECISIONS, (Precision,))
     algorithms = _check_sequence('algorithms', algorithms, Algorithm)
     callbacks = _check_sequence('callbacks', callbacks, Callback)
     loggers = _check_sequence('loggers', loggers, LoggerDestination)
@@ -576,13 +396,13 @@ def distill(
                 '(copy it with copy.deepcopy if it starts from the same weights).'
             )
 
-    train_loader = _loader(train_data, 'train_data', batch_size, shuffle=True, seed=seed)
-    eval_loaders = _eval_loaders(eval_data, eval_batch_size, seed)
-    sample = _first_batch(train_loader, 'train_data')
+    train_loader = as_loader(train_data, 'train_data', batch_size, shuffle=True, seed=seed)
+    splits = eval_loaders(eval_data, eval_batch_size, seed)
+    sample = first_batch(train_loader, 'train_data')
 
-    composer_student = _composer_student(student, sample, num_classes, multitask)
-    _check_optimizer(optimizer, lr, weight_decay, composer_student)
-    student_classes = getattr(composer_student, 'num_classes', None)
+    wrapped_student = composer_student(student, sample, num_classes, multitask)
+    check_optimizer(optimizer, wrapped_student, lr=lr, weight_decay=weight_decay)
+    student_classes = getattr(wrapped_student, 'num_classes', None)
     if multitask:
         entries = _prepare_tasks(task_list, sample, options, kd_loss, temperature)
         distillations = task_distillations(task_list, org_loss_weight=org_loss_weight)
@@ -590,8 +410,8 @@ def distill(
         entries = [
             (
                 module,
-                _evaluable_teacher(module, f'teacher {i}', sample, student_classes, None, options.get('input_key')),
-                _describe(module),
+                evaluable_teacher(module, f'teacher {i}', sample, student_classes, None, options.get('input_key')),
+                describe_module(module),
             )
             for i, module in enumerate(teacher_modules)
         ]
@@ -610,51 +430,48 @@ def distill(
     frozen, placement = FrozenTeachers(teacher_modules), _Placement(teacher_modules)
     frozen.freeze()
     try:
-        alone = copy.deepcopy(composer_student) if baseline else None
+        alone = copy.deepcopy(wrapped_student) if baseline else None
         alone_algorithms = copy.deepcopy(algorithms) if baseline else []
-        trainer_options = dict(
-            train_dataloader=train_loader,
+        common = dict(
             max_duration=max_duration,
+            seed=seed,
             precision=precision,
             device=device,
-            seed=seed,
             progress_bar=progress_bar,
-            log_to_console=False,
             **trainer_kwargs,
         )
-        evaluators = [Evaluator(label=split, dataloader=loader) for split, loader in eval_loaders.items()]
-        trainer = Trainer(
-            model=composer_student,
-            optimizers=optimizer
+        # The optimizer given is the distilled student's own; the student alone gets a fresh one like it.
+        trainer = make_trainer(
+            wrapped_student,
+            train_loader,
+            optimizer=optimizer
             if isinstance(optimizer, torch.optim.Optimizer)
-            else _optimizer(optimizer, lr, weight_decay, composer_student),
+            else build_optimizer(optimizer, wrapped_student, lr=lr, weight_decay=weight_decay),
             algorithms=[*algorithms, *distillations],
             callbacks=callbacks,
             loggers=loggers,
             save_folder=save_folder,
-            eval_dataloader=evaluators if eval_interval is not None and evaluators else None,
+            eval_dataloaders=splits if eval_interval is not None else None,
             eval_interval=eval_interval if eval_interval is not None else 1,
-            **trainer_options,
+            **common,
         )
 
         def student_alone() -> tuple[ComposerModel, Trainer]:
             assert alone is not None
-            return alone, Trainer(
-                model=alone,
-                optimizers=_optimizer(optimizer, lr, weight_decay, alone),
-                algorithms=alone_algorithms,
-                **trainer_options,
+            alone_optimizer = build_optimizer(optimizer, alone, lr=lr, weight_decay=weight_decay)
+            return alone, make_trainer(
+                alone, train_loader, optimizer=alone_optimizer, algorithms=alone_algorithms, **common
             )
 
         def evaluate(model: nn.Module) -> dict[str, dict[str, float]]:
-            return evaluate_model(model, eval_loaders, device=device, precision=precision, seed=seed)
+            return evaluate_model(model, splits, device=device, precision=precision, seed=seed)
 
         speed_batch = None
         if measure_speed and entries[0][1] is not None:  # a teacher is timed as it is evaluated
-            speed_batch = _first_batch(next(iter(eval_loaders.values())), 'eval_data') if eval_loaders else sample
+            speed_batch = first_batch(next(iter(splits.values())), 'eval_data') if splits else sample
         report = fit_and_report(
             'distill()',
-            composer_student,
+            wrapped_student,
             trainer,
             evaluate,
             seed=seed,
@@ -662,7 +479,7 @@ def distill(
                 TeacherEntry(model=wrapped or module, description=description, evaluated=wrapped is not None)
                 for module, wrapped, description in entries
             ],
-            student_description=_describe(student),
+            student_description=describe_module(student),
             student_alone=student_alone if baseline else None,
             speed_batch=speed_batch,
             started=started,

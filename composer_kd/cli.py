@@ -68,7 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _offline()
     _quiet()
     from composer_kd.recipes import RecipeError, build_run, load_recipe
-    from composer_kd.recipes.report import format_summary
+    from composer_kd.reporting import format_summary
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)

@@ -24,10 +24,11 @@ from composer import Trainer
 from composer.loggers import InMemoryLogger
 from omegaconf import OmegaConf
 
-from composer_kd.data import IGNORE_INDEX
-from composer_kd.recipes import build_run, load_recipe
-from composer_kd.recipes.report import format_table, percent
-from composer_kd.recipes.run import RunSummary, describe_model, distillation_ratio
+from composer_kd.losses import IGNORE_INDEX
+from composer_kd.recipes.build import build_run
+from composer_kd.recipes.loader import load_recipe
+from composer_kd.recipes.run import describe_model
+from composer_kd.reporting import RunSummary, distillation_ratio, format_table, percent
 from composer_kd.speed import measure_speedup
 
 __all__ = ['DEFAULT_SEEDS', 'ROLES', 'format_report', 'format_sweep', 'measure_speedup', 'run_demo', 'run_sweep']

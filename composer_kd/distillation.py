@@ -180,10 +180,10 @@ class Distillation(Algorithm):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Distillation:
         # Python's own message for a misspelled keyword names no alternative; this one does, before __init__ runs.
-        known = inspect.signature(cls.__init__).parameters
+        known = cls.__signature__.parameters
         for keyword in kwargs:
             if keyword not in known:
-                nearest = difflib.get_close_matches(keyword, [k for k in known if k != 'self'], n=1)
+                nearest = difflib.get_close_matches(keyword, list(known), n=1)
                 hint = f"; did you mean '{nearest[0]}'?" if nearest else ''
                 raise TypeError(f"Distillation() got an unexpected keyword argument '{keyword}'{hint}")
         return super().__new__(cls)
@@ -527,3 +527,8 @@ class Distillation(Algorithm):
         features = self.features.losses(state.batch, self._active_teachers, usable) if self.features else {}
         kd_loss = NonFiniteGuard.mask(kd_loss, usable)
         state.loss = combine_losses(state.loss, kd_loss, *self._weights, extra_terms=features, name=self.name)
+
+
+# help(), editors and the API reference show the constructor's parameters rather than __new__'s catch-all.
+_INIT_SIGNATURE = inspect.signature(Distillation.__init__)
+Distillation.__signature__ = _INIT_SIGNATURE.replace(parameters=list(_INIT_SIGNATURE.parameters.values())[1:])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -639,7 +639,7 @@ def get_loss(name: str, **kwargs) -> nn.Module:
             standardized_kd = get_loss('kl', temperature=2.0, standardize=True)
     """
     standardize = kwargs.pop('standardize', False)
-    aliases = {'mean_square_error': 'mse', 'cosine_distance': 'cosine', 'kl_divergence': 'kl'}
+    aliases = LOSS_ALIASES
     key = aliases.get(name, name)
     if key not in LOSSES:
         raise ValueError(f'Unknown loss {name!r}; known: {sorted(LOSSES)} (and AutoMM aliases {sorted(aliases)}).')
@@ -647,12 +647,113 @@ def get_loss(name: str, **kwargs) -> nn.Module:
     return Standardized(loss) if standardize else loss
 
 
+#: AutoMM's names for some of :data:`LOSSES`, accepted wherever a loss is named: ``{alias: name in LOSSES}``.
+LOSS_ALIASES: dict[str, str] = {'mean_square_error': 'mse', 'cosine_distance': 'cosine', 'kl_divergence': 'kl'}
+
+
+def canonical_loss_name(name: str) -> Optional[str]:
+    """The key of :data:`LOSSES` that ``name`` stands for: itself, or the loss an alias names; ``None`` if unknown.
+
+    Args:
+        name (str): A loss name or one of :data:`LOSS_ALIASES`.
+
+    Returns:
+        str | None: The name in :data:`LOSSES`, or ``None`` for a name that is neither.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.losses import canonical_loss_name
+
+            assert canonical_loss_name('mean_square_error') == 'mse'
+            assert canonical_loss_name('kl') == 'kl' and canonical_loss_name('hinge') is None
+    """
+    key = LOSS_ALIASES.get(name, name)
+    return key if key in LOSSES else None
+
+
+def loss_from_name(name: str, temperature: Optional[float] = None, **options: Any) -> nn.Module:
+    """The loss ``name`` names, at ``temperature`` when it is a loss that takes one.
+
+    ``logits_mse`` and ``cosine_distance`` compare raw values, so a temperature is not passed to them; this is how
+    a recipe's ``distillation.temperature`` and ``distill(temperature=...)`` apply to any named loss.
+
+    Args:
+        name (str): A name of :data:`LOSSES` or one of :data:`LOSS_ALIASES`.
+        temperature (float, optional): The softening temperature. Default: ``None``, the loss's own.
+        **options: Further arguments of the loss (``alpha``, ``beta`` for ``'dkd'``) and ``standardize``, as
+            :func:`get_loss` takes them.
+
+    Returns:
+        nn.Module: The loss.
+
+    Raises:
+        ValueError: For an unknown name, as :func:`get_loss` does.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.losses import KLDivergence, LogitsMSE, loss_from_name
+
+            assert loss_from_name('kl_divergence', temperature=2.0).temperature == 2.0
+            assert isinstance(loss_from_name('mse', temperature=2.0), LogitsMSE)
+            assert loss_from_name('dkd', temperature=2.0, beta=4.0).temperature == 2.0
+    """
+    key = canonical_loss_name(name)
+    softened = key is not None and 'temperature' in inspect.signature(LOSSES[key]).parameters
+    return get_loss(name, **options, **({'temperature': temperature} if softened and temperature is not None else {}))
+
+
+#: The label of an example whose label is hidden: losses and metrics skip it, distillation still uses it.
+IGNORE_INDEX = -100
+
+
+def cross_entropy_with_hidden_labels(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over examples whose label is known (not ``IGNORE_INDEX``); 0 when none is.
+
+    ``torch.nn.functional.cross_entropy`` would return NaN for a batch without a single label, which happens
+    when a few labelled examples are mixed with many unlabelled ones. Dense targets (e.g. after Composer's
+    ``LabelSmoothing``) go to Composer's ``soft_cross_entropy``.
+
+    Args:
+        logits (torch.Tensor): ``[batch, classes]`` logits.
+        targets (torch.Tensor): ``[batch]`` class indices, ``IGNORE_INDEX`` where hidden; or ``[batch, classes]``
+            class probabilities.
+
+    Returns:
+        torch.Tensor: The mean cross-entropy over the known labels, a scalar.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.losses import IGNORE_INDEX, cross_entropy_with_hidden_labels
+
+            logits = torch.zeros(2, 3)
+            assert cross_entropy_with_hidden_labels(logits, torch.tensor([IGNORE_INDEX, IGNORE_INDEX])) == 0
+    """
+    if targets.ndim == logits.ndim:
+        # Imported here because this module's own soft_cross_entropy (a distillation loss) holds the name.
+        from composer.loss import soft_cross_entropy as composer_soft_cross_entropy
+
+        return composer_soft_cross_entropy(logits, targets)
+    known = targets != IGNORE_INDEX
+    per_example = F.cross_entropy(logits, targets.clamp(min=0), reduction='none')
+    return (per_example * known).sum() / known.sum().clamp(min=1)
+
+
+__all__ += [
+    'IGNORE_INDEX',
+    'LOSS_ALIASES',
+    'canonical_loss_name',
+    'cross_entropy_with_hidden_labels',
+    'loss_from_name',
+]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Decoupled knowledge distillation and logit standardization.
 # ---------------------------------------------------------------------------------------------------------------
-
-#: The label that marks a position without a target class (as PyTorch's cross-entropy and Hugging Face use it).
-_IGNORE_INDEX = -100
 
 
 def standardize_logits(logits: torch.Tensor, dim: int = -1, eps: float = 1e-7) -> torch.Tensor:
@@ -826,7 +927,7 @@ def decoupled_kd(
     beta: float = 8.0,
     softmax_dim: int = -1,
     mask: Optional[torch.Tensor] = None,
-    ignore_index: int = _IGNORE_INDEX,
+    ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     r"""Decoupled knowledge distillation (Zhao et al., CVPR 2022): target and non-target terms weighted apart.
 
@@ -938,7 +1039,7 @@ class DecoupledKD(nn.Module):
         alpha: float = 1.0,
         beta: float = 8.0,
         softmax_dim: int = -1,
-        ignore_index: int = _IGNORE_INDEX,
+        ignore_index: int = IGNORE_INDEX,
     ):
         super().__init__()
         _check_temperature(temperature)

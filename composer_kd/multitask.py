@@ -19,9 +19,8 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from composer_kd.data import IGNORE_INDEX, cross_entropy_with_hidden_labels
 from composer_kd.distillation import Distillation, KDLossFn
-from composer_kd.losses import KLDivergence
+from composer_kd.losses import IGNORE_INDEX, KLDivergence, cross_entropy_with_hidden_labels
 from composer_kd.outputs import Key
 from composer_kd.schedules import ScheduleOrValue
 from composer_kd.teachers import TeacherSpec
@@ -44,7 +43,7 @@ class TaskAccuracy(MulticlassAccuracy):
 
             import torch
             from composer_kd import TaskAccuracy
-            from composer_kd.data import IGNORE_INDEX
+            from composer_kd.losses import IGNORE_INDEX
 
             metric = TaskAccuracy('parity', num_classes=2)
             logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Union
 
 from composer.core import State
 
 from composer_kd.window import TimeSpec, elapsed, parse_time, to_trainer_time
 
-__all__ = ['ConstantSchedule', 'CosineSchedule', 'LinearSchedule', 'Schedule', 'ScheduleOrValue', 'value_at']
+__all__ = [
+    'SCHEDULES',
+    'ConstantSchedule',
+    'CosineSchedule',
+    'LinearSchedule',
+    'Schedule',
+    'ScheduleOrValue',
+    'build_schedule',
+    'value_at',
+]
 
 
 class Schedule:
@@ -165,3 +174,44 @@ ScheduleOrValue = Union[float, Schedule]
 def value_at(value: ScheduleOrValue, state: State) -> float:
     """``value`` itself, or the schedule's value at the trainer's current time."""
     return value(state) if isinstance(value, Schedule) else float(value)
+
+
+#: Every schedule by the kind name recipes use for it.
+SCHEDULES: dict[str, type[Schedule]] = {
+    'constant': ConstantSchedule,
+    'linear': LinearSchedule,
+    'cosine': CosineSchedule,
+}
+
+
+def build_schedule(
+    kind: str, start_value: float, end_value: Optional[float] = None, start: TimeSpec = 0.0, end: TimeSpec = 1.0
+) -> Schedule:
+    """The schedule of kind ``kind`` (a key of :data:`SCHEDULES`); a ``'constant'`` one holds ``start_value``.
+
+    Args:
+        kind (str): ``'constant'``, ``'linear'`` or ``'cosine'``.
+        start_value (float): The value until ``start`` (the only value of a constant schedule).
+        end_value (float, optional): The value from ``end`` on. Default: ``start_value``.
+        start (str | float | Time, optional): Composer time string or fraction of training. Default: ``0.0``.
+        end (str | float | Time, optional): Composer time string or fraction of training. Default: ``1.0``.
+
+    Returns:
+        Schedule: The schedule.
+
+    Raises:
+        ValueError: For an unknown kind (the message lists the known ones).
+
+    Example:
+        .. testcode::
+
+            from composer_kd.schedules import LinearSchedule, build_schedule
+
+            schedule = build_schedule('linear', 4.0, 1.0, end='0.5dur')
+            assert isinstance(schedule, LinearSchedule) and schedule.bounds == (1.0, 4.0)
+    """
+    if kind not in SCHEDULES:
+        raise ValueError(f'Unknown schedule kind {kind!r}; known: {", ".join(SCHEDULES)}.')
+    if kind == 'constant':
+        return ConstantSchedule(start_value)
+    return SCHEDULES[kind](start_value, start_value if end_value is None else end_value, start=start, end=end)

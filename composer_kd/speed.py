@@ -159,7 +159,9 @@ def measure_speedup(
     }
 
 
-def _default_candidates(teacher: nn.Module) -> dict[str, TeacherInference]:
+def default_candidates(teacher: nn.Module) -> dict[str, TeacherInference]:
+    """The options :func:`measure_teacher_inference` tries by default: bf16 weights, channels-last (only for a
+    teacher with 2-D convolutions) and ``torch.compile``."""
     candidates = {'bf16': TeacherInference(dtype=torch.bfloat16)}
     if any(isinstance(m, nn.Conv2d) for m in teacher.modules()):
         candidates['channels_last'] = TeacherInference(channels_last=True)
@@ -217,7 +219,7 @@ def measure_teacher_inference(
             )
             assert set(results) == {'plain', 'bf16'} and results['plain']['speedup'] == 1.0
     """
-    chosen = _default_candidates(teacher) if candidates is None else dict(candidates)
+    chosen = default_candidates(teacher) if candidates is None else dict(candidates)
     options = {'plain': TeacherInference(), **chosen}
     device = next(teacher.parameters()).device
     batch = _map_tensors(batch, lambda t: t.to(device))

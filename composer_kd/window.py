@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 from composer.core import State, Time, TimeUnit
 
-__all__ = ['TimeSpec', 'elapsed', 'parse_time', 'reached', 'to_trainer_time']
+__all__ = ['TimeSpec', 'elapsed', 'parse_time', 'reached', 'time_or_fraction', 'to_trainer_time']
 
 #: A point in training: a Composer time string (``'100ba'``, ``'2ep'``, ``'0.1dur'``), a ``Time``, or a
 #: fraction of training in ``[0, 1]``.
@@ -33,6 +33,34 @@ def parse_time(value: TimeSpec, argument: str) -> Time:
     if time.unit == TimeUnit.DURATION and not 0.0 <= time.value <= 1.0:
         raise ValueError(f'{argument}={value!r}: a duration fraction must lie in [0, 1].')
     return time
+
+
+def time_or_fraction(text: Optional[str]) -> Union[str, float, None]:
+    """A point in training as a YAML file or a command line writes it, in the form :func:`parse_time` takes.
+
+    Text that reads as a number (``'0.5'``) is a fraction of training; any other text is a Composer time string,
+    left for :func:`parse_time` to check.
+
+    Args:
+        text (str, optional): ``'0.5'``, ``'100ba'``, ``'2ep'``, ...
+
+    Returns:
+        str | float | None: The fraction as a float, the time string as it is, or ``None`` for ``None``.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.window import parse_time, time_or_fraction
+
+            assert time_or_fraction('0.5') == 0.5 and time_or_fraction('100ba') == '100ba'
+            assert str(parse_time(time_or_fraction('0.25'), 'start')) == '0.25dur'
+    """
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def to_trainer_time(time: Time, state: State) -> Time:

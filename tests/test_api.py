@@ -15,9 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from composer_kd import Distillation, DistillationTask, KLDivergence, MultiTaskClassifier, distill
-from composer_kd.data import digits_multitask, load_digits_splits
-from composer_kd.recipes.report import format_summary
-from composer_kd.recipes.run import distillation_ratio
+from composer_kd.recipes.data import digits_multitask, load_digits_splits
+from composer_kd.reporting import distillation_ratio, format_summary
 
 SEED = 5
 
@@ -201,7 +200,7 @@ def test_composer_model_and_data_spec_forms(digits, teacher):
 def test_a_hugging_face_student_and_teacher(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification
 
-    from composer_kd.data import synthetic_text_classification
+    from composer_kd.recipes.data import synthetic_text_classification
 
     def bert(width: int, seed: int) -> BertForSequenceClassification:
         torch.manual_seed(seed)

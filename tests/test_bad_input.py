@@ -4,6 +4,7 @@ nothing the user gave (a checkpoint file, a teacher, a student) is changed."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 
 import pytest
 import torch
@@ -154,6 +155,8 @@ def test_a_misspelled_argument_gets_the_nearest_one():
         Distillation(nn.Linear(N_IN, N_CLASSES), temprature=2.0)
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'zzz'$"):
         Distillation(nn.Linear(N_IN, N_CLASSES), zzz=2.0)
+    # Introspection still shows the constructor's own parameters.
+    assert list(inspect.signature(Distillation).parameters)[:3] == ['teachers', 'kd_loss_fn', 'org_loss_weight']
 
 
 def test_a_loss_name_is_accepted_and_an_unknown_one_lists_the_known():

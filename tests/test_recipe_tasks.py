@@ -11,9 +11,9 @@ from composer import Trainer
 
 from composer_kd import Distillation, MultiTaskClassifier
 from composer_kd.cli import main
-from composer_kd.data import IGNORE_INDEX
+from composer_kd.losses import IGNORE_INDEX
 from composer_kd.recipes import RecipeError, build_run, load_recipe
-from composer_kd.recipes.run import distillation_ratio
+from composer_kd.reporting import distillation_ratio
 
 RECIPE = str(Path(__file__).resolve().parents[1] / 'examples' / 'digits_multitask.yaml')
 TINY = [

@@ -12,7 +12,7 @@ from composer.core import Time, TimeUnit
 from composer.loggers import InMemoryLogger
 
 from composer_kd import Distillation
-from composer_kd.data import IGNORE_INDEX, MixedBatchSampler, load_digits_splits, synthetic_text_classification
+from composer_kd.losses import IGNORE_INDEX, cross_entropy_with_hidden_labels
 from composer_kd.recipes import (
     RecipeError,
     build_run,
@@ -22,7 +22,7 @@ from composer_kd.recipes import (
     distillation_ratio,
     load_recipe,
 )
-from composer_kd.recipes.models import cross_entropy_with_hidden_labels
+from composer_kd.recipes.data import MixedBatchSampler, load_digits_splits, synthetic_text_classification
 
 # A digits run that takes a second: a few batches for the teacher and the students.
 TINY = ['progress_bar=false', 'max_duration=4ba', 'teachers.0.train.max_duration=4ba', 'eval_interval=2ba']

@@ -135,8 +135,8 @@ def test_measuring_the_options_leaves_the_teacher_alone_and_reports_each():
     assert teacher[0].weight.is_contiguous()  # not left channels-last
 
 
-def test_default_candidates_offer_channels_last_only_to_convolutional_teachers():
-    from composer_kd.speed import _default_candidates
+def testdefault_candidates_offer_channels_last_only_to_convolutional_teachers():
+    from composer_kd.speed import default_candidates
 
-    assert set(_default_candidates(cnn(0))) == {'bf16', 'channels_last', 'compile'}
-    assert set(_default_candidates(nn.Linear(4, 2))) == {'bf16', 'compile'}
+    assert set(default_candidates(cnn(0))) == {'bf16', 'channels_last', 'compile'}
+    assert set(default_candidates(nn.Linear(4, 2))) == {'bf16', 'compile'}

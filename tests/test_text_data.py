@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from composer_kd.text_data import (
+from composer_kd.recipes.text_data import (
     LabelledTexts,
     article_text,
     bbc_news_dir,

@@ -244,7 +244,8 @@ def prune_model(
     return pruned
 
 
-def _remove_pruning(model: nn.Module) -> nn.Module:
+def remove_pruning_in_place(model: nn.Module) -> nn.Module:
+    """Bake every pruning mask of ``model`` into its weights (``prune.remove``), in place, and return it."""
     for module in model.modules():
         for hook in list(module._forward_pre_hooks.values()):
             if isinstance(hook, prune.BasePruningMethod):
@@ -275,7 +276,7 @@ def make_pruning_permanent(model: nn.Module) -> nn.Module:
             assert set(exported.state_dict()) == set(mlp.state_dict())
             assert int((exported[0].weight == 0).sum()) == 16
     """
-    return _remove_pruning(copy_model(model))
+    return remove_pruning_in_place(copy_model(model))
 
 
 def pruning_masks(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from torch.ao.quantization import FakeQuantizeBase, get_default_qat_qconfig_mapp
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 from torch.fx import GraphModule
 
-from composer_kd.compression.pruning import _remove_pruning, copy_model
+from composer_kd.compression.pruning import copy_model, remove_pruning_in_place
 from composer_kd.window import TimeSpec, parse_time, reached, to_trainer_time
 
 __all__ = [
@@ -282,7 +282,7 @@ def convert_to_int8(model: nn.Module) -> nn.Module:
             'the QuantizationAwareTraining algorithm first.'
         )
     converted = copy_model(model).cpu().eval()
-    network = _remove_pruning(_network(converted))
+    network = remove_pruning_in_place(_network(converted))
     with quantized_engine(backend), warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='Please use quant_min and quant_max', category=UserWarning)
         int8 = convert_fx(network)

@@ -9,7 +9,7 @@ from typing import Optional
 from composer.utils import dist
 from torch.utils.data import DataLoader, Dataset
 
-from composer_kd.data import (
+from composer_kd.recipes.data import (
     DIGITS_CLASSES,
     DIGITS_SHAPE,
     DIGITS_TASKS,
@@ -51,7 +51,7 @@ class DataBundle:
         eval_batch_size (int): Evaluation batch size.
         seed (int): Seeds the training order.
         labelled_per_batch (int, optional): When set, each training batch holds this many labelled examples and
-            the rest unlabelled (see :class:`~composer_kd.data.MixedBatchSampler`).
+            the rest unlabelled (see :class:`~composer_kd.recipes.data.MixedBatchSampler`).
         default_eval_splits (tuple[str, ...]): Evaluated when the recipe does not say.
     """
 

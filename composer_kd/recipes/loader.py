@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import os
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from typing import Any, Union
 
@@ -19,7 +19,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from composer_kd.recipes.schema import DataSpec, Recipe
 
-__all__ = ['RecipeError', 'builtin_recipes', 'load_recipe', 'read_recipe_config', 'resolve_recipe_source']
+__all__ = [
+    'Problems',
+    'RecipeError',
+    'builtin_recipes',
+    'load_recipe',
+    'nearest',
+    'read_recipe_config',
+    'resolve_recipe_source',
+    'teacher_data_spec',
+]
 
 # Lists whose entries may be written as a bare class name instead of {name: ..., kwargs: ...}.
 _NAMED_COMPONENT_LISTS = ('algorithms', 'loggers')
@@ -39,6 +48,45 @@ class RecipeError(ValueError):
         count = f'{len(self.problems)} problem' + ('s' if len(self.problems) != 1 else '')
         lines = '\n'.join(f'  - {p}' for p in self.problems)
         super().__init__(f'Recipe {source} cannot run ({count}; nothing was trained):\n{lines}')
+
+
+class Problems(list):
+    """The problems found in a recipe so far, each a line ``'<dotted key>: <what is wrong>'``.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.recipes.loader import Problems
+
+            problems = Problems()
+            problems.add('optimizer.lr', 'expected a learning rate > 0, got 0.0')
+            assert problems == ['optimizer.lr: expected a learning rate > 0, got 0.0']
+    """
+
+    def add(self, key: str, message: str) -> None:
+        """Note a problem of the recipe key ``key``."""
+        self.append(f'{key}: {message}')
+
+
+def nearest(name: str, known: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the known name closest to ``name``, or ``''`` when none is close.
+
+    Args:
+        name (str): A name that is not known.
+        known (Iterable[str]): The names that are.
+
+    Returns:
+        str: The hint, to append to a problem.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.recipes.loader import nearest
+
+            assert nearest('digitz', ['digits', 'glue']) == "; did you mean 'digits'?"
+    """
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ''
 
 
 def builtin_recipes() -> dict[str, str]:
@@ -252,3 +300,37 @@ def load_recipe(source: Union[str, os.PathLike], overrides: Sequence[str] = ()) 
         raise RecipeError(label, [f'{key}: {str(e).splitlines()[0]}']) from e
     assert isinstance(recipe, Recipe)
     return recipe
+
+
+def teacher_data_spec(data: DataSpec, overrides: dict[str, Any]) -> DataSpec:
+    """The recipe's ``data`` section with a teacher's ``train.data`` overrides applied.
+
+    Args:
+        data (DataSpec): The recipe's ``data`` section.
+        overrides (dict[str, Any]): A teacher's ``train.data``: keys of ``data`` and their values for the
+            teacher's training.
+
+    Returns:
+        DataSpec: A new section; ``data`` itself when there is no override.
+
+    Raises:
+        ValueError: If an override has the wrong type (the message names the key).
+
+    Example:
+        .. testcode::
+
+            from composer_kd.recipes.loader import teacher_data_spec
+            from composer_kd.recipes.schema import DataSpec
+
+            spec = teacher_data_spec(DataSpec(name='digits'), {'digits': {'per_class': 5}})
+            assert spec.digits.per_class == 5
+    """
+    if not overrides:
+        return data
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(data), overrides)
+        spec = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise ValueError(f'{getattr(e, "full_key", "")}: {str(e).splitlines()[0]}') from e
+    assert isinstance(spec, DataSpec)
+    return spec

@@ -11,15 +11,18 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from composer.models import ComposerClassifier, ComposerModel, HuggingFaceModel
+from composer.models import ComposerModel
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
-from composer_kd.data import IGNORE_INDEX, cross_entropy_with_hidden_labels
+from composer_kd.adapters import classifier, hugging_face_classifier
+from composer_kd.losses import cross_entropy_with_hidden_labels
 from composer_kd.multitask import MultiTaskClassifier
 from composer_kd.recipes.schema import ModelSpec
+from composer_kd.reporting import count_parameters
 from composer_kd.teachers import load_teacher_checkpoint
 
+# classifier, hugging_face_classifier (composer_kd.adapters), count_parameters (composer_kd.reporting) and
+# cross_entropy_with_hidden_labels (composer_kd.losses) are importable from here as before.
 __all__ = [
     'MODEL_KINDS',
     'TaskInfo',
@@ -65,11 +68,6 @@ class TaskInfo:
     input_shape: tuple[int, ...]
     vocab_size: Optional[int] = None
     tasks: dict[str, int] = field(default_factory=dict)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """The number of parameters in ``model``."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def has_uri_scheme(path: str) -> bool:
@@ -149,27 +147,6 @@ def _multitask(spec: ModelSpec, task: TaskInfo) -> MultiTaskClassifier:
         width = h
     tasks = list(spec.tasks) or list(task.tasks)
     return MultiTaskClassifier(nn.Sequential(*layers), {t: nn.Linear(width, task.tasks[t]) for t in tasks})
-
-
-def classifier(module: nn.Module, num_classes: int) -> ComposerClassifier:
-    """``module`` as a ``ComposerClassifier`` whose loss and accuracy skip hidden labels (``IGNORE_INDEX``)."""
-
-    def accuracy() -> MulticlassAccuracy:
-        return MulticlassAccuracy(num_classes=num_classes, average='micro', ignore_index=IGNORE_INDEX)
-
-    return ComposerClassifier(
-        module,
-        num_classes=num_classes,
-        train_metrics=accuracy(),
-        val_metrics=accuracy(),
-        loss_fn=cross_entropy_with_hidden_labels,
-    )
-
-
-def hugging_face_classifier(model: nn.Module, num_classes: int) -> HuggingFaceModel:
-    """A Hugging Face sequence classifier as a ``HuggingFaceModel`` with its logits and accuracy."""
-    metric = MulticlassAccuracy(num_classes=num_classes, average='micro', ignore_index=IGNORE_INDEX)
-    return HuggingFaceModel(model, use_logits=True, metrics=[metric])
 
 
 def build_model(spec: ModelSpec, task: TaskInfo) -> ComposerModel:

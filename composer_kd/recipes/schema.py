@@ -105,10 +105,10 @@ class TeacherSpec(ModelSpec):
 
 @dataclass
 class DigitsSpec:
-    """scikit-learn's bundled 8x8 handwritten digits (see :func:`composer_kd.data.load_digits_splits`).
+    """scikit-learn's bundled 8x8 handwritten digits (see :func:`composer_kd.recipes.data.load_digits_splits`).
 
     ``tasks`` makes the data multi-task: each image is labelled for every task named, among ``digit`` (its
-    class), ``parity`` and ``at_least_5`` (see :data:`composer_kd.data.DIGITS_TASKS`).
+    class), ``parity`` and ``at_least_5`` (see :data:`composer_kd.recipes.data.DIGITS_TASKS`).
     """
 
     val_fraction: float = 0.2
@@ -123,7 +123,7 @@ class DigitsSpec:
 
 @dataclass
 class SyntheticTextSpec:
-    """Generated token sequences to classify (see :func:`composer_kd.data.synthetic_text_classification`)."""
+    """Generated token sequences to classify (see :func:`composer_kd.recipes.data.synthetic_text_classification`)."""
 
     n_train: int = 2000
     n_val: int = 500

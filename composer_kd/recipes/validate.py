@@ -7,33 +7,44 @@ thing. Nothing here downloads or trains.
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
-from collections.abc import Iterable
 from typing import Optional
 
-from composer_kd.data import DIGITS_TASKS, GLUE_TASKS, glue_files
-from composer_kd.losses import LOSSES
+import torch
+
+from composer_kd.compression import QAT_BACKENDS
+from composer_kd.features import FEATURE_LOSSES
+from composer_kd.losses import LOSS_ALIASES, LOSSES, canonical_loss_name
+from composer_kd.recipes.data import GLUE_TASKS, glue_files
 from composer_kd.recipes.datasets import DATASETS
-from composer_kd.recipes.models import (
-    IMAGE_KINDS,
-    MODEL_KINDS,
-    MULTITASK_KINDS,
-    TEXT_KINDS,
-    find_pretrained,
-    has_uri_scheme,
-)
+from composer_kd.recipes.loader import Problems, nearest, teacher_data_spec
+from composer_kd.recipes.models import IMAGE_KINDS, MODEL_KINDS, TEXT_KINDS, find_pretrained, has_uri_scheme
 from composer_kd.recipes.schema import (
     ComponentSpec,
     DataSpec,
     ModelSpec,
     OptimizerSpec,
     Recipe,
-    TaskSpec,
     TeacherSpec,
 )
+from composer_kd.recipes.tasks import check_tasks, data_tasks, model_tasks, task_teachers
+from composer_kd.schedules import SCHEDULES
+from composer_kd.training import (
+    COMPOSER_MODULES,
+    DEVICES,
+    PRECISIONS,
+    composer_algorithm,
+    composer_class,
+    composer_classes,
+    composer_logger,
+    composer_scheduler,
+    optimizer_class,
+    optimizer_names,
+)
+from composer_kd.window import parse_time, time_or_fraction
 
+# Besides check_recipe, lookups that now live in composer_kd.training and composer_kd.recipes.tasks, importable
+# from here as before.
 __all__ = [
     'check_recipe',
     'composer_algorithm',
@@ -45,116 +56,34 @@ __all__ = [
     'task_teachers',
 ]
 
-_LOSS_ALIASES = ('mean_square_error', 'cosine_distance', 'kl_divergence')
-_SCHEDULE_KINDS = ('constant', 'linear', 'cosine')
 _SCHEDULED = ('temperature', 'org_loss_weight', 'kd_loss_weight')
-_PRECISIONS = ('fp32', 'amp_fp16', 'amp_bf16', 'amp_fp8')
-_DEVICES = ('cpu', 'gpu', 'mps')
-_FEATURE_LOSSES = ('mse', 'cosine', 'attention_map', 'attention_probs')
 # Algorithms that rewrite class-index targets, which hidden labels (-100) would break.
 _LABEL_MIXING = ('LabelSmoothing', 'MixUp', 'CutMix')
-_TIME = re.compile(r'^\s*(\d+(\.\d*)?|\.\d+)\s*(ep|ba|sp|tok|dur)\s*$')
-_TASK_NAME = re.compile(r'[A-Za-z0-9_-]+')
 
 
-def data_tasks(recipe: Recipe) -> list[str]:
-    """The tasks of the recipe's data (``data.digits.tasks``); empty for single-task data."""
-    return list(recipe.data.digits.tasks) if recipe.data.name == 'digits' else []
-
-
-def model_tasks(spec: ModelSpec, recipe: Recipe) -> list[str]:
-    """The heads a model of the recipe has on multi-task data: its ``tasks``, else every task of the data."""
-    return list(spec.tasks) or data_tasks(recipe)
-
-
-def task_teachers(recipe: Recipe, task: TaskSpec) -> list[int]:
-    """The indices of a task's teachers: those it names, else every teacher with the head it reads."""
-    if task.teachers:
-        return list(task.teachers)
-    head = task.teacher_logits_key or task.student_logits_key or task.name
-    return [i for i, spec in enumerate(recipe.teachers) if head in model_tasks(spec, recipe)]
-
-
-def _nearest(name: str, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else ''
-
-
-def _public_classes(module, suffix: str = '') -> list[str]:
-    return sorted(n for n in getattr(module, '__all__', dir(module)) if n[:1].isupper() and n.endswith(suffix))
-
-
-def composer_algorithm(name: str):
-    """The class ``composer.algorithms.<name>``, or ``None``."""
-    import composer.algorithms
-
-    return getattr(composer.algorithms, name, None) if name in _public_classes(composer.algorithms) else None
-
-
-def composer_logger(name: str):
-    """The logger destination class ``composer.loggers.<name>``, or ``None``."""
-    import composer.loggers
-
-    return getattr(composer.loggers, name, None) if name in _public_classes(composer.loggers) else None
-
-
-def composer_scheduler(name: str):
-    """The scheduler class ``composer.optim.<name>``, or ``None``."""
-    import composer.optim
-
-    return getattr(composer.optim, name, None) if name in _public_classes(composer.optim, 'Scheduler') else None
-
-
-def optimizer_class(name: str):
-    """The optimizer class ``composer.optim.<name>`` or ``torch.optim.<name>``, or ``None``."""
-    import composer.optim
-    import torch.optim
-
-    for module in (composer.optim, torch.optim):
-        candidate = getattr(module, name, None)
-        if isinstance(candidate, type) and issubclass(candidate, torch.optim.Optimizer):
-            return candidate
-    return None
-
-
-def _optimizer_names() -> list[str]:
-    import composer.optim
-    import torch.optim
-
-    names = {n for n in dir(torch.optim) if optimizer_class(n) is not None and n != 'Optimizer'}
-    return sorted(names | {n for n in dir(composer.optim) if optimizer_class(n) is not None})
-
-
-class _Problems(list):
-    def add(self, key: str, message: str) -> None:
-        self.append(f'{key}: {message}')
-
-
-def _check_time(value: Optional[str], key: str, problems: _Problems, allow_fraction: bool = False) -> None:
+def _check_time(value: Optional[str], key: str, problems: Problems, allow_fraction: bool = False) -> None:
+    """A time as ``Distillation`` and the other algorithms read it (:func:`~composer_kd.window.parse_time`)."""
     if value is None:
         return
-    if allow_fraction:
-        try:
-            fraction = float(value)
-        except ValueError:
-            pass
+    point = time_or_fraction(value) if allow_fraction else value
+    try:
+        parse_time(point, key)
+    except (TypeError, ValueError):
+        if isinstance(point, float):
+            problems.add(key, f'expected a fraction of training in [0, 1] or a time string, got {value!r}')
         else:
-            if not 0.0 <= fraction <= 1.0:
-                problems.add(key, f'expected a fraction of training in [0, 1] or a time string, got {value!r}')
-            return
-    if not _TIME.match(str(value)):
-        problems.add(
-            key,
-            f"expected a Composer time string such as '10ep', '500ba', '2048sp' or '0.5dur', got {value!r}",
-        )
+            problems.add(
+                key,
+                f"expected a Composer time string such as '10ep', '500ba', '2048sp' or '0.5dur', got {value!r}",
+            )
 
 
-def _check_file(path: Optional[str], key: str, problems: _Problems, what: str) -> None:
+def _check_file(path: Optional[str], key: str, problems: Problems, what: str) -> None:
     if path and not has_uri_scheme(path) and not os.path.isfile(os.path.expanduser(path)):
         problems.add(key, f'{what} not found: no file at {os.path.abspath(os.path.expanduser(path))}')
 
 
-def _check_pretrained(name: Optional[str], key: str, problems: _Problems, what: str = 'Hugging Face model') -> None:
+def _check_pretrained(name: Optional[str], key: str, problems: Problems, what: str = 'Hugging Face model') -> None:
     if not name:
         problems.add(key, f'required: a local directory or a Hub id in the local cache holding the {what}')
         return
@@ -168,11 +97,11 @@ def _check_pretrained(name: Optional[str], key: str, problems: _Problems, what: 
         )
 
 
-def _check_model(spec: ModelSpec, key: str, modality: Optional[str], problems: _Problems) -> None:
+def _check_model(spec: ModelSpec, key: str, modality: Optional[str], problems: Problems) -> None:
     if spec.kind not in MODEL_KINDS:
         problems.add(
             f'{key}.kind',
-            f'unknown model kind {spec.kind!r}{_nearest(spec.kind, MODEL_KINDS)} (known: {", ".join(MODEL_KINDS)})',
+            f'unknown model kind {spec.kind!r}{nearest(spec.kind, MODEL_KINDS)} (known: {", ".join(MODEL_KINDS)})',
         )
         return
     if modality == 'image' and spec.kind in TEXT_KINDS or modality == 'text' and spec.kind in IMAGE_KINDS:
@@ -184,7 +113,7 @@ def _check_model(spec: ModelSpec, key: str, modality: Optional[str], problems: _
         if spec.name not in known:
             problems.add(
                 f'{key}.name',
-                f'unknown torchvision model {spec.name!r}{_nearest(str(spec.name), known)} '
+                f'unknown torchvision model {spec.name!r}{nearest(str(spec.name), known)} '
                 '(expected a constructor of torchvision.models, e.g. resnet18)',
             )
         if 'weights' in spec.kwargs:
@@ -196,7 +125,7 @@ def _check_model(spec: ModelSpec, key: str, modality: Optional[str], problems: _
         if spec.name not in known:
             problems.add(
                 f'{key}.name',
-                f'unknown Hugging Face model type {spec.name!r}{_nearest(str(spec.name), known)} '
+                f'unknown Hugging Face model type {spec.name!r}{nearest(str(spec.name), known)} '
                 '(expected a model type such as bert, distilbert, roberta)',
             )
     elif spec.kind == 'huggingface':
@@ -210,12 +139,12 @@ def _check_model(spec: ModelSpec, key: str, modality: Optional[str], problems: _
     _check_file(spec.checkpoint, f'{key}.checkpoint', problems, 'checkpoint')
 
 
-def _check_optimizer(spec: OptimizerSpec, key: str, problems: _Problems) -> None:
+def _check_optimizer(spec: OptimizerSpec, key: str, problems: Problems) -> None:
     if optimizer_class(spec.name) is None:
-        names = _optimizer_names()
+        names = optimizer_names()
         problems.add(
             f'{key}.name',
-            f'unknown optimizer {spec.name!r}{_nearest(spec.name, names)} (known, from composer.optim and '
+            f'unknown optimizer {spec.name!r}{nearest(spec.name, names)} (known, from composer.optim and '
             f'torch.optim: {", ".join(names)})',
         )
     if not spec.lr > 0:
@@ -224,32 +153,22 @@ def _check_optimizer(spec: OptimizerSpec, key: str, problems: _Problems) -> None
         problems.add(f'{key}.weight_decay', f'expected a number >= 0, got {spec.weight_decay}')
 
 
-def _check_component(spec: Optional[ComponentSpec], key: str, problems: _Problems, kind: str) -> None:
-    if spec is None:
+def _check_component(spec: Optional[ComponentSpec], key: str, problems: Problems, kind: str) -> None:
+    if spec is None or composer_class(kind, spec.name) is not None:
         return
-    import composer.algorithms
-    import composer.loggers
-    import composer.optim
-
-    lookup, module, suffix = {
-        'algorithm': (composer_algorithm, composer.algorithms, ''),
-        'logger': (composer_logger, composer.loggers, ''),
-        'scheduler': (composer_scheduler, composer.optim, 'Scheduler'),
-    }[kind]
-    if lookup(spec.name) is None:
-        known = _public_classes(module, suffix)
-        problems.add(
-            f'{key}.name',
-            f'unknown {kind} {spec.name!r}{_nearest(spec.name, known)} (expected a class of '
-            f'{module.__name__}: {", ".join(known)})',
-        )
+    known = composer_classes(kind)
+    problems.add(
+        f'{key}.name',
+        f'unknown {kind} {spec.name!r}{nearest(spec.name, known)} (expected a class of '
+        f'{COMPOSER_MODULES[kind]}: {", ".join(known)})',
+    )
 
 
-def _check_data(spec: DataSpec, key: str, problems: _Problems, student: ModelSpec) -> None:
+def _check_data(spec: DataSpec, key: str, problems: Problems, student: ModelSpec) -> None:
     if spec.name not in DATASETS:
         problems.add(
             f'{key}.name',
-            f'unknown dataset {spec.name!r}{_nearest(spec.name, DATASETS)} (known: {", ".join(DATASETS)})',
+            f'unknown dataset {spec.name!r}{nearest(spec.name, DATASETS)} (known: {", ".join(DATASETS)})',
         )
         return
     for name in ('batch_size', 'eval_batch_size'):
@@ -277,7 +196,7 @@ def _check_data(spec: DataSpec, key: str, problems: _Problems, student: ModelSpe
         if g.task not in GLUE_TASKS:
             problems.add(
                 f'{key}.glue.task',
-                f'unknown GLUE task {g.task!r}{_nearest(g.task, GLUE_TASKS)} (known: {", ".join(GLUE_TASKS)})',
+                f'unknown GLUE task {g.task!r}{nearest(g.task, GLUE_TASKS)} (known: {", ".join(GLUE_TASKS)})',
             )
         elif not g.folder:
             problems.add(f'{key}.glue.folder', f'required: the folder holding the GLUE {g.task} TSV files')
@@ -296,7 +215,7 @@ def _check_data(spec: DataSpec, key: str, problems: _Problems, student: ModelSpe
             problems.add(f'{key}.glue.tokenizer', 'required unless the student is a huggingface model (whose is used)')
 
 
-def _check_teacher(spec: TeacherSpec, key: str, recipe: Recipe, modality: Optional[str], problems: _Problems) -> None:
+def _check_teacher(spec: TeacherSpec, key: str, recipe: Recipe, modality: Optional[str], problems: Problems) -> None:
     _check_model(spec, key, modality, problems)
     if spec.train is None:
         return
@@ -305,19 +224,17 @@ def _check_teacher(spec: TeacherSpec, key: str, recipe: Recipe, modality: Option
         _check_optimizer(spec.train.optimizer, f'{key}.train.optimizer', problems)
     _check_component(spec.train.scheduler, f'{key}.train.scheduler', problems, 'scheduler')
     if spec.train.data:
-        from composer_kd.recipes.build import teacher_data_spec
-
         try:
             teacher_data_spec(recipe.data, spec.train.data)
         except ValueError as e:
             problems.add(f'{key}.train.data', str(e))
 
 
-def _check_distillation(recipe: Recipe, problems: _Problems) -> None:
+def _check_distillation(recipe: Recipe, problems: Problems) -> None:
     d, key = recipe.distillation, 'distillation'
-    known = sorted({*LOSSES, *_LOSS_ALIASES})
-    if d.loss not in known:
-        problems.add(f'{key}.loss', f'unknown loss {d.loss!r}{_nearest(d.loss, known)} (known: {", ".join(known)})')
+    known = sorted({*LOSSES, *LOSS_ALIASES})
+    if canonical_loss_name(d.loss) is None:
+        problems.add(f'{key}.loss', f'unknown loss {d.loss!r}{nearest(d.loss, known)} (known: {", ".join(known)})')
     if not d.temperature > 0:
         problems.add(f'{key}.temperature', f'expected a number > 0, got {d.temperature}')
     for name in ('org_loss_weight', 'kd_loss_weight'):
@@ -335,22 +252,22 @@ def _check_distillation(recipe: Recipe, problems: _Problems) -> None:
         if name not in _SCHEDULED:
             problems.add(
                 f'{key}.schedules.{name}',
-                f'cannot schedule {name!r}{_nearest(name, _SCHEDULED)} (schedulable: {", ".join(_SCHEDULED)})',
+                f'cannot schedule {name!r}{nearest(name, _SCHEDULED)} (schedulable: {", ".join(_SCHEDULED)})',
             )
-        if schedule.kind not in _SCHEDULE_KINDS:
+        if schedule.kind not in SCHEDULES:
             problems.add(
                 f'{key}.schedules.{name}.kind',
-                f'unknown schedule {schedule.kind!r}{_nearest(schedule.kind, _SCHEDULE_KINDS)} '
-                f'(known: {", ".join(_SCHEDULE_KINDS)})',
+                f'unknown schedule {schedule.kind!r}{nearest(schedule.kind, SCHEDULES)} '
+                f'(known: {", ".join(SCHEDULES)})',
             )
         _check_time(schedule.start, f'{key}.schedules.{name}.start', problems, allow_fraction=True)
         _check_time(schedule.end, f'{key}.schedules.{name}.end', problems, allow_fraction=True)
     for i, pair in enumerate(d.feature_pairs):
-        if pair.loss not in _FEATURE_LOSSES:
+        if pair.loss not in FEATURE_LOSSES:
             problems.add(
                 f'{key}.feature_pairs.{i}.loss',
-                f'unknown feature loss {pair.loss!r}{_nearest(pair.loss, _FEATURE_LOSSES)} '
-                f'(known: {", ".join(_FEATURE_LOSSES)})',
+                f'unknown feature loss {pair.loss!r}{nearest(pair.loss, FEATURE_LOSSES)} '
+                f'(known: {", ".join(FEATURE_LOSSES)})',
             )
         if not 0 <= pair.teacher_index < n_teachers:
             problems.add(
@@ -358,18 +275,14 @@ def _check_distillation(recipe: Recipe, problems: _Problems) -> None:
             )
 
 
-def _check_compression(recipe: Recipe, problems: _Problems) -> None:
-    import torch
-
-    from composer_kd.compression import QAT_BACKENDS
-
+def _check_compression(recipe: Recipe, problems: Problems) -> None:
     qat, pruning, key = recipe.compression.qat, recipe.compression.pruning, 'compression'
     if qat is not None:
         engines = [e for e in torch.backends.quantized.supported_engines if e != 'none']
         if qat.backend not in QAT_BACKENDS:
             problems.add(
                 f'{key}.qat.backend',
-                f'unknown quantization backend {qat.backend!r}{_nearest(qat.backend, QAT_BACKENDS)} '
+                f'unknown quantization backend {qat.backend!r}{nearest(qat.backend, QAT_BACKENDS)} '
                 f'(known: {", ".join(QAT_BACKENDS)})',
             )
         elif qat.backend not in engines:
@@ -393,118 +306,9 @@ def _check_compression(recipe: Recipe, problems: _Problems) -> None:
         _check_time(pruning.start, f'{key}.pruning.start', problems, allow_fraction=True)
         _check_time(pruning.end, f'{key}.pruning.end', problems, allow_fraction=True)
         if pruning.end is not None and not any(p.startswith(f'{key}.pruning.') for p in problems):
-            from composer_kd.window import parse_time
-
-            start, end = (parse_time(_time_or_fraction(t), t) for t in (pruning.start, pruning.end))
+            start, end = (parse_time(time_or_fraction(t), t) for t in (pruning.start, pruning.end))
             if start.unit == end.unit and end.value <= start.value:
                 problems.add(f'{key}.pruning.end', f'{pruning.end!r} must come after start {pruning.start!r}')
-
-
-def _time_or_fraction(value: str):
-    try:
-        return float(value)
-    except ValueError:
-        return value
-
-
-def _check_model_heads(recipe: Recipe, problems: _Problems) -> None:
-    tasks = data_tasks(recipe)
-    if recipe.data.name == 'digits':
-        for i, name in enumerate(tasks):
-            if name not in DIGITS_TASKS:
-                problems.add(
-                    f'data.digits.tasks.{i}',
-                    f'unknown task {name!r}{_nearest(name, DIGITS_TASKS)} (known: {", ".join(DIGITS_TASKS)})',
-                )
-            elif name in tasks[:i]:
-                problems.add(f'data.digits.tasks.{i}', f'task {name!r} is listed twice')
-    models = [('student', recipe.student), *((f'teachers.{i}', t) for i, t in enumerate(recipe.teachers))]
-    for key, spec in models:
-        if spec.tasks and not tasks:
-            problems.add(f'{key}.tasks', 'needs multi-task data: name the tasks in data.digits.tasks')
-            continue
-        for j, name in enumerate(spec.tasks):
-            if name not in tasks:
-                problems.add(
-                    f'{key}.tasks.{j}',
-                    f'{name!r} is not a task of the data{_nearest(name, tasks)} '
-                    f'(data.digits.tasks: {", ".join(tasks)})',
-                )
-        if tasks and spec.kind in MODEL_KINDS and spec.kind not in MULTITASK_KINDS:
-            problems.add(
-                f'{key}.kind',
-                f'multi-task data needs a model of kind {" or ".join(MULTITASK_KINDS)} (one head per task), '
-                f'got {spec.kind!r}',
-            )
-
-
-def _check_task(recipe: Recipe, i: int, task: TaskSpec, student_heads: list[str], problems: _Problems) -> None:
-    key = f'distillation.tasks.{i}'
-    if not _TASK_NAME.fullmatch(task.name):
-        problems.add(f'{key}.name', f'expected letters, digits, _ and - only, got {task.name!r}')
-    earlier = [t.name for t in recipe.distillation.tasks[:i]]
-    if task.name in earlier:
-        problems.add(
-            f'{key}.name', f'task {task.name!r} is already distilled by distillation.tasks.{earlier.index(task.name)}'
-        )
-    student_head = task.student_logits_key or task.name
-    if student_head not in student_heads:
-        problems.add(
-            f'{key}.{"student_logits_key" if task.student_logits_key else "name"}',
-            f'the student has no head {student_head!r}{_nearest(student_head, student_heads)} '
-            f'(its heads: {", ".join(student_heads)})',
-        )
-    known = sorted({*LOSSES, *_LOSS_ALIASES})
-    if task.loss is not None and task.loss not in known:
-        problems.add(
-            f'{key}.loss', f'unknown loss {task.loss!r}{_nearest(task.loss, known)} (known: {", ".join(known)})'
-        )
-    if task.temperature is not None and not task.temperature > 0:
-        problems.add(f'{key}.temperature', f'expected a number > 0, got {task.temperature}')
-    if task.kd_loss_weight is not None and task.kd_loss_weight < 0:
-        problems.add(f'{key}.kd_loss_weight', f'expected a number >= 0, got {task.kd_loss_weight}')
-    teacher_head = task.teacher_logits_key or student_head
-    n_teachers = len(recipe.teachers)
-    for j, index in enumerate(task.teachers):
-        if not 0 <= index < n_teachers:
-            problems.add(f'{key}.teachers.{j}', f'expected a teacher index from 0 to {n_teachers - 1}, got {index}')
-            continue
-        heads = model_tasks(recipe.teachers[index], recipe)
-        if teacher_head not in heads:
-            problems.add(
-                f'{key}.teachers.{j}',
-                f'teacher {index} has no head {teacher_head!r} (its heads: {", ".join(heads)}); give it that task '
-                f'in teachers.{index}.tasks, or read another head with teacher_logits_key',
-            )
-    if not task.teachers and not task_teachers(recipe, task):
-        problems.add(f'{key}.teachers', f"no teacher has a head {teacher_head!r}: name the task's teachers by index")
-
-
-def _check_tasks(recipe: Recipe, problems: _Problems) -> None:
-    """The multi-task form: ``distillation.tasks`` against the data's tasks and the models' heads."""
-    _check_model_heads(recipe, problems)
-    d, tasks = recipe.distillation, data_tasks(recipe)
-    if not d.tasks:
-        if tasks and d.enabled:
-            problems.add(
-                'distillation.tasks',
-                'required with multi-task data (data.digits.tasks): one entry per task to distil, e.g. '
-                '[{name: digit, teachers: [0]}]',
-            )
-        return
-    if not tasks:
-        problems.add('distillation.tasks', 'needs multi-task data: name the tasks in data.digits.tasks')
-        return
-    if d.feature_pairs:
-        problems.add('distillation.feature_pairs', 'cannot be combined with distillation.tasks')
-    if d.n_teachers_to_sample is not None:
-        problems.add('distillation.n_teachers_to_sample', 'cannot be combined with distillation.tasks')
-    for name in ('temperature', 'kd_loss_weight'):
-        if name in d.schedules:
-            problems.add(f'distillation.schedules.{name}', f"with distillation.tasks, set each task's {name}")
-    student_heads = model_tasks(recipe.student, recipe)
-    for i, task in enumerate(d.tasks):
-        _check_task(recipe, i, task, student_heads, problems)
 
 
 def check_recipe(recipe: Recipe) -> list[str]:
@@ -520,7 +324,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
     Returns:
         list[str]: The problems; empty when the recipe can run.
     """
-    problems = _Problems()
+    problems = Problems()
     modality = None
     if recipe.data.name in DATASETS:
         modality = 'text' if recipe.data.name in ('synthetic_text', 'glue') else 'image'
@@ -533,7 +337,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
     _check_distillation(recipe, problems)
     _check_compression(recipe, problems)
 
-    _check_tasks(recipe, problems)
+    check_tasks(recipe, problems)
     _check_optimizer(recipe.optimizer, 'optimizer', problems)
     _check_component(recipe.scheduler, 'scheduler', problems, 'scheduler')
     hidden_labels = recipe.data.name == 'digits' and recipe.data.digits.keep_unlabelled and recipe.data.digits.per_class
@@ -550,17 +354,17 @@ def check_recipe(recipe: Recipe) -> list[str]:
     _check_time(recipe.max_duration, 'max_duration', problems)
     _check_time(recipe.eval_interval, 'eval_interval', problems)
     _check_time(recipe.save_interval, 'save_interval', problems)
-    if recipe.precision is not None and recipe.precision not in _PRECISIONS:
+    if recipe.precision is not None and recipe.precision not in PRECISIONS:
         problems.add(
             'precision',
-            f'unknown precision {recipe.precision!r}{_nearest(recipe.precision, _PRECISIONS)} '
-            f'(known: {", ".join(_PRECISIONS)}, or null for the device default)',
+            f'unknown precision {recipe.precision!r}{nearest(recipe.precision, PRECISIONS)} '
+            f'(known: {", ".join(PRECISIONS)}, or null for the device default)',
         )
-    if recipe.device is not None and recipe.device not in _DEVICES:
+    if recipe.device is not None and recipe.device not in DEVICES:
         problems.add(
             'device',
-            f'unknown device {recipe.device!r}{_nearest(recipe.device, _DEVICES)} '
-            f'(known: {", ".join(_DEVICES)}, or null to pick the accelerator if any)',
+            f'unknown device {recipe.device!r}{nearest(recipe.device, DEVICES)} '
+            f'(known: {", ".join(DEVICES)}, or null to pick the accelerator if any)',
         )
     if recipe.device_train_microbatch_size is not None and recipe.device_train_microbatch_size < 1:
         problems.add(

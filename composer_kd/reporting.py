@@ -1,0 +1,457 @@
+"""What a distillation run reports, and the fit that produces the report: shared by :func:`composer_kd.distill`
+and recipe runs.
+
+:func:`fit_and_report` fits a distilled student's trainer, evaluates the teachers and the student, trains the
+student alone when asked (same start, batches, budget and seed), times both models' inference, and returns a
+:class:`RunSummary`; :func:`format_summary` prints it as plain-text tables, readable in a terminal, a log file or
+a CI transcript alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from composer import Trainer
+from composer.core import Evaluator
+from composer.models import ComposerModel
+from composer.utils import reproducibility
+from torch import nn
+
+from composer_kd.speed import first_examples, measure_speedup
+
+__all__ = [
+    'SPEED_EXAMPLES',
+    'ModelReport',
+    'RunSummary',
+    'TeacherEntry',
+    'count_parameters',
+    'distillation_ratio',
+    'evaluate_model',
+    'fit_and_report',
+    'format_summary',
+    'format_table',
+    'percent',
+]
+
+#: How many examples of the first evaluation batch the inference speed-up is timed on, and how many timings.
+SPEED_EXAMPLES = 64
+_SPEED_REPEATS = 10
+
+
+def distillation_ratio(teacher: float, alone: float, distilled: float) -> Optional[float]:
+    """``(distilled - alone) / (teacher - alone)``: the share of the teacher's lead the distilled student closed.
+
+    1 means the distilled student matches the teacher, 0 that distillation gave nothing, a negative value that
+    it hurt. Undefined (``None``) when the teacher is no better than the student alone.
+
+    Args:
+        teacher (float): The teacher's metric.
+        alone (float): The student trained alone's.
+        distilled (float): The distilled student's.
+
+    Returns:
+        float | None: The ratio, or ``None`` when the teacher does not beat the student alone.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.reporting import distillation_ratio
+
+            assert abs(distillation_ratio(teacher=0.9, alone=0.8, distilled=0.85) - 0.5) < 1e-12
+    """
+    if teacher <= alone:
+        return None
+    return (distilled - alone) / (teacher - alone)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """The number of parameters in ``model``.
+
+    Args:
+        model (nn.Module): Any module.
+
+    Returns:
+        int: The number of elements of all its parameters.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.reporting import count_parameters
+
+            assert count_parameters(torch.nn.Linear(4, 2)) == 10
+    """
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class ModelReport:
+    """One model of a run.
+
+    Attributes:
+        role (str): ``'teacher 0'``, ``'student (distilled)'`` or ``'student alone'``.
+        description (str): What the model is.
+        parameters (int): Its parameter count.
+        metrics (dict[str, dict[str, float]]): ``{split: {metric: value}}`` at the end.
+        train_seconds (float, optional): Wall time of its training in this run; ``None`` if not trained here.
+        checkpoint (str, optional): Its last checkpoint written in this run.
+    """
+
+    role: str
+    description: str
+    parameters: int
+    metrics: dict[str, dict[str, float]]
+    train_seconds: Optional[float] = None
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class RunSummary:
+    """What a run produced.
+
+    Attributes:
+        recipe (str): The recipe's name; ``'distill()'`` for a run of :func:`composer_kd.distill`.
+        models (list[ModelReport]): Teachers, then the student(s).
+        split (str): The split the headline metric comes from.
+        metric (str): The headline metric's name.
+        ratio (float, optional): The distillation ratio on the headline metric, when the student alone was
+            trained too.
+        wall_seconds (float): Wall time of the whole run.
+        ratios (dict[str, float]): The distillation ratio on every metric of the headline split where it is
+            defined (e.g. one per task of a multi-task student), against the best teacher that has the metric.
+        inference (dict[str, float]): Teacher 0's and the student's inference time per example and the
+            ``speedup`` (see :func:`~composer_kd.speed.measure_speedup`); empty when not measured.
+    """
+
+    recipe: str
+    models: list[ModelReport]
+    split: str
+    metric: str
+    ratio: Optional[float] = None
+    wall_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    ratios: dict[str, float] = field(default_factory=dict)
+    inference: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return format_summary(self)
+
+    @property
+    def speedup(self) -> Optional[float]:
+        """How many times faster the student's inference is than teacher 0's, if it was measured."""
+        return self.inference.get('speedup')
+
+    def value(self, role: str, metric: Optional[str] = None) -> Optional[float]:
+        """The headline metric (or ``metric``, on the headline split) of the model with ``role``, if it has one."""
+        for report in self.models:
+            if report.role == role:
+                return report.metrics.get(self.split, {}).get(metric or self.metric)
+        return None
+
+
+@dataclass
+class TeacherEntry:
+    """A teacher as a run reports it.
+
+    Attributes:
+        model (ComposerModel): The teacher, in a form a Composer ``Trainer`` evaluates (its own metrics).
+        description (str): What it is.
+        train_seconds (float, optional): Wall time of its training in this run; ``None`` if not trained here.
+        checkpoint (str, optional): Its last checkpoint written in this run.
+        evaluated (bool): Whether to evaluate it; a teacher that cannot be (it has no metrics) is reported
+            with its size only.
+    """
+
+    model: nn.Module
+    description: str
+    train_seconds: Optional[float] = None
+    checkpoint: Optional[str] = None
+    evaluated: bool = True
+
+
+def _ratios(summary: RunSummary, n_teachers: int) -> dict[str, float]:
+    """The distillation ratio on every headline-split metric of the students, against the best teacher on it."""
+    ratios = {}
+    students = [m for m in summary.models if m.role.startswith('student')]
+    metrics = dict.fromkeys(name for m in students for name in m.metrics.get(summary.split, {}))
+    for metric in metrics:
+        teacher_values = [summary.value(f'teacher {i}', metric) for i in range(n_teachers)]
+        best = max((v for v in teacher_values if v is not None), default=None)
+        alone, distilled = summary.value('student alone', metric), summary.value('student (distilled)', metric)
+        if best is not None and alone is not None and distilled is not None:
+            ratio = distillation_ratio(best, alone, distilled)
+            if ratio is not None:
+                ratios[metric] = ratio
+    return ratios
+
+
+def fit_and_report(
+    name: str,
+    student: ComposerModel,
+    trainer: Trainer,
+    evaluate: Callable[[nn.Module], dict[str, dict[str, float]]],
+    *,
+    seed: int,
+    teachers: Sequence[TeacherEntry] = (),
+    student_description: str = '',
+    distilled: bool = True,
+    student_alone: Optional[Callable[[], tuple[ComposerModel, Trainer]]] = None,
+    student_checkpoint: Callable[[], Optional[str]] = lambda: None,
+    speed_batch: Any = None,
+    started: Optional[float] = None,
+    before_evaluation: Callable[[ComposerModel], None] = lambda student: None,
+    export: Callable[[str, ComposerModel], list[ModelReport]] = lambda role, student: [],
+) -> RunSummary:
+    """Fit the student's trainer, then evaluate every model and report: the core of every run.
+
+    The global random state is reset to ``seed`` right before each student's fit, so the distilled student and
+    the student alone start from the same state whatever ran before (teacher training, evaluation).
+
+    Args:
+        name (str): The run's name in the summary.
+        student (ComposerModel): The student ``trainer`` trains.
+        trainer (Trainer): Its trainer, built and not yet fit; closed at the end.
+        evaluate (Callable): Maps a model to ``{split: {metric: value}}``; the first split is the headline's.
+        seed (int): The seed of every student's fit.
+        teachers (Sequence[TeacherEntry], optional): The teachers to evaluate and report.
+        student_description (str, optional): What the student is.
+        distilled (bool, optional): Whether ``trainer`` distils (the student's role is then
+            ``'student (distilled)'``, else ``'student alone'``). Default: ``True``.
+        student_alone (Callable, optional): Builds the student alone and its trainer, for the comparison;
+            called after the distilled fit. Default: none, no comparison.
+        student_checkpoint (Callable, optional): Gives the student's last checkpoint after its fit.
+        speed_batch (Any, optional): A batch on which teacher 0's and the student's inference are timed.
+            Default: ``None``, not timed.
+        started (float, optional): ``time.perf_counter()`` when the run began. Default: now.
+        before_evaluation (Callable, optional): Called with each trained student before it is evaluated (e.g. to
+            fix a quantization-aware student's ranges). Default: nothing.
+        export (Callable, optional): Called with each student's role and model after its evaluation; the reports
+            it returns (e.g. of an int8 export) follow the student's. Default: none.
+
+    Returns:
+        RunSummary: Every model's parameters, metrics and training time, the ratios and the speed-up.
+    """
+    start = time.perf_counter() if started is None else started
+    reproducibility.seed_all(seed)
+    student_start = time.perf_counter()
+    trainer.fit()
+    student_seconds = time.perf_counter() - student_start
+
+    reports = [
+        ModelReport(
+            role=f'teacher {i}',
+            description=entry.description,
+            parameters=count_parameters(entry.model),
+            metrics=evaluate(entry.model) if entry.evaluated else {},
+            train_seconds=entry.train_seconds,
+            checkpoint=entry.checkpoint,
+        )
+        for i, entry in enumerate(teachers)
+    ]
+    role = 'student (distilled)' if distilled else 'student alone'
+    before_evaluation(student)
+    reports.append(
+        ModelReport(
+            role=role,
+            description=student_description,
+            parameters=count_parameters(student),
+            metrics=evaluate(student),
+            train_seconds=student_seconds,
+            checkpoint=student_checkpoint(),
+        )
+    )
+    reports += export(role, student)
+    if student_alone is not None and distilled:
+        alone, alone_trainer = student_alone()
+        reproducibility.seed_all(seed)
+        alone_start = time.perf_counter()
+        alone_trainer.fit()
+        before_evaluation(alone)
+        reports.append(
+            ModelReport(
+                role='student alone',
+                description=student_description,
+                parameters=count_parameters(alone),
+                metrics=evaluate(alone),
+                train_seconds=time.perf_counter() - alone_start,
+            )
+        )
+        alone_trainer.close()
+        reports += export('student alone', alone)
+    headline = reports[len(teachers)].metrics  # the distilled student's (or, without distillation, the student's)
+    split = next(iter(headline), '')
+    metric = next(iter(headline.get(split, {})), '')
+    summary = RunSummary(name, reports, split, metric)
+    summary.ratios = _ratios(summary, len(teachers))
+    summary.ratio = summary.ratios.get(metric)
+    if speed_batch is not None and teachers:
+        batch = first_examples(speed_batch, SPEED_EXAMPLES)
+        summary.inference = measure_speedup(teachers[0].model, student, batch, repeats=_SPEED_REPEATS, rounds=2)
+    trainer.close()
+    summary.wall_seconds = time.perf_counter() - start
+    return summary
+
+
+def evaluate_model(
+    model: ComposerModel,
+    dataloaders: Mapping[str, Any],
+    *,
+    device: Optional[str] = None,
+    precision: Optional[str] = None,
+    seed: int = 17,
+) -> dict[str, dict[str, float]]:
+    """Evaluate ``model`` on each named loader with a Composer ``Trainer``; ``{split: {metric: value}}``.
+
+    Args:
+        model (ComposerModel): The model; its own validation metrics are computed.
+        dataloaders (Mapping[str, DataLoader | DataSpec]): The evaluation data by split name.
+        device (str, optional): Composer device. Default: the accelerator if any.
+        precision (str, optional): Composer precision. Default: the device's.
+        seed (int, optional): The trainer's seed. Default: ``17``.
+
+    Returns:
+        dict[str, dict[str, float]]: Every metric of every split; ``{}`` when there is no split.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer.models import ComposerClassifier
+            from torch.utils.data import DataLoader, TensorDataset
+            from composer_kd.reporting import evaluate_model
+
+            model = ComposerClassifier(torch.nn.Linear(4, 3), num_classes=3)
+            data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)
+            results = evaluate_model(model, {'val': data}, device='cpu')
+            assert list(results) == ['val'] and 0.0 <= results['val']['MulticlassAccuracy'] <= 1.0
+    """
+    if not dataloaders:
+        return {}
+    trainer = Trainer(
+        model=model,
+        eval_dataloader=[Evaluator(label=split, dataloader=loader) for split, loader in dataloaders.items()],
+        progress_bar=False,
+        log_to_console=False,
+        precision=precision,
+        device=device,
+        seed=seed,
+    )
+    trainer.eval()
+    results = {
+        split: {name: float(metric.compute()) for name, metric in trainer.state.eval_metrics[split].items()}
+        for split in dataloaders
+    }
+    trainer.close()
+    return results
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
+    """Columns aligned with spaces, a rule under the headers; columns listed in ``right`` are right-aligned.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.reporting import format_table
+
+            print(format_table(['model', 'accuracy'], [['teacher', '98.1%']], right=[1]))
+    """
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
+
+    def line(cells: Sequence[str]) -> str:
+        return '  '.join(
+            str(c).rjust(w) if i in right else str(c).ljust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=False))
+        ).rstrip()
+
+    return '\n'.join([line(headers), '  '.join('-' * w for w in widths), *(line(r) for r in rows)])
+
+
+def percent(value: Optional[float], digits: int = 2) -> str:
+    """``0.9812`` as ``'98.12%'``; ``'-'`` for ``None``.
+
+    Args:
+        value (float, optional): A fraction.
+        digits (int, optional): Digits after the decimal point. Default: ``2``.
+
+    Returns:
+        str: The percentage.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.reporting import percent
+
+            assert percent(0.9812) == '98.12%' and percent(None) == '-'
+    """
+    return '-' if value is None else f'{100 * value:.{digits}f}%'
+
+
+def _seconds(value: Optional[float]) -> str:
+    return '-' if value is None else f'{value:.1f} s'
+
+
+def format_summary(summary: RunSummary) -> str:
+    """The end-of-run summary of ``composer-kd train`` and ``distill()``: every model's size, metrics and time.
+
+    Below the table come the distillation ratios, the parameter and inference speed-up ratios, the checkpoints,
+    the run's notes and its wall time.
+
+    Args:
+        summary (RunSummary): What the run produced.
+
+    Returns:
+        str: The summary, several lines.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.reporting import ModelReport, RunSummary, format_summary
+
+            teacher = ModelReport('teacher 0', 'cnn', 1000, {'val': {'accuracy': 0.9}})
+            student = ModelReport('student (distilled)', 'mlp', 100, {'val': {'accuracy': 0.85}})
+            print(format_summary(RunSummary('digits', [teacher, student], 'val', 'accuracy')))
+    """
+    splits = list(dict.fromkeys(split for m in summary.models for split in m.metrics))
+    metrics = list(
+        dict.fromkeys((split, name) for m in summary.models for split in splits for name in m.metrics.get(split, {}))
+    )
+    headers = ['model', 'architecture', 'parameters', *(f'{split} {name}' for split, name in metrics), 'train time']
+    rows = [
+        [
+            m.role,
+            m.description,
+            f'{m.parameters:,}',
+            *(percent(m.metrics.get(split, {}).get(name)) for split, name in metrics),
+            _seconds(m.train_seconds),
+        ]
+        for m in summary.models
+    ]
+    # A recipe's name, or the function that ran (distill()).
+    title = summary.recipe if summary.recipe.endswith('()') else f'recipe {summary.recipe}'
+    lines = [f'Summary of {title}', format_table(headers, rows, right=range(2, len(headers)))]
+    ratios = summary.ratios or ({summary.metric: summary.ratio} if summary.ratio is not None else {})
+    for metric, ratio in ratios.items():
+        lines.append(
+            f'distillation ratio (distilled - alone) / (teacher - alone) on {summary.split} {metric}: {ratio:.2f}'
+        )
+    teachers = [m for m in summary.models if m.role.startswith('teacher')]
+    students = [m for m in summary.models if m.role.startswith('student')]
+    if teachers and students and students[0].parameters:
+        lines.append(
+            f'the student has {teachers[0].parameters / students[0].parameters:.0f}x fewer parameters than teacher 0'
+        )
+    if summary.inference:
+        speed = summary.inference
+        lines.append(
+            f'student inference speed-up over teacher 0: {speed["speedup"]:.1f}x '
+            f'({speed["teacher_us_per_example"]:.2f} vs {speed["student_us_per_example"]:.2f} µs per example)'
+        )
+    for m in summary.models:
+        if m.checkpoint:
+            lines.append(f'{m.role} checkpoint: {m.checkpoint}')
+    lines.extend(summary.notes)
+    lines.append(f'wall time: {summary.wall_seconds:.1f} s')
+    return '\n'.join(lines)

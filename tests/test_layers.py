@@ -1,0 +1,291 @@
+"""The package's layers import one way: core <- reporting and ``distill()`` <- recipes <- command line and demo.
+
+``import composer_kd`` loads neither the recipes nor their optional packages, the ``composer-kd`` command answers
+``--help`` and lists its recipes without torch or Composer, and the modules of the package import each other
+without a cycle and never upwards.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import composer_kd
+
+PACKAGE = Path(composer_kd.__file__).resolve().parent
+ROOT = PACKAGE.parent
+
+# The layers, lowest first. A module of composer_kd not named here is core: a module that the core's own work
+# adds belongs there, and if it imports a higher layer the checks below say so.
+REPORTING = ('api', 'reporting', 'training', 'adapters')
+# composer_kd.data and composer_kd.text_data re-export composer_kd.recipes.data and .text_data at their old paths.
+RECIPES = ('recipes', 'data', 'text_data')
+COMMANDS = ('cli', 'demo')
+LAYER_NAMES = ('core', 'reporting', 'recipes', 'commands')
+# What only the recipe and demo layers may import: the `demo` extra, and the recipes' YAML reader.
+OPTIONAL = ('sklearn', 'matplotlib', 'omegaconf')
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter, with this checkout first on the path."""
+    return subprocess.run(
+        [sys.executable, '-c', code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, 'PYTHONPATH': str(ROOT)},
+    )
+
+
+def layer(module: str) -> int:
+    """0 for the core, 1 for reporting and distill(), 2 for recipes, 3 for the command line and the demo."""
+    top = module.split('.')[1]
+    for level, members in ((1, REPORTING), (2, RECIPES), (3, COMMANDS)):
+        if top in members:
+            return level
+    return 0
+
+
+def package_modules() -> dict[str, Path]:
+    """``{module name: source file}`` for every module of the package, the package itself included."""
+    modules = {}
+    for path in sorted(PACKAGE.rglob('*.py')):
+        parts = path.relative_to(ROOT).with_suffix('').parts
+        name = '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+        modules[name] = path
+    return modules
+
+
+MODULES = package_modules()
+
+
+def lazy_exports(package: str) -> dict[str, str]:
+    """``{name: module}`` of a package whose names are imported on first use; empty for any other."""
+    if MODULES[package].name != '__init__.py':
+        return {}
+    return dict(getattr(importlib.import_module(package), 'EXPORTS', {}))
+
+
+def imported(module: str, node: ast.AST) -> list[str]:
+    """The modules an import statement of ``module`` brings in: of this package, or third-party roots."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    assert isinstance(node, ast.ImportFrom)
+    base = node.module or ''
+    if node.level:
+        package = module.split('.') if MODULES[module].name == '__init__.py' else module.split('.')[:-1]
+        base = '.'.join(package[: len(package) - node.level + 1] + ([base] if base else []))
+    if not base.startswith('composer_kd'):
+        return [base]
+    found = []
+    for alias in node.names:
+        lazy = lazy_exports(base) if base in MODULES else {}
+        if f'{base}.{alias.name}' in MODULES:
+            found.append(f'{base}.{alias.name}')
+        elif alias.name in lazy:
+            found.append(lazy[alias.name])
+        else:
+            found.append(base)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """``{module: modules of the package it imports}``, from every import statement, in functions too.
+
+    Imports inside a function count as much as those at the top: an import deferred to dodge a cycle is a cycle.
+    The package's own ``__init__`` is left out: it imports nothing when it runs (its names load on first use),
+    and what it names under ``TYPE_CHECKING`` is every layer's by design.
+    """
+    graph: dict[str, set[str]] = {}
+    for module, path in MODULES.items():
+        if module == 'composer_kd':
+            continue
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                edges.update(m for m in imported(module, node) if m in MODULES and m not in (module, 'composer_kd'))
+        graph[module] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """A cycle of ``graph`` as ``[a, b, ..., a]``, or ``[]``."""
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node], path[len(path) :] = 'open', [node]
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 'open':
+                return path[path.index(target) :] + [target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        state[node] = 'done'
+        path.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return []
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    result = run_python(
+        'import importlib, pkgutil, composer_kd\n'
+        "for info in pkgutil.walk_packages(composer_kd.__path__, 'composer_kd.'):\n"
+        '    importlib.import_module(info.name)\n'
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_the_import_graph_has_no_cycle():
+    cycle = find_cycle(import_graph())
+    assert not cycle, 'import cycle: ' + ' -> '.join(cycle)
+
+
+def test_no_module_imports_a_higher_layer():
+    upward = [
+        f'{module} ({LAYER_NAMES[layer(module)]}) imports {target} ({LAYER_NAMES[layer(target)]})'
+        for module, targets in sorted(import_graph().items())
+        for target in sorted(targets)
+        if layer(target) > layer(module)
+    ]
+    assert not upward, '\n'.join(upward)
+
+
+def test_core_and_reporting_import_no_optional_package():
+    found = []
+    for module, path in MODULES.items():
+        if module == 'composer_kd' or layer(module) > 1:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                found += [f'{module} imports {m}' for m in imported(module, node) if m.split('.')[0] in OPTIONAL]
+    assert not found, '\n'.join(found)
+
+
+def test_the_graph_sees_imports_in_functions_and_through_lazy_packages():
+    graph = import_graph()
+    assert 'composer_kd.recipes.loader' in graph['composer_kd.cli']  # imported inside a subcommand
+    assert imported('composer_kd.demo', ast.parse('from composer_kd import Distillation').body[0]) == [
+        'composer_kd.distillation'
+    ]
+    assert imported('composer_kd.demo', ast.parse('from composer_kd.recipes import build_run').body[0]) == [
+        'composer_kd.recipes.build'
+    ]
+
+
+def test_import_composer_kd_loads_only_itself():
+    result = run_python(
+        'import json, sys\n'
+        'import composer_kd\n'
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'composer', 'omegaconf', 'sklearn', 'matplotlib') or m.startswith('composer_kd.recipes'))))\n"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == []
+
+
+def test_every_exported_name_loads_without_the_recipes_or_their_optional_packages():
+    # Composer itself imports scikit-learn and matplotlib when they are installed (through torchmetrics and
+    # transformers), so their presence in sys.modules says nothing about this package: every import statement
+    # the package runs is recorded instead, with the module that runs it.
+    result = run_python(
+        'import builtins, json, sys\n'
+        'runs = []\n'
+        'plain_import = builtins.__import__\n'
+        'def recording_import(name, globals=None, locals=None, fromlist=(), level=0):\n'
+        "    importer = (globals or {}).get('__name__') or ''\n"
+        "    if importer.startswith('composer_kd'):\n"
+        '        runs.append([importer, name])\n'
+        '    return plain_import(name, globals, locals, fromlist, level)\n'
+        'builtins.__import__ = recording_import\n'
+        'import composer_kd\n'
+        'for name in composer_kd.__all__:\n'
+        '    getattr(composer_kd, name)\n'
+        "loaded = sorted(m for m in sys.modules if m.startswith('composer_kd.recipes') or m.split('.')[0] == "
+        "'omegaconf')\n"
+        "import composer_kd.recipes.text_data  # reads its split with scikit-learn: the recording's control\n"
+        "print(json.dumps({'runs': runs, 'loaded': loaded}))\n"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report['loaded'] == []
+    optional = [(importer, name) for importer, name in report['runs'] if name.split('.')[0] in OPTIONAL]
+    assert optional == [('composer_kd.recipes.text_data', 'sklearn.model_selection')]
+
+
+@pytest.mark.parametrize(
+    'argv, allowed',
+    [
+        (['--help'], ()),
+        (['train', '--help'], ()),
+        (['demo', '--help'], ()),
+        (['recipes'], ('omegaconf',)),
+        (['recipes', 'digits'], ('omegaconf',)),
+    ],
+)
+def test_the_command_answers_without_torch_or_composer(argv, allowed):
+    result = run_python(
+        'import json, runpy, sys\n'
+        f"sys.argv = ['composer-kd', *{argv!r}]\n"
+        'try:\n'
+        "    runpy.run_module('composer_kd.cli', run_name='__main__')\n"
+        'except SystemExit as e:\n'
+        '    assert e.code in (0, None), e.code\n'
+        "heavy = ('torch', 'composer', 'transformers', 'omegaconf', 'sklearn', 'matplotlib')\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & set(heavy))), file=sys.stderr)\n"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip()  # it answered
+    assert json.loads(result.stderr.strip().splitlines()[-1]) == sorted(allowed)
+
+
+def test_old_paths_still_import_what_moved():
+    from composer_kd import data, text_data
+    from composer_kd.losses import IGNORE_INDEX, cross_entropy_with_hidden_labels
+    from composer_kd.recipes import data as recipe_data
+    from composer_kd.recipes import report, run
+    from composer_kd.recipes import text_data as recipe_text_data
+    from composer_kd.recipes.build import evaluate_model, teacher_data_spec
+    from composer_kd.recipes.loader import teacher_data_spec as loader_teacher_data_spec
+    from composer_kd.recipes.models import classifier, count_parameters, hugging_face_classifier
+    from composer_kd.recipes.validate import composer_algorithm, optimizer_class, task_teachers
+    from composer_kd.reporting import RunSummary, format_summary
+    from composer_kd.reporting import evaluate_model as reporting_evaluate_model
+
+    for old, new in ((data, recipe_data), (text_data, recipe_text_data)):
+        assert all(getattr(old, name) is getattr(new, name) for name in new.__all__)
+    assert (
+        data.IGNORE_INDEX is IGNORE_INDEX and data.cross_entropy_with_hidden_labels is cross_entropy_with_hidden_labels
+    )
+    assert run.RunSummary is RunSummary and report.format_summary is format_summary
+    assert evaluate_model is reporting_evaluate_model and teacher_data_spec is loader_teacher_data_spec
+    assert classifier.__module__ == hugging_face_classifier.__module__ == 'composer_kd.adapters'
+    assert count_parameters.__module__ == 'composer_kd.reporting'
+    assert composer_algorithm('LabelSmoothing') is not None and optimizer_class('Adam') is not None
+    assert task_teachers.__module__ == 'composer_kd.recipes.tasks'
+
+
+def test_the_lazy_package_lists_and_loads_every_exported_name():
+    assert sorted(composer_kd.EXPORTS) == sorted(composer_kd.__all__)
+    assert set(composer_kd.__all__) <= set(dir(composer_kd))
+    from composer_kd.recipes import EXPORTS
+    from composer_kd.recipes import __all__ as recipe_names
+
+    assert sorted(EXPORTS) == sorted(recipe_names)
+    with pytest.raises(AttributeError, match="has no attribute 'Distilation'"):
+        composer_kd.Distilation  # noqa: B018

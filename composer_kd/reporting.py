@@ -124,6 +124,8 @@ class RunSummary:
             defined (e.g. one per task of a multi-task student), against the best teacher that has the metric.
         inference (dict[str, float]): Teacher 0's and the student's inference time per example and the
             ``speedup`` (see :func:`~composer_kd.speed.measure_speedup`); empty when not measured.
+        search (SearchReport, optional): When the distillation settings were chosen on validation data (see
+            :mod:`composer_kd.search`): every candidate tried, its score, and the choice. Default: ``None``.
     """
 
     recipe: str
@@ -135,6 +137,7 @@ class RunSummary:
     notes: list[str] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)
     inference: dict[str, float] = field(default_factory=dict)
+    search: Optional[Any] = None
 
     def __str__(self) -> str:
         return format_summary(self)
@@ -397,7 +400,7 @@ def format_summary(summary: RunSummary) -> str:
     """The end-of-run summary of ``composer-kd train`` and ``distill()``: every model's size, metrics and time.
 
     Below the table come the distillation ratios, the parameter and inference speed-up ratios, the checkpoints,
-    the run's notes and its wall time.
+    the run's notes, the settings search (every candidate and its validation score) and its wall time.
 
     Args:
         summary (RunSummary): What the run produced.
@@ -453,5 +456,7 @@ def format_summary(summary: RunSummary) -> str:
         if m.checkpoint:
             lines.append(f'{m.role} checkpoint: {m.checkpoint}')
     lines.extend(summary.notes)
+    if summary.search is not None:
+        lines.append(str(summary.search))
     lines.append(f'wall time: {summary.wall_seconds:.1f} s')
     return '\n'.join(lines)

@@ -170,6 +170,7 @@ def build_student(
     loggers: LoggerFactory = no_loggers,
     callbacks: Sequence[Callback] = (),
     main: bool = True,
+    splits: Optional[Sequence[str]] = None,
 ) -> tuple[ComposerModel, Trainer]:
     """A fresh student and its trainer: distilled from ``teachers``, or alone without them.
 
@@ -186,6 +187,8 @@ def build_student(
         callbacks (Sequence[Callback], optional): Extra callbacks.
         main (bool, optional): Whether this is the run's main trainer, which gets the recipe's loggers and
             checkpoints. Default: ``True``.
+        splits (Sequence[str], optional): The splits its trainer evaluates during training. Default: the
+            recipe's (an empty list: none).
 
     Returns:
         tuple[ComposerModel, Trainer]: The student and its trainer, not yet fit.
@@ -230,6 +233,7 @@ def build_student(
             loggers=[*recipe_loggers, *loggers(role)],
             callbacks=callbacks,
             save_folder=os.path.join(recipe.save_folder, 'student') if recipe.save_folder and main else None,
+            splits=splits,
         )
     except ValueError as e:
         # Feature pairs' module paths are resolved when the trainer starts (Event.INIT).

@@ -1011,6 +1011,8 @@ class DecoupledKD(nn.Module):
     takes ``labels`` (detected when the fit starts, as ``mask`` is): the targets of ``(inputs, targets)``
     batches, ``batch['labels']`` of dict batches (shifted by one token for causal language models), or the
     task's labels (``batch[student_logits_key]``) of multi-task batches. Called by hand, pass ``labels=``.
+    Positions without a label (``ignore_index``, e.g. the unlabelled images of a transfer set) get no term at all:
+    where the teacher's answers on unlabelled inputs are the point, use a loss without labels (the KL).
 
     Args:
         temperature (float, optional): Softening temperature, ``> 0``; a schedule may change it. Default: ``4.0``.

@@ -60,10 +60,8 @@ def _loss_label(loss: LossChoice) -> str:
 
 
 def _has_temperature(loss: Any) -> bool:
-    try:
-        return hasattr(loss, 'temperature')
-    except Exception:  # a Standardized loss around one without a temperature raises AttributeError
-        return False
+    # False too for a Standardized loss around one without a temperature: its property raises AttributeError.
+    return hasattr(loss, 'temperature')
 
 
 @dataclass

@@ -45,7 +45,7 @@ from composer_kd.teachers import (
     sample_teachers,
     teacher_logits,
 )
-from composer_kd.window import TimeSpec, parse_time, reached, to_trainer_time
+from composer_kd.window import TimeSpec, TrainerTime, parse_time, reached, to_trainer_time
 
 __all__ = [
     'CombinedLoss',
@@ -115,7 +115,9 @@ class Distillation(Algorithm):
         start (str | float | Time, optional): When distillation starts: a Composer time string (``'100ba'``,
             ``'2ep'``, ``'0.1dur'``) or a fraction of training. Default: ``0.0``.
         end (str | float | Time, optional): When it stops (exclusive). Default: ``None``, the end of training.
-            Outside the window the teachers do not run and the loss is untouched.
+            Outside the window the teachers do not run and the loss is untouched. A fraction of training is not
+            rounded to whole batches: a batch is inside the window if the part of training done before it is, so
+            ``end='0.5dur'`` of a 5-batch run covers batches 0, 1 and 2.
         input_key (int | str | Callable, optional): Chooses the teachers' input from the batch, as
             ``composer.utils.batch_get`` does. Default: chosen by the teacher's kind (see
             :func:`~composer_kd.outputs.run_teacher`).
@@ -284,8 +286,8 @@ class Distillation(Algorithm):
         # units, and the events to handle. Set each batch: the teachers that run, and the weights in force.
         self._runners: list[TeacherRunner] = []
         self._cached_fit: Optional[CachedFit] = None
-        self._start: Optional[Any] = None
-        self._end: Optional[Any] = None
+        self._start: Optional[TrainerTime] = None
+        self._end: Optional[TrainerTime] = None
         self._active_teachers: list[int] = []
         self._causal = False
         self._loss_takes_mask = False

@@ -26,7 +26,8 @@ class Schedule:
 
     Before ``start`` it is ``start_value``, after ``end`` it is ``end_value``; in between, :meth:`shape` maps the
     progress in ``[0, 1]`` to the fraction of the way travelled. Being a pure function of the trainer's clock,
-    a schedule needs no state in checkpoints and resumes exactly.
+    a schedule needs no state in checkpoints and resumes exactly. Times given as fractions of training are not
+    rounded to whole batches: ``LinearSchedule(1, 0, end='0.5dur')`` over 5 batches gives 1.0, 0.6, 0.2, 0, 0.
 
     Args:
         start_value (float): The value until ``start``.

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 from composer.core import State, Time, TimeUnit
 
-__all__ = ['TimeSpec', 'elapsed', 'parse_time', 'reached', 'time_or_fraction', 'to_trainer_time']
+__all__ = ['TimeSpec', 'TrainerTime', 'elapsed', 'parse_time', 'reached', 'time_or_fraction', 'to_trainer_time']
 
 #: A point in training: a Composer time string (``'100ba'``, ``'2ep'``, ``'0.1dur'``), a ``Time``, or a
 #: fraction of training in ``[0, 1]``.
@@ -63,11 +63,35 @@ def time_or_fraction(text: Optional[str]) -> Union[str, float, None]:
         return text
 
 
-def to_trainer_time(time: Time, state: State) -> Time:
+class TrainerTime(NamedTuple):
+    """A point in training in a unit the trainer's clock counts, possibly between two ticks of it (``2.5`` batches).
+
+    Composer's ``Time`` holds whole batches only; a fraction of training resolved against ``max_duration`` often
+    falls between two, and rounding it would move schedules and windows (``'0.5dur'`` of 5 batches is 2.5).
+    """
+
+    value: float
+    unit: TimeUnit
+
+
+def to_trainer_time(time: Time, state: State) -> TrainerTime:
     """Express ``time`` in a unit the trainer's timestamp counts, at batch granularity where possible.
 
-    Fractions of training are resolved against ``max_duration``; epochs become batches when the epoch length is
-    known, so ``'0.5dur'`` of a one-epoch run means half of its batches rather than "after the epoch".
+    Fractions of training are resolved against ``max_duration`` without rounding: ``'0.5dur'`` of a 5-batch run
+    is batch 2.5, so a window ending there covers batches 0, 1 and 2 (those begun before half of training was
+    done), and a schedule ending there is interpolated at 0, 0.4, 0.8 of its way on them. Epochs become batches
+    when the epoch length is known, so ``'0.5dur'`` of a one-epoch run means half of its batches rather than
+    "after the epoch".
+
+    Example:
+        .. testcode::
+
+            from types import SimpleNamespace
+            from composer.core import Time
+            from composer_kd.window import parse_time, to_trainer_time
+
+            state = SimpleNamespace(max_duration=Time.from_input('5ba'), dataloader_len=None)
+            assert to_trainer_time(parse_time('0.5dur', 'end'), state).value == 2.5
     """
     value, unit = time.value, time.unit
     if unit == TimeUnit.DURATION:
@@ -76,7 +100,7 @@ def to_trainer_time(time: Time, state: State) -> Time:
         value, unit = value * state.max_duration.value, state.max_duration.unit
     if unit == TimeUnit.EPOCH and state.dataloader_len is not None:
         value, unit = value * int(state.dataloader_len), TimeUnit.BATCH
-    return Time(int(value), unit)
+    return TrainerTime(float(value), unit)
 
 
 def elapsed(unit: TimeUnit, state: State) -> int:
@@ -84,6 +108,6 @@ def elapsed(unit: TimeUnit, state: State) -> int:
     return int(state.timestamp.get(unit).value)
 
 
-def reached(time: Optional[Time], state: State) -> bool:
+def reached(time: Optional[TrainerTime], state: State) -> bool:
     """Whether the trainer's clock has reached ``time`` (already expressed by :func:`to_trainer_time`)."""
     return time is not None and elapsed(time.unit, state) >= time.value

@@ -1,11 +1,25 @@
-"""Shared fixtures: tiny models and data that make a Composer fit take a fraction of a second."""
+"""What the tests share: tiny models and data that make a Composer fit take a fraction of a second, one way to
+fit, one recording callback, the one-thread fixture, the repository's paths and the multi-process launcher.
+
+The suite is grouped by layer, each a folder: ``core`` (pure functions and objects, no Trainer), ``algorithm``
+(``Distillation`` and the other algorithms inside a Composer ``Trainer``), ``recipes`` (recipes, the command, the
+demo, ``distill()``), ``docs`` (documentation, docstrings, examples, benchmarks), ``multiprocess`` (several
+processes under Composer's launcher) and ``gpu`` (CUDA only, marked ``gpu``).
+"""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from composer import Callback, Event, State, Trainer
+from composer.loggers import Logger
 from composer.models import ComposerClassifier
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -14,6 +28,11 @@ from torch.utils.data import DataLoader, TensorDataset
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 N_FEATURES, N_CLASSES = 6, 4
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS, EXAMPLES, TEST_DATA = ROOT / 'docs', ROOT / 'examples', Path(__file__).resolve().parent / 'data'
+#: Composer's launcher, installed beside the interpreter running the tests.
+LAUNCHER = Path(sys.executable).with_name('composer')
 
 
 def pytest_collection_modifyitems(config, items):
@@ -60,3 +79,99 @@ def make_dataloader(n: int = 32, batch_size: int = 8, seed: int = 7) -> DataLoad
 @pytest.fixture
 def dataloader() -> DataLoader:
     return make_dataloader()
+
+
+@pytest.fixture
+def one_thread():
+    """Train on one thread for the duration of a test (use with ``pytest.mark.usefixtures('one_thread')``).
+
+    The tiny models gain nothing from two, and on a CPU shared with other jobs two OpenMP threads contending for
+    the cores were measured to make a training step several times slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def run_script(script: Path, *args: str, processes: int = 1, timeout: int = 300) -> None:
+    """Run ``script`` with ``args`` as one Python process, or as several under Composer's launcher (gloo on a CPU),
+    from the repository root; fail with the end of its output if it fails."""
+    launcher = [str(LAUNCHER), '-n', str(processes), '--master_port', str(free_port())]
+    command = [sys.executable] if processes == 1 else launcher
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
+    result = subprocess.run(
+        [*command, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def fit(
+    student: nn.Module,
+    algorithms: Any,
+    dataloader: Any = None,
+    max_duration: str = '1ep',
+    callbacks: Any = (),
+    seed: int = 17,
+    **kwargs: Any,
+) -> Trainer:
+    """A CPU ``Trainer`` fit of ``student`` with ``algorithms`` (default data: :func:`make_dataloader`)."""
+    trainer = Trainer(
+        model=student,
+        train_dataloader=dataloader if dataloader is not None else make_dataloader(),
+        max_duration=max_duration,
+        algorithms=algorithms,
+        callbacks=list(callbacks),
+        progress_bar=False,
+        device=kwargs.pop('device', 'cpu'),
+        seed=seed,
+        **kwargs,
+    )
+    trainer.fit()
+    return trainer
+
+
+def _detached(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(v) for v in value)
+    return value
+
+
+class AfterLossRecorder(Callback):
+    """Keeps, per microbatch, what the trainer held right after the loss (algorithms run before callbacks).
+
+    Each step is a dict: ``batch_index``, ``batch`` (a copy), ``inputs`` and ``targets`` (the first two entries of
+    a tuple batch, else ``None``), ``outputs`` (a copy), ``logits`` (the outputs, or their ``'logits'`` entry) and
+    ``loss`` (the loss dict, or the bare loss tensor when no algorithm combined it).
+    """
+
+    def __init__(self):
+        self.steps: list[dict[str, Any]] = []
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if event != Event.AFTER_LOSS:
+            return
+        batch, outputs = _detached(state.batch), _detached(state.outputs)
+        pair = isinstance(batch, (list, tuple))
+        self.steps.append(
+            {
+                'batch_index': int(state.timestamp.batch),
+                'batch': batch,
+                'inputs': batch[0] if pair else None,
+                'targets': batch[1] if pair and len(batch) > 1 else None,
+                'outputs': outputs,
+                'logits': outputs.get('logits') if isinstance(outputs, dict) else outputs,
+                'loss': _detached(state.loss),
+            }
+        )

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from composer import Trainer
+from conftest import EXAMPLES
 
 from composer_kd import Distillation, MultiTaskClassifier
 from composer_kd.cli import main
@@ -15,7 +15,7 @@ from composer_kd.losses import IGNORE_INDEX
 from composer_kd.recipes import RecipeError, build_run, load_recipe
 from composer_kd.reporting import distillation_ratio
 
-RECIPE = str(Path(__file__).resolve().parents[1] / 'examples' / 'digits_multitask.yaml')
+RECIPE = str(EXAMPLES / 'digits_multitask.yaml')
 TINY = [
     'progress_bar=false',
     'max_duration=6ba',
@@ -27,12 +27,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def distillations(trainer: Trainer) -> list[Distillation]:

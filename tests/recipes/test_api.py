@@ -21,13 +21,7 @@ from composer_kd.reporting import distillation_ratio, format_summary
 SEED = 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are too small to gain from a second thread, which only contends with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

@@ -11,10 +11,10 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from composer_kd.recipes import check_recipe, load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
 FENCE = re.compile(r'^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```\s*$', flags=re.DOTALL | re.MULTILINE)
 

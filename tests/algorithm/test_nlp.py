@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from composer import Callback, Trainer
+from composer import Trainer
 from composer.models import HuggingFaceModel
+from conftest import AfterLossRecorder
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from composer_kd import Distillation, KLDivergence
@@ -49,20 +50,6 @@ def text_batches(n_batches: int = 3, batch_size: int = 4, token_labels: bool = F
     return batches
 
 
-class LossRecorder(Callback):
-    def __init__(self):
-        self.steps = []
-
-    def after_loss(self, state, logger):
-        self.steps.append(
-            {
-                'batch': {k: v.clone() for k, v in state.batch.items()},
-                'logits': state.outputs['logits'].detach().clone(),
-                'loss': {k: v.detach().clone() for k, v in state.loss.items()},
-            }
-        )
-
-
 def fit(student, algorithm, batches, recorder) -> None:
     Trainer(
         model=student,
@@ -90,7 +77,7 @@ def test_sequence_classification_pair(wrap_teacher):
     teacher_hf = BertForSequenceClassification(bert_config(2, 32, num_labels=3))
     student = HuggingFaceModel(BertForSequenceClassification(bert_config(1, 16, num_labels=3)), use_logits=True)
     teacher = HuggingFaceModel(teacher_hf, use_logits=True) if wrap_teacher else teacher_hf
-    recorder = LossRecorder()
+    recorder = AfterLossRecorder()
     batches = text_batches()
     fit(student, Distillation(teacher, KLDivergence(2.0), 0.5, 0.5), batches, recorder)
     assert len(recorder.steps) == 3
@@ -109,7 +96,7 @@ def test_token_level_logits_count_only_valid_tokens():
     torch.manual_seed(1)
     teacher = BertForMaskedLM(bert_config(2, 32))
     student = HuggingFaceModel(BertForMaskedLM(bert_config(1, 16)), use_logits=True)
-    recorder = LossRecorder()
+    recorder = AfterLossRecorder()
     fit(student, Distillation(teacher, KLDivergence(1.5)), text_batches(token_labels=True), recorder)
     teacher.eval()
     for step in recorder.steps:
@@ -128,7 +115,7 @@ def test_vocabulary_mismatch_is_reported_with_both_shapes():
     student_config.vocab_size = VOCAB + 2
     student = HuggingFaceModel(BertForMaskedLM(student_config), use_logits=True)
     with pytest.raises(ValueError, match=rf'\(4, {SEQ}, {VOCAB}\).*\(4, {SEQ}, {VOCAB + 2}\)'):
-        fit(student, Distillation(teacher), text_batches(token_labels=True), LossRecorder())
+        fit(student, Distillation(teacher), text_batches(token_labels=True), AfterLossRecorder())
 
 
 def gpt2(layers: int, hidden: int, vocab: int = VOCAB) -> GPT2LMHeadModel:
@@ -168,7 +155,7 @@ def test_causal_lm_distillation_uses_shifted_positions():
     assert is_causal_lm(student) and is_causal_lm(teacher)
     assert not is_causal_lm(HuggingFaceModel(BertForMaskedLM(bert_config(1, 16)), use_logits=True))
     batches = text_batches(token_labels=True)
-    recorder = LossRecorder()
+    recorder = AfterLossRecorder()
     fit(student, Distillation(teacher, KLDivergence(2.0)), batches, recorder)
     teacher.eval()
     for step in recorder.steps:
@@ -191,7 +178,7 @@ def test_causal_lm_vocabulary_mismatch_names_both_sizes():
     with pytest.raises(
         ValueError, match=f'the teacher has {VOCAB} classes .vocabulary entries., the student {VOCAB + 8}'
     ):
-        fit(student, Distillation(gpt2(1, 16)), text_batches(token_labels=True), LossRecorder())
+        fit(student, Distillation(gpt2(1, 16)), text_batches(token_labels=True), AfterLossRecorder())
 
 
 def test_chunked_kl_in_distillation_matches_the_plain_loss():
@@ -199,7 +186,7 @@ def test_chunked_kl_in_distillation_matches_the_plain_loss():
         torch.manual_seed(7)
         teacher = BertForMaskedLM(bert_config(2, 32))
         student = HuggingFaceModel(BertForMaskedLM(bert_config(1, 16)), use_logits=True)
-        recorder = LossRecorder()
+        recorder = AfterLossRecorder()
         fit(student, Distillation(teacher, loss_fn), text_batches(token_labels=True), recorder)
         return [step['loss']['kd'].item() for step in recorder.steps], student
 

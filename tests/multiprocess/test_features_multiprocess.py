@@ -4,37 +4,29 @@ teacher sampling skips the pair's teacher."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_multiprocess import LAUNCHER, free_port
+from conftest import run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / 'features_ddp_worker.py'
 sys.path.insert(0, str(WORKER.parent))
 
 from features_ddp_worker import CASES  # noqa: E402
 
 
-def run(command: list[str], output: Path) -> dict:
+def run(processes: int, output: Path) -> dict:
     output.mkdir()
-    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
-    result = subprocess.run(
-        [*command, str(WORKER), '--output', str(output)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_script(WORKER, '--output', str(output), processes=processes)
     return torch.load(output / 'results.pt')
 
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory) -> tuple[dict, dict]:
     folder = tmp_path_factory.mktemp('features_ddp')
-    single = run([sys.executable], folder / 'one')
-    double = run([str(LAUNCHER), '-n', '2', '--master_port', str(free_port())], folder / 'two')
+    single, double = run(1, folder / 'one'), run(2, folder / 'two')
     assert (single['world_size'], double['world_size']) == (1, 2)
     return single, double
 

@@ -12,9 +12,10 @@ from types import ModuleType
 
 import pytest
 import torch
+from conftest import EXAMPLES
 from safetensors.torch import load_file
 
-EXAMPLE = Path(__file__).resolve().parents[1] / 'examples' / 'minilm_distillation.py'
+EXAMPLE = EXAMPLES / 'minilm_distillation.py'
 
 
 @pytest.fixture(scope='module')

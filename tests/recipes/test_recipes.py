@@ -288,9 +288,10 @@ def test_every_distillation_parameter_reaches_the_algorithm():
     assert isinstance(distillation.temperature, LinearSchedule) and distillation.temperature.bounds == (2.0, 8.0)
     assert distillation.feature_pairs == [FeaturePair(student='1', teacher='4.1', loss='cosine', weight=0.5)]
     run.fit()
-    # Of 4 batches, only batch 2 lies in the window [2ba, 0.9 * 4ba): one distillation step, with its feature term.
-    assert [int(t.batch) for t, _ in logged.data['loss/train/kd']] == [2]
-    assert [int(t.batch) for t, _ in logged.data['loss/train/feature_0']] == [2]
+    # Of 4 batches, 2 and 3 begin inside the window [2ba, 0.9 * 4ba = 3.6ba): two distillation steps, each with
+    # its feature term (fractions of training are not rounded to whole batches).
+    assert [int(t.batch) for t, _ in logged.data['loss/train/kd']] == [2, 3]
+    assert [int(t.batch) for t, _ in logged.data['loss/train/feature_0']] == [2, 3]
     assert len(logged.data['loss/train/total']) == 4
 
 

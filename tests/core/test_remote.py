@@ -11,17 +11,11 @@ from pathlib import Path
 import boto3
 import pytest
 import torch
-from conftest import make_teacher
+from conftest import free_port, make_teacher
 
 from composer_kd import Distillation
 
 BUCKET = 'teachers'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope='module')

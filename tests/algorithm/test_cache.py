@@ -4,7 +4,6 @@ top-k follows its formula, and runs with a cache (resumed or not) train the stud
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from composer.algorithms import LabelSmoothing, MixUp
 from composer.loggers import InMemoryLogger
 from composer.models import ComposerModel
 from composer.utils import dist
-from conftest import N_CLASSES, N_FEATURES, make_student, make_teacher
+from conftest import DOCS, N_CLASSES, N_FEATURES, make_student, make_teacher
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -32,7 +31,7 @@ from composer_kd import (
 )
 from composer_kd.cache import IndexedSample, attach_index, detach_index, find_augmentation
 
-DOC = Path(__file__).resolve().parents[1] / 'docs' / 'caching.md'
+DOC = DOCS / 'caching.md'
 N_EXAMPLES, BATCH, MICROBATCH = 40, 8, 3
 
 

@@ -6,33 +6,16 @@ import math
 
 import pytest
 import torch
-from composer import Callback, Trainer
+from composer import Trainer
 from composer.loggers import InMemoryLogger
-from conftest import make_dataloader, make_student, make_teacher
+from conftest import AfterLossRecorder, make_dataloader, make_student, make_teacher
 from torch import nn
 
 from composer_kd import ConstantSchedule, CosineSchedule, Distillation, KLDivergence, LinearSchedule, LogitsMSE
 
 
-class StepLog(Callback):
-    def __init__(self, teacher):
-        self.teacher = teacher
-        self.steps = []
-
-    def after_loss(self, state, logger):
-        x, _ = state.batch
-        self.steps.append(
-            {
-                'batch': int(state.timestamp.batch),
-                'x': x.clone(),
-                'logits': state.outputs.detach().clone(),
-                'loss': {k: v.detach().clone() for k, v in state.loss.items()},
-            }
-        )
-
-
 def run(algorithm, teacher, n_batches=10, max_duration=None):
-    log, metrics = StepLog(teacher), InMemoryLogger()
+    log, metrics = AfterLossRecorder(), InMemoryLogger()
     Trainer(
         model=make_student(),
         train_dataloader=make_dataloader(n=8 * n_batches),
@@ -60,11 +43,11 @@ def test_linear_kd_weight_and_temperature_follow_their_formulas():
     logged_w = [v for _, v in metrics['distillation/kd_loss_weight']]
     logged_t = [v for _, v in metrics['distillation/temperature']]
     for step, w, t in zip(steps, logged_w, logged_t, strict=True):
-        b = step['batch']
+        b = step['batch_index']
         expected_w = 1.0 - min(b / 5, 1.0)
         expected_t = 8.0 + (2.0 - 8.0) * min(max((b - 2) / 6, 0.0), 1.0)
         assert w == pytest.approx(expected_w) and t == pytest.approx(expected_t)
-        p = torch.softmax(teacher(step['x']).double() / expected_t, -1)
+        p = torch.softmax(teacher(step['inputs']).double() / expected_t, -1)
         q = torch.softmax(step['logits'].double() / expected_t, -1)
         kd = expected_t**2 * (p * (p.log() - q.log())).sum(-1).mean()
         loss = step['loss']
@@ -117,3 +100,16 @@ def test_schedule_needs_no_checkpoint_state():
     schedule = LinearSchedule(2.0, 1.0)
     assert not isinstance(schedule, nn.Module)
     assert repr(schedule) == 'LinearSchedule(2.0, 1.0, start=0.0dur, end=1.0dur)'
+
+
+def test_fractions_of_training_are_not_rounded_to_whole_batches():
+    """'0.5dur' of 5 batches is batch 2.5: the schedule as written, and a window covering batches 0 to 2."""
+    teacher = make_teacher()
+    scheduled = Distillation(teacher, kd_loss_weight=LinearSchedule(1.0, 0.0, end='0.5dur'))
+    _, metrics = run(scheduled, teacher, n_batches=5)
+    logged = [v for _, v in metrics['distillation/kd_loss_weight']]
+    assert logged == pytest.approx([1.0, 0.6, 0.2, 0.0, 0.0])
+    windowed = Distillation(teacher, start='0.3dur', end='0.5dur')
+    steps, _ = run(windowed, teacher, n_batches=5)
+    # Batch i begins when i/5 of training is done: inside [0.3, 0.5) for i = 2 only (0.4); 1.5 <= i < 2.5.
+    assert [step['batch_index'] for step in steps if isinstance(step['loss'], dict)] == [2]

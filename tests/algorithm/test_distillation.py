@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from composer import Algorithm, Callback, Event, State, Trainer
-from composer.loggers import InMemoryLogger, Logger
+from composer import Algorithm, Callback, Event
+from composer.loggers import InMemoryLogger
 from composer.models import ComposerClassifier
-from conftest import N_CLASSES, N_FEATURES, make_dataloader, make_student, make_teacher
+from conftest import N_CLASSES, N_FEATURES, AfterLossRecorder, fit, make_dataloader, make_student, make_teacher
 from torch import nn
 
 from composer_kd import Distillation, KLDivergence, combine_losses, distillation_loss, sample_teachers
@@ -21,29 +21,6 @@ def reference_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tem
     p = torch.softmax(teacher_logits.double() / temperature, dim=-1)
     q = torch.softmax(student_logits.double() / temperature, dim=-1)
     return temperature**2 * (p * (p.log() - q.log())).sum(-1).mean()
-
-
-class Recorder(Callback):
-    """Keeps, per microbatch, what the trainer had right after the loss (algorithms run before callbacks)."""
-
-    def __init__(self):
-        self.steps: list[dict] = []
-
-    def run_event(self, event: Event, state: State, logger: Logger) -> None:
-        if event != Event.AFTER_LOSS:
-            return
-        batch = state.batch
-        self.steps.append(
-            {
-                'batch_index': int(state.timestamp.batch),
-                'inputs': batch[0].clone() if isinstance(batch, (list, tuple)) else None,
-                'targets': batch[1].clone() if isinstance(batch, (list, tuple)) else None,
-                'outputs': state.outputs.detach().clone() if isinstance(state.outputs, torch.Tensor) else None,
-                'loss': {k: v.detach().clone() for k, v in state.loss.items()}
-                if isinstance(state.loss, dict)
-                else state.loss.detach().clone(),
-            }
-        )
 
 
 class ForwardLog:
@@ -62,25 +39,9 @@ class ForwardLog:
         return len(self.inputs)
 
 
-def fit(student, algorithms, dataloader=None, max_duration='1ep', callbacks=(), **kwargs) -> Trainer:
-    trainer = Trainer(
-        model=student,
-        train_dataloader=dataloader if dataloader is not None else make_dataloader(),
-        max_duration=max_duration,
-        algorithms=algorithms,
-        callbacks=list(callbacks),
-        progress_bar=False,
-        device=kwargs.pop('device', 'cpu'),
-        seed=kwargs.pop('seed', 17),
-        **kwargs,
-    )
-    trainer.fit()
-    return trainer
-
-
 def test_loss_equals_formula_at_every_step():
     teacher, student = make_teacher(), make_student()
-    recorder = Recorder()
+    recorder = AfterLossRecorder()
     fit(student, [Distillation(teacher, KLDivergence(temperature=3.0), 0.25, 0.75)], callbacks=[recorder])
     assert len(recorder.steps) == 4
     for step in recorder.steps:
@@ -200,7 +161,7 @@ def test_teachers_never_run_in_evaluation_or_prediction():
 def test_batch_is_not_mutated():
     dataloader = make_dataloader()
     snapshot = [(x.clone(), y.clone()) for x, y in dataloader]
-    recorder = Recorder()
+    recorder = AfterLossRecorder()
     fit(make_student(), [Distillation(make_teacher())], dataloader, callbacks=[recorder])
     for (x, y), step in zip(snapshot, recorder.steps, strict=True):
         assert torch.equal(step['inputs'], x) and torch.equal(step['targets'], y)
@@ -210,17 +171,17 @@ def test_batch_is_not_mutated():
 
 def test_several_teachers_are_averaged():
     teachers = [make_teacher(seed=s) for s in (1, 2, 3)]
-    recorder = Recorder()
+    recorder = AfterLossRecorder()
     fit(make_student(), [Distillation(teachers, KLDivergence(2.0))], callbacks=[recorder])
     for step in recorder.steps:
         mean_logits = torch.stack([t(step['inputs']) for t in teachers]).mean(0)
         assert step['loss']['kd'].item() == pytest.approx(reference_kd(step['outputs'], mean_logits, 2.0).item(), 1e-5)
 
 
-def run_sampled(seed: int) -> tuple[list[list[int]], Recorder, list[nn.Module]]:
+def run_sampled(seed: int) -> tuple[list[list[int]], AfterLossRecorder, list[nn.Module]]:
     teachers = [make_teacher(seed=s) for s in (1, 2, 3)]
     logs = [ForwardLog(t) for t in teachers]
-    recorder = Recorder()
+    recorder = AfterLossRecorder()
     dataloader = make_dataloader(n=96)
     fit(make_student(), [Distillation(teachers, n_teachers_to_sample=1)], dataloader, callbacks=[recorder], seed=seed)
     # Rebuild which teacher ran at each step by matching the hooks' recorded inputs, in call order.
@@ -271,7 +232,7 @@ def test_sample_teachers_is_a_function_of_seed_and_step():
 def test_window_runs_teacher_only_inside(start, end, max_duration, active):
     teacher = make_teacher()
     log = ForwardLog(teacher)
-    recorder = Recorder()
+    recorder = AfterLossRecorder()
     dataloader = make_dataloader(n=48)  # 6 batches an epoch
     fit(make_student(), [Distillation(teacher, start=start, end=end)], dataloader, max_duration, [recorder])
     with_kd = [s['batch_index'] for s in recorder.steps if isinstance(s['loss'], dict)]
@@ -292,7 +253,7 @@ def test_composer_classifier_teacher_and_custom_keys():
             return {'scores': self.net(features), 'hidden': features}
 
     teacher = DictOutputTeacher()
-    recorder = Recorder()
+    recorder = AfterLossRecorder()
     algorithm = Distillation(teacher, input_key=lambda batch: batch[0], teacher_logits_key='scores')
     fit(make_student(), [algorithm], callbacks=[recorder])
     step = recorder.steps[0]
@@ -300,7 +261,7 @@ def test_composer_classifier_teacher_and_custom_keys():
     assert step['loss']['kd'].item() == pytest.approx(expected.item(), rel=1e-5)
 
     composer_teacher = ComposerClassifier(make_teacher(seed=4), num_classes=N_CLASSES)
-    recorder = Recorder()
+    recorder = AfterLossRecorder()
     fit(make_student(), [Distillation(composer_teacher)], callbacks=[recorder])
     step = recorder.steps[0]
     expected = reference_kd(step['outputs'], composer_teacher.module(step['inputs']), 4.0)
@@ -490,7 +451,7 @@ def test_nonfinite_teacher_output_raises_naming_the_step(value):
 
 
 def test_nonfinite_teacher_output_can_be_skipped_and_counted():
-    logger, recorder = InMemoryLogger(), Recorder()
+    logger, recorder = InMemoryLogger(), AfterLossRecorder()
     student = make_student()
     algorithm = Distillation(FlakyTeacher({1, 3}, float('nan')), org_loss_weight=0.5, on_nonfinite_teacher='skip')
     fit(student, [algorithm], loggers=[logger], callbacks=[recorder])
@@ -517,13 +478,13 @@ def test_poisoned_logits_the_user_holds_are_left_as_they_were():
 
     teacher = TableTeacher()
     before = teacher.table.clone()
-    recorder = Recorder()
+    recorder = AfterLossRecorder()
     fit(make_student(), [Distillation(teacher, on_nonfinite_teacher='skip')], callbacks=[recorder])
     torch.testing.assert_close(teacher.table, before, rtol=0, atol=0, equal_nan=True)
     assert all(step['loss']['kd'].item() == 0.0 for step in recorder.steps)
 
 
 def test_minus_inf_teacher_logits_are_legitimate():
-    recorder = Recorder()
+    recorder = AfterLossRecorder()
     fit(make_student(), [Distillation(FlakyTeacher({0, 1, 2, 3}, -float('inf')))], callbacks=[recorder])
     assert all(torch.isfinite(step['loss']['kd']) for step in recorder.steps)

@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from composer import Callback, Event, State, Trainer
-from composer.loggers import InMemoryLogger, Logger
-from conftest import N_FEATURES
+from composer import Callback, Trainer
+from composer.loggers import InMemoryLogger
+from conftest import N_FEATURES, AfterLossRecorder
+from conftest import fit as fit_on
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -58,37 +59,9 @@ def make_teachers(seed: int = 9) -> dict[str, nn.Module]:
     return {task: nn.Sequential(nn.Linear(N_FEATURES, 16), nn.ReLU(), nn.Linear(16, n)) for task, n in CLASSES.items()}
 
 
-class LossRecorder(Callback):
-    """The batch, the outputs and the loss dict right after the loss of each microbatch."""
-
-    def __init__(self):
-        self.steps = []
-
-    def run_event(self, event: Event, state: State, logger: Logger) -> None:
-        if event == Event.AFTER_LOSS:
-            self.steps.append(
-                {
-                    'batch': {k: v.clone() for k, v in state.batch.items()},
-                    'outputs': {k: v.detach().clone() for k, v in state.outputs.items()},
-                    'loss': {k: v.detach().clone() for k, v in state.loss.items()},
-                }
-            )
-
-
 def fit(student, algorithms, callbacks=(), loggers=(), max_duration='1ep', data=None) -> Trainer:
-    trainer = Trainer(
-        model=student,
-        train_dataloader=DataLoader(data or make_data(), batch_size=8),
-        max_duration=max_duration,
-        algorithms=algorithms,
-        callbacks=list(callbacks),
-        loggers=list(loggers),
-        progress_bar=False,
-        device='cpu',
-        seed=17,
-    )
-    trainer.fit()
-    return trainer
+    loader = DataLoader(data or make_data(), batch_size=8)
+    return fit_on(student, algorithms, loader, max_duration, callbacks, loggers=list(loggers))
 
 
 def two_tasks(teachers, org=(0.3, 1.0), kd=(0.7, 0.4), temperatures=(2.0, 5.0)) -> list[Distillation]:
@@ -109,7 +82,7 @@ def two_tasks(teachers, org=(0.3, 1.0), kd=(0.7, 0.4), temperatures=(2.0, 5.0)) 
 @pytest.mark.parametrize('org', [(0.3, 1.0), (1.0, 0.3), (0.5, 0.4)])
 def test_total_loss_is_the_model_loss_weighted_once_plus_each_task_term(org):
     teachers = make_teachers()
-    recorder = LossRecorder()
+    recorder = AfterLossRecorder()
     fit(make_student(), two_tasks(teachers, org=org), callbacks=[recorder])
     assert len(recorder.steps) == 4
     for step in recorder.steps:
@@ -243,7 +216,7 @@ def test_combine_losses_adds_a_second_instance_on_top_of_the_first():
 def test_a_bare_tensor_teacher_teaches_the_head_the_student_key_names():
     # The teacher returns a tensor; the student's key 'digit' chooses the student's head only.
     teachers = make_teachers()
-    recorder = LossRecorder()
+    recorder = AfterLossRecorder()
     distillation = Distillation(teachers['digit'], KLDivergence(1.0), student_logits_key='digit', input_key='inputs')
     fit(make_student(), [distillation], callbacks=[recorder])
     step = recorder.steps[0]
@@ -332,7 +305,7 @@ def test_precomputed_cache_serves_a_bare_tensor_teacher_of_one_head():
     distillation = Distillation(
         teacher, KLDivergence(temperature=2.0), student_logits_key='digit', input_key='inputs', teacher_cache=cache
     )
-    recorder = LossRecorder()
+    recorder = AfterLossRecorder()
     fit(make_student(), [distillation], callbacks=[recorder], data=data)
     assert not teacher_calls  # every microbatch was served from the cache, which the fit accepted as its own
     for step in recorder.steps:

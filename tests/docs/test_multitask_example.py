@@ -5,14 +5,14 @@ from __future__ import annotations
 import importlib.util
 import statistics
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import EXAMPLES
 
 from composer_kd.recipes.run import distillation_ratio
 
-EXAMPLE = Path(__file__).resolve().parents[1] / 'examples' / 'multitask_distillation.py'
+EXAMPLE = EXAMPLES / 'multitask_distillation.py'
 TINY = ['--teacher-epochs', '1', '--student-batches', '4', '--device', 'cpu']
 
 

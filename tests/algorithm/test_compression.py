@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from composer import Callback, Trainer
 from composer.models import ComposerClassifier
 from conftest import N_CLASSES, N_FEATURES, make_dataloader, make_teacher
+from conftest import fit as fit_on
 from torch import nn
 from torch.ao.quantization import FakeQuantizeBase
 from torch.nn.utils import prune
@@ -56,20 +57,9 @@ def mlp_student(seed: int = 3, inputs: int = N_FEATURES, hidden: int = 16, class
 
 
 def fit(student, algorithms, max_duration='4ba', loader=None, callbacks=(), **kwargs) -> Trainer:
-    trainer = Trainer(
-        model=student,
-        train_dataloader=loader if loader is not None else make_dataloader(n=64),
-        max_duration=max_duration,
-        optimizers=torch.optim.Adam(student.parameters(), lr=0.01),
-        algorithms=algorithms,
-        callbacks=list(callbacks),
-        progress_bar=False,
-        device='cpu',
-        seed=5,
-        **kwargs,
-    )
-    trainer.fit()
-    return trainer
+    loader = loader if loader is not None else make_dataloader(n=64)
+    optimizer = torch.optim.Adam(student.parameters(), lr=0.01)
+    return fit_on(student, algorithms, loader, max_duration, callbacks, seed=5, optimizers=optimizer, **kwargs)
 
 
 def linear(model: nn.Module, path: str) -> nn.Module:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import DOCS
 
-PAGE = Path(__file__).resolve().parents[1] / 'docs' / 'compression.md'
+PAGE = DOCS / 'compression.md'
 BLOCKS = re.findall(r'```python\n(.*?)```', PAGE.read_text(), flags=re.DOTALL)
 
 

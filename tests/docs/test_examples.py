@@ -6,13 +6,11 @@ import importlib.util
 import math
 import subprocess
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
-
-EXAMPLES = Path(__file__).resolve().parents[1] / 'examples'
+from conftest import EXAMPLES
 
 # A few optimizer steps per stage: enough to exercise every stage, the metrics and the logged loss terms.
 TINY_VISION = '--teacher-epochs 1 --student-epochs 1 --max-train-samples 64 --max-eval-samples 64'.split()
@@ -38,19 +36,6 @@ def vision() -> ModuleType:
 @pytest.fixture(scope='module')
 def nlp() -> ModuleType:
     return load_example('nlp_distillation')
-
-
-@pytest.fixture
-def one_thread():
-    """Train on one thread for the duration of a test.
-
-    The tiny models gain nothing from two, and on a CPU shared with other jobs two OpenMP threads contending for
-    the cores were measured to make a training step several times slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def check_results(results: dict, train_samples: int) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import DOCS
 
-PAGE = Path(__file__).resolve().parents[1] / 'docs' / 'nlp_minilm.md'
+PAGE = DOCS / 'nlp_minilm.md'
 BLOCKS = re.findall(r'```python\n(.*?)```', PAGE.read_text(), flags=re.DOTALL)
 
 

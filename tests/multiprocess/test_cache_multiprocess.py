@@ -3,22 +3,16 @@ hands each one other examples than it recorded, and the student matches a run wi
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import torch
-from test_multiprocess import LAUNCHER, free_port
+from conftest import run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / 'cache_ddp_worker.py'
 
 
 def test_two_processes_share_what_they_recorded(tmp_path):
-    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
-    command = [str(LAUNCHER), '-n', '2', '--master_port', str(free_port()), str(WORKER), '--output', str(tmp_path)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_script(WORKER, '--output', str(tmp_path), processes=2)
     results = torch.load(tmp_path / 'results.pt')
     assert results['world_size'] == 2
     # 48 examples, 2 processes, 4 batches of 6 each per epoch; with a cache the teacher runs in epoch 1 only.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from test_examples import load_example
 
 
@@ -17,14 +16,6 @@ def lm():
 @pytest.fixture(scope='module')
 def features():
     return load_example('feature_distillation')
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_lm_text_is_real_english_split_by_document(lm):

@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from sphinx.util.inventory import InventoryFile
 
 import composer_kd
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')

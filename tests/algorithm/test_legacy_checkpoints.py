@@ -12,8 +12,9 @@ import sys
 
 import pytest
 import torch
+from conftest import TEST_DATA
 
-HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'legacy')
+HERE = str(TEST_DATA / 'legacy')
 sys.path.insert(0, HERE)
 
 from make_checkpoints import SETUPS, mlp, student_state, trainer  # noqa: E402

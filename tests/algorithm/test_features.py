@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from composer import Callback, Trainer
+from composer import Trainer
 from composer.models import ComposerClassifier, HuggingFaceModel
-from conftest import N_CLASSES, N_FEATURES, make_dataloader
+from conftest import N_CLASSES, N_FEATURES, AfterLossRecorder
+from conftest import fit as fit_on
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -20,34 +21,9 @@ def mlp(width: int, activation: nn.Module, seed: int) -> nn.Sequential:
     return nn.Sequential(nn.Sequential(nn.Linear(N_FEATURES, width), activation), nn.Linear(width, N_CLASSES))
 
 
-class Steps(Callback):
-    def __init__(self):
-        self.steps = []
-
-    def after_loss(self, state, logger):
-        batch = state.batch
-        self.steps.append(
-            {
-                'batch': {k: v.clone() for k, v in batch.items()} if isinstance(batch, dict) else batch[0].clone(),
-                'loss': {k: v.detach().clone() for k, v in state.loss.items()},
-            }
-        )
-
-
-def fit(student, algorithm, dataloader=None, max_duration='1ep', **kwargs) -> tuple[Trainer, Steps]:
-    steps = Steps()
-    trainer = Trainer(
-        model=student,
-        train_dataloader=dataloader if dataloader is not None else make_dataloader(),
-        max_duration=max_duration,
-        algorithms=[algorithm],
-        callbacks=[steps],
-        device='cpu',
-        progress_bar=False,
-        seed=3,
-        **kwargs,
-    )
-    trainer.fit()
+def fit(student, algorithm, dataloader=None, max_duration='1ep', **kwargs) -> tuple[Trainer, AfterLossRecorder]:
+    steps = AfterLossRecorder()
+    trainer = fit_on(student, [algorithm], dataloader, max_duration, [steps], seed=3, **kwargs)
     return trainer, steps
 
 
@@ -59,7 +35,7 @@ def test_nested_module_features_equal_the_formula(path):
     algorithm = Distillation(teacher, org_loss_weight=1.0, kd_loss_weight=1.0, feature_pairs=[pair])
     _, steps = fit(ComposerClassifier(student_net, num_classes=N_CLASSES), algorithm, max_duration='1ba')
     assert not algorithm.projections  # same width: nothing to learn
-    x, loss = steps.steps[0]['batch'], steps.steps[0]['loss']
+    x, loss = steps.steps[0]['inputs'], steps.steps[0]['loss']
     student_features = torch.relu(F.linear(x, initial[0], initial[1]))
     expected = F.mse_loss(student_features, teacher[0](x))
     assert loss['feature_0'].item() == pytest.approx(expected.item(), rel=1e-5)

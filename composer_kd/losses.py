@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from composer_kd.objective import takes_labels, takes_mask
-
 __all__ = [
     'LOSSES',
     'CosineDistance',
@@ -799,6 +797,15 @@ def standardize_logits(logits: torch.Tensor, dim: int = -1, eps: float = 1e-7) -
     return torch.where(finite, centered / std, x)
 
 
+def _takes_argument(fn: Callable, name: str) -> bool:
+    """Whether the loss ``fn`` (a module: its ``forward``) accepts the argument ``name``."""
+    target = fn.forward if isinstance(fn, nn.Module) else fn
+    try:
+        return name in inspect.signature(target).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+
+
 class Standardized(nn.Module):
     r"""Logit standardization (Sun et al., CVPR 2024) in front of any distillation loss.
 
@@ -845,8 +852,8 @@ class Standardized(nn.Module):
             raise ValueError('Standardized needs a loss whose class dimension is the last (softmax_dim=-1).')
         self.loss = loss
         self.eps = float(eps)
-        self._takes_mask = takes_mask(loss)
-        self._takes_labels = takes_labels(loss)
+        self._takes_mask = _takes_argument(loss, 'mask')
+        self._takes_labels = _takes_argument(loss, 'labels')
 
     @property
     def temperature(self) -> float:

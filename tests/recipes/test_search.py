@@ -12,6 +12,8 @@ from composer_kd import DecoupledKD, KLDivergence, distill
 from composer_kd.reporting import format_summary
 from composer_kd.search import Candidate, SearchSpec, run_search, search_spec
 
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 DEFAULTS = dict(kd_loss='kl', temperature=None, kd_loss_weight=1.0, org_loss_weight=1.0, max_duration='8ba')
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import EXAMPLES
 
-EXAMPLE = Path(__file__).resolve().parents[1] / 'examples' / 'digits_full_labels.py'
+EXAMPLE = EXAMPLES / 'digits_full_labels.py'
 
 
 @pytest.fixture(scope='module')

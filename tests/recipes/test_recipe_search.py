@@ -15,6 +15,8 @@ GRID = (
     'search={losses: [{name: kl}, {name: dkd, options: {beta: 2}}, {name: kl, options: {standardize: true}}], '
     'temperatures: [2, 4], kd_loss_weights: [1], max_duration: 6ba}'
 )
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 FULL_LABELS = [
     'data.digits.per_class=null',
     'data.eval_splits=[val,test]',
@@ -24,14 +26,6 @@ FULL_LABELS = [
     'eval_interval=6ba',
     'teachers.0.train.max_duration=8ba',
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_search_section_chooses_on_val_and_reports_on_test(monkeypatch):

@@ -6,9 +6,8 @@ import pytest
 import torch
 from composer import Trainer
 from composer.models import HuggingFaceModel
-from conftest import N_CLASSES, make_dataloader, make_student, make_teacher
-from test_distillation import Recorder
-from test_nlp import SEQ, LossRecorder, gpt2, text_batches
+from conftest import N_CLASSES, AfterLossRecorder, make_dataloader, make_student, make_teacher
+from test_nlp import SEQ, gpt2, text_batches
 
 from composer_kd import DecoupledKD, Distillation, KLDivergence, Standardized, decoupled_kd, distillation_loss
 from composer_kd.objective import takes_labels
@@ -44,7 +43,7 @@ def fit(algorithm, dataloader=None, callbacks=(), microbatch=None) -> Trainer:
 
 def test_classifier_batches_give_their_targets_to_dkd():
     teacher = make_teacher()
-    recorder = Recorder()
+    recorder = AfterLossRecorder()
     fit(Distillation(teacher, DecoupledKD(temperature=2.0, alpha=1.0, beta=3.0)), callbacks=[recorder], microbatch=4)
     assert len(recorder.steps) == 4  # 2 batches of 8 in microbatches of 4: labels follow each microbatch
     teacher.eval()
@@ -81,7 +80,7 @@ def test_causal_lm_dkd_targets_are_the_next_tokens():
     torch.manual_seed(4)
     teacher = gpt2(2, 32)
     student = HuggingFaceModel(gpt2(1, 16), use_logits=True)
-    recorder = LossRecorder()
+    recorder = AfterLossRecorder()
     Trainer(
         model=student,
         train_dataloader=text_batches(token_labels=True),

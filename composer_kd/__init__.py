@@ -38,25 +38,32 @@ if TYPE_CHECKING:  # the names as type checkers and editors see them
         LOSSES,
         CosineDistance,
         DecoupledKD,
+        GeneralizedJSD,
         JensenShannonDivergence,
         KLDivergence,
         LogitsMSE,
         ReverseKLDivergence,
+        SkewKLDivergence,
+        SkewReverseKLDivergence,
         SoftCrossEntropy,
         Standardized,
         chunked_kl_divergence,
         cosine_distance,
         decoupled_kd,
+        generalized_jsd,
         get_loss,
         jensen_shannon_divergence,
         kl_divergence,
         logits_mse,
         reverse_kl_divergence,
+        skew_kl_divergence,
+        skew_reverse_kl_divergence,
         soft_cross_entropy,
         standardize_logits,
     )
     from composer_kd.multitask import DistillationTask, MultiTaskClassifier, TaskAccuracy, task_distillations
     from composer_kd.objective import CombinedLoss, combine_losses, distillation_loss
+    from composer_kd.onpolicy import OnPolicy
     from composer_kd.schedules import ConstantSchedule, CosineSchedule, LinearSchedule, Schedule
     from composer_kd.student_init import student_from_teacher_layers
     from composer_kd.teachers import TeacherInference, average_logits, sample_teachers
@@ -117,6 +124,14 @@ __all__ = [
     'topk_compress',
     'topk_logits',
     'task_distillations',
+    # Divergences for on-policy distillation of generative models.
+    'GeneralizedJSD',
+    'SkewKLDivergence',
+    'SkewReverseKLDivergence',
+    'generalized_jsd',
+    'skew_kl_divergence',
+    'skew_reverse_kl_divergence',
+    'OnPolicy',
 ]
 
 _EXPORTED_FROM = {
@@ -164,12 +179,20 @@ _EXPORTED_FROM = {
         'reverse_kl_divergence',
         'soft_cross_entropy',
         'standardize_logits',
+        # Divergences for on-policy distillation of generative models.
+        'GeneralizedJSD',
+        'SkewKLDivergence',
+        'SkewReverseKLDivergence',
+        'generalized_jsd',
+        'skew_kl_divergence',
+        'skew_reverse_kl_divergence',
     ),
     'composer_kd.multitask': ('DistillationTask', 'MultiTaskClassifier', 'TaskAccuracy', 'task_distillations'),
     'composer_kd.schedules': ('ConstantSchedule', 'CosineSchedule', 'LinearSchedule', 'Schedule'),
     'composer_kd.student_init': ('student_from_teacher_layers',),
     'composer_kd.teachers': ('TeacherInference', 'average_logits', 'sample_teachers'),
     'composer_kd.checkpoints': ('load_teacher_checkpoint',),
+    'composer_kd.onpolicy': ('OnPolicy',),
 }
 #: Where each exported name lives: ``{name: module}``.
 EXPORTS = {name: module for module, names in _EXPORTED_FROM.items() for name in names}

@@ -31,6 +31,7 @@ from composer_kd.objective import (
     takes_labels,
     takes_mask,
 )
+from composer_kd.onpolicy import OnPolicy, OnPolicyFit
 from composer_kd.outputs import Key, extract_logits, is_causal_lm, target_labels, token_mask
 from composer_kd.schedules import Schedule, ScheduleOrValue, value_at
 from composer_kd.teachers import (
@@ -158,6 +159,10 @@ class Distillation(Algorithm):
             instances' ``org_loss_weight`` (see :func:`combine_losses`; leave it at 1.0 on all but one).
             Letters, digits, ``_`` and ``-``. Default: ``None``, the terms are ``'kd'`` and ``'feature_<i>'``; two
             instances of one trainer with the same name are refused when the trainer is built.
+        on_policy (OnPolicy, optional): Train a causal language model on continuations of the batch's prompts that it
+            generates itself (or, with ``source='teacher'``, the first teacher generates), for a share of the batches
+            (see :class:`~composer_kd.onpolicy.OnPolicy`). Not with ``teacher_cache`` (generated sequences are new
+            every time). Default: none, every batch is the dataset's.
 
     Example:
         .. testcode::
@@ -209,6 +214,7 @@ class Distillation(Algorithm):
         teacher_inference: Optional[TeacherInference] = None,
         teacher_cache: Optional[TeacherCache] = None,
         name: Optional[str] = None,
+        on_policy: Optional[OnPolicy] = None,
     ):
         if name is not None and not (isinstance(name, str) and _NAME.fullmatch(name)):
             raise ValueError(f'name must be a non-empty string of letters, digits, _ and -, got {name!r}.')
@@ -280,6 +286,16 @@ class Distillation(Algorithm):
                     "teacher's intermediate outputs at every step. Drop one of the two."
                 )
         self.teacher_cache = teacher_cache
+        if on_policy is not None:
+            if not isinstance(on_policy, OnPolicy):
+                raise TypeError(f'on_policy must be an OnPolicy, got {type(on_policy).__name__}.')
+            if teacher_cache is not None:
+                raise ValueError(
+                    'on_policy cannot be combined with teacher_cache: the cache holds teacher logits per dataset '
+                    'example, and generated sequences are new at every step. Drop one of the two.'
+                )
+        self.on_policy = on_policy
+        self._on_policy_fit: Optional[OnPolicyFit] = None
         self.features = FeatureDistillation(feature_pairs, n_teachers, name=name)
 
         # Set at fit start: the teachers as they run, the cache's state for the fit, the window in the trainer's
@@ -309,6 +325,7 @@ class Distillation(Algorithm):
             f'temperature={self.temperature}, n_teachers_to_sample={self.n_teachers_to_sample}, '
             f'start={self.start}, end={self.end}'
             + ('' if self.teacher_cache is None else f', teacher_cache={self.teacher_cache!r}')
+            + ('' if self.on_policy is None else f', on_policy={self.on_policy!r}')
             + ')'
         )
 
@@ -331,12 +348,16 @@ class Distillation(Algorithm):
         state = super().state_dict()
         if self.teacher_cache is not None:
             state['teacher_cache'] = self.teacher_cache.state_dict()
+        if self.on_policy is not None:
+            state['on_policy'] = self.on_policy.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if self.teacher_cache is not None and 'teacher_cache' in state:
             self.teacher_cache.load_state_dict(state['teacher_cache'])
+        if self.on_policy is not None and 'on_policy' in state:
+            self.on_policy.load_state_dict(state['on_policy'])
 
     def match(self, event: Event, state: State) -> bool:
         # Identity tests and one set lookup: match runs for every event of every step, and equality of
@@ -350,6 +371,9 @@ class Distillation(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event is Event.AFTER_LOSS:
             self._distill(state)
+            return
+        if event is OnPolicyFit.EVENT and self._on_policy_fit is not None:
+            self._on_policy_fit.prepare_batch(state, logger, distilling=bool(self._teachers_for_batch(state)))
             return
         if self._cached_fit is not None and event in CachedFit.EVENTS:
             self._cached_fit.on_event(event, state)
@@ -368,6 +392,8 @@ class Distillation(Algorithm):
         elif event is Event.INIT:
             self._check_unique_name(state)
             self.features.init(state, self.teachers.modules)
+            if self.on_policy is not None:
+                self.on_policy.check(state, self.teachers.modules)
         elif event is Event.FIT_START:
             self._fit_start(state, logger)
         elif event is Event.FIT_END:
@@ -409,6 +435,10 @@ class Distillation(Algorithm):
             )
         self._start = to_trainer_time(self.start, state)
         self._end = None if self.end is None else to_trainer_time(self.end, state)
+        if self.on_policy is not None:
+            self._on_policy_fit = self.on_policy.start(
+                state, [r.module for r in self._runners], self._log_key('').rstrip('/')
+            )
         # Only the events these settings need: every event an algorithm handles costs Composer's engine a trace
         # and a log call, which on a GPU at millisecond steps is a visible share of the step.
         events = set(_FIT_BOUNDARIES)
@@ -423,10 +453,13 @@ class Distillation(Algorithm):
             events.add(Event.AFTER_TRAIN_BATCH)
         if self._cached_fit is not None:
             events |= CachedFit.EVENTS
+        if self._on_policy_fit is not None:
+            events.add(OnPolicyFit.EVENT)
         self._events = frozenset(events)
 
     def _fit_end(self) -> None:
         self._cached_fit = None
+        self._on_policy_fit = None
         self._active_teachers = []
         self._events = _FIT_BOUNDARIES
         self._guard.reset()
@@ -528,7 +561,12 @@ class Distillation(Algorithm):
         )
         features = self.features.losses(state.batch, self._active_teachers, usable) if self.features else {}
         kd_loss = NonFiniteGuard.mask(kd_loss, usable)
-        state.loss = combine_losses(state.loss, kd_loss, *self._weights, extra_terms=features, name=self.name)
+        org_loss_weight, kd_loss_weight = self._weights
+        if self._on_policy_fit is not None:  # the student's loss on its own samples is not trained on
+            org_loss_weight = self._on_policy_fit.org_loss_weight(org_loss_weight)
+        state.loss = combine_losses(
+            state.loss, kd_loss, org_loss_weight, kd_loss_weight, extra_terms=features, name=self.name
+        )
 
 
 # help(), editors and the API reference show the constructor's parameters rather than __new__'s catch-all.

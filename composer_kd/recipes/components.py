@@ -20,6 +20,7 @@ from composer_kd.distillation import Distillation
 from composer_kd.features import FeaturePair
 from composer_kd.losses import loss_from_name
 from composer_kd.multitask import DistillationTask, task_distillations
+from composer_kd.onpolicy import OnPolicy
 from composer_kd.recipes.loader import RecipeError
 from composer_kd.recipes.models import TaskInfo
 from composer_kd.recipes.schema import ComponentSpec, OptimizerSpec, Recipe, ScheduleSpec
@@ -145,6 +146,7 @@ def build_distillation(recipe: Recipe, teachers: Sequence[ComposerModel]) -> Dis
             end=time_or_fraction(d.end),
             temperature=schedules.get('temperature'),
             feature_pairs=[FeaturePair(**dataclasses.asdict(pair)) for pair in d.feature_pairs],
+            on_policy=None if d.on_policy is None else OnPolicy(**dataclasses.asdict(d.on_policy)),
         )
     except (TypeError, ValueError) as e:
         raise RecipeError('recipe', [f'distillation: {e}']) from e

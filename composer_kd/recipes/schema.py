@@ -23,6 +23,7 @@ __all__ = [
     'ImageFolderSpec',
     'LossSpec',
     'ModelSpec',
+    'OnPolicySpec',
     'OptimizerSpec',
     'PruningSpec',
     'QATSpec',
@@ -261,6 +262,27 @@ class TaskSpec:
 
 
 @dataclass
+class OnPolicySpec:
+    """Arguments of :class:`composer_kd.OnPolicy`: train a causal language model on continuations it generates.
+
+    ``fraction`` of the batches (GKD's lambda, in ``[0, 1]``) are continued from their prompts (``prompt_length_key``
+    or ``prompt_mask_key`` of the batch) by the student (``source: student``) or the first teacher
+    (``source: teacher``, sequence-level distillation), ``max_new_tokens`` tokens at ``temperature`` (0: greedy).
+    The student must be a model that generates text (a Hugging Face decoder-only language model).
+    """
+
+    fraction: float = 1.0
+    source: str = 'student'
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    prompt_length_key: str = 'prompt_length'
+    prompt_mask_key: str = 'prompt_mask'
+    pad_token_id: Optional[int] = None
+    cache_teacher_sequences: bool = False
+    org_loss_on_student_samples: bool = False
+
+
+@dataclass
 class DistillationSpec:
     """Every argument of :class:`composer_kd.Distillation`.
 
@@ -272,6 +294,8 @@ class DistillationSpec:
     ``enabled: false`` trains the student alone (the teachers are still built, trained and evaluated).
     ``tasks`` distils a multi-task student: one ``Distillation`` per task, each with its own teachers, weight and
     temperature, while ``org_loss_weight`` weights the student's own loss once.
+    ``on_policy`` trains a causal language model on sequences it (or the teacher) generates (see
+    :class:`OnPolicySpec`).
     """
 
     enabled: bool = True
@@ -286,6 +310,7 @@ class DistillationSpec:
     schedules: dict[str, ScheduleSpec] = field(default_factory=dict)
     feature_pairs: list[FeaturePairSpec] = field(default_factory=list)
     tasks: list[TaskSpec] = field(default_factory=list)
+    on_policy: Optional[OnPolicySpec] = None
 
 
 @dataclass

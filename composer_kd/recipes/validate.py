@@ -7,6 +7,7 @@ thing. Nothing here downloads or trains.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -15,6 +16,7 @@ import torch
 from composer_kd.compression import QAT_BACKENDS
 from composer_kd.features import FEATURE_LOSSES
 from composer_kd.losses import LOSS_ALIASES, LOSSES, canonical_loss_name, loss_from_name
+from composer_kd.onpolicy import OnPolicy
 from composer_kd.recipes.data import GLUE_TASKS, glue_files
 from composer_kd.recipes.datasets import DATASETS, FILE_DATASETS
 from composer_kd.recipes.files import check_image_folder, check_text_files
@@ -351,6 +353,25 @@ def _check_search(recipe: Recipe, problems: Problems) -> None:
         )
 
 
+def _check_on_policy(recipe: Recipe, problems: Problems) -> None:
+    spec, key = recipe.distillation.on_policy, 'distillation.on_policy'
+    if spec is None:
+        return
+    try:
+        OnPolicy(**dataclasses.asdict(spec))
+    except ValueError as e:
+        problems.add(key, str(e))
+    if recipe.distillation.tasks:
+        problems.add(key, 'cannot be combined with distillation.tasks (multi-task students are classifiers)')
+    # Every model kind a recipe builds is a classifier; none generates text.
+    problems.add(
+        key,
+        f'needs a student that generates text (a Hugging Face decoder-only language model), and a recipe builds '
+        f'a classifier (student.kind {recipe.student.kind!r}); use Distillation(on_policy=OnPolicy(...)) in '
+        'Python with a causal language model (examples/onpolicy_distillation.py)',
+    )
+
+
 def _check_compression(recipe: Recipe, problems: Problems) -> None:
     qat, pruning, key = recipe.compression.qat, recipe.compression.pruning, 'compression'
     if qat is not None:
@@ -418,6 +439,7 @@ def check_recipe(recipe: Recipe, *, teachers_given: bool = False) -> list[str]:
     _check_data(recipe.data, 'data', problems, recipe.student)
     _check_distillation(recipe, problems)
     _check_search(recipe, problems)
+    _check_on_policy(recipe, problems)
     _check_compression(recipe, problems)
 
     check_tasks(recipe, problems)

@@ -1,0 +1,656 @@
+"""On-policy distillation of causal language models: training on sequences the student (or the teacher) generates.
+
+A student trained only on fixed text learns the teacher's next token on prefixes of that text, not on the
+prefixes it produces itself when it generates; its errors then compound (exposure bias). On-policy distillation
+(Generalized Knowledge Distillation, Agarwal et al., 2024; MiniLLM; DistiLLM) lets the student continue the
+batch's prompts and has the teacher score every generated token, so the loss is taken where the student goes.
+Sequence-level distillation (Kim and Rush, 2016) trains on the teacher's continuations instead.
+
+The pieces are pure functions, and one object, :class:`OnPolicy`, that :class:`~composer_kd.Distillation` takes as
+``on_policy=``:
+
+* :func:`is_generated_step` decides which batches are generated, from the seed and the step alone;
+* :func:`split_prompts` reads each row's prompt from a batch (a prompt mask or a prompt length);
+* :func:`generate_continuations` samples continuations with the KV cache, in eval mode, from a seeded generator;
+* :func:`on_policy_batch` builds the batch the student then trains on: prompt and continuation, right-padded,
+  labels ``-100`` on the prompt and on padding, so that the loss counts the generated tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from composer.core import Event, State, get_precision_context
+from composer.loggers import Logger
+from composer.models import HuggingFaceModel
+from composer.utils import dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from composer_kd.losses import IGNORE_INDEX
+from composer_kd.schedules import Schedule, ScheduleOrValue, value_at
+
+__all__ = [
+    'OnPolicy',
+    'OnPolicyFit',
+    'generate_continuations',
+    'generative_model',
+    'is_generated_step',
+    'on_policy_batch',
+    'split_prompts',
+]
+
+#: Where a generated batch's continuations come from: the student (on-policy) or the teacher (sequence-level).
+SOURCES = ('student', 'teacher')
+
+# Mixed into the seed so that the draw of generated batches is independent of the draw of sampled teachers.
+_DRAW_STREAM = 0x6F6E_706F
+_GENERATION_STREAM = 0x6765_6E65
+
+
+def _seed(*parts: int) -> int:
+    value = 0
+    for part in parts:
+        value = (value * 1_000_003 + int(part)) % (2**63 - 1)
+    return value
+
+
+def is_generated_step(fraction: float, seed: int, step: int) -> bool:
+    """Whether the batch of ``step`` trains on generated sequences: true for a share ``fraction`` of steps.
+
+    A pure function of ``(seed, step)``, like :func:`~composer_kd.teachers.sample_teachers`: the same on every
+    rank, and the same after a resume, with no generator state to checkpoint. ``fraction=0`` never generates and
+    ``fraction=1`` always does.
+
+    Args:
+        fraction (float): The share of batches to generate, in ``[0, 1]`` (GKD's :math:`\\lambda`).
+        seed (int): The run's seed (Composer's ``rank_zero_seed``).
+        step (int): The batch index.
+
+    Returns:
+        bool: Whether this step's batch is generated.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.onpolicy import is_generated_step
+
+            steps = [is_generated_step(0.5, seed=17, step=step) for step in range(1000)]
+            assert 400 < sum(steps) < 600
+            assert steps == [is_generated_step(0.5, seed=17, step=step) for step in range(1000)]
+            assert not any(is_generated_step(0.0, 17, step) for step in range(100))
+    """
+    if fraction <= 0:
+        return False
+    if fraction >= 1:
+        return True
+    generator = torch.Generator().manual_seed(_seed(seed, _DRAW_STREAM, step))
+    return torch.rand((), generator=generator).item() < fraction
+
+
+def split_prompts(
+    batch: Any,
+    prompt_mask_key: str = 'prompt_mask',
+    prompt_length_key: str = 'prompt_length',
+) -> list[torch.Tensor]:
+    """Each row's prompt: its first tokens, as many as the batch's prompt length or prompt mask says.
+
+    A row's tokens are its ``input_ids`` where ``attention_mask`` is not 0 (all of them without an attention
+    mask), in order, so rows may be padded on either side. ``batch[prompt_length_key]`` (one integer per row)
+    gives how many of them form the prompt; otherwise ``batch[prompt_mask_key]`` (the shape of ``input_ids``,
+    non-zero on prompt tokens) marks them.
+
+    Args:
+        batch (Mapping): A batch with ``input_ids`` and a prompt length or a prompt mask.
+        prompt_mask_key (str, optional): The prompt mask's key. Default: ``'prompt_mask'``.
+        prompt_length_key (str, optional): The prompt lengths' key, used first. Default: ``'prompt_length'``.
+
+    Returns:
+        list[torch.Tensor]: One 1-D tensor of token ids per row, on the batch's device.
+
+    Raises:
+        ValueError: If the batch is not a mapping with ``input_ids``, has neither key, or a row's prompt is empty or
+            longer than the row.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.onpolicy import split_prompts
+
+            batch = {
+                'input_ids': torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]]),
+                'attention_mask': torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
+                'prompt_length': torch.tensor([3, 1]),
+            }
+            assert [p.tolist() for p in split_prompts(batch)] == [[5, 6, 7], [9]]
+    """
+    if not isinstance(batch, Mapping) or not isinstance(batch.get('input_ids'), torch.Tensor):
+        raise ValueError(
+            'On-policy distillation needs batches that are mappings with input_ids (token ids [batch, sequence]), '
+            f'got {type(batch).__name__}.'
+        )
+    input_ids = batch['input_ids']
+    attention_mask = batch.get('attention_mask')
+    present = attention_mask != 0 if isinstance(attention_mask, torch.Tensor) else torch.ones_like(input_ids).bool()
+    if prompt_length_key in batch:
+        lengths = torch.as_tensor(batch[prompt_length_key]).reshape(-1).tolist()
+        if len(lengths) != input_ids.shape[0]:
+            raise ValueError(
+                f"batch['{prompt_length_key}'] holds {len(lengths)} lengths for {input_ids.shape[0]} rows of input_ids."
+            )
+        rows = [ids[keep] for ids, keep in zip(input_ids, present, strict=True)]
+        prompts = []
+        for i, (row, length) in enumerate(zip(rows, lengths, strict=True)):
+            if not 0 < int(length) <= len(row):
+                raise ValueError(
+                    f"Row {i}: batch['{prompt_length_key}'] is {int(length)}, but a prompt needs at least one token "
+                    f'and the row holds {len(row)}.'
+                )
+            prompts.append(row[: int(length)])
+        return prompts
+    if prompt_mask_key in batch:
+        prompt_mask = batch[prompt_mask_key]
+        if not isinstance(prompt_mask, torch.Tensor) or prompt_mask.shape != input_ids.shape:
+            shape = tuple(prompt_mask.shape) if isinstance(prompt_mask, torch.Tensor) else type(prompt_mask).__name__
+            raise ValueError(
+                f"batch['{prompt_mask_key}'] must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}."
+            )
+        prompts = [ids[keep & (marks != 0)] for ids, keep, marks in zip(input_ids, present, prompt_mask, strict=True)]
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"Row {i}: batch['{prompt_mask_key}'] marks no token as its prompt.")
+        return prompts
+    raise ValueError(
+        'On-policy distillation needs to know where each prompt ends, and this batch says neither: it has no '
+        f"'{prompt_length_key}' (prompt tokens per row) and no '{prompt_mask_key}' (non-zero on prompt tokens); its "
+        f'keys are {sorted(batch)}. Add one of them in the collate function, or name yours with '
+        'OnPolicy(prompt_length_key=...) or OnPolicy(prompt_mask_key=...).'
+    )
+
+
+def on_policy_batch(
+    prompts: Sequence[torch.Tensor],
+    continuations: Sequence[torch.Tensor],
+    pad_token_id: int,
+    prompt_length_key: str = 'prompt_length',
+) -> dict[str, torch.Tensor]:
+    """The batch a student trains on: each prompt followed by its continuation, right-padded.
+
+    ``labels`` are the continuation's tokens and ``-100`` on the prompt and on padding, so both the model's own
+    loss and the distillation loss (through :func:`~composer_kd.outputs.token_mask`, with the causal shift) count
+    exactly the positions that predict a continuation token: from the prompt's last token to the continuation's
+    second to last.
+
+    Args:
+        prompts (Sequence[torch.Tensor]): One 1-D tensor of token ids per row.
+        continuations (Sequence[torch.Tensor]): One 1-D tensor per row, possibly empty.
+        pad_token_id (int): The id filling the padding (never counted).
+        prompt_length_key (str, optional): Where the prompts' lengths are recorded. Default: ``'prompt_length'``.
+
+    Returns:
+        dict[str, torch.Tensor]: ``input_ids``, ``attention_mask`` and ``labels`` ``[batch, longest row]`` and
+        the prompt lengths ``[batch]``, on the prompts' device.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.onpolicy import on_policy_batch
+
+            prompts = [torch.tensor([5, 6]), torch.tensor([7])]
+            continuations = [torch.tensor([1, 2]), torch.tensor([3])]
+            batch = on_policy_batch(prompts, continuations, pad_token_id=0)
+            assert batch['input_ids'].tolist() == [[5, 6, 1, 2], [7, 3, 0, 0]]
+            assert batch['attention_mask'].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+            assert batch['labels'].tolist() == [[-100, -100, 1, 2], [-100, 3, -100, -100]]
+            assert batch['prompt_length'].tolist() == [2, 1]
+    """
+    if len(prompts) != len(continuations):
+        raise ValueError(f'{len(prompts)} prompts but {len(continuations)} continuations.')
+    if not prompts:
+        raise ValueError('on_policy_batch needs at least one row.')
+    device = prompts[0].device
+    length = max(len(p) + len(c) for p, c in zip(prompts, continuations, strict=True))
+    rows = len(prompts)
+    input_ids = torch.full((rows, length), int(pad_token_id), dtype=torch.long, device=device)
+    attention_mask = torch.zeros((rows, length), dtype=torch.long, device=device)
+    labels = torch.full((rows, length), IGNORE_INDEX, dtype=torch.long, device=device)
+    for row, (prompt, continuation) in enumerate(zip(prompts, continuations, strict=True)):
+        start, end = len(prompt), len(prompt) + len(continuation)
+        input_ids[row, :start] = prompt
+        input_ids[row, start:end] = continuation.to(device)
+        attention_mask[row, :end] = 1
+        labels[row, start:end] = continuation.to(device)
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
+    return {'input_ids': input_ids, 'attention_mask': attention_mask, 'labels': labels, prompt_length_key: lengths}
+
+
+def generative_model(model: nn.Module, role: str = 'student') -> nn.Module:
+    """The Hugging Face decoder-only language model inside ``model``, the one that can ``generate``.
+
+    DDP's wrapper and Composer's ``HuggingFaceModel`` are looked through: generation runs on the unwrapped module
+    (DDP's forward is for the training step, whose gradients it synchronizes).
+
+    Args:
+        model (nn.Module): A ``PreTrainedModel``, a ``HuggingFaceModel`` around one, or either inside DDP.
+        role (str, optional): ``'student'`` or ``'teacher'``, for the error message. Default: ``'student'``.
+
+    Returns:
+        nn.Module: The ``PreTrainedModel``.
+
+    Raises:
+        ValueError: If it is not a Hugging Face model that can generate, or is an encoder-decoder.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.onpolicy import generative_model
+
+            try:
+                generative_model(torch.nn.Linear(4, 4))
+            except ValueError as error:
+                assert 'cannot generate' in str(error)
+    """
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    module = module.model if isinstance(module, HuggingFaceModel) else module
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        PreTrainedModel = ()  # noqa: N806
+    can_generate = isinstance(module, PreTrainedModel) and bool(module.can_generate())
+    if not can_generate or getattr(module.config, 'is_encoder_decoder', False):
+        kind = 'an encoder-decoder' if can_generate else type(module).__name__
+        raise ValueError(
+            f'On-policy distillation needs a {role} that generates text: a Hugging Face decoder-only language model '
+            f'(a PreTrainedModel such as GPT2LMHeadModel or LlamaForCausalLM, or a Composer HuggingFaceModel around '
+            f'one); the {role} is {kind}, which cannot generate continuations of prompts.'
+        )
+    return module
+
+
+def _pad_left(prompts: Sequence[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(p) for p in prompts)
+    device = prompts[0].device
+    input_ids = torch.full((len(prompts), length), int(pad_token_id), dtype=torch.long, device=device)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt) :] = prompt
+        attention_mask[row, length - len(prompt) :] = 1
+    return input_ids, attention_mask
+
+
+def _cut_at_end_of_sequence(tokens: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """``tokens`` up to and including the first end-of-sequence token (generation pads what follows)."""
+    if not eos_token_ids or len(tokens) == 0:
+        return tokens
+    ends = torch.isin(tokens, torch.tensor(list(eos_token_ids), device=tokens.device)).nonzero()
+    return tokens if len(ends) == 0 else tokens[: int(ends[0]) + 1]
+
+
+def _eos_ids(model: nn.Module, eos_token_id: Optional[Union[int, Sequence[int]]]) -> list[int]:
+    if eos_token_id is None:
+        eos_token_id = getattr(model.generation_config, 'eos_token_id', None)
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    if device.type == 'cuda' and torch.cuda.is_initialized():
+        return list(range(torch.cuda.device_count()))
+    return []
+
+
+def generate_continuations(
+    model: nn.Module,
+    prompts: Sequence[torch.Tensor],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    pad_token_id: int,
+    eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+    seed: int = 0,
+    rows_per_call: Optional[int] = None,
+) -> list[torch.Tensor]:
+    """Sample a continuation of each prompt from ``model`` (a Hugging Face causal LM), reproducibly.
+
+    The model runs in eval mode (dropout off) under ``torch.no_grad()`` with its KV cache, and is given back in
+    the train/eval modes its modules had. Prompts are left-padded for generation, ``rows_per_call`` at a time
+    (to bound the cache's memory, e.g. at the training microbatch size). Sampling draws from the full
+    distribution at ``temperature`` (no top-k or top-p truncation); ``temperature=0`` decodes greedily. The random
+    draws come from ``seed`` alone: the global random state is saved and restored around generation, so neither
+    depends on the other.
+
+    Args:
+        model (nn.Module): The generating model (see :func:`generative_model`).
+        prompts (Sequence[torch.Tensor]): One 1-D tensor of token ids per row, on the model's device.
+        max_new_tokens (int): Tokens generated per row at most.
+        temperature (float, optional): Sampling temperature; ``0`` for greedy decoding. Default: ``1.0``.
+        pad_token_id (int): The padding id.
+        eos_token_id (int | Sequence[int], optional): Tokens that end a sequence: a continuation stops after the
+            first. Default: the model's generation config's.
+        seed (int, optional): Seeds the sampling. Default: ``0``.
+        rows_per_call (int, optional): Rows generated together. Default: all.
+
+    Returns:
+        list[torch.Tensor]: One 1-D tensor of new tokens per row (ending with an end-of-sequence token, or
+        ``max_new_tokens`` long).
+
+    Example:
+        .. testcode::
+
+            import torch
+            from transformers import GPT2Config, GPT2LMHeadModel
+            from composer_kd.onpolicy import generate_continuations
+
+            model = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+            prompts = [torch.tensor([1, 2, 3]), torch.tensor([4])]
+            first = generate_continuations(model, prompts, max_new_tokens=5, pad_token_id=0, eos_token_id=[], seed=3)
+            again = generate_continuations(model, prompts, max_new_tokens=5, pad_token_id=0, eos_token_id=[], seed=3)
+            assert [len(c) for c in first] == [5, 5]
+            assert all(torch.equal(a, b) for a, b in zip(first, again))
+    """
+    if not (isinstance(max_new_tokens, int) and max_new_tokens > 0):
+        raise ValueError(f'max_new_tokens must be a positive integer, got {max_new_tokens!r}.')
+    from transformers import GenerationConfig
+
+    sampling = temperature > 0
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        pad_token_id=int(pad_token_id),
+        eos_token_id=_eos_ids(model, eos_token_id) or None,
+        use_cache=True,
+        **({'temperature': float(temperature), 'top_k': 0, 'top_p': 1.0} if sampling else {}),
+    )
+    eos_ids = _eos_ids(model, eos_token_id)
+    step = rows_per_call or len(prompts)
+    modes = {name: module.training for name, module in model.named_modules()}
+    device = prompts[0].device
+    continuations: list[torch.Tensor] = []
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type):
+            for chunk, start in enumerate(range(0, len(prompts), step)):
+                torch.manual_seed(_seed(seed, _GENERATION_STREAM, chunk))
+                input_ids, attention_mask = _pad_left(prompts[start : start + step], pad_token_id)
+                # use_model_defaults=False: a model's own generation defaults (top-k, a temperature, a repetition
+                # penalty) would change the distribution sampled from.
+                output = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    generation_config=config,
+                    use_model_defaults=False,
+                )
+                continuations.extend(_cut_at_end_of_sequence(row, eos_ids) for row in output[:, input_ids.shape[1] :])
+    finally:
+        for name, module in model.named_modules():
+            module.training = modes.get(name, module.training)
+    return continuations
+
+
+@dataclass
+class OnPolicy:
+    """Train a causal language model on sequences it generates itself, scored token by token by the teacher.
+
+    Given to :class:`~composer_kd.Distillation` as ``on_policy=``. For a share ``fraction`` of training batches
+    (GKD's :math:`\\lambda`; which ones is a function of the seed and the step, see :func:`is_generated_step`), the
+    student continues each row's prompt (see :func:`split_prompts`) by sampling ``max_new_tokens`` tokens at
+    ``temperature`` with its KV cache, in eval mode, before the batch reaches the trainer; the batch is replaced by
+    prompt + continuation (see :func:`on_policy_batch`), and the student's forward pass, the teachers and the
+    distillation loss all see that sequence, the loss counting the generated tokens only. Other batches train on
+    the dataset's own continuations, untouched (``fraction=0`` is plain distillation, exactly).
+
+    With ``source='teacher'`` the first teacher generates instead (sequence-level distillation); with
+    ``cache_teacher_sequences=True`` each prompt's continuation is generated once and reused in later epochs (the
+    cache is kept in the algorithm's checkpoint state).
+
+    On batches the student generated, the model's own loss (its cross-entropy on its own samples, which teaches it
+    nothing about the teacher) enters the total with weight 0 unless ``org_loss_on_student_samples`` is set; on
+    teacher-generated batches it is kept at ``org_loss_weight``: it is sequence-level distillation's objective.
+
+    Generation runs per rank on that rank's batch (under DDP, on the unwrapped module), ``device_train_microbatch_size``
+    rows at a time, under the trainer's precision. Evaluation never generates. The sampling is seeded by the
+    seed, the step and the rank, so a resumed run generates what the uninterrupted run did.
+
+    Args:
+        fraction (float | Schedule, optional): Share of batches trained on generated sequences, in ``[0, 1]``, or
+            a schedule of it. Default: ``1.0``.
+        source (str, optional): ``'student'`` (on-policy) or ``'teacher'`` (sequence-level). Default: ``'student'``.
+        max_new_tokens (int, optional): Tokens generated per prompt at most. Default: ``32``.
+        temperature (float, optional): Sampling temperature, ``>= 0``; ``0`` decodes greedily. Default: ``1.0``.
+        prompt_length_key (str, optional): The batch key holding each row's prompt length. Default:
+            ``'prompt_length'``.
+        prompt_mask_key (str, optional): The batch key of a mask, non-zero on prompt tokens, used when there is no
+            prompt length. Default: ``'prompt_mask'``.
+        pad_token_id (int, optional): Padding id of generated batches. Default: the generating model's
+            ``pad_token_id`` (or its end-of-sequence id).
+        eos_token_id (int | list[int], optional): Tokens that end a continuation. Default: the generating model's.
+        cache_teacher_sequences (bool, optional): With ``source='teacher'``, generate each prompt's continuation
+            once. Default: ``False``.
+        org_loss_on_student_samples (bool, optional): Keep the model's own loss on student-generated batches.
+            Default: ``False``.
+
+    Example:
+        .. testcode::
+
+            from transformers import GPT2Config, GPT2LMHeadModel
+            from composer_kd import Distillation, GeneralizedJSD, OnPolicy
+
+            teacher = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=64, n_embd=16, n_layer=1, n_head=2))
+            distillation = Distillation(
+                teacher,
+                kd_loss_fn=GeneralizedJSD(beta=0.5),
+                org_loss_weight=0.0,
+                on_policy=OnPolicy(fraction=0.5, max_new_tokens=16, temperature=1.0),
+            )
+    """
+
+    fraction: ScheduleOrValue = 1.0
+    source: str = 'student'
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    prompt_length_key: str = 'prompt_length'
+    prompt_mask_key: str = 'prompt_mask'
+    pad_token_id: Optional[int] = None
+    eos_token_id: Optional[Union[int, list[int]]] = None
+    cache_teacher_sequences: bool = False
+    org_loss_on_student_samples: bool = False
+    teacher_sequences: dict[tuple[int, ...], list[int]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        low, high = self.fraction.bounds if isinstance(self.fraction, Schedule) else (self.fraction,) * 2
+        for value in (low, high):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise ValueError(
+                    f'OnPolicy fraction (the share of batches trained on generated sequences) must lie in [0, 1], '
+                    f'got {self.fraction!r}.'
+                )
+        if self.source not in SOURCES:
+            raise ValueError(
+                f"OnPolicy source must be 'student' (on-policy) or 'teacher' (sequence-level), got {self.source!r}."
+            )
+        if not (isinstance(self.max_new_tokens, int) and not isinstance(self.max_new_tokens, bool)):
+            raise ValueError(f'OnPolicy max_new_tokens must be a positive integer, got {self.max_new_tokens!r}.')
+        if self.max_new_tokens <= 0:
+            raise ValueError(f'OnPolicy max_new_tokens must be a positive integer, got {self.max_new_tokens!r}.')
+        temperature_ok = isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
+        if not (temperature_ok and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f'OnPolicy temperature must be >= 0 (0: greedy), got {self.temperature!r}.')
+        if self.cache_teacher_sequences and self.source != 'teacher':
+            raise ValueError(
+                "OnPolicy cache_teacher_sequences=True needs source='teacher': the student's own samples change as "
+                'it trains, and reusing them would no longer be on-policy.'
+            )
+
+    def start(self, state: State, teachers: Sequence[nn.Module], log_prefix: str = 'distillation') -> OnPolicyFit:
+        """Check the student (and, for ``source='teacher'``, the first teacher) and begin a fit.
+
+        Args:
+            state (State): The trainer's state at the fit's start.
+            teachers (Sequence[nn.Module]): The teachers as they run (placed, frozen).
+            log_prefix (str, optional): Prefix of the logged values. Default: ``'distillation'``.
+
+        Returns:
+            OnPolicyFit: What replaces the batches during this fit.
+
+        Raises:
+            ValueError: For a student or teacher that cannot generate, or an FSDP-sharded student.
+        """
+        student = generative_model(state.model, 'student')
+        if getattr(state, 'fsdp_enabled', False):
+            raise ValueError(
+                'On-policy distillation does not support FSDP: generation would need the sharded parameters '
+                'gathered at every step. Use DDP or a single device.'
+            )
+        generator = generative_model(teachers[0], 'teacher') if self.source == 'teacher' else student
+        return OnPolicyFit(self, generator, student, log_prefix)
+
+    def check(self, state: State, teachers: Sequence[nn.Module]) -> None:
+        """Refuse, when the trainer is built, a student (or generating teacher) that cannot generate, and a second
+        algorithm of the trainer that also replaces batches with generated ones.
+
+        Args:
+            state (State): The trainer's state at ``Event.INIT``.
+            teachers (Sequence[nn.Module]): The teachers, as given.
+        """
+        generating = [a for a in state.algorithms if isinstance(getattr(a, 'on_policy', None), OnPolicy)]
+        if len(generating) > 1:
+            raise ValueError(
+                f'{len(generating)} algorithms of this Trainer have on_policy set; each would replace the batch with '
+                'its own generations. Give on_policy to one of them.'
+            )
+        generative_model(state.model, 'student')
+        if self.source == 'teacher':
+            generative_model(teachers[0], 'teacher')
+
+    def state_dict(self) -> dict[str, Any]:
+        """The teacher's cached continuations (empty unless ``cache_teacher_sequences``)."""
+        return {'teacher_sequences': [[list(k), v] for k, v in self.teacher_sequences.items()]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.teacher_sequences = {tuple(k): list(v) for k, v in state.get('teacher_sequences', [])}
+
+
+def _pad_id(model: nn.Module, options: OnPolicy) -> int:
+    for candidate in (
+        options.pad_token_id,
+        getattr(model.config, 'pad_token_id', None),
+        getattr(model.generation_config, 'pad_token_id', None),
+        *_eos_ids(model, options.eos_token_id)[:1],
+    ):
+        if candidate is not None:
+            return int(candidate)
+    raise ValueError(
+        'On-policy distillation needs a padding id for generated batches, and the model names none (no '
+        'pad_token_id, no eos_token_id in its config): pass OnPolicy(pad_token_id=...).'
+    )
+
+
+def _position_limit(model: nn.Module) -> Optional[int]:
+    # Learned position embeddings (GPT-2) fail beyond their table; rotary ones (Llama) do not, so only a model
+    # whose config names n_positions is held to it.
+    return getattr(model.config, 'n_positions', None)
+
+
+class OnPolicyFit:
+    """One fit's on-policy generation: decides each batch, generates, replaces ``state.batch``.
+
+    Built by :meth:`OnPolicy.start`; :class:`~composer_kd.Distillation` calls :meth:`prepare_batch` at
+    ``Event.AFTER_DATALOADER`` (before Composer splits the batch into microbatches and before the student's
+    forward pass) and asks :meth:`org_loss_weight` when combining the loss.
+
+    Args:
+        options (OnPolicy): The settings (and the teacher-sequence cache).
+        generator (nn.Module): The model that generates (the student, or the first teacher).
+        student (nn.Module): The student's ``PreTrainedModel``.
+        log_prefix (str): Prefix of the logged values.
+    """
+
+    EVENT = Event.AFTER_DATALOADER
+
+    def __init__(self, options: OnPolicy, generator: nn.Module, student: nn.Module, log_prefix: str):
+        self.options = options
+        self.generator = generator
+        self.student = student
+        self.pad_token_id = _pad_id(generator, options)
+        self.log_prefix = log_prefix
+        #: Whether the current batch was generated by the student (its own loss is then weighted 0).
+        self.student_generated = False
+
+    def org_loss_weight(self, weight: float) -> float:
+        """The weight of the model's own loss on the current batch, given the one in force."""
+        if self.student_generated and not self.options.org_loss_on_student_samples:
+            return 0.0
+        return weight
+
+    def prepare_batch(self, state: State, logger: Logger, distilling: bool) -> None:
+        """Replace ``state.batch`` by a generated batch if this step is chosen (and distillation is on).
+
+        Args:
+            state (State): The trainer's state, holding the dataloader's batch.
+            logger (Logger): Receives ``<prefix>/generated`` (1 or 0) and ``<prefix>/generation_seconds``.
+            distilling (bool): Whether distillation is active at this batch (inside its window).
+        """
+        step = int(state.timestamp.batch)
+        fraction = value_at(self.options.fraction, state)
+        generate = distilling and is_generated_step(fraction, state.rank_zero_seed, step)
+        self.student_generated = generate and self.options.source == 'student'
+        if not generate:
+            logger.log_metrics({f'{self.log_prefix}/generated': 0.0})
+            return
+        began = time.perf_counter()
+        batch = state.device.batch_to_device(state.batch)
+        prompts = split_prompts(batch, self.options.prompt_mask_key, self.options.prompt_length_key)
+        limit = _position_limit(self.generator)
+        longest = max(len(p) for p in prompts)
+        if limit is not None and longest + self.options.max_new_tokens > limit:
+            raise ValueError(
+                f'A prompt of {longest} tokens plus max_new_tokens={self.options.max_new_tokens} exceeds the '
+                f"{self.options.source}'s {limit} positions: shorten the prompts or max_new_tokens."
+            )
+        seed = _seed(state.rank_zero_seed, step, dist.get_global_rank())
+        microbatch = state.device_train_microbatch_size
+        rows_per_call = int(microbatch) if isinstance(microbatch, (int, float)) and microbatch >= 1 else None
+        with get_precision_context(state.precision, state.precision_config):
+            continuations = self._continuations(prompts, seed, rows_per_call)
+        state.batch = on_policy_batch(prompts, continuations, self.pad_token_id, self.options.prompt_length_key)
+        seconds = time.perf_counter() - began
+        logger.log_metrics({f'{self.log_prefix}/generated': 1.0, f'{self.log_prefix}/generation_seconds': seconds})
+
+    def _continuations(
+        self, prompts: list[torch.Tensor], seed: int, rows_per_call: Optional[int]
+    ) -> list[torch.Tensor]:
+        options = self.options
+
+        def generate(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+            return generate_continuations(
+                self.generator,
+                rows,
+                max_new_tokens=options.max_new_tokens,
+                temperature=options.temperature,
+                pad_token_id=self.pad_token_id,
+                eos_token_id=options.eos_token_id,
+                seed=seed,
+                rows_per_call=rows_per_call,
+            )
+
+        if not options.cache_teacher_sequences:
+            return generate(prompts)
+        cache = options.teacher_sequences
+        keys = [tuple(p.tolist()) for p in prompts]
+        missing = [i for i, key in enumerate(keys) if key not in cache]
+        if missing:
+            for i, continuation in zip(missing, generate([prompts[i] for i in missing]), strict=True):
+                cache[keys[i]] = continuation.tolist()
+        device = prompts[0].device
+        return [torch.tensor(cache[key], dtype=torch.long, device=device) for key in keys]

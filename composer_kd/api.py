@@ -23,6 +23,7 @@ from composer.core import Algorithm, Callback, Precision, Time
 from composer.devices import Device
 from composer.loggers import LoggerDestination
 from composer.models import ComposerModel
+from composer.utils import reproducibility
 from torch import nn
 
 from composer_kd.adapters import (
@@ -42,6 +43,7 @@ from composer_kd.losses import LOSSES, canonical_loss_name, loss_from_name
 from composer_kd.multitask import DistillationTask, task_distillations
 from composer_kd.reporting import RunSummary, TeacherEntry, evaluate_model, fit_and_report
 from composer_kd.schedules import ScheduleOrValue
+from composer_kd.search import Candidate, SearchReport, check_split, run_search, search_spec
 from composer_kd.teachers import FrozenTeachers, TeacherSpec, resolve_teachers
 from composer_kd.training import DEVICES, PRECISIONS, build_optimizer, check_optimizer, make_trainer
 
@@ -273,6 +275,7 @@ def distill(
     eval_interval: Optional[Union[str, int]] = None,
     progress_bar: bool = False,
     measure_speed: bool = True,
+    search: Optional[Mapping[str, Any]] = None,
     trainer_kwargs: Optional[Mapping[str, Any]] = None,
     **options: Any,
 ) -> DistillResult:
@@ -332,6 +335,15 @@ def distill(
         progress_bar (bool, optional): Composer's progress bar. Default: ``False``.
         measure_speed (bool, optional): Time teacher 0's and the student's inference on the first evaluation
             batch (its first 64 examples). Default: ``True``.
+        search (Mapping, optional): Choose the distillation settings on a validation split first: lists of
+            ``kd_loss`` (names, ``{'name': ..., **options}`` such as ``{'name': 'kl', 'standardize': True}``, or
+            loss objects), ``temperature``, ``kd_loss_weight`` and ``org_loss_weight`` (a key left out keeps this
+            call's value), whose product is tried, each candidate from the same initial student with the same
+            batches and seed for ``max_duration`` (give a short budget; default: the full one), and scored on
+            ``split`` (default ``'val'``, a key of ``eval_data``; never ``'test'``) by ``metric`` (default: the
+            student's first). The best is then trained with the full budget and reported on the other splits
+            (the headline is the first of them); ``report.search`` lists every candidate and its score (see
+            :mod:`composer_kd.search`). Default: none, this call's settings are used as they are.
         trainer_kwargs (Mapping, optional): Any other ``Trainer`` argument (``schedulers``,
             ``device_train_microbatch_size``, ``save_interval``, ...).
         **options: Any other ``Distillation`` argument (``n_teachers_to_sample``, ``start``, ``end``,
@@ -376,6 +388,21 @@ def distill(
     if any(isinstance(a, Distillation) for a in algorithms):
         raise ValueError('algorithms: distill() adds its own Distillation; use tasks= for several.')
     kd_loss_fn = _kd_loss_fn(kd_loss, temperature)
+    spec = None
+    if search is not None:
+        if tasks is not None:
+            raise ValueError('search: not available with tasks=; search each task in a call of its own.')
+        if options.get('teacher_cache') is not None:
+            raise ValueError('search: not available with teacher_cache= (each candidate trains a student of its own).')
+        spec = search_spec(
+            search,
+            kd_loss=kd_loss,
+            temperature=temperature,
+            kd_loss_weight=kd_loss_weight,
+            org_loss_weight=org_loss_weight,
+            max_duration=max_duration,
+        )
+        _check_settings(integers={}, flags={}, num_classes=None, max_duration=spec.max_duration)
 
     # Teachers: resolved (checkpoints loaded) and their state recorded, to be given back exactly.
     multitask = tasks is not None
@@ -410,6 +437,10 @@ def distill(
         eval_data = prepare_dataset(eval_data, 'eval_data', hugging_face)
     train_loader = as_loader(train_data, 'train_data', batch_size, shuffle=True, seed=seed)
     splits = eval_loaders(eval_data, eval_batch_size, seed)
+    if spec is not None:
+        check_split(spec, list(splits))
+        # The report's headline is the first split: one the settings were not chosen on.
+        splits = {**{k: v for k, v in splits.items() if k != spec.split}, spec.split: splits[spec.split]}
     sample = first_batch(train_loader, 'train_data')
     check_batch(sample, 'train_data', hugging_face)
     for split, loader in splits.items():
@@ -430,22 +461,37 @@ def distill(
             )
             for i, module in enumerate(teacher_modules)
         ]
-        distillations = [
-            Distillation(
+
+        def distillation(candidate: Candidate) -> Distillation:
+            return Distillation(
                 teachers=teacher_modules,
-                kd_loss_fn=kd_loss_fn,
-                org_loss_weight=org_loss_weight,
-                kd_loss_weight=kd_loss_weight,
-                temperature=temperature,
+                kd_loss_fn=candidate.loss(),
+                org_loss_weight=candidate.org_loss_weight,
+                kd_loss_weight=candidate.kd_loss_weight,
+                temperature=candidate.temperature,
                 **options,
             )
-        ]
+
+        if spec is None:
+            distillations = [
+                Distillation(
+                    teachers=teacher_modules,
+                    kd_loss_fn=kd_loss_fn,
+                    org_loss_weight=org_loss_weight,
+                    kd_loss_weight=kd_loss_weight,
+                    temperature=temperature,
+                    **options,
+                )
+            ]
+        else:
+            for candidate in spec.candidates:  # every candidate's Distillation is checked before anything trains
+                distillation(candidate)
 
     # Everything is checked; from here on the models are used. The teachers' state is put back at the end.
     frozen, placement = FrozenTeachers(teacher_modules), _Placement(teacher_modules)
     frozen.freeze()
     try:
-        alone = copy.deepcopy(wrapped_student) if baseline else None
+        alone = copy.deepcopy(wrapped_student) if baseline or spec is not None else None
         alone_algorithms = copy.deepcopy(algorithms) if baseline else []
         common = dict(
             max_duration=max_duration,
@@ -455,6 +501,23 @@ def distill(
             progress_bar=progress_bar,
             **trainer_kwargs,
         )
+        search_report = None
+        if spec is not None:
+            assert alone is not None  # the student as given: every candidate starts from it
+            search_report = _search(
+                spec,
+                alone,
+                train_loader,
+                splits[spec.split],
+                lambda candidate: [*copy.deepcopy(algorithms), distillation(candidate)],
+                lambda: copy.deepcopy(algorithms),
+                baseline=baseline,
+                optimizer=optimizer,
+                lr=lr,
+                weight_decay=weight_decay,
+                common={**common, 'max_duration': spec.max_duration},
+            )
+            distillations = [distillation(search_report.best)]
         # The optimizer given is the distilled student's own; the student alone gets a fresh one like it.
         trainer = make_trainer(
             wrapped_student,
@@ -499,7 +562,55 @@ def distill(
             speed_batch=speed_batch,
             started=started,
         )
+        report.search = search_report
     finally:
         frozen.restore()
         placement.restore()
     return DistillResult(student, report)
+
+
+def _search(
+    spec: Any,
+    initial: ComposerModel,
+    train_loader: Any,
+    split_loader: Any,
+    distilled_algorithms: Any,
+    alone_algorithms: Any,
+    *,
+    baseline: bool,
+    optimizer: Any,
+    lr: float,
+    weight_decay: float,
+    common: Mapping[str, Any],
+) -> SearchReport:
+    """Train a copy of ``initial`` for each candidate (and alone, with ``baseline``) and score it on one split.
+
+    The candidates' trainers get no evaluation data: the only evaluation is :func:`evaluate_model` on the
+    selection split, after each fit.
+    """
+    seed, device, precision = common['seed'], common.get('device'), common.get('precision')
+
+    def fit_and_score(algorithms: list[Algorithm]) -> tuple[float, str]:
+        model = copy.deepcopy(initial)
+        trainer = make_trainer(
+            model,
+            train_loader,
+            optimizer=build_optimizer(optimizer, model, lr=lr, weight_decay=weight_decay),
+            algorithms=algorithms,
+            **common,
+        )
+        reproducibility.seed_all(seed)
+        trainer.fit()
+        trainer.close()
+        metrics = evaluate_model(model, {spec.split: split_loader}, device=device, precision=precision, seed=seed)
+        values = metrics[spec.split]
+        metric = spec.metric or next(iter(values), None)
+        if metric not in values:
+            raise ValueError(f'search[metric]: the student has no metric {metric!r} (it has: {", ".join(values)}).')
+        return values[metric], metric
+
+    return run_search(
+        spec,
+        lambda candidate: fit_and_score(distilled_algorithms(candidate)),
+        reference=(lambda: fit_and_score(alone_algorithms())) if baseline else None,
+    )

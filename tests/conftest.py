@@ -9,11 +9,13 @@ processes under Composer's launcher) and ``gpu`` (CUDA only, marked ``gpu``).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -175,3 +177,37 @@ class AfterLossRecorder(Callback):
                 'loss': _detached(state.loss),
             }
         )
+
+
+@pytest.fixture(scope='module')
+def nondeterministic_algorithms_allowed():
+    """PyTorch's int8 kernels have no deterministic version, and tests that use Composer's deterministic_mode
+    leave deterministic algorithms switched on for the process: off for the module, restored after."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py``, which is a script directory rather than a package."""
+    spec = importlib.util.spec_from_file_location(f'composer_kd_example_{name}', EXAMPLES / f'{name}.py')
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def small_cnn(n_classes: int = N_CLASSES, seed: int | None = None) -> nn.Module:
+    """A one-convolution CNN with BatchNorm for 3-channel images."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, n_classes),
+    )

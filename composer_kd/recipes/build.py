@@ -198,4 +198,5 @@ def _build_run(
         teacher_trainers=teacher_trainers,
         trainer=trainer,
         loggers=loggers,
+        callbacks=list(callbacks),
     )

@@ -138,7 +138,7 @@ def build_distillation(recipe: Recipe, teachers: Sequence[ComposerModel]) -> Dis
     try:
         return Distillation(
             teachers=list(teachers),
-            kd_loss_fn=loss_from_name(d.loss, d.temperature),
+            kd_loss_fn=loss_from_name(d.loss, d.temperature, **d.loss_options),
             org_loss_weight=schedules.get('org_loss_weight', d.org_loss_weight),
             kd_loss_weight=schedules.get('kd_loss_weight', d.kd_loss_weight),
             n_teachers_to_sample=d.n_teachers_to_sample,
@@ -226,7 +226,9 @@ def build_task_distillations(recipe: Recipe, teachers: Sequence[ComposerModel]) 
             teachers=[teachers[i] for i in task_teachers(recipe, task)],
             kd_loss_weight=task.kd_loss_weight if task.kd_loss_weight is not None else d.kd_loss_weight,
             kd_loss_fn=loss_from_name(
-                task.loss or d.loss, task.temperature if task.temperature is not None else d.temperature
+                task.loss or d.loss,
+                task.temperature if task.temperature is not None else d.temperature,
+                **({} if task.loss else d.loss_options),
             ),
             student_logits_key=task.student_logits_key,
             teacher_logits_key=task.teacher_logits_key,

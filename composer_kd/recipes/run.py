@@ -8,15 +8,18 @@
 
 from __future__ import annotations
 
+import copy
 import glob
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional, Union
 
 import torch
 from composer import Trainer
+from composer.core import Callback
 from composer.models import ComposerModel
+from composer.utils import reproducibility
 
 from composer_kd.compression import (
     convert_to_int8,
@@ -29,7 +32,7 @@ from composer_kd.compression import (
 from composer_kd.recipes.datasets import DataBundle
 from composer_kd.recipes.models import build_model
 from composer_kd.recipes.schema import ModelSpec, Recipe
-from composer_kd.recipes.trainers import LoggerFactory, build_student_alone, eval_splits, evaluate
+from composer_kd.recipes.trainers import LoggerFactory, build_student, build_student_alone, eval_splits, evaluate
 from composer_kd.reporting import (
     SPEED_EXAMPLES,
     ModelReport,
@@ -39,6 +42,7 @@ from composer_kd.reporting import (
     distillation_ratio,
     fit_and_report,
 )
+from composer_kd.search import Candidate, SearchReport, run_search, search_spec
 from composer_kd.training import quiet_plumbing
 
 __all__ = [
@@ -51,6 +55,8 @@ __all__ = [
     'describe_model',
     'distillation_ratio',
     'fit_and_report',
+    'recipe_search',
+    'with_settings',
 ]
 
 
@@ -79,6 +85,82 @@ def describe_compression(recipe: Recipe) -> str:
     return text
 
 
+def _loss_choice(name: str, options: Any) -> Union[str, dict[str, Any]]:
+    return {'name': name, **dict(options)} if options else name
+
+
+def recipe_search(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's ``search`` section as :func:`composer_kd.distill` takes ``search=`` (lists by setting).
+
+    Args:
+        recipe (Recipe): A recipe with a ``search`` section.
+
+    Returns:
+        dict[str, Any]: ``{'kd_loss': [...], 'temperature': [...], ..., 'split': ...}``; a setting the section
+        leaves empty is left out (the ``distillation`` section's value is kept).
+
+    Example:
+        .. testcode::
+
+            from composer_kd.recipes import load_recipe
+            from composer_kd.recipes.run import recipe_search
+
+            recipe = load_recipe('digits', ['search={temperatures: [2, 4], max_duration: 100ba}'])
+            assert recipe_search(recipe) == {'split': 'val', 'temperature': [2.0, 4.0], 'max_duration': '100ba'}
+    """
+    s = recipe.search
+    assert s is not None
+    search: dict[str, Any] = {'split': s.split}
+    if s.losses:
+        search['kd_loss'] = [_loss_choice(loss.name, loss.options) for loss in s.losses]
+    for key, values in (
+        ('temperature', s.temperatures),
+        ('kd_loss_weight', s.kd_loss_weights),
+        ('org_loss_weight', s.org_loss_weights),
+    ):
+        if values:
+            search[key] = [float(v) for v in values]
+    if s.max_duration is not None:
+        search['max_duration'] = s.max_duration
+    return search
+
+
+def with_settings(recipe: Recipe, candidate: Candidate, max_duration: Optional[str] = None) -> Recipe:
+    """A copy of ``recipe`` distilling with ``candidate``'s loss, temperature and weights, and no search.
+
+    Args:
+        recipe (Recipe): The recipe.
+        candidate (Candidate): The settings, with a loss given by name or ``{'name': ..., **options}``.
+        max_duration (str, optional): A budget instead of the recipe's.
+
+    Returns:
+        Recipe: The copy.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.recipes import load_recipe
+            from composer_kd.recipes.run import with_settings
+            from composer_kd.search import Candidate
+
+            recipe = with_settings(load_recipe('digits'), Candidate({'name': 'dkd', 'beta': 2.0}, 2.0, 1.0, 1.0))
+            assert (recipe.distillation.loss, recipe.distillation.loss_options) == ('dkd', {'beta': 2.0})
+    """
+    variant = copy.deepcopy(recipe)
+    d, loss = variant.distillation, candidate.kd_loss
+    if isinstance(loss, str):
+        d.loss, d.loss_options = loss, {}
+    else:
+        d.loss, d.loss_options = loss['name'], {k: v for k, v in loss.items() if k != 'name'}
+    if candidate.temperature is not None:
+        d.temperature = float(candidate.temperature)
+    d.kd_loss_weight, d.org_loss_weight = float(candidate.kd_loss_weight), float(candidate.org_loss_weight)
+    variant.search = None
+    if max_duration is not None:
+        variant.max_duration = max_duration
+    return variant
+
+
 def _latest_checkpoint(folder: Optional[str]) -> Optional[str]:
     if not folder:
         return None
@@ -99,6 +181,8 @@ class RecipeRun:
         trainer (Trainer): The student's trainer; it holds ``Distillation`` unless the recipe disables it.
         exported (dict[str, nn.Module]): After :meth:`fit`, with a ``compression`` section: each student by role,
             as it would be deployed (converted to int8, pruning made permanent).
+        search (SearchReport, optional): After :meth:`fit`, with a ``search`` section: every candidate tried and
+            its validation score; ``student`` and ``trainer`` are then the chosen candidate's.
     """
 
     recipe: Recipe
@@ -110,6 +194,8 @@ class RecipeRun:
     loggers: LoggerFactory = field(default=lambda role: ())
     teacher_seconds: list[Optional[float]] = field(default_factory=list)
     exported: dict[str, torch.nn.Module] = field(default_factory=dict)
+    callbacks: list[Callback] = field(default_factory=list)
+    search: Optional[SearchReport] = None
 
     def train_teachers(self) -> None:
         """Fit the teachers the recipe trains first (once; a second call does nothing)."""
@@ -141,6 +227,20 @@ class RecipeRun:
             if teacher_trainer is not None:
                 teacher_trainer.close()
         splits = eval_splits(recipe, self.data)
+        if recipe.search is not None and recipe.distillation.enabled:
+            self.search = self._search()
+            chosen = with_settings(recipe, self.search.best)
+            self.trainer.close()
+            self.student, self.trainer = build_student(
+                chosen,
+                self.data,
+                'student (distilled)',
+                teachers=self.teachers,
+                loggers=self.loggers,
+                callbacks=self.callbacks,
+            )
+            # The headline is the first split: one the settings were not chosen on.
+            splits = [split for split in splits if split != self.search.split] + [self.search.split]
         teachers = [
             TeacherEntry(
                 model=teacher,
@@ -179,12 +279,49 @@ class RecipeRun:
             announce=self._announce,
         )
         summary.notes = notes
+        summary.search = self.search
         return summary
 
     def _announce(self, role: str) -> None:
         """Say which model the progress bar that follows trains (Composer labels them all 'train')."""
         if self.recipe.progress_bar:
             print(f'Training {role}:', flush=True)
+
+    def _search(self) -> SearchReport:
+        """Train a student for each candidate of the ``search`` section, score it on its split, choose.
+
+        Every candidate's student starts from the recipe's initial weights and sees the same batches; its trainer
+        evaluates nothing during training, and it is evaluated on the search's split only.
+        """
+        recipe, d = self.recipe, self.recipe.distillation
+        spec = search_spec(
+            recipe_search(recipe),
+            kd_loss=_loss_choice(d.loss, d.loss_options),
+            temperature=d.temperature,
+            kd_loss_weight=d.kd_loss_weight,
+            org_loss_weight=d.org_loss_weight,
+            max_duration=recipe.max_duration,
+        )
+
+        def fit_and_score(variant: Recipe, teachers: Optional[list[ComposerModel]]) -> tuple[float, str]:
+            student, trainer = build_student(variant, self.data, 'search', teachers=teachers, main=False, splits=[])
+            reproducibility.seed_all(recipe.seed)
+            trainer.fit()
+            trainer.close()
+            values = evaluate(variant, student, self.data, [spec.split])[spec.split]
+            metric = next(iter(values))
+            return values[metric], metric
+
+        def score(candidate: Candidate) -> tuple[float, str]:
+            return fit_and_score(with_settings(recipe, candidate, spec.max_duration), self.teachers)
+
+        reference = None
+        if recipe.baseline:
+
+            def reference() -> tuple[float, str]:
+                return fit_and_score(with_settings(recipe, spec.candidates[0], spec.max_duration), None)
+
+        return run_search(spec, score, reference=reference)
 
     @staticmethod
     def _freeze_observers(student: ComposerModel) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     'FeaturePairSpec',
     'GlueSpec',
     'ImageFolderSpec',
+    'LossSpec',
     'ModelSpec',
     'OnPolicySpec',
     'OptimizerSpec',
@@ -28,6 +29,7 @@ __all__ = [
     'QATSpec',
     'Recipe',
     'ScheduleSpec',
+    'SearchGridSpec',
     'SyntheticTextSpec',
     'TaskSpec',
     'TeacherSpec',
@@ -285,8 +287,10 @@ class DistillationSpec:
     """Every argument of :class:`composer_kd.Distillation`.
 
     ``loss`` names a loss of ``composer_kd.LOSSES`` (``kl``, ``reverse_kl``, ``js``, ``soft_ce``, ``mse``,
-    ``cosine``). ``start`` / ``end`` are Composer time strings or fractions of training. ``schedules`` may hold
-    ``temperature``, ``org_loss_weight`` and ``kd_loss_weight`` schedules, which replace the constants.
+    ``cosine``, ``dkd``); ``loss_options`` are its further arguments (``{alpha: 1, beta: 8}`` for ``dkd``, and
+    ``{standardize: true}`` for logit standardization of any loss). ``start`` / ``end`` are Composer time
+    strings or fractions of training. ``schedules`` may hold ``temperature``, ``org_loss_weight`` and
+    ``kd_loss_weight`` schedules, which replace the constants.
     ``enabled: false`` trains the student alone (the teachers are still built, trained and evaluated).
     ``tasks`` distils a multi-task student: one ``Distillation`` per task, each with its own teachers, weight and
     temperature, while ``org_loss_weight`` weights the student's own loss once.
@@ -296,6 +300,7 @@ class DistillationSpec:
 
     enabled: bool = True
     loss: str = 'kl'
+    loss_options: dict[str, Any] = field(default_factory=dict)
     temperature: float = 4.0
     org_loss_weight: float = 1.0
     kd_loss_weight: float = 1.0
@@ -306,6 +311,37 @@ class DistillationSpec:
     feature_pairs: list[FeaturePairSpec] = field(default_factory=list)
     tasks: list[TaskSpec] = field(default_factory=list)
     on_policy: Optional[OnPolicySpec] = None
+
+
+@dataclass
+class LossSpec:
+    """A distillation loss by name (a key of ``composer_kd.LOSSES``) and its further arguments.
+
+    ``options`` e.g. ``{alpha: 1, beta: 8}`` for ``dkd``, ``{standardize: true}`` for logit standardization.
+    """
+
+    name: str = MISSING
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SearchGridSpec:
+    """Choose the distillation settings on a validation split before the run (see :mod:`composer_kd.search`).
+
+    The grid is the product of ``losses``, ``temperatures``, ``kd_loss_weights`` and ``org_loss_weights``; an
+    empty list keeps the ``distillation`` section's value. Every candidate is trained from the same initial
+    student, with the same batches and seed, for ``max_duration`` (a short budget; default: the recipe's), and
+    scored on ``split`` (an entry of ``data.eval_splits``, never ``test``) by the student's first metric. The
+    best (the first on a tie) is then trained with the recipe's budget and reported on the other splits; the
+    summary lists every candidate and its score.
+    """
+
+    losses: list[LossSpec] = field(default_factory=list)
+    temperatures: list[float] = field(default_factory=list)
+    kd_loss_weights: list[float] = field(default_factory=list)
+    org_loss_weights: list[float] = field(default_factory=list)
+    max_duration: Optional[str] = None
+    split: str = 'val'
 
 
 @dataclass
@@ -356,7 +392,8 @@ class Recipe:
     ``algorithms`` are other Composer algorithms by class name (looked up in ``composer.algorithms``);
     ``loggers`` are Composer logger destinations by class name (``composer.loggers``). ``baseline: true`` also
     trains the student alone with the same data, budget and seed, and reports the distillation ratio.
-    ``compression`` quantizes and/or prunes the student (and the student alone) during training.
+    ``compression`` quantizes and/or prunes the student (and the student alone) during training. ``search``
+    chooses the distillation's loss, temperature and weights on a validation split first.
     """
 
     name: str = 'recipe'
@@ -380,3 +417,4 @@ class Recipe:
     loggers: list[ComponentSpec] = field(default_factory=list)
     progress_bar: bool = True
     baseline: bool = False
+    search: Optional[SearchGridSpec] = None

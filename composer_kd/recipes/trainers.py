@@ -212,6 +212,7 @@ def build_student(
     callbacks: Sequence[Callback] = (),
     main: bool = True,
     model: Optional[ComposerModel] = None,
+    splits: Optional[Sequence[str]] = None,
 ) -> tuple[ComposerModel, Trainer]:
     """A fresh student and its trainer: distilled from ``teachers``, or alone without them.
 
@@ -230,6 +231,8 @@ def build_student(
             checkpoints. Default: ``True``.
         model (ComposerModel, optional): The student, built already (by :func:`build_model` right after seeding
             the recipe's seed, as here). Default: ``None``, built here.
+        splits (Sequence[str], optional): The splits its trainer evaluates during training. Default: the
+            recipe's (an empty list: none).
 
     Returns:
         tuple[ComposerModel, Trainer]: The student and its trainer, not yet fit.
@@ -276,6 +279,7 @@ def build_student(
             loggers=[*recipe_loggers, *loggers(role)],
             callbacks=callbacks,
             save_folder=os.path.join(recipe.save_folder, 'student') if recipe.save_folder and main else None,
+            splits=splits,
         )
     except ValueError as e:
         # Feature pairs' module paths are resolved when the trainer starts (Event.INIT).

@@ -15,7 +15,7 @@ import torch
 
 from composer_kd.compression import QAT_BACKENDS
 from composer_kd.features import FEATURE_LOSSES
-from composer_kd.losses import LOSS_ALIASES, LOSSES, canonical_loss_name
+from composer_kd.losses import LOSS_ALIASES, LOSSES, canonical_loss_name, loss_from_name
 from composer_kd.onpolicy import OnPolicy
 from composer_kd.recipes.data import GLUE_TASKS, glue_files
 from composer_kd.recipes.datasets import DATASETS, FILE_DATASETS
@@ -257,6 +257,7 @@ def _check_distillation(recipe: Recipe, problems: Problems) -> None:
     known = sorted({*LOSSES, *LOSS_ALIASES})
     if canonical_loss_name(d.loss) is None:
         problems.add(f'{key}.loss', f'unknown loss {d.loss!r}{nearest(d.loss, known)} (known: {", ".join(known)})')
+    _check_loss_options(d.loss, dict(d.loss_options), f'{key}.loss_options', problems)
     if not d.temperature > 0:
         problems.add(f'{key}.temperature', f'expected a number > 0, got {d.temperature}')
     for name in ('org_loss_weight', 'kd_loss_weight'):
@@ -295,6 +296,61 @@ def _check_distillation(recipe: Recipe, problems: Problems) -> None:
             problems.add(
                 f'{key}.feature_pairs.{i}.teacher_index', f'expected 0 to {n_teachers - 1}, got {pair.teacher_index}'
             )
+
+
+def _check_loss_options(name: str, options: dict, key: str, problems: Problems) -> None:
+    """Build the loss once with its options, so that an unknown or bad option is named before anything runs."""
+    if canonical_loss_name(name) is None or not options:
+        return
+    try:
+        loss_from_name(name, None, **options)
+    except (TypeError, ValueError) as e:
+        problems.add(key, f'{name} refused {dict(options)}: {e}')
+
+
+def _check_search(recipe: Recipe, problems: Problems) -> None:
+    s, key = recipe.search, 'search'
+    if s is None:
+        return
+    d = recipe.distillation
+    known = sorted({*LOSSES, *LOSS_ALIASES})
+    if not d.enabled:
+        problems.add(key, 'distillation.enabled is false: there are no distillation settings to choose')
+    if d.tasks:
+        problems.add(key, 'not available with distillation.tasks; search each task in a recipe of its own')
+    searched = {
+        'temperature': s.temperatures,
+        'kd_loss_weight': s.kd_loss_weights,
+        'org_loss_weight': s.org_loss_weights,
+    }
+    for name in d.schedules:
+        if searched.get(name):
+            problems.add(key, f'distillation.schedules.{name} and a searched {name} cannot both set it; drop one')
+    for i, loss in enumerate(s.losses):
+        if canonical_loss_name(loss.name) is None:
+            problems.add(
+                f'{key}.losses.{i}.name',
+                f'unknown loss {loss.name!r}{nearest(loss.name, known)} (known: {", ".join(known)})',
+            )
+        _check_loss_options(loss.name, dict(loss.options), f'{key}.losses.{i}.options', problems)
+    for i, value in enumerate(s.temperatures):
+        if not value > 0:
+            problems.add(f'{key}.temperatures.{i}', f'expected a number > 0, got {value}')
+    for name in ('kd_loss_weights', 'org_loss_weights'):
+        for i, value in enumerate(getattr(s, name)):
+            if value < 0:
+                problems.add(f'{key}.{name}.{i}', f'expected a number >= 0, got {value}')
+    _check_time(s.max_duration, f'{key}.max_duration', problems)
+    splits = list(recipe.data.eval_splits or [])
+    if s.split.lower() == 'test':
+        problems.add(f'{key}.split', 'settings are never chosen on the test split; choose on a validation split')
+    elif recipe.data.eval_splits is not None and s.split not in splits:
+        problems.add(f'{key}.split', f'{s.split!r} is not in data.eval_splits ({", ".join(splits)})')
+    if recipe.data.eval_splits is None or len(splits) < 2:
+        problems.add(
+            'data.eval_splits',
+            f'with a search, name the split chosen on ({s.split}) and one to report on, e.g. [{s.split}, test]',
+        )
 
 
 def _check_on_policy(recipe: Recipe, problems: Problems) -> None:
@@ -382,6 +438,7 @@ def check_recipe(recipe: Recipe, *, teachers_given: bool = False) -> list[str]:
             _check_taught(teacher, f'teachers.{i}', problems)
     _check_data(recipe.data, 'data', problems, recipe.student)
     _check_distillation(recipe, problems)
+    _check_search(recipe, problems)
     _check_on_policy(recipe, problems)
     _check_compression(recipe, problems)
 

@@ -162,7 +162,7 @@ def test_a_misspelled_argument_gets_the_nearest_one():
 def test_a_loss_name_is_accepted_and_an_unknown_one_lists_the_known():
     distillation = Distillation(nn.Linear(N_IN, N_CLASSES), kd_loss_fn='js', temperature=2.0)
     assert isinstance(distillation.kd_loss_fn, JensenShannonDivergence)
-    with pytest.raises(ValueError, match=r"Unknown loss 'kll'; known: \['cosine', 'js', 'kl'"):
+    with pytest.raises(ValueError, match=r"Unknown loss 'kll'; known: \['cosine', .*'js', 'kl'"):
         Distillation(nn.Linear(N_IN, N_CLASSES), kd_loss_fn='kll')
     with pytest.raises(TypeError, match=r"kd_loss_fn must be a loss name \(one of \['cosine'.*or a callable"):
         Distillation(nn.Linear(N_IN, N_CLASSES), kd_loss_fn=3)

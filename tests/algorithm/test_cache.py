@@ -522,7 +522,7 @@ def test_caching_page_blocks_run(index, tmp_path, monkeypatch):
 
 
 def test_cached_distillation_example_runs_tiny(capsys):
-    from test_examples import load_example
+    from conftest import load_example
 
     example = load_example('cached_distillation')
     argv = '--teacher-epochs 1 --student-epochs 2 --max-train-samples 96 --batch-size 32 --device cpu --compare'

@@ -40,14 +40,7 @@ from composer_kd.data import load_digits_splits
 DIGITS_INPUT = torch.zeros(1, 1, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def nondeterministic_algorithms_allowed():
-    """PyTorch's int8 kernels have no deterministic version, and tests elsewhere that use Composer's
-    deterministic_mode leave deterministic algorithms switched on for the process: off here, restored after."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(False)
-    yield
-    torch.use_deterministic_algorithms(previous)
+pytestmark = pytest.mark.usefixtures('nondeterministic_algorithms_allowed')
 
 
 def mlp_student(seed: int = 3, inputs: int = N_FEATURES, hidden: int = 16, classes: int = N_CLASSES):

@@ -6,23 +6,12 @@ import pytest
 import torch
 from composer import Callback, Trainer
 from composer.models import ComposerClassifier
+from conftest import small_cnn
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from composer_kd import Distillation, FeaturePair, KLDivergence, TeacherInference
 from composer_kd.speed import measure_teacher_inference
-
-
-def cnn(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, 5),
-    )
 
 
 def images() -> DataLoader:
@@ -42,7 +31,7 @@ class KDLog(Callback):
 def run(teacher: nn.Module, inference: TeacherInference | None, **kwargs) -> list[float]:
     log = KDLog()
     Trainer(
-        model=ComposerClassifier(cnn(seed=1), num_classes=5),
+        model=ComposerClassifier(small_cnn(5, seed=1), num_classes=5),
         train_dataloader=images(),
         max_duration='1ep',
         algorithms=[Distillation(teacher, KLDivergence(2.0), teacher_inference=inference, **kwargs)],
@@ -59,8 +48,8 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_bf16_teacher_weights_stay_close_and_leave_the_users_teacher_in_fp32():
-    reference = run(cnn(seed=2), None)
-    teacher = cnn(seed=2)
+    reference = run(small_cnn(5, seed=2), None)
+    teacher = small_cnn(5, seed=2)
     before = snapshot(teacher)
     kd = run(teacher, TeacherInference(dtype=torch.bfloat16))
     assert kd == pytest.approx(reference, rel=0.05)  # bf16 keeps ~3 significant digits of the logits
@@ -70,8 +59,8 @@ def test_bf16_teacher_weights_stay_close_and_leave_the_users_teacher_in_fp32():
 
 
 def test_channels_last_gives_the_same_losses_and_restores_the_layout():
-    reference = run(cnn(seed=2), None)
-    teacher = cnn(seed=2)
+    reference = run(small_cnn(5, seed=2), None)
+    teacher = small_cnn(5, seed=2)
     layouts = []
 
     class LayoutProbe(Callback):
@@ -80,7 +69,7 @@ def test_channels_last_gives_the_same_losses_and_restores_the_layout():
 
     log = KDLog()
     Trainer(
-        model=ComposerClassifier(cnn(seed=1), num_classes=5),
+        model=ComposerClassifier(small_cnn(5, seed=1), num_classes=5),
         train_dataloader=images(),
         max_duration='1ep',
         algorithms=[Distillation(teacher, KLDivergence(2.0), teacher_inference=TeacherInference(channels_last=True))],
@@ -95,14 +84,14 @@ def test_channels_last_gives_the_same_losses_and_restores_the_layout():
 
 
 def test_compiled_teacher_runs_and_is_uncompiled_afterwards():
-    teacher = cnn(seed=2)
+    teacher = small_cnn(5, seed=2)
     kd = run(teacher, TeacherInference(compile={'backend': 'eager'}))
-    assert kd == pytest.approx(run(cnn(seed=2), None), rel=1e-5)
+    assert kd == pytest.approx(run(small_cnn(5, seed=2), None), rel=1e-5)
     assert teacher._compiled_call_impl is None
 
 
 def test_bf16_copy_is_what_feature_hooks_watch():
-    teacher = cnn(seed=2)
+    teacher = small_cnn(5, seed=2)
     kd = run(
         teacher,
         TeacherInference(dtype=torch.bfloat16),
@@ -114,11 +103,15 @@ def test_bf16_copy_is_what_feature_hooks_watch():
 
 def test_compile_with_feature_pairs_is_refused():
     with pytest.raises(ValueError, match='compile cannot be combined with feature_pairs'):
-        Distillation(cnn(2), teacher_inference=TeacherInference(compile=True), feature_pairs=[FeaturePair('0', '0')])
+        Distillation(
+            small_cnn(5, seed=2),
+            teacher_inference=TeacherInference(compile=True),
+            feature_pairs=[FeaturePair('0', '0')],
+        )
 
 
 def test_measuring_the_options_leaves_the_teacher_alone_and_reports_each():
-    teacher = cnn(0).train()
+    teacher = small_cnn(5, seed=0).train()
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     batch = next(iter(images()))
     options = {'bf16': TeacherInference(dtype=torch.bfloat16), 'channels_last': TeacherInference(channels_last=True)}
@@ -138,5 +131,5 @@ def test_measuring_the_options_leaves_the_teacher_alone_and_reports_each():
 def testdefault_candidates_offer_channels_last_only_to_convolutional_teachers():
     from composer_kd.speed import default_candidates
 
-    assert set(default_candidates(cnn(0))) == {'bf16', 'channels_last', 'compile'}
+    assert set(default_candidates(small_cnn(5, seed=0))) == {'bf16', 'channels_last', 'compile'}
     assert set(default_candidates(nn.Linear(4, 2))) == {'bf16', 'compile'}

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from composer import Callback, Trainer
 from composer.models import ComposerClassifier
-from torch import nn
+from conftest import small_cnn
 from torch.utils.data import DataLoader, TensorDataset
 
 from composer_kd import Distillation, KLDivergence
@@ -20,17 +20,6 @@ def images(n: int = 16, seed: int = 0) -> DataLoader:
     x = torch.randn(n, 3, 32, 32, generator=generator)
     y = torch.randint(0, N_CLASSES, (n,), generator=generator)
     return DataLoader(TensorDataset(x, y), batch_size=8)
-
-
-def small_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, N_CLASSES),
-    )
 
 
 @pytest.fixture(scope='module')
@@ -67,7 +56,7 @@ def test_resnet_teacher_from_composer_checkpoint_teaches_a_cnn(resnet_checkpoint
             kd_terms.append((x.clone(), state.outputs.detach().clone(), state.loss['kd'].detach().clone()))
 
     torch.manual_seed(1)
-    student = ComposerClassifier(small_cnn(), num_classes=N_CLASSES)
+    student = ComposerClassifier(small_cnn(N_CLASSES), num_classes=N_CLASSES)
     Trainer(
         model=student,
         train_dataloader=images(),

@@ -24,7 +24,7 @@ ROOT = PACKAGE.parent
 
 # The layers, lowest first. A module of composer_kd not named here is core: a module that the core's own work
 # adds belongs there, and if it imports a higher layer the checks below say so.
-REPORTING = ('api', 'reporting', 'training', 'adapters')
+REPORTING = ('api', 'reporting', 'training', 'adapters', 'search')
 # composer_kd.data and composer_kd.text_data re-export composer_kd.recipes.data and .text_data at their old paths.
 RECIPES = ('recipes', 'data', 'text_data')
 COMMANDS = ('cli', 'demo')

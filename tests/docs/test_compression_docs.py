@@ -5,21 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
 from conftest import DOCS
 
 PAGE = DOCS / 'compression.md'
 BLOCKS = re.findall(r'```python\n(.*?)```', PAGE.read_text(), flags=re.DOTALL)
-
-
-@pytest.fixture
-def nondeterministic_algorithms_allowed():
-    """PyTorch's int8 kernels have no deterministic version, and tests that use Composer's deterministic_mode
-    leave deterministic algorithms switched on for the process: off here, restored after."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(False)
-    yield
-    torch.use_deterministic_algorithms(previous)
 
 
 def test_the_page_shows_quantization_pruning_and_recipes():

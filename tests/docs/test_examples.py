@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -10,22 +9,12 @@ from types import ModuleType
 
 import pytest
 import torch
-from conftest import EXAMPLES
+from conftest import EXAMPLES, load_example
 
 # A few optimizer steps per stage: enough to exercise every stage, the metrics and the logged loss terms.
 TINY_VISION = '--teacher-epochs 1 --student-epochs 1 --max-train-samples 64 --max-eval-samples 64'.split()
 TINY_NLP = '--teacher-epochs 1 --student-epochs 1 --train-samples 64 --eval-samples 32'.split()
 COMMON = '--batch-size 32 --device cpu --seed 0 --baseline'.split()
-
-
-def load_example(name: str) -> ModuleType:
-    """Import ``examples/<name>.py``, which is a script directory rather than a package."""
-    spec = importlib.util.spec_from_file_location(f'composer_kd_example_{name}', EXAMPLES / f'{name}.py')
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope='module')
@@ -106,16 +95,6 @@ TINY_COMPRESSION = (
     '--seeds 0 1 --teacher-epochs 1 --student-batches 6 --finetune-batches 3 --qat-lrs 0.003 0.03 --finetune-lrs 0.01 '
     '--sparsities 0.5 --structured-sparsities 0.25 --latency-repeats 5 --latency-widths 32'
 ).split()
-
-
-@pytest.fixture
-def nondeterministic_algorithms_allowed():
-    """PyTorch's int8 kernels have no deterministic version, and tests that use Composer's deterministic_mode
-    leave deterministic algorithms switched on for the process: off here, restored after."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(False)
-    yield
-    torch.use_deterministic_algorithms(previous)
 
 
 def test_compression_example_prints_both_tables(capsys, tmp_path, nondeterministic_algorithms_allowed):

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
-from conftest import EXAMPLES
+from conftest import EXAMPLES, load_example
 from safetensors.torch import load_file
 
 EXAMPLE = EXAMPLES / 'minilm_distillation.py'
@@ -20,12 +18,7 @@ EXAMPLE = EXAMPLES / 'minilm_distillation.py'
 
 @pytest.fixture(scope='module')
 def example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location('composer_kd_example_minilm', EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example('minilm_distillation')
 
 
 @pytest.fixture(scope='module')
@@ -182,3 +175,31 @@ def test_bad_kd_weight_is_refused(example, capsys):
     with pytest.raises(SystemExit):
         example.parse_args(['--kd-weights', '0.5', '1.5'])
     assert '--kd-weights must lie in [0, 1], got [1.5]' in capsys.readouterr().err
+
+
+def test_other_losses_are_keyed_apart_and_reported_each(example, tiny_reports, tmp_path):
+    out = tmp_path / 'minilm'
+    shutil.copytree(tiny_reports[-1], out)  # the cached teacher and results, left as the other tests find them
+    assert example.distilled_key(3e-4, 1.0, 0.5) == 'lr=0.0003 T=1 w=0.5'  # the KL's keys, as before
+    assert example.distilled_key(3e-4, 4.0, 0.5, 'dkd', 0.5) == 'dkd(beta=0.5) lr=0.0003 T=4 w=0.5'
+    assert example.loss_of('kl_std lr=0.0003 T=1 w=0.5') == 'kl_std'
+    loss = example.kd_loss('kl_std', 2.0)
+    assert loss.temperature == 2.0 and type(loss.loss).__name__ == 'KLDivergence'
+    threads = torch.get_num_threads()
+    try:
+        argv = ['--tiny', '--output-dir', str(out), '--device', 'cpu', '--kd-weights', '0.5']
+        report = example.main([*argv, '--losses', 'kl', 'dkd', 'kl_std', '--dkd-beta', '0.5'])
+    finally:
+        torch.set_num_threads(threads)
+    (run,) = report['runs']
+    assert set(run['distilled']) == {
+        'lr=0.0001 T=2 w=0.5',
+        'dkd(beta=0.5) lr=0.0001 T=2 w=0.5',
+        'kl_std lr=0.0001 T=2 w=0.5',
+    }
+    assert run['teacher_cached'] and run['results_computed'] == 2  # the KL's result and the teacher's were kept
+    assert set(report['per_loss']) == {'kl', 'dkd', 'kl_std'}
+    for loss, entry in report['per_loss'].items():
+        assert example.loss_of(entry['setting']) == loss
+        assert entry['test']['mean'] == run['distilled'][entry['setting']]['test']
+    assert 'each loss at its best setting on validation' in report['table']

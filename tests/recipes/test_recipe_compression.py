@@ -17,14 +17,7 @@ QAT = ['compression.qat.backend=x86', 'compression.qat.freeze_observers=0.5']
 PRUNING = ['compression.pruning.amount=0.5', 'compression.pruning.start=2ba', 'compression.pruning.end=4ba']
 
 
-@pytest.fixture(autouse=True, scope='module')
-def nondeterministic_algorithms_allowed():
-    """PyTorch's int8 kernels have no deterministic version, and tests elsewhere that use Composer's
-    deterministic_mode leave deterministic algorithms switched on for the process: off here, restored after."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(False)
-    yield
-    torch.use_deterministic_algorithms(previous)
+pytestmark = pytest.mark.usefixtures('nondeterministic_algorithms_allowed')
 
 
 def refusal(overrides) -> list[str]:

@@ -81,7 +81,8 @@ def collate(rows: list[list[int]], key: str = 'prompt_length') -> dict[str, torc
         'labels': input_ids.masked_fill(attention_mask == 0, -100),
     }
     if key == 'prompt_length':
-        batch['prompt_length'] = torch.full((len(rows),), PROMPT)
+        # Prompts of two lengths, so that generated batches hold padding.
+        batch['prompt_length'] = torch.tensor([PROMPT - i % 2 for i in range(len(rows))])
     elif key == 'prompt_mask':
         batch['prompt_mask'] = torch.zeros_like(input_ids)
         batch['prompt_mask'][:, :PROMPT] = 1
@@ -158,7 +159,7 @@ def fit(distillation, duration='4ba', student=None, train=None, loggers=(), call
 def test_prompts_from_a_length_or_a_mask_on_either_padding_side():
     rows = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11]]
     right = collate(rows)
-    assert [p.tolist() for p in split_prompts(right)] == [[1, 2, 3, 4], [7, 8, 9, 10]]
+    assert [p.tolist() for p in split_prompts(right)] == [[1, 2, 3, 4], [7, 8, 9]]
     masked = collate(rows, key='prompt_mask')
     assert [p.tolist() for p in split_prompts(masked)] == [[1, 2, 3, 4], [7, 8, 9, 10]]
     left = {
@@ -271,8 +272,9 @@ def test_generation_only_on_chosen_batches_in_eval_mode_and_never_during_evaluat
     for record in recorder.steps:
         original = collate(rows[(record['step'] % 2) * 8 : (record['step'] % 2 + 1) * 8])
         if record['step'] in expected:
-            assert torch.equal(record['batch']['input_ids'][:, :PROMPT], original['input_ids'][:, :PROMPT])
-            assert (record['batch']['labels'][:, :PROMPT] == -100).all()
+            common = PROMPT - 1  # the shorter prompts' length
+            assert torch.equal(record['batch']['input_ids'][:, :common], original['input_ids'][:, :common])
+            assert (record['batch']['labels'][:, :common] == -100).all()
             assert record['loss']['total'] == pytest.approx(record['loss']['kd'].item())  # own loss weighted 0
         else:
             assert all(torch.equal(record['batch'][k], v) for k, v in original.items())
@@ -292,12 +294,14 @@ def test_the_loss_on_generated_tokens_is_the_teachers_score_of_them(loss_fn):
     teacher.eval()
     for record in recorder.steps:
         batch = record['batch']
-        lengths = batch['attention_mask'].sum(1)
-        assert ((lengths - PROMPT) == 6).all()  # every continuation generated to its full length
+        lengths, prompts = batch['attention_mask'].sum(1), batch['prompt_length']
+        assert ((lengths - prompts) == 6).all()  # every continuation generated to its full length
+        assert (lengths < batch['input_ids'].shape[1]).any()  # so rows with shorter prompts are padded
+        assert (batch['labels'][batch['attention_mask'] == 0] == -100).all()
         # The positions counted: from the prompt's last token to the continuation's second to last.
         valid = torch.zeros_like(batch['attention_mask'], dtype=torch.bool)
-        for row, length in enumerate(lengths.tolist()):
-            valid[row, PROMPT - 1 : length - 1] = True
+        for row, (length, prompt) in enumerate(zip(lengths.tolist(), prompts.tolist(), strict=True)):
+            valid[row, prompt - 1 : length - 1] = True
         with torch.no_grad():
             teacher_logits = teacher(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits
         temperature = loss_fn.temperature

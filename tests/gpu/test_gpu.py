@@ -190,3 +190,50 @@ def test_learned_feature_projection_under_fsdp_is_refused_before_training():
         )
     for key, value in student.state_dict().items():
         torch.testing.assert_close(value.cpu(), before[key].cpu(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('precision', ['fp32', 'amp_bf16'])
+def test_on_policy_generation_on_cuda_is_reproducible(precision):
+    """Generation runs on the GPU under the trainer's precision, seeded: two runs generate the same tokens."""
+    from composer.models import HuggingFaceModel
+    from torch.utils.data import DataLoader
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from composer_kd import OnPolicy
+
+    def gpt2(layers, width, seed):
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=24, n_positions=48, n_embd=width, n_layer=layers, n_head=2))
+
+    def collate(rows):
+        input_ids = torch.tensor(rows)
+        return {'input_ids': input_ids, 'labels': input_ids.clone(), 'prompt_length': torch.full((len(rows),), 4)}
+
+    rows = torch.randint(0, 24, (16, 10), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def run():
+        batches = []
+
+        class Batches(Callback):
+            def after_loss(self, state, logger):
+                batches.append(state.batch['input_ids'].detach().cpu())
+                assert state.batch['input_ids'].device.type == 'cuda'
+                assert torch.isfinite(state.loss['kd'])
+
+        student = HuggingFaceModel(gpt2(1, 16, 1), use_logits=True, shift_labels=True)
+        Trainer(
+            model=student,
+            train_dataloader=DataLoader(rows, batch_size=8, collate_fn=collate),
+            max_duration='2ba',
+            device='gpu',
+            precision=precision,
+            algorithms=[Distillation(gpt2(2, 32, 0), on_policy=OnPolicy(max_new_tokens=6))],
+            callbacks=[Batches()],
+            progress_bar=False,
+            seed=3,
+        ).fit()
+        return batches
+
+    first, second = run(), run()
+    assert len(first) == 2 and all(batch.shape == (8, 10) for batch in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))

@@ -61,3 +61,11 @@ def test_a_misspelled_key_gets_the_nearest():
         match="distillation.on_policy.fractoin: unknown key; did you mean 'distillation.on_policy.fraction'",
     ):
         load_recipe('digits', ['distillation.on_policy.fractoin=0.5'])
+
+
+def test_the_divergences_take_their_mixing_weight_from_loss_options():
+    recipe = load_recipe('digits', ['distillation.loss=gjsd', 'distillation.loss_options={beta: 0.9}'])
+    assert check_recipe(recipe) == []
+    assert build_distillation(recipe, [torch.nn.Linear(64, 10)]).kd_loss_fn.beta == 0.9
+    bad = load_recipe('digits', ['distillation.loss=skew_reverse_kl', 'distillation.loss_options={alpha: 1.0}'])
+    assert any(r'alpha must be a number in [0, 1)' in p for p in check_recipe(bad))

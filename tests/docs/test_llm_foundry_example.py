@@ -34,7 +34,11 @@ def test_the_tiny_run_reports_every_model_on_held_out_text(tiny_report):
     assert 'loss/kd' in run['distilled'] and 'loss/kd' not in run['alone']
     summary = report['summary']
     teacher, alone, distilled = (summary[r]['perplexity_mean'] for r in ('teacher', 'alone', 'distilled'))
-    assert summary['distillation_ratio'] == pytest.approx((alone - distilled) / (alone - teacher))
+    ratio = summary['distillation_ratio']
+    if teacher < alone:
+        assert ratio == pytest.approx((alone - distilled) / (alone - teacher))
+    else:  # a few steps need not make the teacher better: the ratio is then undefined
+        assert ratio is None
     assert report['split_tokens']['train'] > report['split_tokens']['heldout'] > 0
     assert (out / 'data' / 'train' / 'index.json').is_file()  # MDS shards, as Streaming writes them
 

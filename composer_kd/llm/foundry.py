@@ -285,7 +285,8 @@ class FoundryDistillation(Distillation):
         causal_lm (bool, optional): Force or disable the one-token shift. Default: ``None``, the student's own
             ``shift_labels``.
         **options: Every other argument of :class:`~composer_kd.Distillation` (``start``, ``end``, ``name``,
-            ``chunk``-ed losses through ``kd_loss``, ...), passed through unchanged.
+            ``n_teachers_to_sample``, ...), passed through unchanged; a misspelled one is refused naming the
+            nearest.
 
     Example:
         .. testcode::
@@ -299,7 +300,7 @@ class FoundryDistillation(Distillation):
             distillation = build_algorithm(
                 'distillation', {'teachers': [teacher], 'kd_loss': 'kl', 'temperature': 2.0, 'kd_loss_weight': 0.5}
             )
-            assert distillation.kd_loss_fn.temperature == 2.0
+            assert distillation.temperature == 2.0  # set on the loss when the fit starts
     """
 
     def __init__(

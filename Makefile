@@ -1,4 +1,5 @@
-# Every target creates the virtual environment it needs; `make test` is what CI runs.
+# Every target creates the virtual environment it needs; `make test` is what CI runs. constraints.txt holds the
+# resolved versions of the test environment, so that pip does not search for a resolution.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -7,16 +8,16 @@ DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: setup demo test docs lint format clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test]' -c constraints.txt
 	touch $(STAMP)
 
-$(DEMO_STAMP): pyproject.toml
+$(DEMO_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[demo]'
+	$(PY) -m pip install --quiet -e '.[demo]' -c constraints.txt
 	touch $(DEMO_STAMP)
 
 setup: $(STAMP)

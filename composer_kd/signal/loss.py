@@ -1,0 +1,138 @@
+r"""The distillation term from a stored teacher signal, with no ``[positions, vocabulary]`` teacher tensor.
+
+The approximation of the teacher's distribution
+-----------------------------------------------
+A position's signal holds the teacher's ``k`` largest logits :math:`z_i` (``i`` in the kept set :math:`K`) and
+:math:`\tau = \log \sum_{j \notin K} e^{z_j}`, the log of the mass of the other :math:`V - k` classes (before
+normalization). The teacher is taken to give each dropped class the same logit
+:math:`c = \tau - \log(V - k)`: the kept logits are exact, and the dropped classes share their total mass evenly.
+At temperature 1 this reproduces every kept probability and the total dropped mass exactly (it is the
+distribution :func:`composer_kd.cache.topk.topk_logits` rebuilds). At a temperature :math:`T \ne 1` the rebuilt
+logits are divided by :math:`T` like any logits (``z_i / T`` for kept classes, ``c / T`` for the others): the
+dropped mass at :math:`T` is then that of :math:`V - k` equal logits, an approximation of the teacher's.
+
+With :math:`p = \mathrm{softmax}(\tilde z / T)` (rebuilt) and :math:`q = \mathrm{softmax}(s / T)` (student), every
+dropped class has the same :math:`p_c = p_\mathrm{tail}`, so
+
+.. math::
+
+    \mathrm{KL}(p \| q) = \sum_{i \in K} p_i (\log p_i - \log q_i)
+        + (V - k)\, p_\mathrm{tail} \log p_\mathrm{tail}
+        - p_\mathrm{tail} \Big(\sum_{c=1}^{V} \log q_c - \sum_{i \in K} \log q_i\Big),
+
+which needs the student's full log-probabilities only through their sum and their values at the kept classes.
+As :func:`~composer_kd.losses.kl_divergence` does, the term is multiplied by :math:`T^2`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from composer_kd.losses.base import check_temperature, mean_over_positions
+
+__all__ = ['signal_kl', 'signal_kl_per_position']
+
+
+def signal_kl_per_position(
+    student_logits: torch.Tensor,
+    topk_indices: torch.Tensor,
+    topk_logits: torch.Tensor,
+    log_tail: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``T**2 * KL(p || q)`` at each position, ``p`` rebuilt from the stored signal (see the module's text).
+
+    A pure function of one chunk of positions, so that a loop over chunks of the student's logits can call it.
+
+    Args:
+        student_logits (torch.Tensor): ``[..., V]`` student logits.
+        topk_indices (torch.Tensor): ``[..., k]`` the teacher's kept classes.
+        topk_logits (torch.Tensor): ``[..., k]`` their logits (temperature 1).
+        log_tail (torch.Tensor): ``[...]`` ``logsumexp`` of the teacher's other ``V - k`` logits.
+        temperature (float, optional): Softening temperature, ``> 0``. Default: ``1.0``.
+
+    Returns:
+        torch.Tensor: ``[...]`` float32 losses.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.cache import topk_compress, topk_logits
+            from composer_kd.signal.loss import signal_kl_per_position
+
+            teacher = torch.randn(3, 50)
+            values, indices, tail = topk_compress(teacher, k=5)
+            # A student whose logits are the rebuilt teacher's has zero loss.
+            rebuilt = topk_logits(values, indices, vocab_size=50, tail=tail)
+            assert signal_kl_per_position(rebuilt, indices, values, tail).abs().max() < 1e-5
+    """
+    check_temperature(temperature)
+    vocab, k = student_logits.shape[-1], topk_indices.shape[-1]
+    if topk_logits.shape != topk_indices.shape or topk_indices.shape[:-1] != student_logits.shape[:-1]:
+        raise ValueError(
+            f'topk_indices {tuple(topk_indices.shape)} and topk_logits {tuple(topk_logits.shape)} must both be the '
+            f'student logits shape {tuple(student_logits.shape)} with k in place of the vocabulary.'
+        )
+    if log_tail.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f'log_tail {tuple(log_tail.shape)} must have the student logits shape without the vocabulary, '
+            f'{tuple(student_logits.shape[:-1])}.'
+        )
+    if not 0 < k < vocab:
+        raise ValueError(f'The signal keeps k={k} logits, which must be fewer than the vocabulary ({vocab}).')
+    log_n_tail = math.log(vocab - k)
+    kept = topk_logits.float() / temperature
+    shared = (log_tail.float() - log_n_tail) / temperature  # each dropped class's logit, softened
+    log_z = torch.logsumexp(torch.cat([kept, (shared + log_n_tail).unsqueeze(-1)], dim=-1), dim=-1)
+    log_p_kept = kept - log_z.unsqueeze(-1)
+    log_p_tail = shared - log_z
+    p_kept, p_tail = log_p_kept.exp(), log_p_tail.exp()
+
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_q_kept = log_q.gather(-1, topk_indices.long())
+    log_q_tail_sum = log_q.sum(-1) - log_q_kept.sum(-1)
+
+    # 0 log 0 = 0: a kept class or the tail with no mass contributes nothing (and no NaN reaches the gradient).
+    kept_terms = (p_kept * torch.where(p_kept > 0, log_p_kept - log_q_kept, 0.0)).sum(-1)
+    tail_terms = torch.where(p_tail > 0, p_tail * ((vocab - k) * log_p_tail - log_q_tail_sum), 0.0)
+    return (kept_terms + tail_terms) * temperature**2
+
+
+def signal_kl(
+    student_logits: torch.Tensor,
+    topk_indices: torch.Tensor,
+    topk_logits: torch.Tensor,
+    log_tail: torch.Tensor,
+    temperature: float = 1.0,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`signal_kl_per_position` averaged over the positions ``mask`` keeps (all without one).
+
+    Args:
+        student_logits (torch.Tensor): ``[..., V]`` student logits.
+        topk_indices (torch.Tensor): ``[..., k]`` kept classes.
+        topk_logits (torch.Tensor): ``[..., k]`` their teacher logits.
+        log_tail (torch.Tensor): ``[...]`` log of the dropped mass.
+        temperature (float, optional): Softening temperature. Default: ``1.0``.
+        mask (torch.Tensor, optional): Boolean ``[...]``. Default: every position counts.
+
+    Returns:
+        torch.Tensor: A float32 scalar.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.cache import topk_compress
+            from composer_kd.signal.loss import signal_kl
+
+            values, indices, tail = topk_compress(torch.randn(2, 7, 30), k=4)
+            loss = signal_kl(torch.randn(2, 7, 30), indices, values, tail, temperature=2.0)
+    """
+    per_position = signal_kl_per_position(student_logits, topk_indices, topk_logits, log_tail, temperature)
+    return mean_over_positions(per_position, mask)

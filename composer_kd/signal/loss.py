@@ -30,7 +30,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from composer_kd.losses.base import check_temperature, mean_over_positions
 
@@ -93,13 +92,20 @@ def signal_kl_per_position(
     log_p_tail = shared - log_z
     p_kept, p_tail = log_p_kept.exp(), log_p_tail.exp()
 
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_q_kept = log_q.gather(-1, topk_indices.long())
-    log_q_tail_sum = log_q.sum(-1) - log_q_kept.sum(-1)
+    # log q_c = u_c - log sum exp(u), with u the softened student logits centred on their mean. Centring makes
+    # sum_c u_c = 0, so the dropped classes' sum of log q is -(sum of u over the kept) - (V - k) log Z: the tail
+    # term is then (V - k) (log p_tail + log Z) + sum_kept u, a difference of small numbers, rather than of two
+    # sums over the whole vocabulary that nearly cancel when the student is close to the teacher.
+    softened = student_logits.float() / temperature
+    centred = softened - softened.mean(-1, keepdim=True)
+    log_z_student = torch.logsumexp(centred, dim=-1)
+    centred_kept = centred.gather(-1, topk_indices.long())
+    log_q_kept = centred_kept - log_z_student.unsqueeze(-1)
 
     # 0 log 0 = 0: a kept class or the tail with no mass contributes nothing (and no NaN reaches the gradient).
     kept_terms = (p_kept * torch.where(p_kept > 0, log_p_kept - log_q_kept, 0.0)).sum(-1)
-    tail_terms = torch.where(p_tail > 0, p_tail * ((vocab - k) * log_p_tail - log_q_tail_sum), 0.0)
+    tail_sum = (vocab - k) * (log_p_tail + log_z_student) + centred_kept.sum(-1)
+    tail_terms = torch.where(p_tail > 0, p_tail * tail_sum, 0.0)
     return (kept_terms + tail_terms) * temperature**2
 
 

@@ -103,7 +103,8 @@ class SignalWriteSummary:
 def _writer(out: Union[str, tuple[str, str]]) -> Any:
     from streaming import MDSWriter
 
-    return MDSWriter(out=out, columns=SIGNAL_COLUMNS, size_limit=1 << 26, exist_ok=True)
+    # keep_local: a part's local index marks it complete, which resuming relies on, object store or not.
+    return MDSWriter(out=out, columns=SIGNAL_COLUMNS, size_limit=1 << 26, exist_ok=True, keep_local=True)
 
 
 def write_signal_shards(
@@ -206,7 +207,8 @@ def write_teacher_signal(
             raise ValueError(f'{name} must be a positive integer, got {value!r}.')
     teacher = teacher.to(device).eval()
 
-    probe = _teacher_logits(teacher, torch.as_tensor(sequences[0][None]).to(device), input_key, logits_key)
+    # The vocabulary from one position of token 0, before any of the dataset's ids is checked against it.
+    probe = _teacher_logits(teacher, torch.zeros((1, 1), dtype=torch.long, device=device), input_key, logits_key)
     vocab = probe.shape[-1]
     if student_vocab_size is not None and student_vocab_size != vocab:
         raise ValueError(
@@ -251,7 +253,10 @@ def write_teacher_signal(
             bar.update(last - first)
             continue
         shutil.rmtree(local_part, ignore_errors=True)  # an interrupted part is written again from its start
-        with _writer(local_part if remote is None else (local_part, f'{remote.rstrip("/")}/{name}')) as writer:
+        # Not a `with` block: MDSWriter's __exit__ writes the index even when an exception (an interruption)
+        # leaves it, which would mark a partial part complete. The index is written only after the last sample.
+        writer = _writer(local_part if remote is None else (local_part, f'{remote.rstrip("/")}/{name}'))
+        try:
             for start in range(first, last, batch_size):
                 rows = [sequences[i] for i in range(start, min(last, start + batch_size))]
                 if len({len(row) for row in rows}) != 1:
@@ -267,6 +272,11 @@ def write_teacher_signal(
                     writer.write(signal_sample(row, encode_signal(row_logits, k, value_dtype)))
                     positions += len(row)
                 bar.update(len(rows))
+        except BaseException:
+            writer.cancel_future_jobs()
+            bar.close()
+            raise
+        writer.finish()
         written += 1
     bar.close()
     merged = os.path.join(local_root, 'index.json')

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from composer import Callback, Event, State, Trainer
+from composer import Callback, State, Trainer
 from composer.loggers import Logger
 from composer.models import HuggingFaceModel
 from torch.utils.data import DataLoader

@@ -194,9 +194,6 @@ def write_teacher_signal(
         ValueError: ``k`` not below the teacher's vocabulary, a vocabulary or tokenizer mismatch, a token id outside
             the vocabulary, or a resumed folder written with other options.
     """
-    from streaming.base.util import merge_index
-    from tqdm.auto import tqdm
-
     sequences = tokens if isinstance(tokens, TokenSequences) else load_token_sequences(tokens)
     if len(sequences) == 0:
         raise ValueError(f'tokens: {sequences.source} holds no sequences.')
@@ -205,7 +202,48 @@ def write_teacher_signal(
     for name, value in (('batch_size', batch_size), ('sequences_per_part', sequences_per_part)):
         if not (isinstance(value, int) and value > 0):
             raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+    modes = {name: module.training for name, module in teacher.named_modules()}
     teacher = teacher.to(device).eval()
+    try:
+        return _write(
+            teacher,
+            sequences,
+            out,
+            k,
+            value_dtype,
+            batch_size,
+            sequences_per_part,
+            local_dir,
+            student_vocab_size,
+            tokenizer_size,
+            input_key,
+            logits_key,
+            device,
+            progress,
+        )
+    finally:  # the caller's module keeps its train/eval modes
+        for name, module in teacher.named_modules():
+            module.training = modes[name]
+
+
+def _write(
+    teacher,
+    sequences,
+    out,
+    k,
+    value_dtype,
+    batch_size,
+    sequences_per_part,
+    local_dir,
+    student_vocab_size,
+    tokenizer_size,
+    input_key,
+    logits_key,
+    device,
+    progress,
+) -> SignalWriteSummary:
+    from streaming.base.util import merge_index
+    from tqdm.auto import tqdm
 
     # The vocabulary from one position of token 0, before any of the dataset's ids is checked against it.
     probe = _teacher_logits(teacher, torch.zeros((1, 1), dtype=torch.long, device=device), input_key, logits_key)

@@ -96,10 +96,11 @@ def signal_kl_per_position(
     # sum_c u_c = 0, so the dropped classes' sum of log q is -(sum of u over the kept) - (V - k) log Z: the tail
     # term is then (V - k) (log p_tail + log Z) + sum_kept u, a difference of small numbers, rather than of two
     # sums over the whole vocabulary that nearly cancel when the student is close to the teacher.
+    # Only the kept entries are centred: one [..., V] temporary (the softened logits) besides logsumexp's.
     softened = student_logits.float() / temperature
-    centred = softened - softened.mean(-1, keepdim=True)
-    log_z_student = torch.logsumexp(centred, dim=-1)
-    centred_kept = centred.gather(-1, topk_indices.long())
+    mean = softened.mean(-1)
+    log_z_student = torch.logsumexp(softened, dim=-1) - mean
+    centred_kept = softened.gather(-1, topk_indices.long()) - mean.unsqueeze(-1)
     log_q_kept = centred_kept - log_z_student.unsqueeze(-1)
 
     # 0 log 0 = 0: a kept class or the tail with no mass contributes nothing (and no NaN reaches the gradient).

@@ -36,6 +36,63 @@ from composer_kd.losses.base import check_temperature, mean_over_positions
 __all__ = ['signal_kl', 'signal_kl_per_position']
 
 
+class _SignalKL(torch.autograd.Function):
+    """The per-position KL and its closed-form gradient ``T * (q - p)`` (``p`` the rebuilt teacher distribution).
+
+    The student's softened logits are the one ``[..., V]`` float32 temporary: in the forward pass they become
+    ``q`` in place, and the backward pass turns ``q`` into the gradient in place, so neither autograd's saved
+    intermediates nor a second softmax are needed.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, topk_indices, topk_logits, log_tail, temperature: float):
+        vocab, k = student_logits.shape[-1], topk_indices.shape[-1]
+        log_n_tail = math.log(vocab - k)
+        kept = topk_logits.float() / temperature
+        shared = (log_tail.float() - log_n_tail) / temperature  # each dropped class's logit, softened
+        log_z = torch.logsumexp(torch.cat([kept, (shared + log_n_tail).unsqueeze(-1)], dim=-1), dim=-1)
+        log_p_kept = kept - log_z.unsqueeze(-1)
+        log_p_tail = shared - log_z
+        p_kept, p_tail = log_p_kept.exp(), log_p_tail.exp()
+
+        # log q_c = u_c - log sum exp(u), with u the softened student logits centred on their mean. Centring makes
+        # sum_c u_c = 0, so the dropped classes' sum of log q is -(sum of u over the kept) - (V - k) log Z: the
+        # tail term is then (V - k) (log p_tail + log Z) + sum_kept u, a difference of small numbers, rather than of
+        # two sums over the whole vocabulary that nearly cancel when the student is close to the teacher. Only the
+        # kept entries are centred, so the softened logits are the one [..., V] temporary.
+        softened = student_logits.float() / temperature
+        if softened.data_ptr() == student_logits.data_ptr():
+            softened = softened.clone()  # T = 1 on float32 logits: never write into the caller's tensor
+        mean = softened.mean(-1)
+        log_z_softened = torch.logsumexp(softened, dim=-1)
+        centred_kept = softened.gather(-1, topk_indices) - mean.unsqueeze(-1)
+        log_z_student = log_z_softened - mean
+        log_q_kept = centred_kept - log_z_student.unsqueeze(-1)
+
+        # 0 log 0 = 0: a kept class or the tail with no mass contributes nothing.
+        kept_terms = (p_kept * torch.where(p_kept > 0, log_p_kept - log_q_kept, 0.0)).sum(-1)
+        tail_sum = (vocab - k) * (log_p_tail + log_z_student) + centred_kept.sum(-1)
+        tail_terms = torch.where(p_tail > 0, p_tail * tail_sum, 0.0)
+        if ctx.needs_input_grad[0]:
+            ctx.q = softened.sub_(log_z_softened.unsqueeze(-1)).exp_()
+            ctx.p_kept, ctx.p_tail, ctx.indices = p_kept, p_tail, topk_indices
+            ctx.temperature, ctx.dtype = temperature, student_logits.dtype
+        ctx.consumed = False
+        return (kept_terms + tail_terms) * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.consumed:
+            raise RuntimeError('signal_kl_per_position supports one backward pass per forward pass.')
+        ctx.consumed = True
+        # d/ds of T^2 KL(p || softmax(s / T)) is T (q - p); p is p_tail everywhere but at the kept classes.
+        grad, ctx.q = ctx.q, None
+        grad.sub_(ctx.p_tail.unsqueeze(-1))
+        grad.scatter_add_(-1, ctx.indices, ctx.p_tail.unsqueeze(-1) - ctx.p_kept)
+        grad.mul_(grad_output.float().unsqueeze(-1) * ctx.temperature)
+        return grad.to(ctx.dtype), None, None, None, None
+
+
 def signal_kl_per_position(
     student_logits: torch.Tensor,
     topk_indices: torch.Tensor,
@@ -84,30 +141,9 @@ def signal_kl_per_position(
         )
     if not 0 < k < vocab:
         raise ValueError(f'The signal keeps k={k} logits, which must be fewer than the vocabulary ({vocab}).')
-    log_n_tail = math.log(vocab - k)
-    kept = topk_logits.float() / temperature
-    shared = (log_tail.float() - log_n_tail) / temperature  # each dropped class's logit, softened
-    log_z = torch.logsumexp(torch.cat([kept, (shared + log_n_tail).unsqueeze(-1)], dim=-1), dim=-1)
-    log_p_kept = kept - log_z.unsqueeze(-1)
-    log_p_tail = shared - log_z
-    p_kept, p_tail = log_p_kept.exp(), log_p_tail.exp()
-
-    # log q_c = u_c - log sum exp(u), with u the softened student logits centred on their mean. Centring makes
-    # sum_c u_c = 0, so the dropped classes' sum of log q is -(sum of u over the kept) - (V - k) log Z: the tail
-    # term is then (V - k) (log p_tail + log Z) + sum_kept u, a difference of small numbers, rather than of two
-    # sums over the whole vocabulary that nearly cancel when the student is close to the teacher.
-    # Only the kept entries are centred: one [..., V] temporary (the softened logits) besides logsumexp's.
-    softened = student_logits.float() / temperature
-    mean = softened.mean(-1)
-    log_z_student = torch.logsumexp(softened, dim=-1) - mean
-    centred_kept = softened.gather(-1, topk_indices.long()) - mean.unsqueeze(-1)
-    log_q_kept = centred_kept - log_z_student.unsqueeze(-1)
-
-    # 0 log 0 = 0: a kept class or the tail with no mass contributes nothing (and no NaN reaches the gradient).
-    kept_terms = (p_kept * torch.where(p_kept > 0, log_p_kept - log_q_kept, 0.0)).sum(-1)
-    tail_sum = (vocab - k) * (log_p_tail + log_z_student) + centred_kept.sum(-1)
-    tail_terms = torch.where(p_tail > 0, p_tail * tail_sum, 0.0)
-    return (kept_terms + tail_terms) * temperature**2
+    return _SignalKL.apply(
+        student_logits, topk_indices.long(), topk_logits.detach(), log_tail.detach(), float(temperature)
+    )
 
 
 def signal_kl(

@@ -130,3 +130,14 @@ def test_shape_mismatches_name_the_argument():
         signal_kl_per_position(
             torch.randn(2, 10), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4), torch.zeros(2)
         )
+
+
+def test_the_students_logits_are_not_written_to_and_keep_their_dtype():
+    values, indices, log_tail = topk_compress(torch.randn(4, 30), 3)
+    student = torch.randn(4, 30, requires_grad=True)
+    before = student.detach().clone()
+    signal_kl_per_position(student, indices, values, log_tail, 1.0).sum().backward()
+    assert torch.equal(student.detach(), before)
+    half = torch.randn(4, 30, dtype=torch.bfloat16, requires_grad=True)
+    signal_kl_per_position(half, indices, values, log_tail, 2.0).sum().backward()
+    assert half.grad.dtype == torch.bfloat16

@@ -358,6 +358,7 @@ class Distillation(Algorithm):
             f'start={self.start}, end={self.end}'
             + ('' if self.teacher_cache is None else f', teacher_cache={self.teacher_cache!r}')
             + ('' if self.on_policy is None else f', on_policy={self.on_policy!r}')
+            + ('' if self.teacher_signal is None else f', teacher_signal={self.teacher_signal!r}')
             + ')'
         )
 

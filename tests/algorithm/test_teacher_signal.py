@@ -271,3 +271,32 @@ def test_llm_foundry_builds_the_teacher_signal_loader(signal):
     }
     assert batch['teacher_topk_indices'].shape == (4, 8, K)
     assert spec.get_num_tokens_in_batch(batch) == 32
+
+
+def test_an_mpt_student_distils_from_the_llm_foundry_loader(signal):
+    from llmfoundry.data.dataloader import build_dataloader
+    from llmfoundry.models.mpt import ComposerMPTCausalLM
+
+    _, _, out = signal
+    spec = build_dataloader({'name': 'teacher_signal', 'dataset': {'local': out, 'shuffle': True}}, None, 4)
+    student = ComposerMPTCausalLM(
+        d_model=16,
+        n_heads=2,
+        n_layers=1,
+        expansion_ratio=2,
+        max_seq_len=LENGTH,
+        vocab_size=VOCAB,
+        attn_config={'attn_impl': 'torch'},
+        loss_fn='torch_crossentropy',
+    )
+    trainer = Trainer(
+        model=student,
+        train_dataloader=spec,
+        max_duration='2ba',
+        algorithms=[Distillation(TeacherSignal(), 'kl')],
+        device='cpu',
+        progress_bar=False,
+    )
+    trainer.fit()
+    assert set(trainer.state.loss) == {'original', 'kd', 'total'}
+    assert np.isfinite(float(trainer.state.loss['kd']))

@@ -65,6 +65,7 @@ if TYPE_CHECKING:  # the names as type checkers and editors see them
     from composer_kd.objective import CombinedLoss, combine_losses, distillation_loss
     from composer_kd.onpolicy import OnPolicy
     from composer_kd.schedules import ConstantSchedule, CosineSchedule, LinearSchedule, Schedule
+    from composer_kd.signal.distill import TeacherSignal
     from composer_kd.student_init import student_from_teacher_layers
     from composer_kd.teachers import TeacherInference, average_logits, sample_teachers
 
@@ -132,6 +133,7 @@ __all__ = [
     'skew_kl_divergence',
     'skew_reverse_kl_divergence',
     'OnPolicy',
+    'TeacherSignal',
 ]
 
 _EXPORTED_FROM = {
@@ -193,6 +195,7 @@ _EXPORTED_FROM = {
     'composer_kd.teachers': ('TeacherInference', 'average_logits', 'sample_teachers'),
     'composer_kd.checkpoints': ('load_teacher_checkpoint',),
     'composer_kd.onpolicy': ('OnPolicy',),
+    'composer_kd.signal.distill': ('TeacherSignal',),
 }
 #: Where each exported name lives: ``{name: module}``.
 EXPORTS = {name: module for module, names in _EXPORTED_FROM.items() for name in names}

@@ -1,4 +1,4 @@
-"""The ``composer-kd`` command: ``demo``, ``train`` and ``recipes``.
+"""The ``composer-kd`` command: ``demo``, ``train``, ``recipes`` and ``teacher-signal``.
 
 Heavy imports (torch, Composer, transformers) happen inside the subcommands, so ``--help`` answers at once.
 Nothing here downloads: the Hugging Face libraries are put in offline mode before they are imported.
@@ -124,13 +124,68 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_SIGNAL_OPTIONS = {
+    'teacher': None,
+    'tokens': None,
+    'out': None,
+    'k': 32,
+    'dtype': 'float16',
+    'batch_size': 8,
+    'sequences_per_part': 1024,
+    'local_dir': None,
+    'student': None,
+    'student_vocab_size': None,
+    'tokenizer': None,
+    'device': 'cpu',
+}
+
+
+def _signal_options(args: argparse.Namespace) -> dict:
+    """The options of ``teacher-signal``: a YAML file's keys (if given), overridden by the command line's."""
+    options = dict(_SIGNAL_OPTIONS)
+    if args.recipe:
+        from omegaconf import OmegaConf
+
+        if not os.path.isfile(args.recipe):
+            raise FileNotFoundError(f'teacher-signal: no such options file: {args.recipe}')
+        loaded = OmegaConf.to_container(OmegaConf.load(args.recipe), resolve=True)
+        unknown = sorted(set(loaded) - set(options)) if isinstance(loaded, dict) else ['<not a mapping>']
+        if unknown:
+            raise ValueError(f'teacher-signal: unknown keys in {args.recipe}: {unknown}; known: {sorted(options)}')
+        options.update(loaded)
+    options.update({key: value for key, value in vars(args).items() if key in options and value is not None})
+    missing = [f'--{key.replace("_", "-")}' for key in ('teacher', 'tokens', 'out') if not options[key]]
+    if missing:
+        raise ValueError(f'teacher-signal: {", ".join(missing)} must be given (on the command line or in the file).')
+    return options
+
+
+def _cmd_teacher_signal(args: argparse.Namespace) -> int:
+    _offline()
+    _quiet()
+    try:
+        options = _signal_options(args)
+        from composer_kd.signal.command import run_teacher_signal
+
+        summary = run_teacher_signal(**options, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(
+        f'Teacher signal written to {summary.out}: {summary.sequences} sequences, {summary.positions} positions, '
+        f'top {summary.k} of {summary.vocab_size} in {summary.value_dtype} ({summary.parts_written} parts written, '
+        f'{summary.parts_skipped} already complete).'
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``composer-kd`` and its three subcommands."""
+    """The argument parser of ``composer-kd`` and its subcommands."""
     parser = argparse.ArgumentParser(
         prog='composer-kd',
         description='Knowledge distillation with MosaicML Composer: a demo, and recipes run by a Composer Trainer.',
     )
-    commands = parser.add_subparsers(dest='command', required=True, metavar='{demo,train,recipes}')
+    commands = parser.add_subparsers(dest='command', required=True, metavar='{demo,train,recipes,teacher-signal}')
 
     demo = commands.add_parser(
         'demo',
@@ -182,6 +237,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recipes.add_argument('name', nargs='?', help='print this recipe instead of listing them')
     recipes.set_defaults(func=_cmd_recipes)
+
+    signal = commands.add_parser(
+        'teacher-signal',
+        help='run a teacher once over token sequences and write its top-k logits as MosaicML Streaming shards',
+        description=(
+            "Run a causal LM teacher once over token sequences (an MDS folder with a 'tokens' column, as llm-foundry "
+            "writes them, or a .pt/.npy [N, L] array) and write, next to the token ids, each position's top-k "
+            'logits, their packed indices and the log of the remaining mass as MDS shards, to a folder or an '
+            'object-store URI. Rerun with the same options to resume an interrupted run.'
+        ),
+    )
+    signal.add_argument('recipe', nargs='?', help='a YAML file of these options (the command line overrides it)')
+    signal.add_argument('--teacher', help='a local Hugging Face causal LM folder (config.json and weights)')
+    signal.add_argument('--tokens', help="token sequences: an MDS folder with a 'tokens' column, or a .pt/.npy file")
+    signal.add_argument('--out', help='output folder or object-store URI (s3://bucket/path)')
+    signal.add_argument('--k', type=int, help='logits kept per position (default: 32)')
+    signal.add_argument('--dtype', choices=['float16', 'bfloat16'], help='precision of the kept logits')
+    signal.add_argument('--batch-size', type=int, help='sequences per teacher forward pass (default: 8)')
+    signal.add_argument('--sequences-per-part', type=int, help='sequences per resumable part (default: 1024)')
+    signal.add_argument('--local-dir', help='with a URI --out, the local staging folder (keep it to resume)')
+    signal.add_argument('--student', help="the student's Hugging Face folder or config.json: vocabularies must match")
+    signal.add_argument('--student-vocab-size', type=int, help="the student's vocabulary size, instead of --student")
+    signal.add_argument('--tokenizer', help='the tokenizer folder that made the tokens: checked against the teacher')
+    signal.add_argument('--device', help='where the teacher runs (default: cpu)')
+    signal.add_argument('--no-progress', action='store_true', help='no progress bar')
+    signal.set_defaults(func=_cmd_teacher_signal)
     return parser
 
 

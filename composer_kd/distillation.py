@@ -34,6 +34,7 @@ from composer_kd.objective import (
 from composer_kd.onpolicy import OnPolicy, OnPolicyFit
 from composer_kd.outputs import Key, extract_logits, is_causal_lm, target_labels, token_mask
 from composer_kd.schedules import Schedule, ScheduleOrValue, value_at
+from composer_kd.signal.distill import TeacherSignal
 from composer_kd.teachers import (
     FrozenTeachers,
     TeacherInference,
@@ -102,7 +103,10 @@ class Distillation(Algorithm):
     Args:
         teachers: A teacher (``nn.Module``, ``ComposerModel`` or Hugging Face ``PreTrainedModel``), a list of
             teachers, or a dict ``{checkpoint_path: model}`` whose weights are loaded at once from Composer
-            checkpoints or ``state_dict`` files (local paths or any URI Composer reads).
+            checkpoints or ``state_dict`` files (local paths or any URI Composer reads). Or a
+            :class:`~composer_kd.signal.TeacherSignal`: no teacher runs, and the distillation term comes from the
+            teacher signal stored in each batch (top-k logits and tail mass written once by
+            ``composer-kd teacher-signal``; see :mod:`composer_kd.signal`), with ``kd_loss_fn`` a forward KL.
         kd_loss_fn (Callable | str, optional): Loss between student and teacher logits, returning a scalar, or the
             name of one (``'kl'``, ``'js'``, ... as :func:`~composer_kd.losses.get_loss` takes them, with its
             default temperature). A loss whose ``forward`` takes ``labels`` (:class:`~composer_kd.DecoupledKD`)
@@ -243,8 +247,11 @@ class Distillation(Algorithm):
         if self.end is not None and self.end.unit == self.start.unit and self.end.value <= self.start.value:
             raise ValueError(f'end={end!r} must come after start={start!r}.')
 
+        self.teacher_signal = teachers if isinstance(teachers, TeacherSignal) else None
+        if self.teacher_signal is not None:
+            self._check_signal_options(n_teachers_to_sample, feature_pairs, teacher_cache, on_policy)
         # Checkpoints are loaded here, so that a bad path or mismatched weights fail before training starts.
-        self.teachers = FrozenTeachers(resolve_teachers(teachers))
+        self.teachers = FrozenTeachers([] if self.teacher_signal is not None else resolve_teachers(teachers))
         n_teachers = len(self.teachers.modules)
         if n_teachers_to_sample is not None and not (
             isinstance(n_teachers_to_sample, int) and 1 <= n_teachers_to_sample <= n_teachers
@@ -310,6 +317,31 @@ class Distillation(Algorithm):
         self._loss_takes_labels = False
         self._weights = (0.0, 0.0)
         self._events = _FIT_BOUNDARIES
+        self._signal_checked = False
+
+    def _check_signal_options(self, n_teachers_to_sample, feature_pairs, teacher_cache, on_policy) -> None:
+        if not isinstance(self.kd_loss_fn, KLDivergence):
+            raise TypeError(
+                'teachers=TeacherSignal(...) computes a forward KL from the stored top-k logits, so kd_loss_fn must '
+                f'be a KLDivergence (or the name "kl"), got {type(self.kd_loss_fn).__name__}.'
+            )
+        given = {
+            'n_teachers_to_sample': n_teachers_to_sample is not None,
+            'feature_pairs': bool(feature_pairs),
+            'teacher_cache': teacher_cache is not None,
+            'on_policy': on_policy is not None,
+        }
+        for argument, present in given.items():
+            if present:
+                raise ValueError(
+                    f'{argument} cannot be combined with teachers=TeacherSignal(...): it needs live teachers, and a '
+                    'stored signal has none.'
+                )
+
+    @property
+    def _n_sources(self) -> int:
+        # A stored signal counts as one teacher for the window and the events: it is "active" or not.
+        return 1 if self.teacher_signal is not None else len(self.teachers.modules)
 
     def __str__(self) -> str:
         # Composer's engine formats this into a trace key every time the algorithm runs: keep it cheap. Within one
@@ -326,6 +358,7 @@ class Distillation(Algorithm):
             f'start={self.start}, end={self.end}'
             + ('' if self.teacher_cache is None else f', teacher_cache={self.teacher_cache!r}')
             + ('' if self.on_policy is None else f', on_policy={self.on_policy!r}')
+            + ('' if self.teacher_signal is None else f', teacher_signal={self.teacher_signal!r}')
             + ')'
         )
 
@@ -445,7 +478,7 @@ class Distillation(Algorithm):
         if self._varies_per_batch():
             events.add(Event.BATCH_START)
         else:
-            self._active_teachers = list(range(len(self.teachers.modules)))
+            self._active_teachers = list(range(self._n_sources))
             self._set_scheduled_values(state, logger)
         if self.features:
             events.add(Event.BATCH_END)
@@ -458,6 +491,7 @@ class Distillation(Algorithm):
         self._events = frozenset(events)
 
     def _fit_end(self) -> None:
+        self._signal_checked = False
         self._cached_fit = None
         self._on_policy_fit = None
         self._active_teachers = []
@@ -495,7 +529,7 @@ class Distillation(Algorithm):
         """Indices of the teachers that run this batch: none outside the window, else all or a sample."""
         if not reached(self._start, state) or reached(self._end, state):
             return []
-        n_teachers = len(self.teachers.modules)
+        n_teachers = self._n_sources
         if self.n_teachers_to_sample is None:
             return list(range(n_teachers))
         return sample_teachers(
@@ -544,7 +578,24 @@ class Distillation(Algorithm):
             self._cached_fit.record(rows, logits)  # poisoned rows are not kept
         return self._guard.screen(logits)  # NaN and +inf in any teacher's logits carry into their mean
 
+    def _distill_from_signal(self, state: State) -> None:
+        student_logits = extract_logits(state.outputs, self.student_logits_key, role='student')
+        if not self._signal_checked:  # one host sync per fit
+            self.teacher_signal.check_vocabulary(state.batch, student_logits)
+            self._signal_checked = True
+        kd_loss = self.teacher_signal.loss(
+            state.batch,
+            student_logits,
+            self.kd_loss_fn.temperature,
+            mask=token_mask(state.batch, student_logits, causal=self._causal),
+        )
+        org_loss_weight, kd_loss_weight = self._weights
+        state.loss = combine_losses(state.loss, kd_loss, org_loss_weight, kd_loss_weight, name=self.name)
+
     def _distill(self, state: State) -> None:
+        if self.teacher_signal is not None:
+            self._distill_from_signal(state)
+            return
         student_logits = extract_logits(state.outputs, self.student_logits_key, role='student')
         teacher, usable = self._teacher_logits(state, student_logits.shape, student_logits.device)
         labels = None

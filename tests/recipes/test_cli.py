@@ -23,10 +23,11 @@ def run_main(argv, capsys) -> tuple[int, str, str]:
 @pytest.mark.parametrize(
     'argv, phrases',
     [
-        ([], ['{demo,train,recipes}', 'demo', 'train', 'recipes']),
+        ([], ['{demo,train,recipes,teacher-signal}', 'demo', 'train', 'recipes', 'teacher-signal']),
         (['demo'], ['--output-dir', '--seeds', '--sweep', 'key=value', 'report.json', 'accuracy.png']),
         (['train'], ['recipe', 'key=value', '--dry-run', '--summary-json', 'distillation.temperature=2']),
         (['recipes'], ['name', 'List the recipes']),
+        (['teacher-signal'], ['--teacher', '--tokens', '--out', '--k', '--dtype', 'resume']),
     ],
 )
 def test_help_on_every_command(argv, phrases, capsys):

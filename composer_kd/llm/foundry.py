@@ -261,6 +261,37 @@ def _kd_loss(kd_loss: Any) -> Any:
     return kd_loss
 
 
+def _teacher_configs(teachers: Any) -> Sequence[TeacherConfig]:
+    """``teachers`` as a list: one config or module alone is a list of one."""
+    if teachers is None:
+        return []
+    if isinstance(teachers, (Mapping, nn.Module)):
+        return [teachers]
+    if isinstance(teachers, str) or not isinstance(teachers, Sequence):
+        raise TypeError(
+            'teachers must be a list of llm-foundry model configs ([{name: mpt_causal_lm, ...}]), got '
+            f'{type(teachers).__name__}.'
+        )
+    return teachers
+
+
+def _signal(teacher_signal: Any, teachers: Any) -> Any:
+    """The :class:`~composer_kd.signal.TeacherSignal` a YAML's ``teacher_signal`` names (``true`` or its keys)."""
+    if teachers:
+        raise ValueError(
+            'teachers and teacher_signal were both given: distil either from teachers run at each step or from the '
+            'stored signal in the batches, not both.'
+        )
+    if teacher_signal is not True and not isinstance(teacher_signal, Mapping):
+        raise TypeError(
+            f'teacher_signal must be true or a mapping of TeacherSignal arguments (its batch keys), got '
+            f'{teacher_signal!r}.'
+        )
+    from composer_kd.signal import TeacherSignal
+
+    return TeacherSignal(**({} if teacher_signal is True else dict(teacher_signal)))
+
+
 class FoundryDistillation(Distillation):
     """:class:`~composer_kd.Distillation` built from a llm-foundry training YAML's ``algorithms: {distillation:
     {...}}``: teachers are llm-foundry model configs, built by llm-foundry's own model builders.
@@ -284,6 +315,9 @@ class FoundryDistillation(Distillation):
         org_loss_weight (float, optional): Weight of the student's own (next-token) loss. Default: ``1.0``.
         causal_lm (bool, optional): Force or disable the one-token shift. Default: ``None``, the student's own
             ``shift_labels``.
+        teacher_signal (bool | Mapping, optional): Distil from the offline teacher signal that the ``teacher_signal``
+            dataloader puts in each batch instead of running teachers: ``true``, or the arguments of
+            :class:`~composer_kd.signal.TeacherSignal` (its batch keys). Not with ``teachers``. Default: ``None``.
         **options: Every other argument of :class:`~composer_kd.Distillation` (``start``, ``end``, ``name``,
             ``n_teachers_to_sample``, ...), passed through unchanged; a misspelled one is refused naming the
             nearest.
@@ -311,20 +345,15 @@ class FoundryDistillation(Distillation):
         kd_loss_weight: float = 1.0,
         org_loss_weight: float = 1.0,
         causal_lm: Optional[bool] = None,
+        teacher_signal: Union[bool, Mapping[str, str], None] = None,
         **options: Any,
     ):
-        if teachers is None:
-            teachers = []
-        if isinstance(teachers, (Mapping, nn.Module)):
-            teachers = [teachers]
-        if isinstance(teachers, str) or not isinstance(teachers, Sequence):
-            raise TypeError(
-                'teachers must be a list of llm-foundry model configs ([{name: mpt_causal_lm, ...}]), got '
-                f'{type(teachers).__name__}.'
-            )
-        built = [build_teacher(config, index) for index, config in enumerate(teachers)]
+        if teacher_signal not in (None, False):
+            source = _signal(teacher_signal, teachers)
+        else:
+            source = [build_teacher(config, index) for index, config in enumerate(_teacher_configs(teachers))]
         super().__init__(
-            built,
+            source,
             kd_loss_fn=_kd_loss(kd_loss),
             org_loss_weight=org_loss_weight,
             kd_loss_weight=kd_loss_weight,

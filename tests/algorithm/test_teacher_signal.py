@@ -300,3 +300,58 @@ def test_an_mpt_student_distils_from_the_llm_foundry_loader(signal):
     trainer.fit()
     assert set(trainer.state.loss) == {'original', 'kd', 'total'}
     assert np.isfinite(float(trainer.state.loss['kd']))
+
+
+def _mpt_student_fit(spec, algorithm) -> float:
+    from llmfoundry.models.mpt import ComposerMPTCausalLM
+
+    torch.manual_seed(3)
+    student = ComposerMPTCausalLM(
+        d_model=16,
+        n_heads=2,
+        n_layers=1,
+        expansion_ratio=2,
+        max_seq_len=LENGTH,
+        vocab_size=VOCAB,
+        attn_config={'attn_impl': 'torch'},
+        loss_fn='torch_crossentropy',
+    )
+    trainer = Trainer(
+        model=student, train_dataloader=spec, max_duration='2ba', algorithms=[algorithm], device='cpu', seed=3
+    )
+    trainer.fit()
+    return float(trainer.state.loss['kd'])
+
+
+def test_an_llm_foundry_yaml_distils_from_the_signal(signal):
+    """``algorithms: {distillation: {teacher_signal: true, ...}}`` builds Distillation(TeacherSignal()) with the
+    YAML's loss, temperature and weights, and trains as that algorithm given in Python does."""
+    from llmfoundry.data.dataloader import build_dataloader
+    from llmfoundry.utils.builders import build_algorithm
+
+    _, _, out = signal
+
+    def loader():
+        return build_dataloader({'name': 'teacher_signal', 'dataset': {'local': out, 'shuffle': False}}, None, 4)
+
+    built = build_algorithm(
+        'distillation', {'teacher_signal': True, 'kd_loss': 'kl', 'temperature': 2.0, 'kd_loss_weight': 0.5}
+    )
+    assert isinstance(built.teacher_signal, TeacherSignal) and built.teacher_modules == []
+    from_yaml = _mpt_student_fit(loader(), built)
+    gc.collect()
+    in_python = Distillation(TeacherSignal(), KLDivergence(temperature=2.0), kd_loss_weight=0.5, causal_lm=True)
+    assert from_yaml == pytest.approx(_mpt_student_fit(loader(), in_python), rel=1e-6)
+
+    keys = build_algorithm('distillation', {'teacher_signal': {'log_tail_key': 'tail'}})
+    assert keys.teacher_signal.log_tail_key == 'tail'
+
+
+def test_an_llm_foundry_yaml_with_teachers_and_a_signal_is_refused():
+    from llmfoundry.utils.builders import build_algorithm
+
+    teacher = {'name': 'mpt_causal_lm', 'd_model': 16, 'n_heads': 2, 'n_layers': 1, 'vocab_size': VOCAB}
+    with pytest.raises(ValueError, match='teachers and teacher_signal were both given'):
+        build_algorithm('distillation', {'teachers': [teacher], 'teacher_signal': True})
+    with pytest.raises(TypeError, match='teacher_signal must be true or a mapping'):
+        build_algorithm('distillation', {'teacher_signal': 'yes'})

@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # the names as type checkers and editors see them
     )
     from composer_kd.distillation import Distillation
     from composer_kd.features import FeaturePair
+    from composer_kd.fused import fused_linear_distillation
+    from composer_kd.fused_distillation import Fused
     from composer_kd.losses import (
         LOSSES,
         CosineDistance,
@@ -132,6 +134,9 @@ __all__ = [
     'skew_kl_divergence',
     'skew_reverse_kl_divergence',
     'OnPolicy',
+    # Distillation of language models without their logits: the output layer fused with the loss.
+    'Fused',
+    'fused_linear_distillation',
 ]
 
 _EXPORTED_FROM = {
@@ -193,6 +198,8 @@ _EXPORTED_FROM = {
     'composer_kd.teachers': ('TeacherInference', 'average_logits', 'sample_teachers'),
     'composer_kd.checkpoints': ('load_teacher_checkpoint',),
     'composer_kd.onpolicy': ('OnPolicy',),
+    'composer_kd.fused': ('fused_linear_distillation',),
+    'composer_kd.fused_distillation': ('Fused',),
 }
 #: Where each exported name lives: ``{name: module}``.
 EXPORTS = {name: module for module, names in _EXPORTED_FROM.items() for name in names}

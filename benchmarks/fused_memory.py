@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from composer_kd.fused import fused_linear_distillation
+from composer_kd.fused import default_chunk_size, fused_linear_distillation
 from composer_kd.losses import kl_divergence
 
 TEMPERATURE = 2.0
@@ -148,6 +148,7 @@ def measure(
         'loss': float(value),
         'grad_weight_norm': float(inputs['weight'].grad.float().norm()),
         'repeats': repeats,
+        'chunk_size': (chunk_size or default_chunk_size(vocab)) if variant == 'fused' else None,
     }
 
 
@@ -191,10 +192,16 @@ def ratios(unfused: dict, fused: dict) -> dict:
 
 
 def run_cpu(args: argparse.Namespace) -> dict:
+    """Both variants under each allocator setting; the fused one also at each ``--more-chunk-sizes``."""
     report = {'device': 'cpu', 'threads': args.threads, 'allocators': {}}
     for allocator, env in ALLOCATORS.items():
         results = {variant: _child(variant, args, env) for variant in VARIANTS}
-        report['allocators'][allocator] = {**results, 'ratios': ratios(results['unfused'], results['fused'])}
+        results['ratios'] = ratios(results['unfused'], results['fused'])
+        for chunk_size in args.more_chunk_sizes:
+            other = _child('fused', argparse.Namespace(**{**vars(args), 'chunk_size': chunk_size}), env)
+            results[f'fused, chunk {chunk_size}'] = other
+            results[f'ratios, chunk {chunk_size}'] = ratios(results['unfused'], other)
+        report['allocators'][allocator] = results
     return report
 
 
@@ -206,14 +213,17 @@ def print_report(report: dict) -> None:
             f'{report["device"]}, {results["unfused"]["dtype"]}, tokens {shape["tokens"]}, hidden {shape["hidden"]}, '
             f'vocabulary {shape["vocab"]}, {allocator}:'
         )
-        for variant in VARIANTS:
-            r = results[variant]
-            print(
-                f'  {variant:8s} extra peak {r["extra_peak_bytes"] / mib:9.1f} MiB, step '
-                f'{r["median_seconds"] * 1000:9.1f} ms (median of {r["repeats"]}), loss {r["loss"]:.6f}'
-            )
-        for name, value in results['ratios'].items():
-            print(f'  {name}: {value:.4g}')
+        for variant, r in results.items():
+            if variant.startswith('ratios'):
+                continue
+            label = f'{variant} (chunk {r["chunk_size"]})' if variant == 'fused' else variant
+            peak, step = r['extra_peak_bytes'] / mib, r['median_seconds'] * 1000
+            detail = f'median of {r["repeats"]}, loss {r["loss"]:.6f}'
+            print(f'  {label}: extra peak {peak:.1f} MiB, step {step:.1f} ms ({detail})')
+        for key, values in results.items():
+            if key.startswith('ratios'):
+                for name, value in values.items():
+                    print(f'  {name}{key[6:]}: {value:.4g}')
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -223,7 +233,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument('--vocab', type=int, default=32_000)
     parser.add_argument('--repeats', type=int, default=3, help='timed steps after the first (which is measured)')
     parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--chunk-size', type=int, default=None)
+    parser.add_argument('--chunk-size', type=int, default=None, help='tokens per chunk (default: the default)')
+    parser.add_argument(
+        '--more-chunk-sizes', type=int, nargs='*', default=[], help='also measure the fused path at these chunk sizes'
+    )
     parser.add_argument('--quick', action='store_true', help='a tiny setting, to check the script runs')
     parser.add_argument('--output', type=Path, default=None, help='write the report as JSON here')
     parser.add_argument('--child', choices=VARIANTS, help=argparse.SUPPRESS)

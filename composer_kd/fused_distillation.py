@@ -28,6 +28,7 @@ The models are given back unchanged when the fit ends.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -288,12 +289,17 @@ class FusedFit:
                     f'teachers[{i}] has a vocabulary of {capture.layer.out_features} entries, the student '
                     f'{vocab}: fused=... needs one shared vocabulary.'
                 )
+        # Training metrics would be computed on the placeholder logits: they are set aside for the fit (with a
+        # warning) and given back at its end. Evaluation metrics see normal logits.
+        self._state = state
+        self._train_metrics = state.train_metrics
         if state.train_metrics:
-            raise ValueError(
-                'fused=... cannot compute training metrics: the training logits are never made. Give the model '
-                'its metrics for evaluation only (HuggingFaceModel(eval_metrics=...) rather than metrics=...); '
-                'evaluation sees normal logits.'
+            warnings.warn(
+                f'fused=... makes no training logits, so the training metrics {sorted(state.train_metrics)} are not '
+                'computed during this fit; evaluation metrics are, on normal logits.',
+                stacklevel=2,
             )
+            state.train_metrics = {}
         for capture in (self.student, *self.teachers):
             capture.install()
         # While distilling, the model's own loss is the fused one: a placeholder until AFTER_LOSS replaces it.
@@ -390,3 +396,5 @@ class FusedFit:
         for capture in (self.student, *self.teachers):
             capture.remove()
         self._composer_model.__dict__.pop('loss', None)
+        if self._train_metrics:
+            self._state.train_metrics = self._train_metrics

@@ -297,7 +297,40 @@ def test_logit_softcapping_is_refused():
         train(HuggingFaceModel(model, use_logits=True), gpt2(1, 16, 1), True, steps='1ba')
 
 
-def test_training_metrics_are_refused_and_say_how_to_evaluate():
+def test_training_metrics_are_set_aside_with_a_warning_and_given_back():
     student = HuggingFaceModel(gpt2(1, 16, 100), use_logits=True, metrics=[LanguageCrossEntropy()])
-    with pytest.raises(ValueError, match='eval_metrics'):
-        train(student, gpt2(1, 16, 0), True, steps='1ba')
+    with pytest.warns(UserWarning, match='LanguageCrossEntropy'):
+        trainer = train(student, gpt2(1, 16, 0), True, steps='1ba')
+    assert list(trainer.state.train_metrics) == ['LanguageCrossEntropy']
+
+
+def mpt(tied: bool, seed: int, width: int = 16):
+    """llm-foundry's ComposerMPTCausalLM, tiny, on the CPU (torch attention and cross-entropy)."""
+    from llmfoundry.models.mpt import ComposerMPTCausalLM
+
+    torch.manual_seed(seed)
+    return ComposerMPTCausalLM(
+        d_model=width,
+        n_heads=2,
+        n_layers=1,
+        max_seq_len=32,
+        vocab_size=VOCAB,
+        expansion_ratio=2,
+        attn_config={'attn_impl': 'torch'},
+        tie_word_embeddings=tied,
+        init_device='cpu',
+        resid_pdrop=0.0,
+        emb_pdrop=0.0,
+        loss_fn='torch_crossentropy',
+    )
+
+
+def test_llm_foundry_mpt_untied_trains_as_unfused_and_tied_is_refused():
+    pytest.importorskip('llmfoundry')
+    students = {}
+    for fused in (False, True):
+        students[fused] = mpt(tied=False, seed=100)
+        train(students[fused], mpt(tied=False, seed=0, width=24).model, fused, steps='2ba')
+    assert_same_weights(students[False], students[True])
+    with pytest.raises(ValueError, match='tied word embeddings'):
+        train(mpt(tied=True, seed=100), mpt(tied=False, seed=0).model, True, steps='1ba')

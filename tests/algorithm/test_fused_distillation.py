@@ -1,7 +1,7 @@
 """``Distillation(fused=...)`` in a stock Composer Trainer: the same training as the unfused path, without logits.
 
-Tiny Hugging Face models built from configs (GPT-2, Llama, BERT masked LM) on random token rows with padding and
-ignored labels; each fused run is compared with the same run through the unfused path.
+Tiny models built from configs (Hugging Face GPT-2, Llama, BERT masked LM; llm-foundry's MPT) on random token rows
+with padding and ignored labels; each fused run is compared with the same run through the unfused path.
 """
 
 from __future__ import annotations

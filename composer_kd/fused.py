@@ -310,8 +310,13 @@ class _FusedLinearDistillation(torch.autograd.Function):
                         (grad_logits,) = torch.autograd.grad(chunk_total, logits)
                 ce_sum += ce_chunk.detach()
                 kd_sum += kd_chunk.detach()
+                # Released before the next chunk allocates its own: otherwise two chunks' temporaries coexist.
+                del logits, log_q, log_p, kd_rows, kd_chunk, ce_chunk, teacher_chunk
+                if safe_labels is not None:
+                    del ce_rows
                 if not wants_any:
                     continue
+                del chunk_total
                 grad_logits = grad_logits.to(compute_dtype)
                 if wants_hidden:
                     grad_hidden[start:end] = (grad_logits @ weight_c).to(hidden.dtype)
@@ -320,6 +325,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
                     grad_weight.addmm_(grad_logits.t().to(weight.dtype), hidden_c.to(weight.dtype))
                 if wants_bias:
                     grad_bias += grad_logits.sum(dim=0).to(bias.dtype)
+                del grad_logits
         ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.consumed = False
         total = org_loss_weight * ce_sum + kd_loss_weight * kd_sum

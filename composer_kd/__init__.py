@@ -34,6 +34,8 @@ if TYPE_CHECKING:  # the names as type checkers and editors see them
     )
     from composer_kd.distillation import Distillation
     from composer_kd.features import FeaturePair
+    from composer_kd.fused import fused_linear_distillation
+    from composer_kd.fused_distillation import Fused
     from composer_kd.losses import (
         LOSSES,
         CosineDistance,
@@ -134,6 +136,9 @@ __all__ = [
     'skew_reverse_kl_divergence',
     'OnPolicy',
     'TeacherSignal',
+    # Distillation of language models without their logits: the output layer fused with the loss.
+    'Fused',
+    'fused_linear_distillation',
 ]
 
 _EXPORTED_FROM = {
@@ -196,6 +201,8 @@ _EXPORTED_FROM = {
     'composer_kd.checkpoints': ('load_teacher_checkpoint',),
     'composer_kd.onpolicy': ('OnPolicy',),
     'composer_kd.signal.distill': ('TeacherSignal',),
+    'composer_kd.fused': ('fused_linear_distillation',),
+    'composer_kd.fused_distillation': ('Fused',),
 }
 #: Where each exported name lives: ``{name: module}``.
 EXPORTS = {name: module for module, names in _EXPORTED_FROM.items() for name in names}

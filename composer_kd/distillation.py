@@ -21,6 +21,7 @@ from torch import nn
 
 from composer_kd.cache import CachedFit, TeacherCache
 from composer_kd.features import FeatureDistillation, FeaturePair
+from composer_kd.fused_distillation import Fused, FusedFit, check_fused_settings, resolve_fused
 from composer_kd.losses import LOSSES, KLDivergence, get_loss
 from composer_kd.nonfinite import NonFiniteGuard
 from composer_kd.objective import (
@@ -167,6 +168,13 @@ class Distillation(Algorithm):
             generates itself (or, with ``source='teacher'``, the first teacher generates), for a share of the batches
             (see :class:`~composer_kd.onpolicy.OnPolicy`). Not with ``teacher_cache`` (generated sequences are new
             every time). Default: none, every batch is the dataset's.
+        fused (bool | Fused, optional): Compute the student's cross-entropy and the distillation loss of a language
+            model from both models' final hidden states and output weights, a chunk of tokens at a time, so that
+            neither model's ``[tokens, vocabulary]`` logits are ever made during training (see
+            :mod:`composer_kd.fused_distillation` and ``docs/fused.md``): ``True`` or
+            :class:`~composer_kd.fused_distillation.Fused` options. For Hugging Face causal and masked language
+            models (and llm-foundry's), with the losses of :data:`~composer_kd.fused.FUSED_LOSSES`; evaluation
+            still sees normal logits. Default: ``None``, off.
 
     Example:
         .. testcode::
@@ -219,6 +227,7 @@ class Distillation(Algorithm):
         teacher_cache: Optional[TeacherCache] = None,
         name: Optional[str] = None,
         on_policy: Optional[OnPolicy] = None,
+        fused: Union[None, bool, Fused] = None,
     ):
         if name is not None and not (isinstance(name, str) and _NAME.fullmatch(name)):
             raise ValueError(f'name must be a non-empty string of letters, digits, _ and -, got {name!r}.')
@@ -249,7 +258,7 @@ class Distillation(Algorithm):
 
         self.teacher_signal = teachers if isinstance(teachers, TeacherSignal) else None
         if self.teacher_signal is not None:
-            self._check_signal_options(n_teachers_to_sample, feature_pairs, teacher_cache, on_policy)
+            self._check_signal_options(n_teachers_to_sample, feature_pairs, teacher_cache, on_policy, fused)
         # Checkpoints are loaded here, so that a bad path or mismatched weights fail before training starts.
         self.teachers = FrozenTeachers([] if self.teacher_signal is not None else resolve_teachers(teachers))
         n_teachers = len(self.teachers.modules)
@@ -303,6 +312,18 @@ class Distillation(Algorithm):
                 )
         self.on_policy = on_policy
         self._on_policy_fit: Optional[OnPolicyFit] = None
+        self.fused = resolve_fused(fused)
+        check_fused_settings(
+            self.fused,
+            self.kd_loss_fn,
+            feature_pairs=feature_pairs,
+            teacher_cache=teacher_cache,
+            on_policy=on_policy,
+            on_nonfinite_teacher=on_nonfinite_teacher,
+            teacher_compiled=bool(self.teacher_inference.compile),
+            student_logits_key=student_logits_key,
+        )
+        self._fused_fit: Optional[FusedFit] = None
         self.features = FeatureDistillation(feature_pairs, n_teachers, name=name)
 
         # Set at fit start: the teachers as they run, the cache's state for the fit, the window in the trainer's
@@ -319,24 +340,23 @@ class Distillation(Algorithm):
         self._events = _FIT_BOUNDARIES
         self._signal_checked = False
 
-    def _check_signal_options(self, n_teachers_to_sample, feature_pairs, teacher_cache, on_policy) -> None:
+    def _check_signal_options(self, n_teachers_to_sample, feature_pairs, teacher_cache, on_policy, fused) -> None:
         if not isinstance(self.kd_loss_fn, KLDivergence):
             raise TypeError(
                 'teachers=TeacherSignal(...) computes a forward KL from the stored top-k logits, so kd_loss_fn must '
                 f'be a KLDivergence (or the name "kl"), got {type(self.kd_loss_fn).__name__}.'
             )
+        live = 'it needs live teachers, and a stored signal has none'
         given = {
-            'n_teachers_to_sample': n_teachers_to_sample is not None,
-            'feature_pairs': bool(feature_pairs),
-            'teacher_cache': teacher_cache is not None,
-            'on_policy': on_policy is not None,
+            'n_teachers_to_sample': (n_teachers_to_sample is not None, live),
+            'feature_pairs': (bool(feature_pairs), live),
+            'teacher_cache': (teacher_cache is not None, live),
+            'on_policy': (on_policy is not None, live),
+            'fused': (fused not in (None, False), 'the fused loop does not compute from a stored top-k signal'),
         }
-        for argument, present in given.items():
+        for argument, (present, why) in given.items():
             if present:
-                raise ValueError(
-                    f'{argument} cannot be combined with teachers=TeacherSignal(...): it needs live teachers, and a '
-                    'stored signal has none.'
-                )
+                raise ValueError(f'{argument} cannot be combined with teachers=TeacherSignal(...): {why}.')
 
     @property
     def _n_sources(self) -> int:
@@ -359,6 +379,7 @@ class Distillation(Algorithm):
             + ('' if self.teacher_cache is None else f', teacher_cache={self.teacher_cache!r}')
             + ('' if self.on_policy is None else f', on_policy={self.on_policy!r}')
             + ('' if self.teacher_signal is None else f', teacher_signal={self.teacher_signal!r}')
+            + ('' if self.fused is None else f', fused={self.fused!r}')
             + ')'
         )
 
@@ -404,6 +425,9 @@ class Distillation(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event is Event.AFTER_LOSS:
             self._distill(state)
+            return
+        if event is Event.BEFORE_FORWARD and self._fused_fit is not None:
+            self._fused_fit.before_forward(distilling=bool(self._active_teachers))
             return
         if event is OnPolicyFit.EVENT and self._on_policy_fit is not None:
             self._on_policy_fit.prepare_batch(state, logger, distilling=bool(self._teachers_for_batch(state)))
@@ -488,10 +512,16 @@ class Distillation(Algorithm):
             events |= CachedFit.EVENTS
         if self._on_policy_fit is not None:
             events.add(OnPolicyFit.EVENT)
+        if self.fused is not None:
+            self._fused_fit = FusedFit(self.fused, state, self._runners, self.kd_loss_fn, name=self.name)
+            events.add(Event.BEFORE_FORWARD)
         self._events = frozenset(events)
 
     def _fit_end(self) -> None:
         self._signal_checked = False
+        if self._fused_fit is not None:
+            self._fused_fit.end()
+            self._fused_fit = None
         self._cached_fit = None
         self._on_policy_fit = None
         self._active_teachers = []
@@ -516,6 +546,11 @@ class Distillation(Algorithm):
 
     def _check_unique_name(self, state: State) -> None:
         for other in state.algorithms:
+            if other is not self and isinstance(other, Distillation) and (self.fused or other.fused):
+                raise ValueError(
+                    'A Distillation with fused=... must be the only Distillation of its Trainer: it computes the '
+                    "student's loss itself and the student makes no logits for another instance to read."
+                )
             if other is not self and isinstance(other, Distillation) and other.name == self.name:
                 raise ValueError(
                     f'Two Distillation algorithms in one Trainer are both named {self.name!r}: each writes its loss '
@@ -595,6 +630,18 @@ class Distillation(Algorithm):
     def _distill(self, state: State) -> None:
         if self.teacher_signal is not None:
             self._distill_from_signal(state)
+            return
+        if self._fused_fit is not None:
+            state.loss = self._fused_fit.loss(
+                state,
+                self._runners,
+                self._active_teachers,
+                self.kd_loss_fn,
+                self._weights,
+                causal=self._causal,
+                input_key=self.input_key,
+                teacher_logits_key=self.teacher_logits_key,
+            )
             return
         student_logits = extract_logits(state.outputs, self.student_logits_key, role='student')
         teacher, usable = self._teacher_logits(state, student_logits.shape, student_logits.device)

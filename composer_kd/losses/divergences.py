@@ -18,6 +18,35 @@ from composer_kd.losses.base import (
 )
 from composer_kd.losses.chunked import chunked_kl_divergence
 
+# Each loss between distributions, position by position: ``(log_p, log_q, dim) -> per-position value`` for the
+# teacher's log-probabilities ``log_p`` and the student's ``log_q`` (before the ``T ** 2`` factor). The losses
+# below and the fused output-layer path (:mod:`composer_kd.fused`) share these, so both compute one formula.
+
+
+def forward_kl_terms(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
+    """KL(teacher || student) at each position: ``sum_c p_c (log p_c - log q_c)`` over ``dim``."""
+    return kl_terms(log_p, log_q, dim)
+
+
+def reverse_kl_terms(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
+    """KL(student || teacher) at each position: ``sum_c q_c (log q_c - log p_c)`` over ``dim``."""
+    return kl_terms(log_q, log_p, dim)
+
+
+def jensen_shannon_terms(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
+    """The Jensen-Shannon divergence at each position: ``KL(p || m) / 2 + KL(q || m) / 2``, ``m = (p + q) / 2``."""
+    # Classes both give zero probability are kept out of logaddexp, whose gradient there is nan; they
+    # contribute nothing either way.
+    dead = torch.isneginf(log_p) & torch.isneginf(log_q)
+    log_m = torch.logaddexp(torch.where(dead, 0.0, log_p), torch.where(dead, 0.0, log_q)) - math.log(2.0)
+    return 0.5 * kl_terms(log_p, log_m, dim) + 0.5 * kl_terms(log_q, log_m, dim)
+
+
+def soft_cross_entropy_terms(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
+    """The cross-entropy against the teacher at each position: ``-sum_c p_c log q_c`` over ``dim``."""
+    p = log_p.exp()
+    return -(p * torch.where(p > 0, log_q, 0.0)).sum(dim=dim)
+
 
 def kl_divergence(
     student_logits: torch.Tensor,
@@ -51,7 +80,7 @@ def kl_divergence(
 
             loss = kl_divergence(torch.randn(8, 10), torch.randn(8, 10), temperature=4.0)
     """
-    return distribution_loss(kl_terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
+    return distribution_loss(forward_kl_terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
 
 
 def reverse_kl_divergence(
@@ -85,10 +114,7 @@ def reverse_kl_divergence(
             loss = reverse_kl_divergence(torch.randn(8, 10), torch.randn(8, 10), temperature=2.0)
     """
 
-    def terms(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
-        return kl_terms(log_q, log_p, dim)
-
-    return distribution_loss(terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
+    return distribution_loss(reverse_kl_terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
 
 
 def jensen_shannon_divergence(
@@ -122,14 +148,7 @@ def jensen_shannon_divergence(
             loss = jensen_shannon_divergence(torch.randn(8, 10), torch.randn(8, 10))
     """
 
-    def terms(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
-        # Classes both give zero probability are kept out of logaddexp, whose gradient there is nan; they
-        # contribute nothing either way.
-        dead = torch.isneginf(log_p) & torch.isneginf(log_q)
-        log_m = torch.logaddexp(torch.where(dead, 0.0, log_p), torch.where(dead, 0.0, log_q)) - math.log(2.0)
-        return 0.5 * kl_terms(log_p, log_m, dim) + 0.5 * kl_terms(log_q, log_m, dim)
-
-    return distribution_loss(terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
+    return distribution_loss(jensen_shannon_terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
 
 
 def soft_cross_entropy(
@@ -164,11 +183,7 @@ def soft_cross_entropy(
             loss = soft_cross_entropy(torch.randn(8, 10), torch.randn(8, 10), temperature=2.0)
     """
 
-    def terms(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
-        p = log_p.exp()
-        return -(p * torch.where(p > 0, log_q, 0.0)).sum(dim=dim)
-
-    return distribution_loss(terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
+    return distribution_loss(soft_cross_entropy_terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
 
 
 def logits_mse(

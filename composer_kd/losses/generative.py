@@ -4,6 +4,7 @@ Jensen-Shannon divergence (GKD) and the skew KL divergences (DistiLLM)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -13,7 +14,12 @@ from composer_kd.losses.base import (
     distribution_loss,
     kl_terms,
 )
-from composer_kd.losses.divergences import kl_divergence, reverse_kl_divergence
+from composer_kd.losses.divergences import (
+    forward_kl_terms,
+    kl_divergence,
+    reverse_kl_divergence,
+    reverse_kl_terms,
+)
 
 
 def _check_unit_interval(name: str, value: float, upper_inclusive: bool, meaning: str) -> None:
@@ -87,17 +93,36 @@ def generalized_jsd(
             assert torch.allclose(generalized_jsd(s, t, beta=0.0), kl_divergence(s, t))
             assert torch.allclose(generalized_jsd(s, t, beta=0.5), jensen_shannon_divergence(s, t))
     """
+    terms = generalized_jsd_terms(beta)
+    return distribution_loss(terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
+
+
+def generalized_jsd_terms(beta: float) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """The per-position terms of :func:`generalized_jsd` at ``beta``: ``(log_p, log_q, dim) -> [positions]``.
+
+    ``beta = 0`` gives the forward KL's terms and ``beta = 1`` the reverse KL's, as :func:`generalized_jsd` does.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.losses.divergences import forward_kl_terms
+            from composer_kd.losses.generative import generalized_jsd_terms
+
+            log_p, log_q = torch.randn(3, 7).log_softmax(-1), torch.randn(3, 7).log_softmax(-1)
+            assert torch.equal(generalized_jsd_terms(0.0)(log_p, log_q, -1), forward_kl_terms(log_p, log_q, -1))
+    """
     _check_unit_interval('beta', beta, True, '0: forward KL, 1: reverse KL')
     if beta == 0:
-        return kl_divergence(student_logits, teacher_logits, temperature, softmax_dim, mask)
+        return forward_kl_terms
     if beta == 1:
-        return reverse_kl_divergence(student_logits, teacher_logits, temperature, softmax_dim, mask)
+        return reverse_kl_terms
 
     def terms(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:
         log_m = _log_mixture(log_p, log_q, beta)
         return beta * kl_terms(log_p, log_m, dim) + (1.0 - beta) * kl_terms(log_q, log_m, dim)
 
-    return distribution_loss(terms, student_logits, teacher_logits, temperature, softmax_dim, mask)
+    return terms
 
 
 def skew_kl_divergence(

@@ -234,6 +234,8 @@ def test_options_that_need_a_live_teacher_are_refused():
         Distillation(TeacherSignal(), 'js')
     with pytest.raises(ValueError, match='n_teachers_to_sample cannot be combined with teachers=TeacherSignal'):
         Distillation(TeacherSignal(), n_teachers_to_sample=1)
+    with pytest.raises(ValueError, match='fused cannot be combined with teachers=TeacherSignal'):
+        Distillation(TeacherSignal(), fused=True)
 
 
 def test_shards_round_trip_through_an_object_store(s3, tmp_path):

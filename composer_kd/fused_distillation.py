@@ -1,0 +1,400 @@
+"""``Distillation(fused=...)``: language-model distillation in which neither model materializes its logits.
+
+During a training microbatch that distils, the output layer of the student and of each teacher is made to record
+its input (the final hidden states) and to return a zero-stride placeholder of the logits' shape instead of the
+logits; the student's forward pass is given no labels, so it computes no cross-entropy of its own, and the
+student's ``loss`` returns a placeholder. At ``Event.AFTER_LOSS`` the student's cross-entropy and the
+distillation term are computed a chunk of tokens at a time by :func:`composer_kd.fused.fused_linear_distillation`,
+and the loss dict is written as the unfused path writes it (``'original'``, ``'kd'``, ``'total'``). Everywhere
+else (evaluation, prediction, batches outside the distillation window) the models run untouched and give their
+normal logits.
+
+How each model kind is handled:
+
+* A Hugging Face causal or masked language model, bare or in Composer's ``HuggingFaceModel`` (including
+  llm-foundry's ``ComposerHFCausalLM``): its output layer is ``get_output_embeddings()`` (GPT-2's and Llama's
+  ``lm_head``, BERT's ``cls.predictions.decoder``), an ``nn.Linear`` whose weight may be tied to the input
+  embedding. Models that transform the logits after that layer (a ``final_logit_softcapping`` or ``logit_scale``
+  in their config, e.g. Gemma 2, Cohere) are refused: their logits are not the layer's output.
+* llm-foundry's ``ComposerMPTCausalLM`` with an untied output layer (``tie_word_embeddings=False``): its
+  ``lm_head``, the same way; the model's own ``loss`` is replaced by the fused loss while distilling. An MPT with
+  tied embeddings computes its logits with ``F.linear`` on the embedding's weight, outside any output module, and
+  is refused with an error saying so; so is an MPT with ``logit_scale``.
+* Anything else (a model whose ``get_output_embeddings()`` gives no ``nn.Linear``, a plain module) is refused at
+  fit start with an error naming the model.
+
+The models are given back unchanged when the fit ends.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from composer.core import State, get_precision_context
+from composer.models import HuggingFaceModel
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from composer_kd.fused import DenseTeacherChunks, fused_linear_distillation, per_position_terms
+from composer_kd.objective import CombinedLoss, combine_losses
+from composer_kd.outputs import token_mask
+from composer_kd.teachers import TeacherRunner, teacher_logits
+
+__all__ = ['Fused', 'FusedFit', 'OutputLayerCapture', 'check_fused_settings', 'output_layer', 'resolve_fused']
+
+
+@dataclass(frozen=True)
+class Fused:
+    """Options of the fused output-layer path, as ``Distillation(fused=Fused(...))`` takes them (or ``True``).
+
+    Args:
+        chunk_size (int, optional): Tokens per chunk. Default: ``None``, as many as keep a chunk's logits near
+            ``2**21`` elements (65 tokens of a 32,000-entry vocabulary; see
+            :func:`~composer_kd.fused.default_chunk_size`).
+
+    Example:
+        .. testcode::
+
+            import transformers
+            from composer_kd import Distillation, Fused
+
+            config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+            teacher = transformers.GPT2LMHeadModel(config)
+            distillation = Distillation(teacher, 'kl', fused=Fused(chunk_size=256))
+    """
+
+    chunk_size: Optional[int] = None
+
+    def __post_init__(self):
+        valid = self.chunk_size is None or (
+            isinstance(self.chunk_size, int) and not isinstance(self.chunk_size, bool) and self.chunk_size > 0
+        )
+        if not valid:
+            raise ValueError(f'Fused(chunk_size=...) must be a positive integer or None, got {self.chunk_size!r}.')
+
+
+def resolve_fused(fused: Union[None, bool, Fused]) -> Optional[Fused]:
+    """``Distillation``'s ``fused=`` argument as options: ``True`` is ``Fused()``, ``None``/``False`` is off.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.fused_distillation import Fused, resolve_fused
+
+            assert resolve_fused(True) == Fused() and resolve_fused(False) is None
+    """
+    if fused is None or fused is False:
+        return None
+    if fused is True:
+        return Fused()
+    if isinstance(fused, Fused):
+        return fused
+    raise TypeError(f'fused must be True, False, None or a Fused(...) object, got {type(fused).__name__}.')
+
+
+def check_fused_settings(
+    fused: Optional[Fused],
+    kd_loss_fn: nn.Module,
+    *,
+    feature_pairs: Sequence[Any],
+    teacher_cache: Any,
+    on_policy: Any,
+    on_nonfinite_teacher: str,
+    teacher_compiled: bool,
+    student_logits_key: Any,
+) -> None:
+    """Refuse, when ``Distillation`` is built, the settings the fused path does not combine with."""
+    if fused is None:
+        return
+    per_position_terms(kd_loss_fn)
+    refused = {
+        'feature_pairs': bool(feature_pairs),
+        'teacher_cache': teacher_cache is not None,
+        'on_policy': on_policy is not None,
+        "on_nonfinite_teacher='skip'": on_nonfinite_teacher == 'skip',
+        'teacher_inference compile': teacher_compiled,
+        'student_logits_key': student_logits_key is not None,
+    }
+    for setting, given in refused.items():
+        if given:
+            raise ValueError(
+                f'fused=... cannot be combined with {setting}: the fused path reads the final hidden states of '
+                'language models and never makes their logits. Drop one of the two.'
+            )
+
+
+def _network(model: nn.Module) -> nn.Module:
+    """The network inside Composer's and PyTorch's wrappers: a ``HuggingFaceModel``'s ``model``."""
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    if isinstance(model, HuggingFaceModel):
+        model = model.model
+    return model
+
+
+def output_layer(model: nn.Module, role: str = 'student') -> nn.Linear:
+    """The ``nn.Linear`` that turns ``model``'s final hidden states into logits, or a clear error.
+
+    Args:
+        model (nn.Module): A Hugging Face model (bare or in ``HuggingFaceModel``), or llm-foundry's MPT.
+        role (str, optional): ``'student'`` or ``'teachers[i]'``, for messages. Default: ``'student'``.
+
+    Returns:
+        nn.Linear: The output layer (its weight ``[vocab, hidden]``).
+
+    Raises:
+        ValueError: When the output layer cannot be reached, or the logits are not its output.
+
+    Example:
+        .. testcode::
+
+            import transformers
+            from composer_kd.fused_distillation import output_layer
+
+            config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+            model = transformers.GPT2LMHeadModel(config)
+            assert output_layer(model) is model.lm_head
+    """
+    network = _network(model)
+    kind = type(network).__name__
+    getter = getattr(network, 'get_output_embeddings', None)
+    layer = getter() if callable(getter) else None
+    if type(network).__name__ == 'MPTForCausalLM' and getattr(network, 'lm_head', None) is None:
+        raise ValueError(
+            f'The {role} is an MPT model with tied word embeddings: its logits are F.linear on the input '
+            "embedding's weight, outside any output module, so fused=... cannot intercept them. Build it with "
+            'tie_word_embeddings=False, or train without fused=.'
+        )
+    if not isinstance(layer, nn.Linear):
+        found = 'nothing' if layer is None else type(layer).__name__
+        raise ValueError(
+            f"fused=... needs the {role}'s output layer, an nn.Linear from get_output_embeddings() (Hugging Face "
+            f'causal and masked language models, llm-foundry models); the {role} ({kind}) gives {found}. Train '
+            'without fused=.'
+        )
+    config = getattr(network, 'config', None)
+    for attribute in ('final_logit_softcapping', 'logit_scale'):
+        value = getattr(config, attribute, None) or getattr(network, attribute, None)
+        if value not in (None, 1, 1.0) and not isinstance(value, nn.Module):
+            raise ValueError(
+                f'The {role} ({kind}) transforms its logits after the output layer ({attribute}={value!r}), so the '
+                'fused loss would not be its loss. Train without fused=.'
+            )
+    return layer
+
+
+class OutputLayerCapture:
+    """While on, an output layer records its input and returns a zero-stride placeholder instead of its logits.
+
+    The layer's ``forward`` is replaced by an instance attribute for the fit (removed by :meth:`remove`), so the
+    projection itself never runs; a forward pre-hook on the network drops ``labels`` from its keyword arguments,
+    so a Hugging Face model computes no loss of its own. When off, or when the network is in eval mode, both
+    pass everything through.
+
+    Args:
+        model (nn.Module): The model whose output layer to watch.
+        role (str, optional): For messages. Default: ``'student'``.
+        training_only (bool, optional): Pass through while the network is in eval mode even when on (the
+            student's evaluation sees its logits; teachers always run in eval mode). Default: ``True``.
+    """
+
+    def __init__(self, model: nn.Module, role: str = 'student', training_only: bool = True):
+        self.network = _network(model)
+        self.training_only = training_only
+        self.layer = output_layer(model, role)
+        self.on = False
+        self.hidden: Optional[torch.Tensor] = None
+        self._handle = None
+
+    def install(self) -> None:
+        layer_forward = type(self.layer).forward.__get__(self.layer)
+
+        def forward(inputs: torch.Tensor) -> torch.Tensor:
+            if not self.on or (self.training_only and not self.network.training):
+                return layer_forward(inputs)
+            self.hidden = inputs
+            device_type = inputs.device.type
+            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else inputs.dtype
+            shape = (*inputs.shape[:-1], self.layer.out_features)
+            return torch.zeros((), dtype=dtype, device=inputs.device).expand(shape)
+
+        self.layer.forward = forward
+        self._handle = self.network.register_forward_pre_hook(self._drop_labels, with_kwargs=True)
+
+    def _drop_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        if self.on and 'labels' in kwargs:
+            return args, {k: v for k, v in kwargs.items() if k != 'labels'}
+        return None
+
+    def take(self) -> torch.Tensor:
+        """The recorded hidden states as ``[tokens, hidden]``; the record is cleared."""
+        hidden, self.hidden = self.hidden, None
+        if hidden is None:
+            raise RuntimeError(
+                f'The output layer {type(self.layer).__name__} of {type(self.network).__name__} did not run in the '
+                'forward pass: fused=... cannot find the final hidden states.'
+            )
+        return hidden.reshape(-1, hidden.shape[-1])
+
+    def remove(self) -> None:
+        self.on = False
+        self.hidden = None
+        self.layer.__dict__.pop('forward', None)
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def _shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Row ``i``'s target in a causal LM is token ``i + 1``; the last position predicts nothing (-100)."""
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+
+
+class FusedFit:
+    """One fit's fused path: the captures installed on student and teachers, and the loss at ``AFTER_LOSS``.
+
+    Args:
+        options (Fused): The options.
+        state (State): The trainer's state at fit start.
+        runners (Sequence[TeacherRunner]): The prepared teachers.
+        kd_loss_fn (nn.Module): The distillation loss (one of :data:`~composer_kd.fused.FUSED_LOSSES`).
+        name (str, optional): The ``Distillation``'s name, for the loss terms.
+    """
+
+    def __init__(
+        self,
+        options: Fused,
+        state: State,
+        runners: Sequence[TeacherRunner],
+        kd_loss_fn: nn.Module,
+        name: Optional[str] = None,
+    ):
+        per_position_terms(kd_loss_fn)  # refuses a loss the fused path does not compute
+        self.options = options
+        self.name = name
+        composer_model = state.model.module if isinstance(state.model, DistributedDataParallel) else state.model
+        self._composer_model = composer_model
+        self.student = OutputLayerCapture(state.model, 'student')
+        self.teachers = [
+            OutputLayerCapture(r.module, f'teachers[{i}]', training_only=False) for i, r in enumerate(runners)
+        ]
+        vocab = self.student.layer.out_features
+        for i, capture in enumerate(self.teachers):
+            if capture.layer.out_features != vocab:
+                raise ValueError(
+                    f'teachers[{i}] has a vocabulary of {capture.layer.out_features} entries, the student '
+                    f'{vocab}: fused=... needs one shared vocabulary.'
+                )
+        # Training metrics would be computed on the placeholder logits: they are set aside for the fit (with a
+        # warning) and given back at its end. Evaluation metrics see normal logits.
+        self._state = state
+        self._train_metrics = state.train_metrics
+        if state.train_metrics:
+            warnings.warn(
+                f'fused=... makes no training logits, so the training metrics {sorted(state.train_metrics)} are not '
+                'computed during this fit; evaluation metrics are, on normal logits.',
+                stacklevel=2,
+            )
+            state.train_metrics = {}
+        for capture in (self.student, *self.teachers):
+            capture.install()
+        # While distilling, the model's own loss is the fused one: a placeholder until AFTER_LOSS replaces it.
+        original_loss = type(composer_model).loss.__get__(composer_model)
+
+        def loss(outputs: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.student.on:
+                return torch.zeros((), device=self.student.layer.weight.device)
+            return original_loss(outputs, batch, *args, **kwargs)
+
+        composer_model.loss = loss
+
+    def before_forward(self, distilling: bool) -> None:
+        self.student.on = distilling
+
+    def loss(
+        self,
+        state: State,
+        runners: Sequence[TeacherRunner],
+        active_teachers: Sequence[int],
+        kd_loss_fn: nn.Module,
+        weights: tuple[float, float],
+        causal: bool,
+        input_key: Any,
+        teacher_logits_key: Any,
+    ) -> CombinedLoss:
+        """The loss dict of this microbatch, from the recorded hidden states; the captures are switched off."""
+        self.student.on = False
+        student_hidden = self.student.take()
+        placeholder = self._placeholder(state.outputs)
+        for index in active_teachers:
+            capture = self.teachers[index]
+            capture.on = True
+            try:
+                teacher_logits(
+                    [runners[index]],
+                    state.batch,
+                    teacher_indices=[index],
+                    input_key=input_key,
+                    logits_key=teacher_logits_key,
+                    precision=state.precision,
+                    precision_config=state.precision_config,
+                )
+            finally:
+                capture.on = False
+        teacher_hidden = [self.teachers[i].take() for i in active_teachers]
+        labels = state.batch.get('labels') if isinstance(state.batch, Mapping) else None
+        if isinstance(labels, torch.Tensor) and labels.shape == placeholder.shape[:-1]:
+            labels = (_shifted_labels(labels) if causal else labels).reshape(-1)
+        else:
+            labels = None
+        mask = token_mask(state.batch, placeholder, causal=causal)
+        org_loss_weight, kd_loss_weight = weights
+        with get_precision_context(state.precision, state.precision_config):
+            teacher = DenseTeacherChunks(
+                teacher_hidden,
+                [self.teachers[i].layer.weight for i in active_teachers],
+                [self.teachers[i].layer.bias for i in active_teachers],
+            )
+            fused = fused_linear_distillation(
+                student_hidden,
+                self.student.layer.weight,
+                teacher,
+                labels=labels,
+                kd_mask=None if mask is None else mask.reshape(-1),
+                loss_fn=kd_loss_fn,
+                temperature=kd_loss_fn.temperature,
+                student_bias=self.student.layer.bias,
+                org_loss_weight=org_loss_weight,
+                kd_loss_weight=kd_loss_weight,
+                chunk_size=self.options.chunk_size,
+            )
+        if not bool(torch.isfinite(fused.kd)):  # one host synchronization per microbatch
+            raise RuntimeError(
+                f'The distillation loss is not finite at batch {int(state.timestamp.batch)}: a teacher gave NaN or '
+                '+inf logits (or the student diverged).'
+            )
+        losses = combine_losses(fused.original, fused.kd, org_loss_weight, kd_loss_weight, name=self.name)
+        losses['total'] = fused.total  # the same value, carrying the gradients
+        return losses
+
+    def _placeholder(self, outputs: Any) -> torch.Tensor:
+        logits = outputs.get('logits') if isinstance(outputs, Mapping) else getattr(outputs, 'logits', None)
+        if logits is None and isinstance(outputs, (tuple, list)) and outputs:
+            logits = outputs[0]
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
+            raise ValueError(
+                f"fused=... expects the student's output to hold [batch, sequence, vocabulary] logits, got "
+                f'{type(outputs).__name__}.'
+            )
+        return logits
+
+    def end(self) -> None:
+        for capture in (self.student, *self.teachers):
+            capture.remove()
+        self._composer_model.__dict__.pop('loss', None)
+        if self._train_metrics:
+            self._state.train_metrics = self._train_metrics

@@ -166,7 +166,7 @@ def test_a_text_recipe_from_a_datasets_folder(tmp_path):
         )
 
     folder = tmp_path / 'reviews'
-    datasets.DatasetDict({'train': split(_reviews(24, 0)), 'test': split(_reviews(8, 1))}).save_to_disk(folder)
+    datasets.DatasetDict({'train': split(_reviews(24, 0)), 'test': split(_reviews(8, 1))}).save_to_disk(str(folder))
     data = f'{{name: text, text: {{folder: {folder}, text_column: review, tokenizer: {tokenizer}, max_length: 8}}}}'
     teacher = BERT[:-1] + ', train: {max_duration: 2ba}}'
     run = build_run(

@@ -239,6 +239,20 @@ class FeatureCapture:
 PROJECTIONS_NAME = 'distillation_projections'
 
 
+def _check_projections_can_be_sharded_around(state: State, pairs: Sequence[int]) -> None:
+    """Raise before anything trains where the learned projections of ``pairs`` cannot be kept out of FSDP."""
+    config = state.fsdp_config
+    if config is None or getattr(config, 'use_orig_params', True):
+        return
+    # Composer rebuilds the optimizer's parameter groups after sharding by parameter name, which needs
+    # use_orig_params; the projections are trained in a group of their own.
+    raise ValueError(
+        f'feature_pairs: pairs {list(pairs)} need a learned projection (their feature widths differ), which under '
+        "FSDP needs parallelism_config['fsdp']['use_orig_params'] = True (Composer's default). Set it, or pair "
+        'modules of equal width (student_dim= / teacher_dim= equal).'
+    )
+
+
 def as_feature_pair(pair: Union[FeaturePair, Mapping[str, Any]], index: int) -> FeaturePair:
     """``pair`` as a :class:`FeaturePair` (a dict gives its fields); errors name ``feature_pairs[index]``."""
     if isinstance(pair, FeaturePair):
@@ -255,9 +269,10 @@ class FeatureDistillation:
     """The feature pairs of one ``Distillation``: their hooks, their learned projections and their loss terms.
 
     Through a fit: :meth:`init` (at ``Event.INIT``) finds the modules and makes the projections where widths
-    differ, lending them to the student so that Composer's optimizer, checkpoints and DDP treat them as the
-    student's own; :meth:`start` hooks the modules that will run; :meth:`capture` switches recording on for the
-    batches the teachers run on; :meth:`losses` turns a microbatch's recorded features into loss terms;
+    differ, lending them to the student so that Composer's optimizer and checkpoints treat them as the student's
+    own (DDP's reducer and FSDP's sharding leave them out; :meth:`reduce_gradients` averages them instead);
+    :meth:`start` hooks the modules that will run; :meth:`capture` switches recording on for the batches the
+    teachers run on; :meth:`losses` turns a microbatch's recorded features into loss terms;
     :meth:`end` removes the hooks and takes the projections back, so the student is exactly the model the user
     gave.
 
@@ -317,12 +332,7 @@ class FeatureDistillation:
             if None not in widths and widths[0] != widths[1]:
                 self.projections[str(i)] = nn.Linear(*widths, bias=False)
         if self.projections:
-            if state.fsdp_config is not None:
-                raise ValueError(
-                    f'feature_pairs: pairs {sorted(int(key) for key in self.projections)} need a learned projection '
-                    '(their feature widths differ), which is not supported under FSDP. Train with DDP, or pair '
-                    'modules of equal width (student_dim= / teacher_dim= equal).'
-                )
+            _check_projections_can_be_sharded_around(state, sorted(int(key) for key in self.projections))
             state.device.module_to_device(self.projections)
             self._owner = state.model
             self._attach(True)
@@ -334,6 +344,12 @@ class FeatureDistillation:
                 state.model,
                 [*ignored, *(f'{self.projections_name}.{name}' for name, _ in self.projections.named_parameters())],
             )
+            # FSDP likewise: Composer shards each child of the model except those marked `_fsdp_wrap = False`, and a
+            # sharded projection would never be gathered (FSDP gathers parameters in the forward of the module it
+            # wraps, and the projections run outside any). Left out, they stay whole on every process, and are
+            # broadcast and averaged exactly as under DDP.
+            if state.fsdp_config is not None:
+                self.projections._fsdp_wrap = False
             optimizer = ensure_tuple(state.optimizers)[0]
             # Train the projections as the student's first group is trained (the same lr, weight decay, and keys
             # such as Composer's 'initial_lr' that a plain add_param_group would leave out).
@@ -346,7 +362,7 @@ class FeatureDistillation:
         self._attach(True)  # again, for a second fit() with the same trainer
         if dist.get_world_size() > 1:
             # Each process made its own at Event.INIT, from its own seed; DDP, which would broadcast them, ignores
-            # them. After a resume they are already equal, and this changes nothing.
+            # them, and FSDP leaves them out. After a resume they are already equal, and this changes nothing.
             for parameter in self.projections.parameters():
                 dist.broadcast(parameter.data, src=0)
         self._remove_hooks()
@@ -396,7 +412,11 @@ class FeatureDistillation:
             teacher = select_output(teacher_outputs[key], pair.index, pair.teacher)
             if key in self.projections:
                 dim = feature_dim(student)
-                student = self.projections[key](student.movedim(dim, -1)).movedim(-1, dim)
+                projection = self.projections[key]
+                # Under mixed precision the features come out of autocast in half precision, while the projection
+                # (like the optimizer's copy of any weight) is kept in full precision.
+                features = student.movedim(dim, -1).to(projection.weight.dtype)
+                student = projection(features).movedim(-1, dim)
             elif pair.projectable and student.shape != teacher.shape:
                 raise ValueError(
                     f'feature_pairs[{i}]: student features {tuple(student.shape)} ({pair.student!r}) and teacher '

@@ -40,6 +40,8 @@ __all__ = [
     'fit_and_report',
     'format_summary',
     'format_table',
+    'LOWER_IS_BETTER',
+    'metric_text',
     'percent',
 ]
 
@@ -52,11 +54,38 @@ _SPEED_REPEATS = 10
 CHANCE_SHARE = 0.1
 
 
+#: Metrics where lower is better (losses, perplexity), shown as plain numbers; every other metric is taken to be a
+#: fraction where higher is better (accuracy), shown as a percentage.
+LOWER_IS_BETTER = frozenset({'LanguageCrossEntropy', 'LanguagePerplexity'})
+
+
+def _better(metric: str, a: float, b: float) -> bool:
+    """Whether ``a`` is strictly better than ``b`` on ``metric``."""
+    return a < b if metric in LOWER_IS_BETTER else a > b
+
+
+def metric_text(metric: str, value: Optional[float]) -> str:
+    """``value`` of ``metric`` as a run's summary shows it: a percentage, or for a loss a number.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.reporting import metric_text
+
+            assert metric_text('accuracy', 0.5) == '50.00%' and metric_text('LanguageCrossEntropy', 2.0) == '2.0000'
+    """
+    if metric in LOWER_IS_BETTER:
+        return '-' if value is None else f'{value:.4f}'
+    return percent(value)
+
+
 class WeakTeacherWarning(UserWarning):
     """A teacher evaluated at chance level, or below the student trained alone: it has little to teach."""
 
 
-def distillation_ratio(teacher: float, alone: float, distilled: float) -> Optional[float]:
+def distillation_ratio(
+    teacher: float, alone: float, distilled: float, lower_is_better: bool = False
+) -> Optional[float]:
     """``(distilled - alone) / (teacher - alone)``: the share of the teacher's lead the distilled student closed.
 
     1 means the distilled student matches the teacher, 0 that distillation gave nothing, a negative value that
@@ -66,6 +95,8 @@ def distillation_ratio(teacher: float, alone: float, distilled: float) -> Option
         teacher (float): The teacher's metric.
         alone (float): The student trained alone's.
         distilled (float): The distilled student's.
+        lower_is_better (bool, optional): For a loss: the teacher beats the student by being lower. Default:
+            ``False``.
 
     Returns:
         float | None: The ratio, or ``None`` when the teacher does not beat the student alone.
@@ -77,7 +108,7 @@ def distillation_ratio(teacher: float, alone: float, distilled: float) -> Option
 
             assert abs(distillation_ratio(teacher=0.9, alone=0.8, distilled=0.85) - 0.5) < 1e-12
     """
-    if teacher <= alone:
+    if (teacher >= alone) if lower_is_better else (teacher <= alone):
         return None
     return (distilled - alone) / (teacher - alone)
 
@@ -200,10 +231,11 @@ def _ratios(summary: RunSummary, n_teachers: int) -> dict[str, float]:
     metrics = dict.fromkeys(name for m in students for name in m.metrics.get(summary.split, {}))
     for metric in metrics:
         teacher_values = [summary.value(f'teacher {i}', metric) for i in range(n_teachers)]
-        best = max((v for v in teacher_values if v is not None), default=None)
+        pick = min if metric in LOWER_IS_BETTER else max
+        best = pick((v for v in teacher_values if v is not None), default=None)
         alone, distilled = summary.value('student alone', metric), summary.value('student (distilled)', metric)
         if best is not None and alone is not None and distilled is not None:
-            ratio = distillation_ratio(best, alone, distilled)
+            ratio = distillation_ratio(best, alone, distilled, lower_is_better=metric in LOWER_IS_BETTER)
             if ratio is not None:
                 ratios[metric] = ratio
     return ratios
@@ -289,22 +321,24 @@ def teacher_warnings(summary: RunSummary, chances: Sequence[Mapping[str, float]]
                     'first, or load its trained weights'
                 )
             alone = summary.value('student alone', name)
-            if alone is not None and value < alone:
+            if alone is not None and _better(name, alone, value):
                 found.append(
-                    f'{teacher.role} is weaker than the student trained alone: {split} {name} {percent(value)} '
-                    f'against {percent(alone)}; distilling from it pulls the student towards worse answers: train '
-                    'it longer, or use a better teacher'
+                    f'{teacher.role} is weaker than the student trained alone: {split} {name} '
+                    f'{metric_text(name, value)} against {metric_text(name, alone)}; distilling from it pulls the '
+                    'student towards worse answers: train it longer, or use a better teacher'
                 )
     students = [m for m in summary.models if m.role.startswith('student')]
     metrics = dict.fromkeys(name for m in students for name in m.metrics.get(split, {}))
     for name in metrics:
         alone, distilled = summary.value('student alone', name), summary.value('student (distilled)', name)
-        best = max((v for t in teachers if (v := t.metrics.get(split, {}).get(name)) is not None), default=None)
+        pick = min if name in LOWER_IS_BETTER else max
+        best = pick((v for t in teachers if (v := t.metrics.get(split, {}).get(name)) is not None), default=None)
         if None in (alone, distilled, best) or name in summary.ratios:
             continue
         found.append(
             f'distillation ratio on {split} {name} omitted: (distilled - alone) / (teacher - alone) means nothing '
-            f'when the best teacher ({percent(best)}) is not above the student alone ({percent(alone)})'
+            f'when the best teacher ({metric_text(name, best)}) is not better than the student alone '
+            f'({metric_text(name, alone)})'
         )
     return found
 
@@ -563,7 +597,7 @@ def format_summary(summary: RunSummary) -> str:
             m.role,
             m.description,
             f'{m.parameters:,}',
-            *(percent(m.metrics.get(split, {}).get(name)) for split, name in metrics),
+            *(metric_text(name, m.metrics.get(split, {}).get(name)) for split, name in metrics),
             _seconds(m.train_seconds),
         ]
         for m in summary.models

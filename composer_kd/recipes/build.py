@@ -99,6 +99,42 @@ def _check_tokenizers(recipe: Recipe, data) -> None:
             )
 
 
+def _check_token_data(recipe: Recipe, data, models: Sequence[tuple[str, ComposerModel]]) -> None:
+    """For token sequences: every model's vocabulary covers the ids the data hold (in the first
+    ``data.mds.check_samples`` sequences of each split), and its position embeddings the sequence length."""
+    if data.task.modality != 'lm':
+        return
+    options = recipe.data.mds
+    largest = {}
+    for split, dataset in [(options.train_split, data.train), *data.splits.items()]:
+        n = min(len(dataset), options.check_samples)
+        largest[split] = max((int(dataset.token_ids(i).max(initial=0)) for i in range(n)), default=0)
+    split, top = max(largest.items(), key=lambda item: item[1])
+    problems = []
+    if options.vocab_size is not None and top >= options.vocab_size:
+        problems.append(
+            f'data.mds.vocab_size: the data hold token id {top} (split {split!r}), beyond a vocabulary of '
+            f'{options.vocab_size} ids'
+        )
+    for key, model in models:
+        config = getattr(getattr(model, 'model', None), 'config', None)
+        vocab = getattr(config, 'vocab_size', None)
+        positions = getattr(config, 'n_positions', None) or getattr(config, 'max_position_embeddings', None)
+        if vocab is not None and top >= vocab:
+            problems.append(
+                f'{key}: its vocabulary has {vocab} ids but the data hold token id {top} (split {split!r}); the '
+                "data must be tokenized with this model's tokenizer (or set data.mds.vocab_size / "
+                f'{key}.kwargs.vocab_size for a model built from a config)'
+            )
+        if positions is not None and options.max_seq_len > positions:
+            problems.append(
+                f'data.mds.max_seq_len: {options.max_seq_len} tokens, but {key} has {positions} positions; set '
+                f'data.mds.max_seq_len: {positions} or less'
+            )
+    if problems:
+        raise RecipeError('recipe', problems)
+
+
 def build_run(
     recipe: Recipe,
     *,
@@ -151,6 +187,7 @@ def _build_run(
         teachers.append(build_model(spec, data.task, teacher_key=f'teachers.{i}'))
     reproducibility.seed_all(recipe.seed)  # as build_student seeds it: every student of the run starts alike
     student = build_model(recipe.student, data.task)
+    _check_token_data(recipe, data, [*((f'teachers.{i}', t) for i, t in enumerate(teachers)), ('student', student)])
     # Every model takes one example batch before any trainer (or run folder) exists.
     batch = example_batch(data)
     for i, teacher in enumerate(teachers):

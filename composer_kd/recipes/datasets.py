@@ -47,9 +47,10 @@ DATASETS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     # Datasets of the user's files: their splits are what the disk holds.
     'image_folder': ('images in class folders on disk (train/<class>/*.png, val/...)', (), ()),
     'text': ("labelled texts on disk: CSV, TSV, JSON Lines files or a datasets' save_to_disk folder", (), ()),
+    'mds': ('token sequences for causal language models in MosaicML Streaming shards, local or remote', (), ()),
 }
 #: The datasets whose splits are read from the disk rather than fixed.
-FILE_DATASETS = ('image_folder', 'text')
+FILE_DATASETS = ('image_folder', 'text', 'mds')
 
 
 @dataclass
@@ -245,10 +246,37 @@ def _text_files(spec: DataSpec, seed: int, tokenizer_name: Optional[str]) -> Dat
     )
 
 
+def _mds(spec: DataSpec, seed: int) -> DataBundle:
+    from composer_kd.recipes.mds_data import MdsTokenSequences, mds_columns, resolve_token_column
+
+    o = spec.mds
+    splits = list(spec.eval_splits) if spec.eval_splits is not None else ['val']
+    datasets = {}
+    for split in [o.train_split, *splits]:
+        try:
+            column = resolve_token_column(mds_columns(o, split), o.column)
+        except FileNotFoundError as e:
+            raise RecipeError('recipe', [f'data.mds.path: split {split!r} has no MDS index: {e} is missing']) from e
+        if column is None:  # checked by the validation; a remote index may have changed since
+            raise RecipeError('recipe', [f'data.mds.column: split {split!r} has no column of token ids'])
+        datasets[split] = MdsTokenSequences(o, split, column)
+    return DataBundle(
+        task=TaskInfo('lm', o.vocab_size or 0, (o.max_seq_len,), vocab_size=o.vocab_size),
+        train=datasets.pop(o.train_split),
+        splits=datasets,
+        batch_size=spec.batch_size,
+        eval_batch_size=spec.eval_batch_size,
+        seed=seed,
+        default_eval_splits=tuple(splits),
+        notes={'sequences': len(datasets[splits[0]]) if splits else 0},
+    )
+
+
 _BUILDERS: dict[str, Callable[..., DataBundle]] = {
     'digits': _digits,
     'synthetic_text': _synthetic_text,
     'image_folder': _image_folder,
+    'mds': _mds,
 }
 
 

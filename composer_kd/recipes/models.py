@@ -29,6 +29,7 @@ __all__ = [
     'MODEL_KINDS',
     'TaskInfo',
     'build_model',
+    'causal_lm',
     'check_model_takes',
     'classifier',
     'count_parameters',
@@ -60,10 +61,11 @@ class TaskInfo:
     """What a dataset tells the models built for it.
 
     Attributes:
-        modality (str): ``'image'`` or ``'text'``.
-        num_classes (int): Number of classes.
+        modality (str): ``'image'``, ``'text'`` (token ids to classify) or ``'lm'`` (token sequences for causal
+            language models).
+        num_classes (int): Number of classes (for ``'lm'``: the vocabulary's size, or 0 if the data do not say).
         input_shape (tuple[int, ...]): One image's shape ``(C, H, W)``; for text ``(seq_len,)``.
-        vocab_size (int, optional): For synthetic text: the size of its vocabulary.
+        vocab_size (int, optional): For synthetic text and token sequences: the size of their vocabulary.
         tasks (dict[str, int]): For multi-task data: the classes of each task; empty for one task.
     """
 
@@ -167,6 +169,35 @@ def _untrained_head(spec: ModelSpec, directory: str, missing: list[str], key: st
     )
 
 
+def causal_lm(hf_model: nn.Module) -> ComposerModel:
+    """A Hugging Face causal language model as a Composer model scored by loss and perplexity.
+
+    The batch's ``labels`` are its ``input_ids`` (padding labelled -100): the model predicts each next token.
+    ``LanguageCrossEntropy`` (nats per token) comes first, so it is the headline metric of a run's summary.
+    """
+    from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+    from composer.models import HuggingFaceModel
+
+    return HuggingFaceModel(
+        hf_model, metrics=[LanguageCrossEntropy(), LanguagePerplexity()], use_logits=True, shift_labels=True
+    )
+
+
+def _causal_lm_from_spec(spec: ModelSpec, task: TaskInfo) -> ComposerModel:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.kind == 'hf_config':
+        options = dict(spec.kwargs)
+        if task.vocab_size is not None:
+            options.setdefault('vocab_size', task.vocab_size)
+        config = AutoConfig.for_model(str(spec.name), **options)
+        return causal_lm(AutoModelForCausalLM.from_config(config))
+    directory, _ = find_pretrained(str(spec.name))
+    if directory is None:
+        raise FileNotFoundError(f'Hugging Face model {spec.name!r} is not on this machine.')
+    return causal_lm(AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, **dict(spec.kwargs)))
+
+
 def build_model(spec: ModelSpec, task: TaskInfo, teacher_key: Optional[str] = None) -> ComposerModel:
     """Build the model ``spec`` describes for ``task``, loading ``spec.checkpoint`` if given.
 
@@ -185,8 +216,10 @@ def build_model(spec: ModelSpec, task: TaskInfo, teacher_key: Optional[str] = No
     Raises:
         RecipeError: For a teacher whose task head would be newly initialized, naming the keys to add.
     """
-    if task.tasks and spec.kind in MULTITASK_KINDS:
-        model: ComposerModel = _multitask(spec, task)
+    if task.modality == 'lm' and spec.kind in TEXT_KINDS:
+        model: ComposerModel = _causal_lm_from_spec(spec, task)
+    elif task.tasks and spec.kind in MULTITASK_KINDS:
+        model = _multitask(spec, task)
     elif spec.kind == 'mlp':
         model = classifier(
             _mlp(math.prod(task.input_shape), list(spec.hidden), task.num_classes, spec.dropout), task.num_classes

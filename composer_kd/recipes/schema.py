@@ -22,6 +22,7 @@ __all__ = [
     'GlueSpec',
     'ImageFolderSpec',
     'LossSpec',
+    'MdsTokensSpec',
     'ModelSpec',
     'OnPolicySpec',
     'OptimizerSpec',
@@ -198,8 +199,36 @@ class TextFilesSpec:
 
 
 @dataclass
+class MdsTokensSpec:
+    """Token sequences for causal language models, in MosaicML Streaming (MDS) shards as llm-foundry writes them.
+
+    ``path`` is a local folder or a remote URI (``s3://bucket/data``, any scheme MosaicML Streaming reads) holding
+    one sub-folder per split (``train/`` and e.g. ``val/``), each with its ``index.json`` and shards. Each sample
+    holds one sequence of token ids in ``column``: ``tokens`` (bytes of ``token_dtype`` integers, llm-foundry's
+    text format) or ``input_ids`` (an array, or bytes as for ``tokens``); by default whichever the shards have.
+    Sequences are cut to ``max_seq_len`` tokens, and shorter ones padded (padding is masked from the models and
+    the loss). A remote dataset's shards are downloaded to ``cache`` (by default a folder under the system's
+    temporary directory named after the URI). ``vocab_size`` is the vocabulary the ids come from; a model built
+    from a config gets it (as does ``kwargs.vocab_size``). Before anything trains, the first ``check_samples``
+    sequences of every split are read and their largest id is checked against every model's vocabulary.
+    The evaluated split is ``val`` by default; the models are scored by loss (cross-entropy in nats per token)
+    and perplexity.
+    """
+
+    path: Optional[str] = None
+    train_split: str = 'train'
+    column: Optional[str] = None
+    token_dtype: str = 'int64'
+    max_seq_len: int = 128
+    vocab_size: Optional[int] = None
+    cache: Optional[str] = None
+    check_samples: int = 1000
+
+
+@dataclass
 class DataSpec:
-    """The dataset (``name``: ``digits``, ``synthetic_text``, ``glue``, ``image_folder`` or ``text``) and its batches.
+    """The dataset (``name``: ``digits``, ``synthetic_text``, ``glue``, ``image_folder``, ``text`` or ``mds``) and
+    its batches.
 
     Only the section named by ``name`` is used. ``eval_splits`` default to the dataset's validation split.
     ``drop_last`` drops each epoch's last, incomplete training batch; by default (``null``) it is dropped for the
@@ -216,6 +245,7 @@ class DataSpec:
     glue: GlueSpec = field(default_factory=GlueSpec)
     image_folder: ImageFolderSpec = field(default_factory=ImageFolderSpec)
     text: TextFilesSpec = field(default_factory=TextFilesSpec)
+    mds: MdsTokensSpec = field(default_factory=MdsTokensSpec)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import dataclasses
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 
 from composer_kd.compression import QAT_BACKENDS
@@ -109,6 +110,12 @@ def _check_model(spec: ModelSpec, key: str, modality: Optional[str], problems: P
         return
     if modality == 'image' and spec.kind in TEXT_KINDS or modality == 'text' and spec.kind in IMAGE_KINDS:
         problems.add(f'{key}.kind', f'a {spec.kind} model cannot take the {modality} inputs of this dataset')
+    if modality == 'lm' and spec.kind not in TEXT_KINDS:
+        problems.add(
+            f'{key}.kind',
+            f'a {spec.kind} model cannot learn token sequences: use hf_config (e.g. name: gpt2) or huggingface '
+            '(a causal language model on disk)',
+        )
     if spec.kind == 'torchvision':
         import torchvision
 
@@ -167,6 +174,55 @@ def _check_component(spec: Optional[ComponentSpec], key: str, problems: Problems
     )
 
 
+def _check_mds(spec: DataSpec, key: str, problems: Problems, student: ModelSpec) -> None:
+    """The MDS dataset's splits exist and hold a column of token ids; its numbers are in range."""
+    from composer_kd.recipes.mds_data import TOKEN_COLUMNS, mds_columns, resolve_token_column
+
+    o = spec.mds
+    if o.max_seq_len < 2:
+        problems.add(f'{key}.max_seq_len', f'expected an integer >= 2 (a token and the next), got {o.max_seq_len}')
+    if o.vocab_size is not None and o.vocab_size < 1:
+        problems.add(f'{key}.vocab_size', f'expected an integer >= 1, got {o.vocab_size}')
+    if o.check_samples < 1:
+        problems.add(f'{key}.check_samples', f'expected an integer >= 1, got {o.check_samples}')
+    try:
+        np.dtype(o.token_dtype)
+        if not np.issubdtype(np.dtype(o.token_dtype), np.integer):
+            raise TypeError
+    except TypeError:
+        problems.add(
+            f'{key}.token_dtype', f'expected an integer type such as int64, uint16 or int32, got {o.token_dtype!r}'
+        )
+    if not o.path:
+        problems.add(f'{key}.path', 'required: a folder or a URI (s3://...) holding one MDS folder per split')
+        return
+    for split in [o.train_split, *(spec.eval_splits if spec.eval_splits is not None else ['val'])]:
+        try:
+            columns = mds_columns(o, split)
+        except FileNotFoundError as e:
+            problems.add(
+                f'{key}.path',
+                f'split {split!r} is not an MDS dataset: no index at {e} (expected {o.path}/{split}/index.json, '
+                'as streaming.MDSWriter writes it)',
+            )
+            continue
+        except Exception as e:  # an unreachable object store, bad credentials: say which and why
+            problems.add(f'{key}.path', f'split {split!r} could not be read: {type(e).__name__}: {e}')
+            continue
+        if resolve_token_column(columns, o.column) is None:
+            wanted = repr(o.column) if o.column else ' or '.join(repr(c) for c in TOKEN_COLUMNS)
+            problems.add(
+                f'{key}.column',
+                f'split {split!r} has no column {wanted} of token ids; its columns: {", ".join(columns) or "none"}',
+            )
+    if student.kind == 'hf_config' and o.vocab_size is None and 'vocab_size' not in student.kwargs:
+        problems.add(
+            f'{key}.vocab_size',
+            'required for a student built from a config (hf_config): the size of the vocabulary the token ids '
+            'come from (or give student.kwargs.vocab_size)',
+        )
+
+
 def _check_data(spec: DataSpec, key: str, problems: Problems, student: ModelSpec) -> None:
     if spec.name not in DATASETS:
         problems.add(
@@ -200,6 +256,8 @@ def _check_data(spec: DataSpec, key: str, problems: Problems, student: ModelSpec
         check_text_files(spec.text, spec.eval_splits, f'{key}.text', problems, student.kind)
         if spec.text.tokenizer:
             _check_pretrained(spec.text.tokenizer, f'{key}.text.tokenizer', problems, 'tokenizer')
+    elif spec.name == 'mds':
+        _check_mds(spec, f'{key}.mds', problems, student)
     elif spec.name == 'glue':
         g = spec.glue
         if g.task not in GLUE_TASKS:
@@ -311,6 +369,13 @@ def _check_loss_options(name: str, options: dict, key: str, problems: Problems) 
 def _check_search(recipe: Recipe, problems: Problems) -> None:
     s, key = recipe.search, 'search'
     if s is None:
+        return
+    if recipe.data.name == 'mds':
+        problems.add(
+            key,
+            'a search keeps the settings that score highest, and token sequences are scored by loss (lower is '
+            'better): it is not available for data.name: mds; compare settings with separate runs',
+        )
         return
     d = recipe.distillation
     known = sorted({*LOSSES, *LOSS_ALIASES})
@@ -429,6 +494,7 @@ def check_recipe(recipe: Recipe, *, teachers_given: bool = False) -> list[str]:
     modality = None
     if recipe.data.name in DATASETS:
         modality = 'text' if recipe.data.name in ('synthetic_text', 'glue', 'text') else 'image'
+        modality = 'lm' if recipe.data.name == 'mds' else modality
     _check_model(recipe.student, 'student', modality, problems)
     if not recipe.teachers:
         problems.add('teachers', 'expected at least one teacher')

@@ -165,7 +165,82 @@ def test_distilling_a_microbatch_never_waits_for_the_gpu():
     assert checked == ['cuda'] * 6
 
 
-def test_learned_feature_projection_under_fsdp_is_refused_before_training():
+def _projected_feature_fit(parallelism_config, precision='fp32', **student_kwargs):
+    """A student whose 8-wide hidden layer is matched to a 16-wide teacher's through a learned projection, trained
+    on the GPU; returns the student, the distillation and the feature terms seen at each step."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    from composer_kd import FeaturePair
+
+    def net(width: int, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(OrderedDict(hidden=nn.Linear(6, width), act=nn.ReLU(), out=nn.Linear(width, 4)))
+
+    student = make_student()
+    student.module = net(8, seed=3)
+    distillation = Distillation(net(16, seed=1), feature_pairs=[FeaturePair(student='hidden', teacher='hidden')])
+    seen = []
+
+    class Capture(Callback):
+        def after_loss(self, state, logger):
+            seen.append(state.loss['feature_0'].detach().float().cpu())
+
+    trainer = Trainer(
+        model=student,
+        train_dataloader=make_dataloader(),
+        max_duration='1ep',
+        device='gpu',
+        precision=precision,
+        optimizers=torch.optim.SGD(student.parameters(), lr=0.5),
+        parallelism_config=parallelism_config,
+        algorithms=[distillation],
+        callbacks=[Capture()],
+        seed=11,
+        progress_bar=False,
+        **student_kwargs,
+    )
+    trainer.fit()
+    return student, distillation, seen
+
+
+def _whole_state(module):
+    from torch.distributed.tensor import DTensor
+
+    return {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().float().cpu()
+        for k, v in module.state_dict().items()
+    }
+
+
+@pytest.mark.parametrize('version', [1, 2])
+def test_learned_feature_projection_under_fsdp_trains_as_without(version):
+    """The projection is kept out of sharding (whole, in full precision) and student and projection train as
+    without FSDP."""
+    from composer.utils.parallelism import FSDP2Config
+
+    config = {'sharding_strategy': 'FULL_SHARD'} if version == 1 else FSDP2Config()
+    plain_student, plain, plain_seen = _projected_feature_fit(None)
+    student, distillation, seen = _projected_feature_fit({'fsdp': config})
+    assert len(seen) == 4 and all(torch.isfinite(term) and term > 0 for term in seen)
+    torch.testing.assert_close(torch.stack(seen), torch.stack(plain_seen), rtol=1e-5, atol=1e-6)
+    weight = distillation.projections['0'].weight
+    assert type(weight) is torch.nn.Parameter and weight.shape == (16, 8)
+    for key, value in _whole_state(plain_student).items():
+        torch.testing.assert_close(_whole_state(student)[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    torch.testing.assert_close(_whole_state(distillation.projections), _whole_state(plain.projections))
+
+
+def test_learned_feature_projection_under_fsdp_mixed_precision():
+    _, distillation, seen = _projected_feature_fit(
+        {'fsdp': {'sharding_strategy': 'FULL_SHARD', 'mixed_precision': 'PURE'}}, precision='amp_bf16'
+    )
+    assert len(seen) == 4 and all(torch.isfinite(term) and term > 0 for term in seen)
+    assert distillation.projections['0'].weight.dtype == torch.float32
+
+
+def test_learned_feature_projection_under_fsdp_without_orig_params_is_refused_before_training():
     from collections import OrderedDict
 
     from torch import nn
@@ -179,13 +254,13 @@ def test_learned_feature_projection_under_fsdp_is_refused_before_training():
     student.module = net(8)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     distillation = Distillation(net(16), feature_pairs=[FeaturePair(student='hidden', teacher='hidden')])
-    with pytest.raises(ValueError, match=r'pairs \[0\] need a learned projection .* not supported under FSDP'):
+    with pytest.raises(ValueError, match=r"pairs \[0\] need a learned projection .*\['use_orig_params'\] = True"):
         Trainer(
             model=student,
             train_dataloader=make_dataloader(),
             max_duration='1ep',
             device='gpu',
-            parallelism_config={'fsdp': {'sharding_strategy': 'FULL_SHARD'}},
+            parallelism_config={'fsdp': {'sharding_strategy': 'FULL_SHARD', 'use_orig_params': False}},
             algorithms=[distillation],
         )
     for key, value in student.state_dict().items():

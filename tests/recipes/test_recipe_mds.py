@@ -5,20 +5,15 @@ recomputed apart from the run."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import S3_BUCKET
 
 from composer_kd.recipes import RecipeError, build_run, load_recipe
 from composer_kd.reporting import format_summary
-
-sys.path.insert(0, str(ROOT / 'tests' / 'core'))
-
-from test_remote import BUCKET, s3, s3_endpoint  # noqa: E402, F401  (a loopback S3 server, as fixtures)
 
 VOCAB = 16
 RUN = ['progress_bar=false', 'device=cpu', 'max_duration=10ba', 'eval_interval=10ba', 'baseline=true']
@@ -130,21 +125,21 @@ def test_token_ids_beyond_a_models_vocabulary_and_too_long_sequences_are_refused
     assert 'data.mds.max_seq_len: 12 tokens, but student has 8 positions' in message
 
 
-def test_a_recipe_reads_mds_shards_from_an_s3_uri(s3, tmp_path):  # noqa: F811
+def test_a_recipe_reads_mds_shards_from_an_s3_uri(s3, tmp_path):
     written = write_mds(tmp_path / 'mds', splits=(('train', 16, 0), ('val', 4, 1)))
     for folder, _, files in os.walk(tmp_path / 'mds'):
         for name in files:
             local = Path(folder) / name
-            s3.upload_file(str(local), BUCKET, f'tokens/{local.relative_to(tmp_path / "mds")}')
+            s3.upload_file(str(local), S3_BUCKET, f'tokens/{local.relative_to(tmp_path / "mds")}')
     cache = tmp_path / 'cache'
-    mds = f'{{path: "s3://{BUCKET}/tokens", cache: {cache}, vocab_size: 16, max_seq_len: 12}}'
+    mds = f'{{path: "s3://{S3_BUCKET}/tokens", cache: {cache}, vocab_size: 16, max_seq_len: 12}}'
     run = build_run(load_recipe(write_recipe(tmp_path, mds), [*RUN, 'baseline=false']))
     assert len(run.data.train) == 16
     assert run.data.splits['val'][3]['input_ids'][:6].tolist() == written['val'][3][:6].tolist()
     assert (cache / 'val' / 'index.json').is_file()  # downloaded from the store to the cache
-    missing = f'{{path: "s3://{BUCKET}/absent", cache: {cache}, vocab_size: 16}}'
+    missing = f'{{path: "s3://{S3_BUCKET}/absent", cache: {cache}, vocab_size: 16}}'
     message = str(pytest.raises(RecipeError, build_run, load_recipe(write_recipe(tmp_path, missing), RUN)).value)
     assert (
-        f"data.mds.path: split 'train' is not an MDS dataset: no index at s3://{BUCKET}/absent/train/index.json"
+        f"data.mds.path: split 'train' is not an MDS dataset: no index at s3://{S3_BUCKET}/absent/train/index.json"
         in message
     )

@@ -24,6 +24,7 @@ from torch import nn
 from composer_kd.outputs import Key, extract_logits, run_teacher
 from composer_kd.signal.encoding import VALUE_DTYPES, check_k, encode_signal
 from composer_kd.signal.shards import SIGNAL_COLUMNS, signal_sample
+from composer_kd.teachers import FrozenTeachers
 
 __all__ = [
     'SignalWriteSummary',
@@ -202,8 +203,9 @@ def write_teacher_signal(
     for name, value in (('batch_size', batch_size), ('sequences_per_part', sequences_per_part)):
         if not (isinstance(value, int) and value > 0):
             raise ValueError(f'{name} must be a positive integer, got {value!r}.')
-    modes = {name: module.training for name, module in teacher.named_modules()}
-    teacher = teacher.to(device).eval()
+    frozen = FrozenTeachers([teacher])
+    frozen.freeze()
+    teacher = teacher.to(device)
     try:
         return _write(
             teacher,
@@ -221,9 +223,8 @@ def write_teacher_signal(
             device,
             progress,
         )
-    finally:  # the caller's module keeps its train/eval modes
-        for name, module in teacher.named_modules():
-            module.training = modes[name]
+    finally:  # the caller's module gets back its train/eval modes and requires_grad flags
+        frozen.restore()
 
 
 def _write(

@@ -13,7 +13,7 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 
 from benchmarks.pairs import Pair, plain_kd_term
-from composer_kd.outputs import extract_logits
+from composer_kd.models.outputs import extract_logits
 
 
 class LossTermAlgorithm(Algorithm):

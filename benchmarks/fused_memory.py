@@ -1,6 +1,6 @@
 """Peak memory and time of a language model's output layer + distillation loss, one training step: unfused
 (``[tokens, vocabulary]`` logits of student and teacher, cross-entropy and KL on them) against fused
-(:func:`composer_kd.fused.fused_linear_distillation`, a chunk of tokens at a time).
+(:func:`composer_kd.losses.fused.fused_linear_distillation`, a chunk of tokens at a time).
 
 A step is what the output-layer part of a training step costs: the student's projection, the teacher's (without
 gradients), the student's cross-entropy plus the forward KL at ``T = 2``, and the backward pass to the student's
@@ -38,8 +38,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from composer_kd.fused import default_chunk_size, fused_linear_distillation
 from composer_kd.losses import kl_divergence
+from composer_kd.losses.fused import default_chunk_size, fused_linear_distillation
 
 TEMPERATURE = 2.0
 ROOT = Path(__file__).resolve().parents[1]

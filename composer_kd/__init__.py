@@ -5,13 +5,13 @@ Every exported name is imported from its module the first time it is used (see :
 works as ever.
 """
 
+import sys
 from typing import TYPE_CHECKING
 
-from composer_kd.lazy import lazy_exports
+from composer_kd.lazy import ModuleAliases, lazy_exports
 
 if TYPE_CHECKING:  # the names as type checkers and editors see them
     from composer_kd import compression
-    from composer_kd.api import DistillResult, distill
     from composer_kd.cache import (
         IndexedDataset,
         StaleTeacherCacheError,
@@ -20,7 +20,6 @@ if TYPE_CHECKING:  # the names as type checkers and editors see them
         topk_compress,
         topk_logits,
     )
-    from composer_kd.checkpoints import load_teacher_checkpoint
     from composer_kd.compression import (
         Pruning,
         QuantizationAwareTraining,
@@ -33,9 +32,6 @@ if TYPE_CHECKING:  # the names as type checkers and editors see them
         sparsity,
     )
     from composer_kd.distillation import Distillation
-    from composer_kd.features import FeaturePair
-    from composer_kd.fused import fused_linear_distillation
-    from composer_kd.fused_distillation import Fused
     from composer_kd.losses import (
         LOSSES,
         CosineDistance,
@@ -63,13 +59,18 @@ if TYPE_CHECKING:  # the names as type checkers and editors see them
         soft_cross_entropy,
         standardize_logits,
     )
+    from composer_kd.losses.fused import fused_linear_distillation
+    from composer_kd.losses.objective import CombinedLoss, combine_losses, distillation_loss
+    from composer_kd.models.checkpoints import load_teacher_checkpoint
+    from composer_kd.models.student_init import student_from_teacher_layers
+    from composer_kd.models.teachers import TeacherInference, average_logits, sample_teachers
     from composer_kd.multitask import DistillationTask, MultiTaskClassifier, TaskAccuracy, task_distillations
-    from composer_kd.objective import CombinedLoss, combine_losses, distillation_loss
-    from composer_kd.onpolicy import OnPolicy
+    from composer_kd.parts.features import FeaturePair
+    from composer_kd.parts.fused import Fused
+    from composer_kd.parts.onpolicy import OnPolicy
+    from composer_kd.run.api import DistillResult, distill
     from composer_kd.schedules import ConstantSchedule, CosineSchedule, LinearSchedule, Schedule
     from composer_kd.signal.distill import TeacherSignal
-    from composer_kd.student_init import student_from_teacher_layers
-    from composer_kd.teachers import TeacherInference, average_logits, sample_teachers
 
 __all__ = [
     'LOSSES',
@@ -154,7 +155,7 @@ _EXPORTED_FROM = {
         'prune_model',
         'sparsity',
     ),
-    'composer_kd.api': ('DistillResult', 'distill'),
+    'composer_kd.run.api': ('DistillResult', 'distill'),
     'composer_kd.cache': (
         'IndexedDataset',
         'StaleTeacherCacheError',
@@ -164,8 +165,8 @@ _EXPORTED_FROM = {
         'topk_logits',
     ),
     'composer_kd.distillation': ('Distillation',),
-    'composer_kd.objective': ('CombinedLoss', 'combine_losses', 'distillation_loss'),
-    'composer_kd.features': ('FeaturePair',),
+    'composer_kd.losses.objective': ('CombinedLoss', 'combine_losses', 'distillation_loss'),
+    'composer_kd.parts.features': ('FeaturePair',),
     'composer_kd.losses': (
         'LOSSES',
         'CosineDistance',
@@ -196,17 +197,48 @@ _EXPORTED_FROM = {
     ),
     'composer_kd.multitask': ('DistillationTask', 'MultiTaskClassifier', 'TaskAccuracy', 'task_distillations'),
     'composer_kd.schedules': ('ConstantSchedule', 'CosineSchedule', 'LinearSchedule', 'Schedule'),
-    'composer_kd.student_init': ('student_from_teacher_layers',),
-    'composer_kd.teachers': ('TeacherInference', 'average_logits', 'sample_teachers'),
-    'composer_kd.checkpoints': ('load_teacher_checkpoint',),
-    'composer_kd.onpolicy': ('OnPolicy',),
+    'composer_kd.models.student_init': ('student_from_teacher_layers',),
+    'composer_kd.models.teachers': ('TeacherInference', 'average_logits', 'sample_teachers'),
+    'composer_kd.models.checkpoints': ('load_teacher_checkpoint',),
+    'composer_kd.parts.onpolicy': ('OnPolicy',),
     'composer_kd.signal.distill': ('TeacherSignal',),
-    'composer_kd.fused': ('fused_linear_distillation',),
-    'composer_kd.fused_distillation': ('Fused',),
+    'composer_kd.losses.fused': ('fused_linear_distillation',),
+    'composer_kd.parts.fused': ('Fused',),
 }
 #: Where each exported name lives: ``{name: module}``.
 EXPORTS = {name: module for module, names in _EXPORTED_FROM.items() for name in names}
 
 __getattr__, __dir__ = lazy_exports(__name__, EXPORTS, globals())
+
+#: Modules' former paths, each importing the module where it lives now (the folders are described in
+#: ``docs/architecture.md``).
+FORMER_PATHS = {
+    f'composer_kd.{former}': f'composer_kd.{current}'
+    for former, current in {
+        'adapters': 'run.adapters',
+        'api': 'run.api',
+        'checkpoints': 'models.checkpoints',
+        'data': 'recipes.data',
+        'demo': 'cli.demo',
+        'feature_losses': 'losses.features',
+        'features': 'parts.features',
+        'fused': 'losses.fused',
+        'fused_distillation': 'parts.fused',
+        'nonfinite': 'parts.guard',
+        'objective': 'losses.objective',
+        'onpolicy': 'parts.onpolicy',
+        'outputs': 'models.outputs',
+        'reporting': 'run.reporting',
+        'search': 'run.search',
+        'signal.command': 'cli.teacher_signal',
+        'speed': 'models.speed',
+        'student_init': 'models.student_init',
+        'teachers': 'models.teachers',
+        'text_data': 'recipes.text_data',
+        'training': 'run.training',
+    }.items()
+}
+if not any(isinstance(finder, ModuleAliases) for finder in sys.meta_path):
+    sys.meta_path.append(ModuleAliases(FORMER_PATHS))
 
 __version__ = '0.1.0'

@@ -1,8 +1,8 @@
 """The ``Distillation`` algorithm: decides when teachers run and wires their logits into the trainer's loss.
 
 What it is made of lives in modules of their own (see ``docs/architecture.md``): the objective in
-:mod:`composer_kd.objective`, running teachers in :mod:`composer_kd.teachers`, feature pairs in
-:mod:`composer_kd.features`, the NaN/+inf guard in :mod:`composer_kd.nonfinite`, the teacher cache in
+:mod:`composer_kd.losses.objective`, running teachers in :mod:`composer_kd.models.teachers`, feature pairs in
+:mod:`composer_kd.parts.features`, the NaN/+inf guard in :mod:`composer_kd.parts.guard`, the teacher cache in
 :mod:`composer_kd.cache`. The names this module exported before they moved are still importable from it.
 """
 
@@ -20,11 +20,8 @@ from composer.loggers import Logger
 from torch import nn
 
 from composer_kd.cache import CachedFit, TeacherCache
-from composer_kd.features import FeatureDistillation, FeaturePair
-from composer_kd.fused_distillation import Fused, FusedFit, check_fused_settings, resolve_fused
 from composer_kd.losses import LOSSES, KLDivergence, get_loss
-from composer_kd.nonfinite import NonFiniteGuard
-from composer_kd.objective import (
+from composer_kd.losses.objective import (
     CombinedLoss,
     KDLossFn,
     combine_losses,
@@ -32,11 +29,8 @@ from composer_kd.objective import (
     takes_labels,
     takes_mask,
 )
-from composer_kd.onpolicy import OnPolicy, OnPolicyFit
-from composer_kd.outputs import Key, extract_logits, is_causal_lm, target_labels, token_mask
-from composer_kd.schedules import Schedule, ScheduleOrValue, value_at
-from composer_kd.signal.distill import TeacherSignal
-from composer_kd.teachers import (
+from composer_kd.models.outputs import Key, extract_logits, is_causal_lm, target_labels, token_mask
+from composer_kd.models.teachers import (
     FrozenTeachers,
     TeacherInference,
     TeacherRunner,
@@ -48,6 +42,12 @@ from composer_kd.teachers import (
     sample_teachers,
     teacher_logits,
 )
+from composer_kd.parts.features import FeatureDistillation, FeaturePair
+from composer_kd.parts.fused import Fused, FusedFit, check_fused_settings, resolve_fused
+from composer_kd.parts.guard import NonFiniteGuard
+from composer_kd.parts.onpolicy import OnPolicy, OnPolicyFit
+from composer_kd.schedules import Schedule, ScheduleOrValue, value_at
+from composer_kd.signal.distill import TeacherSignal
 from composer_kd.window import TimeSpec, TrainerTime, parse_time, reached, to_trainer_time
 
 __all__ = [
@@ -112,7 +112,7 @@ class Distillation(Algorithm):
             name of one (``'kl'``, ``'js'``, ... as :func:`~composer_kd.losses.get_loss` takes them, with its
             default temperature). A loss whose ``forward`` takes ``labels`` (:class:`~composer_kd.DecoupledKD`)
             also receives each position's target class from the batch (see
-            :func:`~composer_kd.outputs.target_labels`). Default: ``KLDivergence(temperature=4.0)``.
+            :func:`~composer_kd.models.outputs.target_labels`). Default: ``KLDivergence(temperature=4.0)``.
         org_loss_weight (float | Schedule, optional): Weight of the model's own loss, constant or following a
             :class:`~composer_kd.schedules.Schedule` over training. Default: ``1.0``.
         kd_loss_weight (float | Schedule, optional): Weight of the distillation loss, likewise. Default: ``1.0``.
@@ -126,7 +126,7 @@ class Distillation(Algorithm):
             ``end='0.5dur'`` of a 5-batch run covers batches 0, 1 and 2.
         input_key (int | str | Callable, optional): Chooses the teachers' input from the batch, as
             ``composer.utils.batch_get`` does. Default: chosen by the teacher's kind (see
-            :func:`~composer_kd.outputs.run_teacher`).
+            :func:`~composer_kd.models.outputs.run_teacher`).
         student_logits_key (int | str | Callable, optional): Chooses the logits in the student's output.
             Default: a tensor output, its ``'logits'`` entry, or its first element.
         teacher_logits_key (int | str | Callable, optional): The same for the teachers' outputs. Default:
@@ -134,13 +134,13 @@ class Distillation(Algorithm):
             single-task teacher can teach one head of a multi-head student chosen by ``student_logits_key``).
         causal_lm (bool, optional): Whether token logits at position ``i`` predict token ``i + 1`` (decoder-only
             language models), which shifts the mask of valid positions by one (see
-            :func:`~composer_kd.outputs.token_mask`). Default: ``None``, detected from the student (a Hugging
+            :func:`~composer_kd.models.outputs.token_mask`). Default: ``None``, detected from the student (a Hugging
             Face model that can generate and is not encoder-decoder).
         temperature (float | Schedule, optional): Sets ``kd_loss_fn.temperature`` at every step, e.g. a
             :class:`~composer_kd.LinearSchedule` from soft to sharp (progressive distillation). Default: ``None``,
             the loss keeps its own.
         feature_pairs (Sequence[FeaturePair | dict], optional): Intermediate modules to match, named by path
-            (see :class:`~composer_kd.features.FeaturePair`); each adds a ``'feature_<i>'`` term to the loss.
+            (see :class:`~composer_kd.parts.features.FeaturePair`); each adds a ``'feature_<i>'`` term to the loss.
             Where widths differ, a learnable projection owned by this algorithm is trained with the student's
             optimizer and saved in training checkpoints (as ``distillation_projections.*``), but is detached from
             the student when the fit ends. Default: none.
@@ -150,7 +150,7 @@ class Distillation(Algorithm):
             a gradient, and the check costs one host synchronization per batch, after the backward passes.
             Default: ``'raise'``.
         teacher_inference (TeacherInference, optional): Opt-in teacher speed-ups: weights kept in bf16,
-            channels-last layout, ``torch.compile`` (see :class:`~composer_kd.teachers.TeacherInference`; the
+            channels-last layout, ``torch.compile`` (see :class:`~composer_kd.models.teachers.TeacherInference`; the
             benchmarks measure each). Default: none.
         teacher_cache (TeacherCache, optional): Record the teachers' averaged logits per training example the
             first time it is distilled and read them back afterwards, so later epochs skip the teachers (see
@@ -166,14 +166,14 @@ class Distillation(Algorithm):
             instances of one trainer with the same name are refused when the trainer is built.
         on_policy (OnPolicy, optional): Train a causal language model on continuations of the batch's prompts that it
             generates itself (or, with ``source='teacher'``, the first teacher generates), for a share of the batches
-            (see :class:`~composer_kd.onpolicy.OnPolicy`). Not with ``teacher_cache`` (generated sequences are new
+            (see :class:`~composer_kd.parts.onpolicy.OnPolicy`). Not with ``teacher_cache`` (generated sequences are new
             every time). Default: none, every batch is the dataset's.
         fused (bool | Fused, optional): Compute the student's cross-entropy and the distillation loss of a language
             model from both models' final hidden states and output weights, a chunk of tokens at a time, so that
             neither model's ``[tokens, vocabulary]`` logits are ever made during training (see
-            :mod:`composer_kd.fused_distillation` and ``docs/fused.md``): ``True`` or
-            :class:`~composer_kd.fused_distillation.Fused` options. For Hugging Face causal and masked language
-            models (and llm-foundry's), with the losses of :data:`~composer_kd.fused.FUSED_LOSSES`; evaluation
+            :mod:`composer_kd.parts.fused` and ``docs/fused.md``): ``True`` or
+            :class:`~composer_kd.parts.fused.Fused` options. For Hugging Face causal and masked language
+            models (and llm-foundry's), with the losses of :data:`~composer_kd.losses.fused.FUSED_LOSSES`; evaluation
             still sees normal logits. Default: ``None``, off.
 
     Example:
@@ -390,7 +390,7 @@ class Distillation(Algorithm):
 
     @property
     def feature_pairs(self) -> list[FeaturePair]:
-        """The feature pairs, as :class:`~composer_kd.features.FeaturePair` objects."""
+        """The feature pairs, as :class:`~composer_kd.parts.features.FeaturePair` objects."""
         return self.features.pairs
 
     @property

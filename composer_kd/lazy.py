@@ -1,16 +1,20 @@
-"""Packages whose exported names are imported on first use (PEP 562), so that importing the package is cheap.
+"""Names imported on first use: a package's exported names (PEP 562) and modules' former paths.
 
 ``import composer_kd`` and the ``composer-kd`` command's ``--help`` load neither torch nor Composer: each name
-of ``composer_kd.__all__`` is imported from its module the first time it is looked up.
+of ``composer_kd.__all__`` is imported from its module the first time it is looked up. A module that moved keeps
+its former dotted path: importing that path imports the module where it lives now (:class:`ModuleAliases`).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Optional
 
-__all__ = ['lazy_exports']
+__all__ = ['ModuleAliases', 'lazy_exports']
 
 
 def lazy_exports(
@@ -51,3 +55,45 @@ def lazy_exports(
         return sorted({*namespace, *exports})
 
     return __getattr__, __dir__
+
+
+class ModuleAliases(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """An import finder under which a module's former dotted path imports the module where it lives now.
+
+    Nothing is imported until a former path is: then ``sys.modules`` holds the module itself under both names, so
+    ``from <former path> import name``, pickles that name the former path, and ``isinstance`` all see one module.
+
+    Args:
+        aliases (Mapping[str, str]): ``{former path: current path}``.
+
+    Example:
+        .. testcode::
+
+            import sys
+            from composer_kd.lazy import ModuleAliases
+
+            aliases = ModuleAliases({'old_json_name': 'json'})
+            sys.meta_path.append(aliases)
+            import old_json_name
+            import json
+            assert old_json_name is json
+            sys.meta_path.remove(aliases)
+            del sys.modules['old_json_name']
+    """
+
+    def __init__(self, aliases: Mapping[str, str]):
+        self.aliases = dict(aliases)
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: Any = None
+    ) -> Optional[importlib.machinery.ModuleSpec]:
+        if fullname not in self.aliases:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        return None  # the default module, replaced in exec_module
+
+    def exec_module(self, module: Any) -> None:
+        # The import system takes whatever sys.modules holds under the name once this returns.
+        sys.modules[module.__name__] = importlib.import_module(self.aliases[module.__name__])

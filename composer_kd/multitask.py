@@ -21,9 +21,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from composer_kd.distillation import Distillation, KDLossFn
 from composer_kd.losses import IGNORE_INDEX, KLDivergence, cross_entropy_with_hidden_labels
-from composer_kd.outputs import Key
+from composer_kd.models.outputs import Key
+from composer_kd.models.teachers import TeacherSpec
 from composer_kd.schedules import ScheduleOrValue
-from composer_kd.teachers import TeacherSpec
 
 __all__ = ['DistillationTask', 'MultiTaskClassifier', 'TaskAccuracy', 'task_distillations']
 

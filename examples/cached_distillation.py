@@ -26,11 +26,11 @@ import torch
 from composer import Callback, Trainer
 from composer.models import ComposerClassifier
 from composer.utils import dist
+from composer_kd.data import load_digits_splits
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from composer_kd import Distillation, IndexedDataset, KLDivergence, TeacherCache
-from composer_kd.data import load_digits_splits
 
 NUM_CLASSES = 10
 

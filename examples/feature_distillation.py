@@ -36,11 +36,11 @@ from composer import Algorithm, Trainer
 from composer.loggers import InMemoryLogger
 from composer.models import ComposerClassifier
 from composer.utils import reproducibility
+from composer_kd.data import load_digits_splits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from composer_kd import Distillation, FeaturePair, KLDivergence
-from composer_kd.data import load_digits_splits
 
 NUM_CLASSES = 10
 

@@ -29,7 +29,7 @@ from typing import Optional
 
 from composer_kd.recipes import build_run, load_recipe
 from composer_kd.recipes.files import write_digits_images
-from composer_kd.reporting import RunSummary, format_summary
+from composer_kd.run.reporting import RunSummary, format_summary
 
 RECIPE = Path(__file__).resolve().with_name('digits_imagefolder.yaml')
 #: A few steps of each model: enough to run every stage.

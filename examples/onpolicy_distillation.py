@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # lm_distillation.py, 
 from lm_distillation import IGNORE_INDEX, PAD, llama, load_splits  # noqa: E402
 
 from composer_kd import Distillation, GeneralizedJSD, KLDivergence, LinearSchedule, OnPolicy  # noqa: E402
-from composer_kd.onpolicy import generate_continuations, on_policy_batch  # noqa: E402
+from composer_kd.parts.onpolicy import generate_continuations, on_policy_batch  # noqa: E402
 
 METHODS = ('off-policy', 'on-policy 0.5', 'on-policy 1.0', 'sequence-level')
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from composer_kd.cache.indices import unwrap_indexed
 from composer_kd.cache.storage import FORMAT_VERSION
-from composer_kd.outputs import Key
+from composer_kd.models.outputs import Key
 
 __all__ = ['cache_fingerprint', 'differences']
 

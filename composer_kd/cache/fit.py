@@ -14,7 +14,7 @@ import torch
 from composer.core import Event, State
 
 from composer_kd.cache.indices import detach_index, read_index
-from composer_kd.outputs import Key
+from composer_kd.models.outputs import Key
 
 __all__ = ['CachedFit', 'FitCache']
 

@@ -14,7 +14,7 @@ import torch
 from composer.utils import batch_get
 from torch.utils.data import Dataset, default_collate
 
-from composer_kd.outputs import Key
+from composer_kd.models.outputs import Key
 
 __all__ = [
     'INDEX_KEY',

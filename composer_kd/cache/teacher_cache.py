@@ -34,8 +34,8 @@ from composer_kd.cache.storage import (
     read_meta,
     table_layout,
 )
-from composer_kd.outputs import Key, poisoned_rows
-from composer_kd.teachers import FrozenTeachers, resolve_teacher_logits_key, teacher_logits
+from composer_kd.models.outputs import Key, poisoned_rows
+from composer_kd.models.teachers import FrozenTeachers, resolve_teacher_logits_key, teacher_logits
 
 __all__ = ['TeacherCache']
 

@@ -18,7 +18,7 @@ llm-foundry builds each entry of a YAML's ``algorithms:`` section through its al
 
 Each teacher is built by llm-foundry's own ``build_composer_model`` (an MPT, or a Hugging Face causal LM from a
 local folder or config with ``pretrained: false``), its checkpoint loaded by
-:func:`~composer_kd.checkpoints.load_teacher_checkpoint`, and then handed to :class:`~composer_kd.Distillation`,
+:func:`~composer_kd.models.checkpoints.load_teacher_checkpoint`, and then handed to :class:`~composer_kd.Distillation`,
 which keeps it frozen, in eval mode and out of the student's checkpoints. Every other argument of
 ``Distillation`` passes through unchanged.
 """
@@ -36,10 +36,10 @@ from composer.models import HuggingFaceModel
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from composer_kd.checkpoints import load_teacher_checkpoint
 from composer_kd.distillation import Distillation
 from composer_kd.losses import get_loss
-from composer_kd.outputs import is_causal_lm
+from composer_kd.models.checkpoints import load_teacher_checkpoint
+from composer_kd.models.outputs import is_causal_lm
 
 try:
     from llmfoundry import registry as foundry_registry
@@ -233,7 +233,7 @@ def shifts_labels(model: nn.Module) -> bool:
     llm-foundry's models say so themselves: ``ComposerMPTCausalLM`` and ``ComposerHFCausalLM`` carry
     ``shift_labels`` (``True`` unless the model was configured with labels already shifted), and their loss
     shifts the batch's ``labels`` by one. Any other model is judged by
-    :func:`~composer_kd.outputs.is_causal_lm`.
+    :func:`~composer_kd.models.outputs.is_causal_lm`.
 
     Example:
         .. testcode::

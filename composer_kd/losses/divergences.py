@@ -20,7 +20,7 @@ from composer_kd.losses.chunked import chunked_kl_divergence
 
 # Each loss between distributions, position by position: ``(log_p, log_q, dim) -> per-position value`` for the
 # teacher's log-probabilities ``log_p`` and the student's ``log_q`` (before the ``T ** 2`` factor). The losses
-# below and the fused output-layer path (:mod:`composer_kd.fused`) share these, so both compute one formula.
+# below and the fused output-layer path (:mod:`composer_kd.losses.fused`) share these, so both compute one formula.
 
 
 def forward_kl_terms(log_p: torch.Tensor, log_q: torch.Tensor, dim: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the names as type checkers and editors see them
     from composer_kd.recipes.schema import Recipe
     from composer_kd.recipes.trainers import build_student_alone, build_trainer, evaluate
     from composer_kd.recipes.validate import check_recipe
-    from composer_kd.reporting import ModelReport, RunSummary, distillation_ratio
+    from composer_kd.run.reporting import ModelReport, RunSummary, distillation_ratio
 
 __all__ = [
     'ModelReport',
@@ -56,7 +56,7 @@ _EXPORTED_FROM = {
     'composer_kd.recipes.schema': ('Recipe',),
     'composer_kd.recipes.trainers': ('build_student_alone', 'build_trainer', 'evaluate'),
     'composer_kd.recipes.validate': ('check_recipe',),
-    'composer_kd.reporting': ('ModelReport', 'RunSummary', 'distillation_ratio'),
+    'composer_kd.run.reporting': ('ModelReport', 'RunSummary', 'distillation_ratio'),
 }
 #: Where each exported name lives: ``{name: module}``.
 EXPORTS = {name: module for module, names in _EXPORTED_FROM.items() for name in names}

@@ -38,7 +38,7 @@ from composer_kd.recipes.trainers import (
     no_loggers,
 )
 from composer_kd.recipes.validate import check_recipe
-from composer_kd.reporting import evaluate_model
+from composer_kd.run.reporting import evaluate_model
 
 __all__ = [
     'LoggerFactory',

@@ -17,16 +17,16 @@ from composer.models import ComposerModel
 
 from composer_kd.compression import Pruning, QuantizationAwareTraining, prunable_modules
 from composer_kd.distillation import Distillation
-from composer_kd.features import FeaturePair
 from composer_kd.losses import loss_from_name
 from composer_kd.multitask import DistillationTask, task_distillations
-from composer_kd.onpolicy import OnPolicy
+from composer_kd.parts.features import FeaturePair
+from composer_kd.parts.onpolicy import OnPolicy
 from composer_kd.recipes.loader import RecipeError
 from composer_kd.recipes.models import TaskInfo
 from composer_kd.recipes.schema import ComponentSpec, OptimizerSpec, Recipe, ScheduleSpec
 from composer_kd.recipes.tasks import task_teachers
+from composer_kd.run.training import build_optimizer, composer_class
 from composer_kd.schedules import Schedule, build_schedule
-from composer_kd.training import build_optimizer, composer_class
 from composer_kd.window import time_or_fraction
 
 __all__ = [
@@ -74,7 +74,8 @@ def build_component(spec: ComponentSpec, kind: str, key: str) -> Any:
 
 
 def build_recipe_optimizer(spec: OptimizerSpec, model: ComposerModel, key: str) -> torch.optim.Optimizer:
-    """The optimizer ``spec`` names, over ``model``'s parameters (see :func:`~composer_kd.training.build_optimizer`).
+    """The optimizer ``spec`` names, over ``model``'s parameters (see
+    :func:`~composer_kd.run.training.build_optimizer`).
 
     Args:
         spec (OptimizerSpec): The class name, learning rate, weight decay and other arguments.

@@ -15,15 +15,15 @@ import torch
 from composer.models import ComposerModel
 from torch import nn
 
-from composer_kd.adapters import classifier, hugging_face_classifier
 from composer_kd.losses import cross_entropy_with_hidden_labels
+from composer_kd.models.teachers import load_teacher_checkpoint
 from composer_kd.multitask import MultiTaskClassifier
 from composer_kd.recipes.loader import RecipeError
 from composer_kd.recipes.schema import ModelSpec, Recipe
-from composer_kd.reporting import count_parameters
-from composer_kd.teachers import load_teacher_checkpoint
+from composer_kd.run.adapters import classifier, hugging_face_classifier
+from composer_kd.run.reporting import count_parameters
 
-# classifier, hugging_face_classifier (composer_kd.adapters), count_parameters (composer_kd.reporting) and
+# classifier, hugging_face_classifier (composer_kd.run.adapters), count_parameters (composer_kd.run.reporting) and
 # cross_entropy_with_hidden_labels (composer_kd.losses) are importable from here as before.
 __all__ = [
     'MODEL_KINDS',
@@ -325,7 +325,7 @@ def check_model_takes(model: nn.Module, batch, key: str, who: str, hint: str = '
         .. testcode::
 
             import torch
-            from composer_kd.adapters import classifier
+            from composer_kd.run.adapters import classifier
             from composer_kd.recipes.models import check_model_takes
 
             batch = (torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))

@@ -1,9 +1,9 @@
-"""Running a recipe: its teachers first, then its student through :func:`~composer_kd.reporting.fit_and_report`.
+"""Running a recipe: its teachers first, then its student through :func:`~composer_kd.run.reporting.fit_and_report`.
 
 :class:`RecipeRun` trains the teachers the recipe trains first and then hands its trainers to
-:func:`~composer_kd.reporting.fit_and_report`, the core :func:`composer_kd.distill` runs too; a student with a
+:func:`~composer_kd.run.reporting.fit_and_report`, the core :func:`composer_kd.distill` runs too; a student with a
 ``compression`` section is also exported as it would be deployed. The report's classes live in
-:mod:`composer_kd.reporting` and are importable from here as before.
+:mod:`composer_kd.run.reporting` and are importable from here as before.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from composer_kd.recipes.datasets import DataBundle
 from composer_kd.recipes.models import build_model
 from composer_kd.recipes.schema import ModelSpec, Recipe
 from composer_kd.recipes.trainers import LoggerFactory, build_student, build_student_alone, eval_splits, evaluate
-from composer_kd.reporting import (
+from composer_kd.run.reporting import (
     SPEED_EXAMPLES,
     ModelReport,
     RunSummary,
@@ -42,8 +42,8 @@ from composer_kd.reporting import (
     distillation_ratio,
     fit_and_report,
 )
-from composer_kd.search import Candidate, SearchReport, run_search, search_spec
-from composer_kd.training import quiet_plumbing
+from composer_kd.run.search import Candidate, SearchReport, run_search, search_spec
+from composer_kd.run.training import quiet_plumbing
 
 __all__ = [
     'SPEED_EXAMPLES',
@@ -141,7 +141,7 @@ def with_settings(recipe: Recipe, candidate: Candidate, max_duration: Optional[s
 
             from composer_kd.recipes import load_recipe
             from composer_kd.recipes.run import with_settings
-            from composer_kd.search import Candidate
+            from composer_kd.run.search import Candidate
 
             recipe = with_settings(load_recipe('digits'), Candidate({'name': 'dkd', 'beta': 2.0}, 2.0, 1.0, 1.0))
             assert (recipe.distillation.loss, recipe.distillation.loss_options) == ('dkd', {'beta': 2.0})

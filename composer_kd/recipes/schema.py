@@ -356,7 +356,7 @@ class LossSpec:
 
 @dataclass
 class SearchGridSpec:
-    """Choose the distillation settings on a validation split before the run (see :mod:`composer_kd.search`).
+    """Choose the distillation settings on a validation split before the run (see :mod:`composer_kd.run.search`).
 
     The grid is the product of ``losses``, ``temperatures``, ``kd_loss_weights`` and ``org_loss_weights``; an
     empty list keeps the ``distillation`` section's value. Every candidate is trained from the same initial

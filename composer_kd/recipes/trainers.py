@@ -27,8 +27,8 @@ from composer_kd.recipes.datasets import DataBundle
 from composer_kd.recipes.loader import RecipeError
 from composer_kd.recipes.models import build_model
 from composer_kd.recipes.schema import ComponentSpec, OptimizerSpec, Recipe
-from composer_kd.reporting import evaluate_model
-from composer_kd.training import make_trainer
+from composer_kd.run.reporting import evaluate_model
+from composer_kd.run.training import make_trainer
 
 __all__ = [
     'LoggerFactory',
@@ -195,7 +195,7 @@ def evaluate(
         device (str, optional): A device instead of the recipe's. Default: the recipe's.
 
     Returns:
-        dict[str, dict]: Every metric of every split (see :func:`~composer_kd.reporting.evaluate_model`).
+        dict[str, dict]: Every metric of every split (see :func:`~composer_kd.run.reporting.evaluate_model`).
     """
     loaders = {split: data.eval_loader(split) for split in splits}
     precision = None if device == 'cpu' else recipe.precision

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from composer_kd.compression import QAT_BACKENDS
-from composer_kd.features import FEATURE_LOSSES
 from composer_kd.losses import LOSS_ALIASES, LOSSES, canonical_loss_name, loss_from_name
-from composer_kd.onpolicy import OnPolicy
+from composer_kd.parts.features import FEATURE_LOSSES
+from composer_kd.parts.onpolicy import OnPolicy
 from composer_kd.recipes.data import GLUE_TASKS, glue_files
 from composer_kd.recipes.datasets import DATASETS, FILE_DATASETS
 from composer_kd.recipes.files import check_image_folder, check_text_files
@@ -32,8 +32,7 @@ from composer_kd.recipes.schema import (
     TeacherSpec,
 )
 from composer_kd.recipes.tasks import check_tasks, data_tasks, model_tasks, task_teachers
-from composer_kd.schedules import SCHEDULES
-from composer_kd.training import (
+from composer_kd.run.training import (
     COMPOSER_MODULES,
     DEVICES,
     PRECISIONS,
@@ -45,9 +44,10 @@ from composer_kd.training import (
     optimizer_class,
     optimizer_names,
 )
+from composer_kd.schedules import SCHEDULES
 from composer_kd.window import parse_time, time_or_fraction
 
-# Besides check_recipe, lookups that now live in composer_kd.training and composer_kd.recipes.tasks, importable
+# Besides check_recipe, lookups that now live in composer_kd.run.training and composer_kd.recipes.tasks, importable
 # from here as before.
 __all__ = [
     'check_recipe',

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from composer_kd.outputs import Key, extract_logits, run_teacher
+from composer_kd.models.outputs import Key, extract_logits, run_teacher
+from composer_kd.models.teachers import FrozenTeachers
 from composer_kd.signal.encoding import VALUE_DTYPES, check_k, encode_signal
 from composer_kd.signal.shards import SIGNAL_COLUMNS, signal_sample
-from composer_kd.teachers import FrozenTeachers
 
 __all__ = [
     'SignalWriteSummary',

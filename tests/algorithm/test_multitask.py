@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from composer import Callback, Trainer
 from composer.loggers import InMemoryLogger
+from composer_kd.data import IGNORE_INDEX, MultiTaskDataset, digits_multitask, load_digits_splits
 from conftest import N_FEATURES, AfterLossRecorder
 from conftest import fit as fit_on
 from torch import nn
@@ -23,7 +24,6 @@ from composer_kd import (
     TeacherCache,
     combine_losses,
 )
-from composer_kd.data import IGNORE_INDEX, MultiTaskDataset, digits_multitask, load_digits_splits
 from composer_kd.multitask import DistillationTask, MultiTaskClassifier, task_distillations
 
 CLASSES = {'digit': 5, 'parity': 2}

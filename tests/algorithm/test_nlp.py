@@ -10,7 +10,7 @@ from conftest import AfterLossRecorder
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 from composer_kd import Distillation, KLDivergence
-from composer_kd.outputs import is_causal_lm, token_mask
+from composer_kd.models.outputs import is_causal_lm, token_mask
 
 VOCAB, SEQ = 40, 12
 

@@ -25,14 +25,14 @@ from composer_kd import (
     TeacherCache,
     generalized_jsd,
 )
-from composer_kd.onpolicy import (
+from composer_kd.models.outputs import token_mask
+from composer_kd.parts.onpolicy import (
     generate_continuations,
     generative_model,
     is_generated_step,
     on_policy_batch,
     split_prompts,
 )
-from composer_kd.outputs import token_mask
 
 VOCAB, PAD, PROMPT, SEED = 24, 23, 4, 11
 

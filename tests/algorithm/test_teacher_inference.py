@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from composer_kd import Distillation, FeaturePair, KLDivergence, TeacherInference
-from composer_kd.speed import measure_teacher_inference
+from composer_kd.models.speed import measure_teacher_inference
 
 
 def images() -> DataLoader:
@@ -129,7 +129,7 @@ def test_measuring_the_options_leaves_the_teacher_alone_and_reports_each():
 
 
 def testdefault_candidates_offer_channels_last_only_to_convolutional_teachers():
-    from composer_kd.speed import default_candidates
+    from composer_kd.models.speed import default_candidates
 
     assert set(default_candidates(small_cnn(5, seed=0))) == {'bf16', 'channels_last', 'compile'}
     assert set(default_candidates(nn.Linear(4, 2))) == {'bf16', 'compile'}

@@ -18,7 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from composer_kd import Distillation, KLDivergence, TeacherSignal
 from composer_kd.cache import topk_compress, topk_logits
-from composer_kd.outputs import token_mask
+from composer_kd.models.outputs import token_mask
 from composer_kd.signal.shards import SignalDataset, collate_signal
 from composer_kd.signal.writer import write_teacher_signal
 

@@ -12,7 +12,7 @@ from conftest import N_CLASSES, make_dataloader, make_teacher
 from torch import nn
 
 from composer_kd import Distillation, load_teacher_checkpoint
-from composer_kd.teachers import align_state_dict_keys
+from composer_kd.models.teachers import align_state_dict_keys
 
 
 def assert_same_weights(a: nn.Module, b: nn.Module) -> None:

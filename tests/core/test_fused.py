@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from composer_kd.fused import (
+from composer_kd.losses import DecoupledKD, GeneralizedJSD, KLDivergence, get_loss
+from composer_kd.losses.fused import (
     DenseTeacherChunks,
     TeacherChunk,
     default_chunk_size,
     fused_linear_distillation,
     per_position_terms,
 )
-from composer_kd.losses import DecoupledKD, GeneralizedJSD, KLDivergence, get_loss
 
 
 def written_out_kd(student_logits, teacher_logits, name, temperature, mask, beta=0.5):

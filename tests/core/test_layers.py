@@ -1,5 +1,5 @@
-"""The package's layers import one way: core <- reporting and ``distill()`` <- llm-foundry <- recipes <- command line
-and demo.
+"""The package's layers, one per top-level folder, import one way: foundation <- losses <- models <- teacher data <-
+parts <- algorithm <- running <- integrations <- recipes <- commands.
 
 ``import composer_kd`` loads neither the recipes nor their optional packages, the ``composer-kd`` command answers
 ``--help`` and lists its recipes without torch or Composer, and the modules of the package import each other
@@ -23,18 +23,26 @@ import composer_kd
 PACKAGE = Path(composer_kd.__file__).resolve().parent
 ROOT = PACKAGE.parent
 
-# The layers, lowest first. A module of composer_kd not named here is core: a module that the core's own work
-# adds belongs there, and if it imports a higher layer the checks below say so.
-REPORTING = ('api', 'reporting', 'training', 'adapters', 'search')
-# Distillation from llm-foundry's YAML: imports llm-foundry (and through it omegaconf), so it sits above the core.
-LLM = ('llm',)
-# composer_kd.data and composer_kd.text_data re-export composer_kd.recipes.data and .text_data at their old paths.
-RECIPES = ('recipes', 'data', 'text_data')
-COMMANDS = ('cli', 'demo')
-LAYER_NAMES = ('core', 'reporting', 'llm', 'recipes', 'commands')
-# What only the recipe and demo layers may import: the `demo` extra, and the recipes' YAML reader.
+# The layers, lowest first, and the top-level folders and modules of composer_kd in each. A module's layer is its
+# top-level folder's (or its own name's, for the few modules at the top): there is no default, so a new folder or
+# top-level module must be placed here before the suite passes.
+LAYERS = (
+    ('foundation', ('lazy', 'options')),
+    ('losses', ('losses',)),
+    ('models', ('models', 'schedules', 'window')),
+    ('teacher data', ('cache', 'signal')),
+    ('parts', ('parts',)),
+    ('algorithm', ('distillation', 'multitask', 'compression')),
+    ('running', ('run',)),
+    ('integrations', ('llm',)),
+    ('recipes', ('recipes',)),
+    ('commands', ('cli',)),
+)
+LAYER_NAMES = tuple(name for name, _ in LAYERS)
+LAYER_OF = {member: level for level, (_, members) in enumerate(LAYERS) for member in members}
+# What only the recipe and command layers may import: the `demo` extra, and the recipes' YAML reader.
 OPTIONAL = ('sklearn', 'matplotlib', 'omegaconf')
-# The `llm` extra: imported by the llm-foundry layer (and above) only.
+# The `llm` extra: imported by the integrations layer (and above) only.
 LLM_OPTIONAL = ('llmfoundry',)
 
 
@@ -50,14 +58,14 @@ def run_python(code: str) -> subprocess.CompletedProcess:
     )
 
 
+def top_level(module: str) -> str:
+    """The top-level folder or module of ``composer_kd`` that ``module`` belongs to."""
+    return module.split('.')[1]
+
+
 def layer(module: str) -> int:
-    """0 for the core, 1 for reporting and distill(), 2 for llm-foundry, 3 for recipes, 4 for the command line and
-    the demo."""
-    top = module.split('.')[1]
-    for level, members in ((1, REPORTING), (2, LLM), (3, RECIPES), (4, COMMANDS)):
-        if top in members:
-            return level
-    return 0
+    """The index in :data:`LAYERS` of ``module``'s layer (a KeyError for a module placed nowhere)."""
+    return LAYER_OF[top_level(module)]
 
 
 def package_modules() -> dict[str, Path]:
@@ -157,6 +165,13 @@ def test_every_module_imports_in_a_fresh_interpreter():
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def test_every_module_has_a_layer_and_few_stay_at_the_top():
+    unplaced = sorted({top_level(m) for m in MODULES if m != 'composer_kd'} - set(LAYER_OF))
+    assert not unplaced, f'place these in LAYERS: {unplaced}'
+    loose = sorted(path.name for path in PACKAGE.glob('*.py'))
+    assert len(loose) <= 8, loose
+
+
 def test_the_import_graph_has_no_cycle():
     cycle = find_cycle(import_graph())
     assert not cycle, 'import cycle: ' + ' -> '.join(cycle)
@@ -175,7 +190,7 @@ def test_no_module_imports_a_higher_layer():
 def test_core_and_reporting_import_no_optional_package():
     found = []
     for module, path in MODULES.items():
-        if module == 'composer_kd' or layer(module) > 1:
+        if module == 'composer_kd' or layer(module) > LAYER_NAMES.index('running'):
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -204,11 +219,11 @@ def test_the_llm_layer_says_to_install_the_extra_when_llm_foundry_is_missing():
 
 def test_the_graph_sees_imports_in_functions_and_through_lazy_packages():
     graph = import_graph()
-    assert 'composer_kd.recipes.loader' in graph['composer_kd.cli']  # imported inside a subcommand
-    assert imported('composer_kd.demo', ast.parse('from composer_kd import Distillation').body[0]) == [
+    assert 'composer_kd.recipes.loader' in graph['composer_kd.cli.main']  # imported inside a subcommand
+    assert imported('composer_kd.cli.demo', ast.parse('from composer_kd import Distillation').body[0]) == [
         'composer_kd.distillation'
     ]
-    assert imported('composer_kd.demo', ast.parse('from composer_kd.recipes import build_run').body[0]) == [
+    assert imported('composer_kd.cli.demo', ast.parse('from composer_kd.recipes import build_run').body[0]) == [
         'composer_kd.recipes.build'
     ]
 
@@ -289,8 +304,8 @@ def test_old_paths_still_import_what_moved():
     from composer_kd.recipes.loader import teacher_data_spec as loader_teacher_data_spec
     from composer_kd.recipes.models import classifier, count_parameters, hugging_face_classifier
     from composer_kd.recipes.validate import composer_algorithm, optimizer_class, task_teachers
-    from composer_kd.reporting import RunSummary, format_summary
-    from composer_kd.reporting import evaluate_model as reporting_evaluate_model
+    from composer_kd.run.reporting import RunSummary, format_summary
+    from composer_kd.run.reporting import evaluate_model as reporting_evaluate_model
 
     for old, new in ((data, recipe_data), (text_data, recipe_text_data)):
         assert all(getattr(old, name) is getattr(new, name) for name in new.__all__)
@@ -299,8 +314,8 @@ def test_old_paths_still_import_what_moved():
     )
     assert run.RunSummary is RunSummary and report.format_summary is format_summary
     assert evaluate_model is reporting_evaluate_model and teacher_data_spec is loader_teacher_data_spec
-    assert classifier.__module__ == hugging_face_classifier.__module__ == 'composer_kd.adapters'
-    assert count_parameters.__module__ == 'composer_kd.reporting'
+    assert classifier.__module__ == hugging_face_classifier.__module__ == 'composer_kd.run.adapters'
+    assert count_parameters.__module__ == 'composer_kd.run.reporting'
     assert composer_algorithm('LabelSmoothing') is not None and optimizer_class('Adam') is not None
     assert task_teachers.__module__ == 'composer_kd.recipes.tasks'
 
@@ -314,3 +329,22 @@ def test_the_lazy_package_lists_and_loads_every_exported_name():
     assert sorted(EXPORTS) == sorted(recipe_names)
     with pytest.raises(AttributeError, match="has no attribute 'Distilation'"):
         composer_kd.Distilation  # noqa: B018
+
+
+def test_every_former_module_path_imports_the_module_where_it_lives_now():
+    result = run_python(
+        'import importlib, json, composer_kd\n'
+        'same = {old: importlib.import_module(old) is importlib.import_module(new) '
+        'for old, new in composer_kd.FORMER_PATHS.items()}\n'
+        'from composer_kd.fused_distillation import Fused\n'
+        'from composer_kd.parts.fused import Fused as NewFused\n'
+        "same['from-import'] = Fused is NewFused\n"
+        'print(json.dumps(same))\n'
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    same = json.loads(result.stdout)
+    assert all(same.values()), same
+    assert len(same) == len(composer_kd.FORMER_PATHS) + 1
+    assert not any(
+        (PACKAGE / (old.split('.', 1)[1].replace('.', '/') + '.py')).exists() for old in composer_kd.FORMER_PATHS
+    )

@@ -15,7 +15,7 @@ from composer_kd import (
     reverse_kl_divergence,
     soft_cross_entropy,
 )
-from composer_kd.outputs import poisoned_rows
+from composer_kd.models.outputs import poisoned_rows
 
 DIVERGENCES = {'kl': kl_divergence, 'reverse_kl': reverse_kl_divergence, 'js': jensen_shannon_divergence}
 DISTRIBUTION_LOSSES = {**DIVERGENCES, 'soft_ce': soft_cross_entropy}

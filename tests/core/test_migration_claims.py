@@ -23,8 +23,8 @@ from composer_kd import (
     distillation_loss,
     get_loss,
 )
-from composer_kd.features import FEATURE_LOSSES
-from composer_kd.outputs import token_mask
+from composer_kd.models.outputs import token_mask
+from composer_kd.parts.features import FEATURE_LOSSES
 
 TOL = {'rtol': 1e-5, 'atol': 1e-6}
 

@@ -7,7 +7,7 @@ import torch
 from composer.models import HuggingFaceModel
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
-from composer_kd.student_init import student_from_teacher_layers
+from composer_kd.models.student_init import student_from_teacher_layers
 
 
 def bert(layers: int = 4) -> BertForSequenceClassification:

@@ -17,9 +17,9 @@ from composer.models import ComposerClassifier
 from torch import nn
 
 from composer_kd.cache import CachedFit, IndexedDataset, TeacherCache, attach_index
-from composer_kd.features import FeatureDistillation, FeaturePair
-from composer_kd.nonfinite import NonFiniteGuard
-from composer_kd.teachers import TeacherInference, TeacherRunner, resolve_teacher_logits_key, teacher_logits
+from composer_kd.models.teachers import TeacherInference, TeacherRunner, resolve_teacher_logits_key, teacher_logits
+from composer_kd.parts.features import FeatureDistillation, FeaturePair
+from composer_kd.parts.guard import NonFiniteGuard
 
 
 def linear(n_in: int, n_out: int, seed: int) -> nn.Linear:

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from composer_kd import Distillation, DistillationTask, KLDivergence, MultiTaskClassifier, distill
 from composer_kd.recipes.data import digits_multitask, load_digits_splits
-from composer_kd.reporting import distillation_ratio, format_summary
+from composer_kd.run.reporting import distillation_ratio, format_summary
 
 SEED = 5
 

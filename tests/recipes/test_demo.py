@@ -12,7 +12,7 @@ import torch
 from composer.models import ComposerClassifier
 
 from composer_kd.cli import main
-from composer_kd.demo import format_report, measure_speedup
+from composer_kd.cli.demo import format_report, measure_speedup
 
 # One seed and a few batches: the whole demo machinery in seconds.
 REDUCED = ['--seeds', '1', 'max_duration=20ba', 'teachers.0.train.max_duration=2ep', 'eval_interval=10ba']

@@ -13,7 +13,7 @@ import torch
 from conftest import S3_BUCKET
 
 from composer_kd.recipes import RecipeError, build_run, load_recipe
-from composer_kd.reporting import format_summary
+from composer_kd.run.reporting import format_summary
 
 VOCAB = 16
 RUN = ['progress_bar=false', 'device=cpu', 'max_duration=10ba', 'eval_interval=10ba', 'baseline=true']

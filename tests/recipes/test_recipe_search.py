@@ -9,7 +9,7 @@ import composer_kd.recipes.run
 from composer_kd import DecoupledKD, Distillation, Standardized
 from composer_kd.recipes import RecipeError, build_run, check_recipe, load_recipe
 from composer_kd.recipes.run import recipe_search, with_settings
-from composer_kd.search import Candidate
+from composer_kd.run.search import Candidate
 
 GRID = (
     'search={losses: [{name: kl}, {name: dkd, options: {beta: 2}}, {name: kl, options: {standardize: true}}], '

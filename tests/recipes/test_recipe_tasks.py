@@ -13,7 +13,7 @@ from composer_kd import Distillation, MultiTaskClassifier
 from composer_kd.cli import main
 from composer_kd.losses import IGNORE_INDEX
 from composer_kd.recipes import RecipeError, build_run, load_recipe
-from composer_kd.reporting import distillation_ratio
+from composer_kd.run.reporting import distillation_ratio
 
 RECIPE = str(EXAMPLES / 'digits_multitask.yaml')
 TINY = [

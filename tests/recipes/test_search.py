@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-import composer_kd.api
+import composer_kd.run.api
 from composer_kd import DecoupledKD, KLDivergence, distill
-from composer_kd.reporting import format_summary
-from composer_kd.search import Candidate, SearchSpec, run_search, search_spec
+from composer_kd.run.reporting import format_summary
+from composer_kd.run.search import Candidate, SearchSpec, run_search, search_spec
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -125,7 +125,7 @@ def test_the_best_validation_score_is_chosen_and_every_candidate_reported():
 def test_distill_chooses_on_validation_and_never_reads_the_test_split(monkeypatch):
     train, val, test = tiny_data(128, 1), Counted(tiny_data(96, 2)), Counted(tiny_data(96, 3))
     reads_during_search = {}
-    real_run_search = composer_kd.api.run_search
+    real_run_search = composer_kd.run.api.run_search
 
     def instrumented(*args, **kwargs):
         before = (val.reads, test.reads)
@@ -133,7 +133,7 @@ def test_distill_chooses_on_validation_and_never_reads_the_test_split(monkeypatc
         reads_during_search['val'], reads_during_search['test'] = val.reads - before[0], test.reads - before[1]
         return report
 
-    monkeypatch.setattr(composer_kd.api, 'run_search', instrumented)
+    monkeypatch.setattr(composer_kd.run.api, 'run_search', instrumented)
     grid = {'kd_loss': ['kl', 'dkd'], 'temperature': [1.0, 4.0], 'kd_loss_weight': [0.2, 1.0], 'max_duration': '6ba'}
     options = dict(max_duration='12ba', batch_size=16, lr=0.05, device='cpu', seed=3, measure_speed=False)
     trained, report = distill(

@@ -15,7 +15,7 @@ from torch import nn
 from composer_kd import distill
 from composer_kd.recipes import RecipeError, build_run, load_recipe
 from composer_kd.recipes.data import load_digits_splits
-from composer_kd.reporting import WeakTeacherWarning, format_summary
+from composer_kd.run.reporting import WeakTeacherWarning, format_summary
 
 TINY = ['progress_bar=false', 'max_duration=4ba', 'eval_interval=4ba', 'device=cpu']
 

@@ -63,7 +63,7 @@ def _seed(*parts: int) -> int:
 def is_generated_step(fraction: float, seed: int, step: int) -> bool:
     """Whether the batch of ``step`` trains on generated sequences: true for a share ``fraction`` of steps.
 
-    A pure function of ``(seed, step)``, like :func:`~composer_kd.teachers.sample_teachers`: the same on every
+    A pure function of ``(seed, step)``, like :func:`~composer_kd.models.teachers.sample_teachers`: the same on every
     rank, and the same after a resume, with no generator state to checkpoint. ``fraction=0`` never generates and
     ``fraction=1`` always does.
 
@@ -78,7 +78,7 @@ def is_generated_step(fraction: float, seed: int, step: int) -> bool:
     Example:
         .. testcode::
 
-            from composer_kd.onpolicy import is_generated_step
+            from composer_kd.parts.onpolicy import is_generated_step
 
             steps = [is_generated_step(0.5, seed=17, step=step) for step in range(1000)]
             assert 400 < sum(steps) < 600
@@ -121,7 +121,7 @@ def split_prompts(
         .. testcode::
 
             import torch
-            from composer_kd.onpolicy import split_prompts
+            from composer_kd.parts.onpolicy import split_prompts
 
             batch = {
                 'input_ids': torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]]),
@@ -183,7 +183,7 @@ def on_policy_batch(
     """The batch a student trains on: each prompt followed by its continuation, right-padded.
 
     ``labels`` are the continuation's tokens and ``-100`` on the prompt and on padding, so both the model's own
-    loss and the distillation loss (through :func:`~composer_kd.outputs.token_mask`, with the causal shift) count
+    loss and the distillation loss (through :func:`~composer_kd.models.outputs.token_mask`, with the causal shift) count
     exactly the positions that predict a continuation token: from the prompt's last token to the continuation's
     second to last.
 
@@ -201,7 +201,7 @@ def on_policy_batch(
         .. testcode::
 
             import torch
-            from composer_kd.onpolicy import on_policy_batch
+            from composer_kd.parts.onpolicy import on_policy_batch
 
             prompts = [torch.tensor([5, 6]), torch.tensor([7])]
             continuations = [torch.tensor([1, 2]), torch.tensor([3])]
@@ -251,7 +251,7 @@ def generative_model(model: nn.Module, role: str = 'student') -> nn.Module:
         .. testcode::
 
             import torch
-            from composer_kd.onpolicy import generative_model
+            from composer_kd.parts.onpolicy import generative_model
 
             try:
                 generative_model(torch.nn.Linear(4, 4))
@@ -348,7 +348,7 @@ def generate_continuations(
 
             import torch
             from transformers import GPT2Config, GPT2LMHeadModel
-            from composer_kd.onpolicy import generate_continuations
+            from composer_kd.parts.onpolicy import generate_continuations
 
             model = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_positions=32, n_embd=16, n_layer=1, n_head=2))
             prompts = [torch.tensor([1, 2, 3]), torch.tensor([4])]

@@ -25,11 +25,11 @@ from composer.loggers import InMemoryLogger
 from omegaconf import OmegaConf
 
 from composer_kd.losses import IGNORE_INDEX
+from composer_kd.models.speed import measure_speedup
 from composer_kd.recipes.build import build_run
 from composer_kd.recipes.loader import load_recipe
 from composer_kd.recipes.run import describe_model
-from composer_kd.reporting import RunSummary, distillation_ratio, format_table, percent
-from composer_kd.speed import measure_speedup
+from composer_kd.run.reporting import RunSummary, distillation_ratio, format_table, percent
 
 __all__ = ['DEFAULT_SEEDS', 'ROLES', 'format_report', 'format_sweep', 'measure_speedup', 'run_demo', 'run_sweep']
 

@@ -1,6 +1,7 @@
 """Teachers: accepting them in every form a user has them, freezing them, and running them on a batch.
 
-Their checkpoints are read by :mod:`composer_kd.checkpoints` (``load_teacher_checkpoint`` is importable from here too).
+Their checkpoints are read by :mod:`composer_kd.models.checkpoints` (``load_teacher_checkpoint`` is importable
+from here too).
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from composer.core import Precision, get_precision_context
 from composer.models import HuggingFaceModel
 from torch import nn
 
-from composer_kd.checkpoints import align_state_dict_keys, load_teacher_checkpoint
-from composer_kd.outputs import Key, describe_batch, extract_logits, run_teacher
+from composer_kd.models.checkpoints import align_state_dict_keys, load_teacher_checkpoint
+from composer_kd.models.outputs import Key, describe_batch, extract_logits, run_teacher
 
 __all__ = [
     'FrozenTeachers',
@@ -123,7 +124,7 @@ class FrozenTeachers:
 class TeacherInference:
     """How teachers are run: opt-in speed-ups, each off by default until measured to help where it is used.
 
-    Whether one helps depends on the hardware and the model; :func:`~composer_kd.speed.measure_teacher_inference`
+    Whether one helps depends on the hardware and the model; :func:`~composer_kd.models.speed.measure_teacher_inference`
     times the teacher's forward pass with each on the machine at hand.
 
     Args:
@@ -253,12 +254,12 @@ def resolve_teacher_logits_key(
 
     Returns:
         tuple: The key to read teachers' outputs with (``None``: the default rule of
-        :func:`~composer_kd.outputs.extract_logits`), and whether a bare tensor output is taken as it is.
+        :func:`~composer_kd.models.outputs.extract_logits`), and whether a bare tensor output is taken as it is.
 
     Example:
         .. testcode::
 
-            from composer_kd.teachers import resolve_teacher_logits_key
+            from composer_kd.models.teachers import resolve_teacher_logits_key
 
             assert resolve_teacher_logits_key('digit', None) == ('digit', True)
             assert resolve_teacher_logits_key('digit', 'logits') == ('logits', False)
@@ -291,9 +292,9 @@ def teacher_logits(
         teachers (Sequence[nn.Module | TeacherRunner]): The (frozen, placed) teachers.
         batch (Any): The batch the student received.
         input_key (int | str | Callable, optional): Chooses the teachers' input, as in
-            :func:`~composer_kd.outputs.run_teacher`. Default: ``None``.
+            :func:`~composer_kd.models.outputs.run_teacher`. Default: ``None``.
         logits_key (int | str | Callable, optional): Chooses the logits in each output, as in
-            :func:`~composer_kd.outputs.extract_logits`. Default: ``None``.
+            :func:`~composer_kd.models.outputs.extract_logits`. Default: ``None``.
         bare_tensor_is_logits (bool, optional): Take a bare tensor output as the logits whatever ``logits_key``
             says (see :func:`resolve_teacher_logits_key`). Default: ``False``.
         precision (str | Precision, optional): Composer precision to run under. Default: ``'fp32'``.
@@ -315,7 +316,7 @@ def teacher_logits(
         .. testcode::
 
             import torch
-            from composer_kd.teachers import teacher_logits
+            from composer_kd.models.teachers import teacher_logits
 
             teachers = [torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)]
             batch = (torch.randn(2, 4), torch.zeros(2, dtype=torch.long))
@@ -413,7 +414,7 @@ def check_teachers_can_run(teachers: Sequence[nn.Module], student: nn.Module, co
         .. testcode::
 
             import torch
-            from composer_kd.teachers import check_teachers_can_run
+            from composer_kd.models.teachers import check_teachers_can_run
 
             check_teachers_can_run([torch.nn.Linear(4, 2)], torch.nn.Linear(4, 2), converts_dtype=False)
     """

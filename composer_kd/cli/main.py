@@ -71,7 +71,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _offline()
     _quiet()
     from composer_kd.recipes import RecipeError, build_run, load_recipe
-    from composer_kd.reporting import format_summary
+    from composer_kd.run.reporting import format_summary
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -106,7 +106,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     _offline()
     _quiet()
-    from composer_kd.demo import DEFAULT_SEEDS, run_demo, run_sweep
+    from composer_kd.cli.demo import DEFAULT_SEEDS, run_demo, run_sweep
     from composer_kd.recipes import RecipeError
 
     seeds = list(range(args.seeds)) if args.seeds is not None else list(DEFAULT_SEEDS)
@@ -165,7 +165,7 @@ def _cmd_teacher_signal(args: argparse.Namespace) -> int:
     _quiet()
     try:
         options = _signal_options(args)
-        from composer_kd.signal.command import run_teacher_signal
+        from composer_kd.cli.teacher_signal import run_teacher_signal
 
         summary = run_teacher_signal(**options, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, KeyError) as e:

@@ -8,7 +8,7 @@ import torch
 from composer.core import Event, State
 from composer.loggers import Logger
 
-from composer_kd.outputs import logits_are_usable
+from composer_kd.models.outputs import logits_are_usable
 
 __all__ = ['NONFINITE_POLICIES', 'NonFiniteGuard']
 
@@ -35,7 +35,7 @@ class NonFiniteGuard:
         .. testcode::
 
             import torch
-            from composer_kd.nonfinite import NonFiniteGuard
+            from composer_kd.parts.guard import NonFiniteGuard
 
             guard = NonFiniteGuard('skip')
             logits, usable = guard.screen(torch.tensor([[1.0, float('nan')]]))

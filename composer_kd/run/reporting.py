@@ -22,8 +22,8 @@ from composer.utils import reproducibility
 from torch import nn
 from torchmetrics.classification import BinaryAccuracy, MulticlassAccuracy
 
-from composer_kd.speed import first_examples, measure_speedup
-from composer_kd.training import quiet_plumbing
+from composer_kd.models.speed import first_examples, measure_speedup
+from composer_kd.run.training import quiet_plumbing
 
 __all__ = [
     'CHANCE_SHARE',
@@ -70,7 +70,7 @@ def metric_text(metric: str, value: Optional[float]) -> str:
     Example:
         .. testcode::
 
-            from composer_kd.reporting import metric_text
+            from composer_kd.run.reporting import metric_text
 
             assert metric_text('accuracy', 0.5) == '50.00%' and metric_text('LanguageCrossEntropy', 2.0) == '2.0000'
     """
@@ -104,7 +104,7 @@ def distillation_ratio(
     Example:
         .. testcode::
 
-            from composer_kd.reporting import distillation_ratio
+            from composer_kd.run.reporting import distillation_ratio
 
             assert abs(distillation_ratio(teacher=0.9, alone=0.8, distilled=0.85) - 0.5) < 1e-12
     """
@@ -126,7 +126,7 @@ def count_parameters(model: nn.Module) -> int:
         .. testcode::
 
             import torch
-            from composer_kd.reporting import count_parameters
+            from composer_kd.run.reporting import count_parameters
 
             assert count_parameters(torch.nn.Linear(4, 2)) == 10
     """
@@ -169,11 +169,11 @@ class RunSummary:
         ratios (dict[str, float]): The distillation ratio on every metric of the headline split where it is
             defined (e.g. one per task of a multi-task student), against the best teacher that has the metric.
         inference (dict[str, float]): Teacher 0's and the student's inference time per example and the
-            ``speedup`` (see :func:`~composer_kd.speed.measure_speedup`); empty when not measured.
+            ``speedup`` (see :func:`~composer_kd.models.speed.measure_speedup`); empty when not measured.
         warnings (list[str]): What looks wrong with the run: a teacher at chance level or below the student
             alone, and why a distillation ratio is then omitted (see :func:`teacher_warnings`).
         search (SearchReport, optional): When the distillation settings were chosen on validation data (see
-            :mod:`composer_kd.search`): every candidate tried, its score, and the choice. Default: ``None``.
+            :mod:`composer_kd.run.search`): every candidate tried, its score, and the choice. Default: ``None``.
     """
 
     recipe: str
@@ -259,7 +259,7 @@ def chance_levels(model: nn.Module) -> dict[str, float]:
 
             import torch
             from composer.models import ComposerClassifier
-            from composer_kd.reporting import chance_levels
+            from composer_kd.run.reporting import chance_levels
 
             model = ComposerClassifier(torch.nn.Linear(4, 5), num_classes=5)
             assert chance_levels(model) == {'MulticlassAccuracy': 0.2}
@@ -296,7 +296,7 @@ def teacher_warnings(summary: RunSummary, chances: Sequence[Mapping[str, float]]
     Example:
         .. testcode::
 
-            from composer_kd.reporting import ModelReport, RunSummary, teacher_warnings
+            from composer_kd.run.reporting import ModelReport, RunSummary, teacher_warnings
 
             models = [
                 ModelReport('teacher 0', 'cnn', 1000, {'val': {'accuracy': 0.12}}),
@@ -491,7 +491,7 @@ def evaluate_model(
             import torch
             from composer.models import ComposerClassifier
             from torch.utils.data import DataLoader, TensorDataset
-            from composer_kd.reporting import evaluate_model
+            from composer_kd.run.reporting import evaluate_model
 
             model = ComposerClassifier(torch.nn.Linear(4, 3), num_classes=3)
             data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)
@@ -525,7 +525,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: S
     Example:
         .. testcode::
 
-            from composer_kd.reporting import format_table
+            from composer_kd.run.reporting import format_table
 
             print(format_table(['model', 'accuracy'], [['teacher', '98.1%']], right=[1]))
     """
@@ -553,7 +553,7 @@ def percent(value: Optional[float], digits: int = 2) -> str:
     Example:
         .. testcode::
 
-            from composer_kd.reporting import percent
+            from composer_kd.run.reporting import percent
 
             assert percent(0.9812) == '98.12%' and percent(None) == '-'
     """
@@ -581,7 +581,7 @@ def format_summary(summary: RunSummary) -> str:
     Example:
         .. testcode::
 
-            from composer_kd.reporting import ModelReport, RunSummary, format_summary
+            from composer_kd.run.reporting import ModelReport, RunSummary, format_summary
 
             teacher = ModelReport('teacher 0', 'cnn', 1000, {'val': {'accuracy': 0.9}})
             student = ModelReport('student (distilled)', 'mlp', 100, {'val': {'accuracy': 0.85}})

@@ -60,7 +60,7 @@ def composer_classes(kind: str) -> list[str]:
     Example:
         .. testcode::
 
-            from composer_kd.training import composer_classes
+            from composer_kd.run.training import composer_classes
 
             assert 'LinearScheduler' in composer_classes('scheduler')
     """
@@ -85,7 +85,7 @@ def composer_class(kind: str, name: str) -> Optional[type]:
     Example:
         .. testcode::
 
-            from composer_kd.training import composer_class
+            from composer_kd.run.training import composer_class
 
             assert composer_class('algorithm', 'LabelSmoothing').__name__ == 'LabelSmoothing'
             assert composer_class('logger', 'LabelSmoothing') is None
@@ -107,7 +107,7 @@ def composer_algorithm(name: str) -> Optional[type]:
     Example:
         .. testcode::
 
-            from composer_kd.training import composer_algorithm
+            from composer_kd.run.training import composer_algorithm
 
             assert composer_algorithm('Distillation') is None
     """
@@ -126,7 +126,7 @@ def composer_logger(name: str) -> Optional[type]:
     Example:
         .. testcode::
 
-            from composer_kd.training import composer_logger
+            from composer_kd.run.training import composer_logger
 
             assert composer_logger('InMemoryLogger').__name__ == 'InMemoryLogger'
     """
@@ -145,7 +145,7 @@ def composer_scheduler(name: str) -> Optional[type]:
     Example:
         .. testcode::
 
-            from composer_kd.training import composer_scheduler
+            from composer_kd.run.training import composer_scheduler
 
             assert composer_scheduler('CosineAnnealingScheduler').__name__ == 'CosineAnnealingScheduler'
     """
@@ -165,7 +165,7 @@ def optimizer_class(name: str) -> Optional[type[torch.optim.Optimizer]]:
         .. testcode::
 
             import torch
-            from composer_kd.training import optimizer_class
+            from composer_kd.run.training import optimizer_class
 
             assert optimizer_class('Adam') is torch.optim.Adam and optimizer_class('Adamm') is None
     """
@@ -185,7 +185,7 @@ def optimizer_names() -> list[str]:
     Example:
         .. testcode::
 
-            from composer_kd.training import optimizer_names
+            from composer_kd.run.training import optimizer_names
 
             assert {'Adam', 'DecoupledAdamW', 'SGD'} <= set(optimizer_names())
     """
@@ -221,7 +221,7 @@ def build_optimizer(
         .. testcode::
 
             import torch
-            from composer_kd.training import build_optimizer
+            from composer_kd.run.training import build_optimizer
 
             model = torch.nn.Linear(4, 2)
             optimizer = build_optimizer('Adam', model, lr=0.01)
@@ -257,7 +257,7 @@ def check_optimizer(optimizer: Any, model: nn.Module, *, lr: Any, weight_decay: 
         .. testcode::
 
             import torch
-            from composer_kd.training import check_optimizer
+            from composer_kd.run.training import check_optimizer
 
             check_optimizer('Adam', torch.nn.Linear(4, 2), lr=0.01, weight_decay=0.0)
     """
@@ -293,7 +293,7 @@ def quiet_plumbing() -> Iterator[None]:
         .. testcode::
 
             import warnings
-            from composer_kd.training import quiet_plumbing
+            from composer_kd.run.training import quiet_plumbing
 
             with warnings.catch_warnings():
                 warnings.simplefilter('error')
@@ -356,7 +356,7 @@ def make_trainer(
             import torch
             from composer.models import ComposerClassifier
             from torch.utils.data import DataLoader, TensorDataset
-            from composer_kd.training import build_optimizer, make_trainer
+            from composer_kd.run.training import build_optimizer, make_trainer
 
             model = ComposerClassifier(torch.nn.Linear(4, 3), num_classes=3)
             data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)

@@ -129,7 +129,7 @@ def load_teacher_checkpoint(model: nn.Module, path: str) -> nn.Module:
 
             import os, tempfile
             import torch
-            from composer_kd.checkpoints import load_teacher_checkpoint
+            from composer_kd.models.checkpoints import load_teacher_checkpoint
 
             path = os.path.join(tempfile.mkdtemp(), 'teacher.pt')
             torch.save(torch.nn.Linear(4, 2).state_dict(), path)

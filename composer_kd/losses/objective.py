@@ -42,7 +42,7 @@ def distillation_loss(
         loss_takes_mask (bool, optional): Whether ``kd_loss_fn`` accepts ``mask=``. Default: ``None``, read from
             its signature (a module's ``forward``) on every call; pass it to spare that.
         labels (torch.Tensor, optional): Integer target classes, the logits' shape without the last dimension
-            (see :func:`~composer_kd.outputs.target_labels`), for a loss that takes them.
+            (see :func:`~composer_kd.models.outputs.target_labels`), for a loss that takes them.
         loss_takes_labels (bool, optional): Whether ``kd_loss_fn`` accepts ``labels=``. Default: ``None``, read
             from its signature like ``loss_takes_mask``.
 
@@ -102,7 +102,7 @@ def takes_labels(fn: Callable) -> bool:
         .. testcode::
 
             from composer_kd import DecoupledKD, KLDivergence
-            from composer_kd.objective import takes_labels
+            from composer_kd.losses.objective import takes_labels
 
             assert takes_labels(DecoupledKD()) and not takes_labels(KLDivergence())
     """
@@ -116,7 +116,7 @@ def takes_mask(fn: Callable) -> bool:
         .. testcode::
 
             from composer_kd import KLDivergence
-            from composer_kd.objective import takes_mask
+            from composer_kd.losses.objective import takes_mask
 
             assert takes_mask(KLDivergence()) and not takes_mask(lambda student, teacher: 0.0)
     """

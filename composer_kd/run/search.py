@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from composer_kd.losses import LOSSES, Standardized, canonical_loss_name, loss_from_name
-from composer_kd.reporting import format_table, percent
+from composer_kd.run.reporting import format_table, percent
 
 __all__ = [
     'GRID_KEYS',
@@ -77,7 +77,7 @@ class Candidate:
     Example:
         .. testcode::
 
-            from composer_kd.search import Candidate
+            from composer_kd.run.search import Candidate
 
             candidate = Candidate({'name': 'kl', 'standardize': True}, 2.0, 9.0, 0.1)
             assert candidate.describe() == 'kl(standardize=True), T=2, kd weight 9, label weight 0.1'
@@ -161,7 +161,7 @@ class SearchReport:
     Example:
         .. testcode::
 
-            from composer_kd.search import Candidate, SearchReport
+            from composer_kd.run.search import Candidate, SearchReport
 
             report = SearchReport('val', 'accuracy', '100ba', [Candidate('kl', 4.0, 0.9, 0.1)], [0.9], 0)
             assert report.best.kd_loss == 'kl' and 'chosen' in str(report)
@@ -267,7 +267,7 @@ def search_spec(
     Example:
         .. testcode::
 
-            from composer_kd.search import search_spec
+            from composer_kd.run.search import search_spec
 
             spec = search_spec(
                 {'kd_loss': ['kl', 'dkd'], 'temperature': [2.0, 4.0], 'max_duration': '50ba'},
@@ -357,7 +357,7 @@ def run_search(
     Example:
         .. testcode::
 
-            from composer_kd.search import Candidate, SearchSpec, run_search
+            from composer_kd.run.search import Candidate, SearchSpec, run_search
 
             spec = SearchSpec([Candidate('kl', t, 1.0, 1.0) for t in (1.0, 2.0, 4.0)], '10ba')
             report = run_search(spec, lambda c: (1.0 - abs(c.temperature - 2.0), 'accuracy'))
@@ -399,7 +399,7 @@ def check_split(spec: SearchSpec, splits: Sequence[str]) -> None:
     Example:
         .. testcode::
 
-            from composer_kd.search import SearchSpec, check_split
+            from composer_kd.run.search import SearchSpec, check_split
 
             check_split(SearchSpec([], '10ba', 'val'), ['val', 'test'])
             try:

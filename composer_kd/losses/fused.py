@@ -20,7 +20,7 @@ it) answers with the sparse fields of :class:`TeacherChunk` instead, which the l
 missing is the loss over ``top-k + tail`` (see ``docs/fused.md``).
 
 The trainer-side wiring (hooks on a Hugging Face model's output layer, the loss dict) is in
-:mod:`composer_kd.fused_distillation`.
+:mod:`composer_kd.parts.fused`.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def default_chunk_size(vocab_size: int) -> int:
     Example:
         .. testcode::
 
-            from composer_kd.fused import default_chunk_size
+            from composer_kd.losses.fused import default_chunk_size
 
             assert default_chunk_size(32_000) == 65
     """
@@ -99,7 +99,7 @@ def per_position_terms(loss_fn: Union[str, nn.Module]) -> PerPositionTerms:
     Example:
         .. testcode::
 
-            from composer_kd.fused import per_position_terms
+            from composer_kd.losses.fused import per_position_terms
             from composer_kd.losses.divergences import forward_kl_terms
 
             assert per_position_terms('kl') is forward_kl_terms
@@ -158,7 +158,7 @@ class TeacherChunks(Protocol):
 class DenseTeacherChunks:
     """The teachers' logits for a range of rows, projected from their final hidden states on demand.
 
-    With several teachers, their logits are averaged, as :func:`~composer_kd.teachers.average_logits` averages
+    With several teachers, their logits are averaged, as :func:`~composer_kd.models.teachers.average_logits` averages
     whole logits tensors. The projections run without gradients, in ``compute_dtype``.
 
     Args:
@@ -174,7 +174,7 @@ class DenseTeacherChunks:
         .. testcode::
 
             import torch
-            from composer_kd.fused import DenseTeacherChunks
+            from composer_kd.losses.fused import DenseTeacherChunks
 
             hidden, weight = torch.randn(6, 4), torch.randn(10, 4)
             chunk = DenseTeacherChunks(hidden, weight).chunk(2, 5)
@@ -411,7 +411,7 @@ def fused_linear_distillation(
             import torch
             import torch.nn.functional as F
             from composer_kd import kl_divergence
-            from composer_kd.fused import fused_linear_distillation
+            from composer_kd.losses.fused import fused_linear_distillation
 
             hidden = torch.randn(10, 8, requires_grad=True)
             weight, teacher_hidden, teacher_weight = torch.randn(50, 8), torch.randn(10, 6), torch.randn(50, 6)

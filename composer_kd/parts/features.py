@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
-from composer_kd.feature_losses import (
+from composer_kd.losses.features import (
     FEATURE_LOSSES,
     FeatureLossFn,
     attention_map,
@@ -29,7 +29,7 @@ from composer_kd.feature_losses import (
     attention_probs_mse,
     feature_dim,
 )
-from composer_kd.outputs import padding_mask
+from composer_kd.models.outputs import padding_mask
 
 __all__ = [
     'FEATURE_LOSSES',
@@ -142,7 +142,7 @@ def resolve_module(model: nn.Module, path: str, role: str = 'student') -> nn.Mod
         .. testcode::
 
             import torch
-            from composer_kd.features import resolve_module
+            from composer_kd.parts.features import resolve_module
 
             model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
             assert isinstance(resolve_module(model, '1'), torch.nn.ReLU)
@@ -167,7 +167,7 @@ def output_width(module: nn.Module) -> Optional[int]:
         .. testcode::
 
             import torch
-            from composer_kd.features import output_width
+            from composer_kd.parts.features import output_width
 
             block = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.LayerNorm(32))
             assert output_width(block) == 32
@@ -286,7 +286,7 @@ class FeatureDistillation:
         .. testcode::
 
             import torch
-            from composer_kd.features import FeatureDistillation, FeaturePair
+            from composer_kd.parts.features import FeatureDistillation, FeaturePair
 
             features = FeatureDistillation([FeaturePair(student='0', teacher='0')], n_teachers=1)
             assert len(features.pairs) == 1 and not features.projections

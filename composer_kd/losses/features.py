@@ -35,7 +35,7 @@ def attention_map(features: torch.Tensor) -> torch.Tensor:
         .. testcode::
 
             import torch
-            from composer_kd.features import attention_map
+            from composer_kd.parts.features import attention_map
 
             assert attention_map(torch.randn(2, 8, 4, 4)).shape == (2, 16)
     """
@@ -55,7 +55,7 @@ def attention_map_loss(
         .. testcode::
 
             import torch
-            from composer_kd.features import attention_map_loss
+            from composer_kd.parts.features import attention_map_loss
 
             loss = attention_map_loss(torch.randn(2, 8, 4, 4), torch.randn(2, 32, 4, 4))
     """
@@ -76,7 +76,7 @@ def attention_probs_mse(
         .. testcode::
 
             import torch
-            from composer_kd.features import attention_probs_mse
+            from composer_kd.parts.features import attention_probs_mse
 
             probs = torch.softmax(torch.randn(2, 4, 5, 5), dim=-1)
             assert attention_probs_mse(probs, probs).item() == 0.0

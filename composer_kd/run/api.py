@@ -2,8 +2,8 @@
 
 It takes the models and data a Composer user already has, builds an ordinary ``Trainer`` with
 :class:`~composer_kd.Distillation` in its algorithms, and runs it through
-:func:`~composer_kd.reporting.fit_and_report`, the same core that runs every recipe: so its report is a
-:class:`~composer_kd.reporting.RunSummary` with the teachers', the distilled student's and (with
+:func:`~composer_kd.run.reporting.fit_and_report`, the same core that runs every recipe: so its report is a
+:class:`~composer_kd.run.reporting.RunSummary` with the teachers', the distilled student's and (with
 ``baseline=True``) the student alone's metrics, parameters and training time, the distillation ratio, the
 inference speed-up and the wall time.
 """
@@ -26,7 +26,11 @@ from composer.models import ComposerModel
 from composer.utils import reproducibility
 from torch import nn
 
-from composer_kd.adapters import (
+from composer_kd.distillation import Distillation, KDLossFn
+from composer_kd.losses import LOSSES, canonical_loss_name, loss_from_name
+from composer_kd.models.teachers import FrozenTeachers, TeacherSpec, resolve_teachers
+from composer_kd.multitask import DistillationTask, task_distillations
+from composer_kd.run.adapters import (
     as_loader,
     check_batch,
     composer_student,
@@ -38,14 +42,10 @@ from composer_kd.adapters import (
     is_hugging_face,
     prepare_dataset,
 )
-from composer_kd.distillation import Distillation, KDLossFn
-from composer_kd.losses import LOSSES, canonical_loss_name, loss_from_name
-from composer_kd.multitask import DistillationTask, task_distillations
-from composer_kd.reporting import RunSummary, TeacherEntry, evaluate_model, fit_and_report
+from composer_kd.run.reporting import RunSummary, TeacherEntry, evaluate_model, fit_and_report
+from composer_kd.run.search import Candidate, SearchReport, check_split, run_search, search_spec
+from composer_kd.run.training import DEVICES, PRECISIONS, build_optimizer, check_optimizer, make_trainer
 from composer_kd.schedules import ScheduleOrValue
-from composer_kd.search import Candidate, SearchReport, check_split, run_search, search_spec
-from composer_kd.teachers import FrozenTeachers, TeacherSpec, resolve_teachers
-from composer_kd.training import DEVICES, PRECISIONS, build_optimizer, check_optimizer, make_trainer
 
 __all__ = ['DistillResult', 'distill']
 
@@ -84,13 +84,13 @@ class DistillResult(NamedTuple):
         student: The student that was passed in, trained in place.
         report (RunSummary): Every model's metrics, parameters and training time, the distillation ratio
             (``report.ratio``), the inference speed-up (``report.speedup``) and the wall time; print it with
-            :func:`~composer_kd.reporting.format_summary`.
+            :func:`~composer_kd.run.reporting.format_summary`.
 
     Example:
         .. testcode::
 
             from composer_kd import DistillResult
-            from composer_kd.reporting import RunSummary
+            from composer_kd.run.reporting import RunSummary
 
             result = DistillResult(student='the student', report=RunSummary('distill()', [], 'test', 'accuracy'))
             student, report = result
@@ -343,7 +343,7 @@ def distill(
             ``split`` (default ``'val'``, a key of ``eval_data``; never ``'test'``) by ``metric`` (default: the
             student's first). The best is then trained with the full budget and reported on the other splits
             (the headline is the first of them); ``report.search`` lists every candidate and its score (see
-            :mod:`composer_kd.search`). Default: none, this call's settings are used as they are.
+            :mod:`composer_kd.run.search`). Default: none, this call's settings are used as they are.
         trainer_kwargs (Mapping, optional): Any other ``Trainer`` argument (``schedulers``,
             ``device_train_microbatch_size``, ``save_interval``, ...).
         **options: Any other ``Distillation`` argument (``n_teachers_to_sample``, ``start``, ``end``,
@@ -351,7 +351,7 @@ def distill(
 
     Returns:
         DistillResult: ``(student, report)``: the student passed in, trained, and the run's
-        :class:`~composer_kd.reporting.RunSummary`.
+        :class:`~composer_kd.run.reporting.RunSummary`.
 
     Raises:
         TypeError: If an argument has the wrong kind (the message names it), or an option is unknown.

@@ -4,10 +4,10 @@ During a training microbatch that distils, the output layer of the student and o
 its input (the final hidden states) and to return a zero-stride placeholder of the logits' shape instead of the
 logits; the student's forward pass is given no labels, so it computes no cross-entropy of its own, and the
 student's ``loss`` returns a placeholder. At ``Event.AFTER_LOSS`` the student's cross-entropy and the
-distillation term are computed a chunk of tokens at a time by :func:`composer_kd.fused.fused_linear_distillation`,
-and the loss dict is written as the unfused path writes it (``'original'``, ``'kd'``, ``'total'``). Everywhere
-else (evaluation, prediction, batches outside the distillation window) the models run untouched and give their
-normal logits.
+distillation term are computed a chunk of tokens at a time by
+:func:`composer_kd.losses.fused.fused_linear_distillation`, and the loss dict is written as the unfused path
+writes it (``'original'``, ``'kd'``, ``'total'``). Everywhere else (evaluation, prediction, batches outside the
+distillation window) the models run untouched and give their normal logits.
 
 How each model kind is handled:
 
@@ -39,10 +39,10 @@ from composer.models import HuggingFaceModel
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from composer_kd.fused import DenseTeacherChunks, fused_linear_distillation, per_position_terms
-from composer_kd.objective import CombinedLoss, combine_losses
-from composer_kd.outputs import token_mask
-from composer_kd.teachers import TeacherRunner, teacher_logits
+from composer_kd.losses.fused import DenseTeacherChunks, fused_linear_distillation, per_position_terms
+from composer_kd.losses.objective import CombinedLoss, combine_losses
+from composer_kd.models.outputs import token_mask
+from composer_kd.models.teachers import TeacherRunner, teacher_logits
 
 __all__ = ['Fused', 'FusedFit', 'OutputLayerCapture', 'check_fused_settings', 'output_layer', 'resolve_fused']
 
@@ -54,7 +54,7 @@ class Fused:
     Args:
         chunk_size (int, optional): Tokens per chunk. Default: ``None``, as many as keep a chunk's logits near
             ``2**21`` elements (65 tokens of a 32,000-entry vocabulary; see
-            :func:`~composer_kd.fused.default_chunk_size`).
+            :func:`~composer_kd.losses.fused.default_chunk_size`).
 
     Example:
         .. testcode::
@@ -83,7 +83,7 @@ def resolve_fused(fused: Union[None, bool, Fused]) -> Optional[Fused]:
     Example:
         .. testcode::
 
-            from composer_kd.fused_distillation import Fused, resolve_fused
+            from composer_kd.parts.fused import Fused, resolve_fused
 
             assert resolve_fused(True) == Fused() and resolve_fused(False) is None
     """
@@ -153,7 +153,7 @@ def output_layer(model: nn.Module, role: str = 'student') -> nn.Linear:
         .. testcode::
 
             import transformers
-            from composer_kd.fused_distillation import output_layer
+            from composer_kd.parts.fused import output_layer
 
             config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)
             model = transformers.GPT2LMHeadModel(config)
@@ -261,7 +261,7 @@ class FusedFit:
         options (Fused): The options.
         state (State): The trainer's state at fit start.
         runners (Sequence[TeacherRunner]): The prepared teachers.
-        kd_loss_fn (nn.Module): The distillation loss (one of :data:`~composer_kd.fused.FUSED_LOSSES`).
+        kd_loss_fn (nn.Module): The distillation loss (one of :data:`~composer_kd.losses.fused.FUSED_LOSSES`).
         name (str, optional): The ``Distillation``'s name, for the loss terms.
     """
 

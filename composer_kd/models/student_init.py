@@ -57,7 +57,7 @@ def student_from_teacher_layers(teacher: nn.Module, layers: Sequence[int]) -> nn
         .. testcode::
 
             from transformers import BertConfig, BertForSequenceClassification
-            from composer_kd.student_init import student_from_teacher_layers
+            from composer_kd.models.student_init import student_from_teacher_layers
 
             config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
                                 intermediate_size=32)

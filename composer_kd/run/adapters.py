@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from composer_kd.losses import IGNORE_INDEX, cross_entropy_with_hidden_labels
+from composer_kd.models.outputs import extract_logits, run_teacher
 from composer_kd.multitask import MultiTaskClassifier
-from composer_kd.outputs import extract_logits, run_teacher
 
 __all__ = [
     'as_loader',
@@ -54,7 +54,7 @@ def classifier(module: nn.Module, num_classes: int) -> ComposerClassifier:
         .. testcode::
 
             import torch
-            from composer_kd.adapters import classifier
+            from composer_kd.run.adapters import classifier
 
             model = classifier(torch.nn.Linear(4, 3), num_classes=3)
             assert model.num_classes == 3
@@ -86,7 +86,7 @@ def hugging_face_classifier(model: nn.Module, num_classes: int) -> HuggingFaceMo
         .. testcode::
 
             from transformers import BertConfig, BertForSequenceClassification
-            from composer_kd.adapters import hugging_face_classifier
+            from composer_kd.run.adapters import hugging_face_classifier
 
             config = BertConfig(
                 vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
@@ -110,7 +110,7 @@ def is_hf_pretrained(model: Any) -> bool:
         .. testcode::
 
             import torch
-            from composer_kd.adapters import is_hf_pretrained
+            from composer_kd.run.adapters import is_hf_pretrained
 
             assert not is_hf_pretrained(torch.nn.Linear(2, 2))
     """
@@ -134,7 +134,7 @@ def is_hugging_face(model: Any) -> bool:
         .. testcode::
 
             import torch
-            from composer_kd.adapters import is_hugging_face
+            from composer_kd.run.adapters import is_hugging_face
 
             assert not is_hugging_face(torch.nn.Linear(2, 2))
     """
@@ -167,7 +167,7 @@ def prepare_dataset(data: Any, name: str, hugging_face: bool) -> Any:
         .. testcode::
 
             import datasets
-            from composer_kd.adapters import prepare_dataset
+            from composer_kd.run.adapters import prepare_dataset
 
             data = datasets.Dataset.from_dict({'input_ids': [[1, 2], [3, 4]], 'label': [0, 1]}).with_format('torch')
             ready = prepare_dataset(data, 'train_data', hugging_face=True)
@@ -203,7 +203,7 @@ def check_batch(batch: Any, name: str, hugging_face: bool) -> None:
         .. testcode::
 
             import torch
-            from composer_kd.adapters import check_batch
+            from composer_kd.run.adapters import check_batch
 
             check_batch({'input_ids': torch.zeros(2, 3), 'labels': torch.zeros(2)}, 'train_data', hugging_face=True)
             try:
@@ -245,7 +245,7 @@ def describe_module(model: Any) -> str:
         .. testcode::
 
             import torch
-            from composer_kd.adapters import classifier, describe_module
+            from composer_kd.run.adapters import classifier, describe_module
 
             assert describe_module(classifier(torch.nn.Linear(4, 3), 3)) == 'ComposerClassifier(Linear)'
     """
@@ -278,7 +278,7 @@ def as_loader(data: Any, name: str, batch_size: int, shuffle: bool, seed: int) -
 
             import torch
             from torch.utils.data import TensorDataset
-            from composer_kd.adapters import as_loader, first_batch
+            from composer_kd.run.adapters import as_loader, first_batch
 
             loader = as_loader(TensorDataset(torch.zeros(10, 2)), 'train_data', batch_size=4, shuffle=True, seed=0)
             assert first_batch(loader, 'train_data')[0].shape == (4, 2)
@@ -314,7 +314,7 @@ def first_batch(loader: Union[DataLoader, DataSpec], name: str) -> Any:
 
             import torch
             from torch.utils.data import DataLoader
-            from composer_kd.adapters import first_batch
+            from composer_kd.run.adapters import first_batch
 
             assert first_batch(DataLoader(torch.arange(6), batch_size=4), 'data').tolist() == [0, 1, 2, 3]
     """
@@ -392,7 +392,7 @@ def composer_student(student: Any, batch: Any, num_classes: Optional[int], multi
         .. testcode::
 
             import torch
-            from composer_kd.adapters import composer_student
+            from composer_kd.run.adapters import composer_student
 
             batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
             student = composer_student(torch.nn.Linear(4, 3), batch, num_classes=None, multitask=False)
@@ -447,7 +447,7 @@ def evaluable_teacher(
         .. testcode::
 
             import torch
-            from composer_kd.adapters import evaluable_teacher
+            from composer_kd.run.adapters import evaluable_teacher
 
             batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
             wrapped = evaluable_teacher(torch.nn.Linear(4, 3), 'teacher 0', batch, 3, task=None, key=None)
@@ -486,7 +486,7 @@ def eval_loaders(eval_data: Any, batch_size: int, seed: int) -> dict[str, Union[
 
             import torch
             from torch.utils.data import TensorDataset
-            from composer_kd.adapters import eval_loaders
+            from composer_kd.run.adapters import eval_loaders
 
             data = TensorDataset(torch.zeros(10, 2))
             assert list(eval_loaders({'val': data, 'test': data}, batch_size=5, seed=0)) == ['val', 'test']

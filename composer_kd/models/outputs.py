@@ -55,7 +55,7 @@ def extract_logits(output: Any, key: Optional[Key] = None, *, role: str = 'stude
         .. testcode::
 
             import torch
-            from composer_kd.outputs import extract_logits
+            from composer_kd.models.outputs import extract_logits
 
             logits = extract_logits({'logits': torch.zeros(2, 3), 'hidden': torch.ones(2, 4)})
             assert logits.shape == (2, 3)
@@ -96,7 +96,7 @@ def poisoned_rows(logits: torch.Tensor) -> torch.Tensor:
         .. testcode::
 
             import torch
-            from composer_kd.outputs import poisoned_rows
+            from composer_kd.models.outputs import poisoned_rows
 
             inf, nan = float('inf'), float('nan')
             logits = torch.tensor([[0.0, -inf], [nan, 1.0], [inf, 0.0]])
@@ -124,7 +124,7 @@ def logits_are_usable(logits: torch.Tensor) -> torch.Tensor:
         .. testcode::
 
             import torch
-            from composer_kd.outputs import logits_are_usable
+            from composer_kd.models.outputs import logits_are_usable
 
             assert logits_are_usable(torch.tensor([0.0, -float('inf')]))
             assert not logits_are_usable(torch.tensor([0.0, float('nan')]))
@@ -184,7 +184,7 @@ def run_teacher(teacher: nn.Module, batch: Any, input_key: Optional[Key] = None)
         .. testcode::
 
             import torch
-            from composer_kd.outputs import run_teacher
+            from composer_kd.models.outputs import run_teacher
 
             teacher = torch.nn.Linear(4, 3)
             output = run_teacher(teacher, (torch.randn(2, 4), torch.tensor([0, 1])))
@@ -216,7 +216,7 @@ def is_causal_lm(model: nn.Module) -> bool:
         .. testcode::
 
             import torch
-            from composer_kd.outputs import is_causal_lm
+            from composer_kd.models.outputs import is_causal_lm
 
             assert not is_causal_lm(torch.nn.Linear(2, 2))
     """
@@ -236,7 +236,7 @@ def padding_mask(batch: Any, positions: tuple[int, ...]) -> Optional[torch.Tenso
         .. testcode::
 
             import torch
-            from composer_kd.outputs import padding_mask
+            from composer_kd.models.outputs import padding_mask
 
             batch = {'attention_mask': torch.tensor([[1, 1, 0]])}
             assert padding_mask(batch, (1, 3)).tolist() == [[True, True, False]]
@@ -273,7 +273,7 @@ def token_mask(batch: Any, logits: torch.Tensor, causal: bool = False) -> Option
         .. testcode::
 
             import torch
-            from composer_kd.outputs import token_mask
+            from composer_kd.models.outputs import token_mask
 
             batch = {'attention_mask': torch.tensor([[1, 1, 0]]), 'labels': torch.tensor([[-100, 5, 7]])}
             assert token_mask(batch, torch.zeros(1, 3, 10)).tolist() == [[False, True, False]]
@@ -338,7 +338,7 @@ def target_labels(
         .. testcode::
 
             import torch
-            from composer_kd.outputs import target_labels
+            from composer_kd.models.outputs import target_labels
 
             assert target_labels((torch.zeros(2, 4), torch.tensor([3, 1])), torch.zeros(2, 5)).tolist() == [3, 1]
             batch = {'input_ids': torch.zeros(1, 3, dtype=torch.long), 'labels': torch.tensor([[-100, 5, 7]])}
@@ -375,7 +375,7 @@ def describe_batch(batch: Any, depth: int = 0) -> str:
         .. testcode::
 
             import torch
-            from composer_kd.outputs import describe_batch
+            from composer_kd.models.outputs import describe_batch
 
             text = describe_batch((torch.zeros(8, 20), {'labels': torch.zeros(8, dtype=torch.long)}))
             assert text == "(Tensor[8, 20] float32, {'labels': Tensor[8] int64})"

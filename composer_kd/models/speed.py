@@ -1,5 +1,5 @@
 """Inference timing on one batch, on a machine others may share: how much faster the student answers than its
-teacher, and which opt-in teacher options (:class:`~composer_kd.teachers.TeacherInference`) speed the teacher up
+teacher, and which opt-in teacher options (:class:`~composer_kd.models.teachers.TeacherInference`) speed the teacher up
 here."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from composer_kd.outputs import Key, run_teacher
-from composer_kd.teachers import TeacherInference, TeacherRunner, teacher_logits
+from composer_kd.models.outputs import Key, run_teacher
+from composer_kd.models.teachers import TeacherInference, TeacherRunner, teacher_logits
 
 __all__ = ['example_count', 'first_examples', 'measure_speedup', 'measure_teacher_inference']
 
@@ -36,7 +36,7 @@ def example_count(batch: Any) -> int:
         .. testcode::
 
             import torch
-            from composer_kd.speed import example_count
+            from composer_kd.models.speed import example_count
 
             assert example_count({'inputs': torch.zeros(5, 3), 'labels': torch.zeros(5)}) == 5
     """
@@ -58,7 +58,7 @@ def first_examples(batch: Any, n: int) -> Any:
         .. testcode::
 
             import torch
-            from composer_kd.speed import first_examples
+            from composer_kd.models.speed import first_examples
 
             head = first_examples((torch.arange(10), {'mask': torch.ones(10, 2)}), 3)
             assert head[0].tolist() == [0, 1, 2] and head[1]['mask'].shape == (3, 2)
@@ -71,7 +71,7 @@ def _timer(model: nn.Module, batch: Any) -> Callable[[], float]:
 
     A tensor batch goes to the network inside a ``ComposerClassifier`` (``.module``) or to the model itself;
     any other batch is given to the model the way a teacher receives the student's batch
-    (:func:`~composer_kd.outputs.run_teacher`), which works for every kind of model this package takes.
+    (:func:`~composer_kd.models.outputs.run_teacher`), which works for every kind of model this package takes.
     """
     device = next(model.parameters()).device
     batch = _map_tensors(batch, lambda t: t.to(device))
@@ -128,7 +128,7 @@ def measure_speedup(
         .. testcode::
 
             import torch
-            from composer_kd.speed import measure_speedup
+            from composer_kd.models.speed import measure_speedup
 
             wide = torch.nn.Sequential(torch.nn.Linear(64, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 10))
             result = measure_speedup(wide, torch.nn.Linear(64, 10), torch.randn(128, 64), repeats=4, rounds=2)
@@ -183,7 +183,7 @@ def measure_teacher_inference(
 
     Whether bf16 weights, channels-last layout or ``torch.compile`` make a teacher faster depends on the hardware
     and the model (a bf16 BERT teacher was measured twice as fast on a CPU with AMX, and several times slower on
-    one without bf16 units), so :class:`~composer_kd.teachers.TeacherInference` leaves them off until they are
+    one without bf16 units), so :class:`~composer_kd.models.teachers.TeacherInference` leaves them off until they are
     measured to help: this measures them. Each variant runs on its own copy of the teacher (the teacher itself is
     left as it was), in eval mode without gradients, on the teacher's device; they are timed in interleaved
     rounds (two warm-up calls per round, which also absorb compilation) and their medians compared. Each also
@@ -210,7 +210,7 @@ def measure_teacher_inference(
 
             import torch
             from composer_kd import TeacherInference
-            from composer_kd.speed import measure_teacher_inference
+            from composer_kd.models.speed import measure_teacher_inference
 
             teacher = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
             batch = (torch.randn(64, 32), torch.randint(0, 10, (64,)))

@@ -28,6 +28,7 @@ __all__ = [
     'TeacherSpec',
     'average_logits',
     'check_teachers_can_run',
+    'refuse_shared_parameters',
     'load_teacher_checkpoint',
     'resolve_teacher_logits_key',
     'resolve_teachers',
@@ -435,4 +436,32 @@ def check_teachers_can_run(teachers: Sequence[nn.Module], student: nn.Module, co
                 f'teachers[{i}] ({type(teacher).__name__}) has float64 parameters (e.g. {wide!r}) but the student '
                 'and its batches are not float64, so its first layer would refuse them. Convert the teacher first '
                 '(teacher.float()), or run it on a converted copy with TeacherInference(dtype=torch.float32).'
+            )
+
+
+def refuse_shared_parameters(teachers: Sequence[nn.Module], student: nn.Module) -> None:
+    """Refuse a teacher that is the student or shares a parameter with it (it would be trained, or frozen, too).
+
+    Raises:
+        ValueError: Naming the teacher, and how to make a separate copy.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.models.teachers import refuse_shared_parameters
+
+            student = torch.nn.Linear(4, 2)
+            refuse_shared_parameters([torch.nn.Linear(4, 2)], student)
+            try:
+                refuse_shared_parameters([student], student)
+            except ValueError as e:
+                assert 'teachers[0] shares parameters' in str(e)
+    """
+    student_parameters = {id(p) for p in student.parameters()}
+    for i, teacher in enumerate(teachers):
+        if teacher is student or any(id(p) in student_parameters for p in teacher.parameters()):
+            raise ValueError(
+                f'teachers[{i}] shares parameters with the student being trained; a teacher must be a separate, '
+                'fixed model (copy it with copy.deepcopy if it starts from the same weights).'
             )

@@ -308,7 +308,7 @@ def test_bad_input_is_refused_by_name_before_any_weight_changes(digits, teacher,
 
 def test_structural_misuse_is_named(digits, teacher):
     student = linear_student()
-    with pytest.raises(ValueError, match='teacher 0 shares parameters with the student'):
+    with pytest.raises(ValueError, match=r'teachers\[0\] shares parameters with the student'):
         distill(student, student, digits.train)
     with pytest.raises(ValueError, match='algorithms: distill\\(\\) adds its own Distillation; use tasks='):
         distill(teacher, student, digits.train, algorithms=[Distillation(teacher)])

@@ -1,4 +1,4 @@
-"""Run by tests/multiprocess/test_signal_multiprocess.py under Composer's launcher: two processes distil from one
+"""Run by tests/end_to_end/multiprocess/test_signal_multiprocess.py under Composer's launcher: two processes distil from one
 folder of teacher-signal shards; each records the sequences it was given, rank zero writes them all."""
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
-"""Run by tests/multiprocess/test_onpolicy_multiprocess.py, alone or under Composer's launcher: on-policy
-distillation of a tiny GPT-2 with a global batch of 8 prompts split over however many processes there are.
+"""Run by tests/end_to_end/multiprocess/test_fused_multiprocess.py, alone or under Composer's launcher: fused distillation of
+a tiny GPT-2 with a global batch of 8 rows split over however many processes there are.
 
-Generation is greedy, so the continuations do not depend on how the prompts are split; every row has a prompt of
-4 tokens and 4 generated ones, so each process's loss averages as many tokens and the processes' mean gradient is
-the single process's. Each rank writes the prompts it generated for (``rank<i>.pt``); rank zero also writes the
-final student weights (``results.pt``).
+Every row is 10 real tokens with every label known, so each process's loss averages as many tokens and the
+processes' mean gradient is the single process's. Rank zero writes the final student weights and the loss terms
+of the last step (``results.pt``).
 """
 
 from __future__ import annotations
@@ -19,9 +18,9 @@ from composer.utils import dist
 from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from composer_kd import Distillation, KLDivergence, OnPolicy
+from composer_kd import Distillation, Fused, KLDivergence
 
-GLOBAL_BATCH, VOCAB, PAD, PROMPT = 8, 24, 23, 4
+GLOBAL_BATCH, VOCAB = 8, 48
 
 
 def gpt2(layers: int, width: int, seed: int) -> GPT2LMHeadModel:
@@ -32,7 +31,6 @@ def gpt2(layers: int, width: int, seed: int) -> GPT2LMHeadModel:
         n_embd=width,
         n_layer=layers,
         n_head=2,
-        pad_token_id=PAD,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -42,38 +40,25 @@ def gpt2(layers: int, width: int, seed: int) -> GPT2LMHeadModel:
 
 def collate(rows: list[list[int]]) -> dict[str, torch.Tensor]:
     input_ids = torch.tensor(rows)
-    return {
-        'input_ids': input_ids,
-        'attention_mask': torch.ones_like(input_ids),
-        'labels': input_ids.clone(),
-        'prompt_length': torch.full((len(rows),), PROMPT),
-    }
+    return {'input_ids': input_ids, 'attention_mask': torch.ones_like(input_ids), 'labels': input_ids.clone()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument('--output', required=True)
+    parser.add_argument('--unfused', action='store_true')
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
-    rows = torch.randint(0, PAD, (32, 10), generator=generator).tolist()
+    rows = torch.randint(0, VOCAB, (24, 10), generator=generator).tolist()
     loader = DataLoader(
         rows,
         batch_size=GLOBAL_BATCH // dist.get_world_size(),
         sampler=dist.get_sampler(rows, shuffle=False),
         collate_fn=collate,
     )
-    teacher = gpt2(2, 32, seed=1)
-    student = HuggingFaceModel(gpt2(1, 16, seed=2), use_logits=True, shift_labels=True)
-    prompts: list[list[int]] = []
-    original = student.model.generate
-
-    def generate(*positional, **kwargs):
-        prompts.extend(kwargs['input_ids'].tolist())
-        return original(*positional, **kwargs)
-
-    student.model.generate = generate
+    student = HuggingFaceModel(gpt2(1, 16, seed=2), use_logits=True)
     distillation = Distillation(
-        teacher, KLDivergence(1.0), on_policy=OnPolicy(fraction=1.0, max_new_tokens=4, temperature=0.0)
+        gpt2(2, 24, seed=1), KLDivergence(2.0), 0.5, 0.5, fused=None if args.unfused else Fused(chunk_size=7)
     )
     trainer = Trainer(
         model=student,
@@ -86,9 +71,7 @@ def main() -> None:
         progress_bar=False,
     )
     trainer.fit()
-    rank = dist.get_global_rank()
-    torch.save({'prompts': prompts}, os.path.join(args.output, f'rank{rank}.pt'))
-    if rank == 0:
+    if dist.get_global_rank() == 0:
         weights = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
         torch.save({'world_size': dist.get_world_size(), 'weights': weights}, os.path.join(args.output, 'results.pt'))
 

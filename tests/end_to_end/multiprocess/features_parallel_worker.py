@@ -1,4 +1,4 @@
-"""Run by tests/multiprocess/test_features_multiprocess.py, alone or under Composer's launcher: feature
+"""Run by tests/end_to_end/multiprocess/test_features_multiprocess.py, alone or under Composer's launcher: feature
 distillation with a learned projection, the student seeing a global batch of 16 split over however many processes
 there are.
 

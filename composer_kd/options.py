@@ -19,6 +19,7 @@ __all__ = [
     'CONFLICTS',
     'Conflict',
     'check_name',
+    'check_type',
     'check_n_teachers_to_sample',
     'check_temperature',
     'check_weights',
@@ -134,6 +135,12 @@ CONFLICTS: tuple[Conflict, ...] = (
     Conflict('feature_pairs', 'tasks', _TASKS),
     Conflict('n_teachers_to_sample', 'tasks', _TASKS),
     Conflict('on_policy', 'tasks', 'multi-task students are classifiers, which generate no text'),
+    # ``distill(search=...)`` and a recipe's ``search`` section: the grid of settings chosen on validation.
+    Conflict(
+        'search',
+        'tasks',
+        'a search chooses one loss, temperature and weight, and each task of a multi-task student has its own',
+    ),
 )
 
 
@@ -213,6 +220,13 @@ def _check_scheduled(name: str, value: Any, minimum: float, inclusive: bool) -> 
     if not valid:
         relation = '>=' if inclusive else '>'
         raise ValueError(f'{name} must be a number {relation} {minimum:g} (or a schedule staying so), got {value!r}.')
+
+
+def check_type(argument: str, value: Any, expected: type) -> None:
+    """Refuse a ``value`` given for ``argument`` that is neither ``None`` nor an ``expected``."""
+    if value is not None and not isinstance(value, expected):
+        article = 'an' if expected.__name__[0] in 'AEIOU' else 'a'
+        raise TypeError(f'{argument} must be {article} {expected.__name__}, got {type(value).__name__}.')
 
 
 def check_weights(org_loss_weight: Any, kd_loss_weight: Any) -> None:

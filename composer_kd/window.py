@@ -6,7 +6,16 @@ from typing import NamedTuple, Optional, Union
 
 from composer.core import State, Time, TimeUnit
 
-__all__ = ['TimeSpec', 'TrainerTime', 'elapsed', 'parse_time', 'reached', 'time_or_fraction', 'to_trainer_time']
+__all__ = [
+    'TimeSpec',
+    'TrainerTime',
+    'elapsed',
+    'parse_time',
+    'parse_window',
+    'reached',
+    'time_or_fraction',
+    'to_trainer_time',
+]
 
 #: A point in training: a Composer time string (``'100ba'``, ``'2ep'``, ``'0.1dur'``), a ``Time``, or a
 #: fraction of training in ``[0, 1]``.
@@ -33,6 +42,24 @@ def parse_time(value: TimeSpec, argument: str) -> Time:
     if time.unit == TimeUnit.DURATION and not 0.0 <= time.value <= 1.0:
         raise ValueError(f'{argument}={value!r}: a duration fraction must lie in [0, 1].')
     return time
+
+
+def parse_window(start: TimeSpec, end: Optional[TimeSpec]) -> tuple[Time, Optional[Time]]:
+    """Parse a ``[start, end)`` window (``end=None``: the end of training), refusing an end not after its start.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.window import parse_window
+
+            start, end = parse_window('2ep', None)
+            assert str(start) == '2ep' and end is None
+    """
+    start_time = parse_time(start, 'start')
+    end_time = None if end is None else parse_time(end, 'end')
+    if end_time is not None and end_time.unit == start_time.unit and end_time.value <= start_time.value:
+        raise ValueError(f'end={end!r} must come after start={start!r}.')
+    return start_time, end_time
 
 
 def time_or_fraction(text: Optional[str]) -> Union[str, float, None]:

@@ -5,15 +5,51 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-__all__ = ['CombinedLoss', 'KDLossFn', 'combine_losses', 'distillation_loss', 'takes_labels', 'takes_mask']
+from composer_kd.losses.catalog import LOSSES, get_loss
+from composer_kd.losses.divergences import KLDivergence
+
+__all__ = [
+    'CombinedLoss',
+    'KDLossFn',
+    'combine_losses',
+    'distillation_loss',
+    'resolve_kd_loss',
+    'takes_labels',
+    'takes_mask',
+]
 
 #: A loss between student and teacher logits, e.g. :class:`~composer_kd.KLDivergence`.
 KDLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def resolve_kd_loss(kd_loss_fn: Union[KDLossFn, str, None]) -> KDLossFn:
+    """``Distillation``'s ``kd_loss_fn`` argument as a loss: a name (as recipes give it) is looked up, ``None`` is
+    ``KLDivergence(temperature=4.0)``, a callable is kept.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.losses import KLDivergence
+            from composer_kd.losses.objective import resolve_kd_loss
+
+            assert isinstance(resolve_kd_loss('kl'), KLDivergence)
+            assert resolve_kd_loss(None).temperature == 4.0
+    """
+    if isinstance(kd_loss_fn, str):
+        return get_loss(kd_loss_fn)  # unknown names list the known ones
+    if kd_loss_fn is None:
+        return KLDivergence(temperature=4.0)
+    if not callable(kd_loss_fn):
+        raise TypeError(
+            f'kd_loss_fn must be a loss name (one of {sorted(LOSSES)}) or a callable (student_logits, '
+            f'teacher_logits) -> scalar, got {type(kd_loss_fn).__name__}.'
+        )
+    return kd_loss_fn
 
 
 def distillation_loss(

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
-from composer.core import State
+from composer.core import Event, State
+from composer.loggers import Logger
 from composer.models import HuggingFaceModel
 from composer.utils import dist, ensure_tuple
 from torch import nn
@@ -30,6 +31,7 @@ from composer_kd.losses.features import (
     feature_dim,
 )
 from composer_kd.models.outputs import padding_mask
+from composer_kd.parts.base import FitContext, LossTerms, Part
 
 __all__ = [
     'FEATURE_LOSSES',
@@ -265,7 +267,7 @@ def as_feature_pair(pair: Union[FeaturePair, Mapping[str, Any]], index: int) -> 
     raise TypeError(f'feature_pairs[{index}] must be a FeaturePair or a dict, got {type(pair).__name__}.')
 
 
-class FeatureDistillation:
+class FeatureDistillation(Part):
     """The feature pairs of one ``Distillation``: their hooks, their learned projections and their loss terms.
 
     Through a fit: :meth:`init` (at ``Event.INIT``) finds the modules and makes the projections where widths
@@ -274,7 +276,8 @@ class FeatureDistillation:
     :meth:`start` hooks the modules that will run; :meth:`capture` switches recording on for the batches the
     teachers run on; :meth:`losses` turns a microbatch's recorded features into loss terms;
     :meth:`end` removes the hooks and takes the projections back, so the student is exactly the model the user
-    gave.
+    gave. As a part of a fit (:meth:`begin`), it switches recording on for the batches the plan distils, adds
+    its terms to each distilling microbatch, and averages the projections' gradients after the backward passes.
 
     Args:
         pairs (Sequence[FeaturePair | dict]): The pairs.
@@ -374,6 +377,27 @@ class FeatureDistillation:
             FeatureCapture({str(i): module for i, module in enumerate(self._student_modules)}),
             FeatureCapture(teacher_modules),
         )
+
+    def begin(self, fit: FitContext) -> FeatureDistillation:
+        """Start the fit's capture on the teachers as they run; this object is then the fit's part."""
+        self.start(fit.running_teachers)
+        return self
+
+    @property
+    def events(self) -> frozenset[Event]:  # type: ignore[override]
+        events = {Event.BATCH_START, Event.BATCH_END}
+        return frozenset(events | {Event.AFTER_TRAIN_BATCH} if self.reduces_gradients else events)
+
+    def on_event(self, event: Event, fit: FitContext, logger: Logger) -> None:
+        if event is Event.BATCH_START:
+            self.capture(bool(fit.plan.active))
+        elif event is Event.BATCH_END:
+            self.capture(False)
+        elif event is Event.AFTER_TRAIN_BATCH:
+            self.reduce_gradients()
+
+    def adjust(self, terms: LossTerms, fit: FitContext) -> None:
+        terms.extra.update(self.losses(fit.state.batch, fit.plan.active, terms.usable))
 
     def capture(self, enabled: bool) -> None:
         """Switch recording on or off (and drop what was recorded)."""

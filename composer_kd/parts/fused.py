@@ -34,17 +34,27 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
-from composer.core import State, get_precision_context
+from composer.core import Event, get_precision_context
+from composer.loggers import Logger
 from composer.models import HuggingFaceModel
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from composer_kd.losses.fused import DenseTeacherChunks, fused_linear_distillation, per_position_terms
-from composer_kd.losses.objective import CombinedLoss, combine_losses
 from composer_kd.models.outputs import token_mask
-from composer_kd.models.teachers import TeacherRunner, teacher_logits
+from composer_kd.models.teachers import TeacherInference, teacher_logits
+from composer_kd.options import given_options, refuse_conflicts
+from composer_kd.parts.base import FitContext, LossTerms, Source
 
-__all__ = ['Fused', 'FusedFit', 'OutputLayerCapture', 'check_fused_settings', 'output_layer', 'resolve_fused']
+__all__ = [
+    'Fused',
+    'FusedFit',
+    'FusedSource',
+    'OutputLayerCapture',
+    'check_fused_settings',
+    'output_layer',
+    'resolve_fused',
+]
 
 
 @dataclass(frozen=True)
@@ -107,24 +117,22 @@ def check_fused_settings(
     teacher_compiled: bool,
     student_logits_key: Any,
 ) -> None:
-    """Refuse, when ``Distillation`` is built, the settings the fused path does not combine with."""
+    """Refuse, when ``Distillation`` is built, a loss the fused path does not compute and the settings it does not
+    combine with (as :data:`composer_kd.options.CONFLICTS` lists them)."""
     if fused is None:
         return
     per_position_terms(kd_loss_fn)
-    refused = {
-        'feature_pairs': bool(feature_pairs),
-        'teacher_cache': teacher_cache is not None,
-        'on_policy': on_policy is not None,
-        "on_nonfinite_teacher='skip'": on_nonfinite_teacher == 'skip',
-        'teacher_inference compile': teacher_compiled,
-        'student_logits_key': student_logits_key is not None,
-    }
-    for setting, given in refused.items():
-        if given:
-            raise ValueError(
-                f'fused=... cannot be combined with {setting}: the fused path reads the final hidden states of '
-                'language models and never makes their logits. Drop one of the two.'
-            )
+    refuse_conflicts(
+        given_options(
+            fused=fused,
+            feature_pairs=feature_pairs,
+            teacher_cache=teacher_cache,
+            on_policy=on_policy,
+            on_nonfinite_teacher=on_nonfinite_teacher,
+            teacher_inference=TeacherInference(compile=teacher_compiled),
+            student_logits_key=student_logits_key,
+        )
+    )
 
 
 def _network(model: nn.Module) -> nn.Module:
@@ -254,33 +262,30 @@ def _shifted_labels(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
 
 
-class FusedFit:
-    """One fit's fused path: the captures installed on student and teachers, and the loss at ``AFTER_LOSS``.
+class FusedSource(Source):
+    """The fused path during one fit: the captures installed on student and teachers, and each distilling
+    microbatch's loss computed from the recorded hidden states at ``Event.AFTER_LOSS``.
+
+    At ``Event.BEFORE_FORWARD`` the student's capture is switched on for the microbatches that distil; the terms
+    come with the total that :func:`~composer_kd.losses.fused.fused_linear_distillation` computed, which carries the
+    gradients.
 
     Args:
         options (Fused): The options.
-        state (State): The trainer's state at fit start.
-        runners (Sequence[TeacherRunner]): The prepared teachers.
-        kd_loss_fn (nn.Module): The distillation loss (one of :data:`~composer_kd.losses.fused.FUSED_LOSSES`).
-        name (str, optional): The ``Distillation``'s name, for the loss terms.
+        fit (FitContext): The fit (its state at the fit's start, its running teachers and its loss).
     """
 
-    def __init__(
-        self,
-        options: Fused,
-        state: State,
-        runners: Sequence[TeacherRunner],
-        kd_loss_fn: nn.Module,
-        name: Optional[str] = None,
-    ):
-        per_position_terms(kd_loss_fn)  # refuses a loss the fused path does not compute
+    events = frozenset({Event.BEFORE_FORWARD})
+
+    def __init__(self, options: Fused, fit: FitContext):
+        per_position_terms(fit.kd_loss_fn)  # refuses a loss the fused path does not compute
+        state = fit.state
         self.options = options
-        self.name = name
         composer_model = state.model.module if isinstance(state.model, DistributedDataParallel) else state.model
         self._composer_model = composer_model
         self.student = OutputLayerCapture(state.model, 'student')
         self.teachers = [
-            OutputLayerCapture(r.module, f'teachers[{i}]', training_only=False) for i, r in enumerate(runners)
+            OutputLayerCapture(r.module, f'teachers[{i}]', training_only=False) for i, r in enumerate(fit.runners)
         ]
         vocab = self.student.layer.out_features
         for i, capture in enumerate(self.teachers):
@@ -312,52 +317,28 @@ class FusedFit:
 
         composer_model.loss = loss
 
-    def before_forward(self, distilling: bool) -> None:
-        self.student.on = distilling
+    def on_event(self, event: Event, fit: FitContext, logger: Logger) -> None:
+        self.student.on = bool(fit.plan.active)
 
-    def loss(
-        self,
-        state: State,
-        runners: Sequence[TeacherRunner],
-        active_teachers: Sequence[int],
-        kd_loss_fn: nn.Module,
-        weights: tuple[float, float],
-        causal: bool,
-        input_key: Any,
-        teacher_logits_key: Any,
-    ) -> CombinedLoss:
-        """The loss dict of this microbatch, from the recorded hidden states; the captures are switched off."""
+    def terms(self, fit: FitContext) -> LossTerms:
+        """This microbatch's terms from the recorded hidden states; the captures are switched off."""
+        state, active = fit.state, fit.plan.active
         self.student.on = False
         student_hidden = self.student.take()
         placeholder = self._placeholder(state.outputs)
-        for index in active_teachers:
-            capture = self.teachers[index]
-            capture.on = True
-            try:
-                teacher_logits(
-                    [runners[index]],
-                    state.batch,
-                    teacher_indices=[index],
-                    input_key=input_key,
-                    logits_key=teacher_logits_key,
-                    precision=state.precision,
-                    precision_config=state.precision_config,
-                )
-            finally:
-                capture.on = False
-        teacher_hidden = [self.teachers[i].take() for i in active_teachers]
+        teacher_hidden = [self._teacher_hidden(fit, index) for index in active]
         labels = state.batch.get('labels') if isinstance(state.batch, Mapping) else None
         if isinstance(labels, torch.Tensor) and labels.shape == placeholder.shape[:-1]:
-            labels = (_shifted_labels(labels) if causal else labels).reshape(-1)
+            labels = (_shifted_labels(labels) if fit.causal else labels).reshape(-1)
         else:
             labels = None
-        mask = token_mask(state.batch, placeholder, causal=causal)
-        org_loss_weight, kd_loss_weight = weights
+        mask = token_mask(state.batch, placeholder, causal=fit.causal)
+        org_loss_weight, kd_loss_weight = fit.plan.weights
         with get_precision_context(state.precision, state.precision_config):
             teacher = DenseTeacherChunks(
                 teacher_hidden,
-                [self.teachers[i].layer.weight for i in active_teachers],
-                [self.teachers[i].layer.bias for i in active_teachers],
+                [self.teachers[i].layer.weight for i in active],
+                [self.teachers[i].layer.bias for i in active],
             )
             fused = fused_linear_distillation(
                 student_hidden,
@@ -365,8 +346,8 @@ class FusedFit:
                 teacher,
                 labels=labels,
                 kd_mask=None if mask is None else mask.reshape(-1),
-                loss_fn=kd_loss_fn,
-                temperature=kd_loss_fn.temperature,
+                loss_fn=fit.kd_loss_fn,
+                temperature=fit.kd_loss_fn.temperature,
                 student_bias=self.student.layer.bias,
                 org_loss_weight=org_loss_weight,
                 kd_loss_weight=kd_loss_weight,
@@ -377,9 +358,25 @@ class FusedFit:
                 f'The distillation loss is not finite at batch {int(state.timestamp.batch)}: a teacher gave NaN or '
                 '+inf logits (or the student diverged).'
             )
-        losses = combine_losses(fused.original, fused.kd, org_loss_weight, kd_loss_weight, name=self.name)
-        losses['total'] = fused.total  # the same value, carrying the gradients
-        return losses
+        return LossTerms(fused.original, fused.kd, org_loss_weight, kd_loss_weight, total=fused.total)
+
+    def _teacher_hidden(self, fit: FitContext, index: int) -> torch.Tensor:
+        """Run teacher ``index`` with its capture on, and take its final hidden states."""
+        capture = self.teachers[index]
+        capture.on = True
+        try:
+            teacher_logits(
+                [fit.runners[index]],
+                fit.state.batch,
+                teacher_indices=[index],
+                input_key=fit.keys.input_key,
+                logits_key=fit.keys.teacher_logits_key,
+                precision=fit.state.precision,
+                precision_config=fit.state.precision_config,
+            )
+        finally:
+            capture.on = False
+        return capture.take()
 
     def _placeholder(self, outputs: Any) -> torch.Tensor:
         logits = outputs.get('logits') if isinstance(outputs, Mapping) else getattr(outputs, 'logits', None)
@@ -398,3 +395,7 @@ class FusedFit:
         self._composer_model.__dict__.pop('loss', None)
         if self._train_metrics:
             self._state.train_metrics = self._train_metrics
+
+
+#: The fused source under its former name.
+FusedFit = FusedSource

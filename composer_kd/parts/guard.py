@@ -9,6 +9,7 @@ from composer.core import Event, State
 from composer.loggers import Logger
 
 from composer_kd.models.outputs import logits_are_usable
+from composer_kd.parts.base import FitContext, Part
 
 __all__ = ['NONFINITE_POLICIES', 'NonFiniteGuard']
 
@@ -16,14 +17,15 @@ __all__ = ['NONFINITE_POLICIES', 'NonFiniteGuard']
 NONFINITE_POLICIES = ('raise', 'skip')
 
 
-class NonFiniteGuard:
+class NonFiniteGuard(Part):
     """Screens each microbatch's teacher logits for NaN and +inf, and raises or counts once the batch is done.
 
     Screening never waits for the device: it leaves a 0-dimensional flag there and gives back logits (and later
     losses) zeroed where the flag is down, so no NaN reaches a gradient either way. The flags are read once per
     batch, in :meth:`settle`, at :attr:`check_event`: before the optimizer step for ``'raise'`` (so the student is
     not updated from them), after it for ``'skip'``, where Composer's own read of the loss has already waited for
-    the device (so the check adds no stall).
+    the device (so the check adds no stall). As a part of a fit it handles that one event, and forgets unread
+    flags when the fit ends.
 
     Args:
         policy (str): ``'raise'`` an error naming the batch, or ``'skip'`` the distillation terms of the poisoned
@@ -56,6 +58,16 @@ class NonFiniteGuard:
     def check_event(self) -> Event:
         """The event at which :meth:`settle` runs."""
         return Event.AFTER_TRAIN_BATCH if self.policy == 'raise' else Event.BATCH_END
+
+    @property
+    def events(self) -> frozenset[Event]:  # type: ignore[override]
+        return frozenset({self.check_event})
+
+    def on_event(self, event: Event, fit: FitContext, logger: Logger) -> None:
+        self.settle(fit.state, logger)
+
+    def end(self) -> None:
+        self.reset()
 
     @property
     def pending(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -38,6 +38,9 @@ class TeacherSignal:
 
             algorithm = Distillation(TeacherSignal(), KLDivergence(temperature=2.0))
     """
+
+    #: Marks a stored signal given in place of teachers (:func:`composer_kd.options.given_options` reads it).
+    stored_signal: ClassVar[bool] = True
 
     indices_key: str = 'teacher_topk_indices'
     logits_key: str = 'teacher_topk_logits'

@@ -15,6 +15,7 @@ from composer.core import Algorithm, Event, State
 from composer.loggers import Logger
 from torch import nn
 
+from composer_kd import options as checks
 from composer_kd.cache import TeacherCache
 from composer_kd.losses.objective import CombinedLoss, KDLossFn, combine_losses, distillation_loss, resolve_kd_loss
 from composer_kd.models.outputs import Key, is_causal_lm
@@ -27,24 +28,13 @@ from composer_kd.models.teachers import (
     resolve_teachers,
     sample_teachers,
 )
-from composer_kd.options import (
-    check_n_teachers_to_sample,
-    check_name,
-    check_temperature,
-    check_type,
-    check_weights,
-    given_options,
-    refuse_conflicts,
-    refuse_unknown_keywords,
-)
-from composer_kd.parts.base import FitContext, LossTerms, Part, Source, TeacherKeys, end_teachers, start_teachers
+from composer_kd.parts.base import FitContext, TeacherKeys, end_teachers, log_key, start_teachers
 from composer_kd.parts.features import FeatureDistillation, FeaturePair
 from composer_kd.parts.fused import Fused, resolve_fused
 from composer_kd.parts.guard import NonFiniteGuard
-from composer_kd.parts.live import LiveTeachers
 from composer_kd.parts.onpolicy import OnPolicy
 from composer_kd.parts.plan import BatchPlan
-from composer_kd.parts.registry import part_kind
+from composer_kd.parts.registry import FitParts, alone_reason, part_kind
 from composer_kd.schedules import ScheduleOrValue
 from composer_kd.signal.distill import TeacherSignal
 from composer_kd.window import TimeSpec, parse_window
@@ -107,49 +97,40 @@ class Distillation(Algorithm):
         teacher_logits_key (int | str | Callable, optional): The same for the teachers' outputs. Default:
             ``student_logits_key``, except that a teacher returning a bare tensor gives that tensor (so a
             single-task teacher can teach one head of a multi-head student chosen by ``student_logits_key``).
-        causal_lm (bool, optional): Whether token logits at position ``i`` predict token ``i + 1`` (decoder-only
-            language models), which shifts the mask of valid positions by one (see
-            :func:`~composer_kd.models.outputs.token_mask`). Default: ``None``, detected from the student (a Hugging
-            Face model that can generate and is not encoder-decoder).
+        causal_lm (bool, optional): Whether token logits at position ``i`` predict token ``i + 1``, which shifts
+            the mask of valid positions (see :func:`~composer_kd.models.outputs.token_mask`). Default: ``None``,
+            detected from the student (a Hugging Face model that can generate and is not encoder-decoder).
         temperature (float | Schedule, optional): Sets ``kd_loss_fn.temperature`` at every step, e.g. a
             :class:`~composer_kd.LinearSchedule` from soft to sharp (progressive distillation). Default: ``None``,
             the loss keeps its own.
         feature_pairs (Sequence[FeaturePair | dict], optional): Intermediate modules to match, named by path
-            (see :class:`~composer_kd.parts.features.FeaturePair`); each adds a ``'feature_<i>'`` term to the loss.
-            Where widths differ, a learnable projection owned by this algorithm is trained with the student's
-            optimizer and saved in training checkpoints (as ``distillation_projections.*``), but is detached from
-            the student when the fit ends. Default: none.
-        on_nonfinite_teacher (str, optional): What to do when a teacher's logits hold NaN or +inf: ``'raise'``
-            an error naming the step, or ``'skip'`` the distillation terms of that microbatch (the model's own
-            loss still trains it) and count it in ``distillation/skipped_microbatches``. Either way no NaN reaches
-            a gradient, and the check costs one host synchronization per batch, after the backward passes.
-            Default: ``'raise'``.
-        teacher_inference (TeacherInference, optional): Opt-in teacher speed-ups: weights kept in bf16,
-            channels-last layout, ``torch.compile`` (see :class:`~composer_kd.models.teachers.TeacherInference`; the
-            benchmarks measure each). Default: none.
+            (see :class:`~composer_kd.parts.features.FeaturePair`); each adds a ``'feature_<i>'`` term. Where widths
+            differ, a learned projection is trained with the student's optimizer and saved in its checkpoints (as
+            ``distillation_projections.*``), and detached from the student when the fit ends. Default: none.
+        on_nonfinite_teacher (str, optional): When a teacher's logits hold NaN or +inf, ``'raise'`` an error
+            naming the step, or ``'skip'`` the microbatch's distillation terms (the model's own loss still trains
+            it), counted in ``distillation/skipped_microbatches``. No NaN reaches a gradient; the check costs one
+            host synchronization per batch (see :class:`~composer_kd.parts.guard.NonFiniteGuard`). Default:
+            ``'raise'``.
+        teacher_inference (TeacherInference, optional): Opt-in teacher speed-ups: bf16 weights, channels-last,
+            ``torch.compile`` (see :class:`~composer_kd.models.teachers.TeacherInference`). Default: none.
         teacher_cache (TeacherCache, optional): Record the teachers' averaged logits per training example the
             first time it is distilled and read them back afterwards, so later epochs skip the teachers (see
-            :class:`~composer_kd.cache.TeacherCache`; the training dataset is wrapped in
-            :class:`~composer_kd.cache.IndexedDataset`). Not with ``n_teachers_to_sample`` (a sampled subset's
-            average differs from step to step) or ``feature_pairs`` (they need the live teacher). Default: none.
+            :class:`~composer_kd.cache.TeacherCache`). Default: none.
         name (str, optional): Names this instance's loss terms ``'kd/<name>'`` (and ``'feature_<i>/<name>'``) and
-            its logged values ``distillation/<name>/...``, so that several instances can share one trainer, e.g.
-            one per task of a multi-task student, each with its own teachers, logits keys, weights and
-            temperature. The model's own loss then enters the total once, weighted by the product of the
-            instances' ``org_loss_weight`` (see :func:`combine_losses`; leave it at 1.0 on all but one).
-            Letters, digits, ``_`` and ``-``. Default: ``None``, the terms are ``'kd'`` and ``'feature_<i>'``; two
-            instances of one trainer with the same name are refused when the trainer is built.
-        on_policy (OnPolicy, optional): Train a causal language model on continuations of the batch's prompts that it
-            generates itself (or, with ``source='teacher'``, the first teacher generates), for a share of the batches
-            (see :class:`~composer_kd.parts.onpolicy.OnPolicy`). Not with ``teacher_cache`` (generated sequences are new
-            every time). Default: none, every batch is the dataset's.
-        fused (bool | Fused, optional): Compute the student's cross-entropy and the distillation loss of a language
-            model from both models' final hidden states and output weights, a chunk of tokens at a time, so that
-            neither model's ``[tokens, vocabulary]`` logits are ever made during training (see
-            :mod:`composer_kd.parts.fused` and ``docs/fused.md``): ``True`` or
-            :class:`~composer_kd.parts.fused.Fused` options. For Hugging Face causal and masked language
-            models (and llm-foundry's), with the losses of :data:`~composer_kd.losses.fused.FUSED_LOSSES`; evaluation
-            still sees normal logits. Default: ``None``, off.
+            logged values ``distillation/<name>/...``, so that several instances, each with its own settings, share
+            one trainer (e.g. one per task of a multi-task student); the model's own loss enters the total once,
+            weighted by the product of their ``org_loss_weight`` (see :func:`combine_losses`). Letters, digits,
+            ``_`` and ``-``, unique within a trainer. Default: ``None``, the terms are ``'kd'`` and ``'feature_<i>'``.
+        on_policy (OnPolicy, optional): Train a causal language model on continuations of the batch's prompts
+            that it (or the first teacher) generates, for a share of the batches (see
+            :class:`~composer_kd.parts.onpolicy.OnPolicy`). Default: none, every batch is the dataset's.
+        fused (bool | Fused, optional): Compute a language model's cross-entropy and distillation loss from the
+            final hidden states and output weights a chunk of tokens at a time, never making ``[tokens,
+            vocabulary]`` logits in training (``True`` or :class:`~composer_kd.parts.fused.Fused` options; see
+            :mod:`composer_kd.parts.fused`). Default: ``None``, off.
+
+    Which options combine is one table, :data:`composer_kd.options.CONFLICTS`; a pair it lists is refused here.
 
     Example:
         .. testcode::
@@ -174,7 +155,7 @@ class Distillation(Algorithm):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Distillation:
         # Python's own message for a misspelled keyword names no alternative; this one does, before __init__ runs.
-        refuse_unknown_keywords('Distillation', kwargs, cls.__signature__.parameters)
+        checks.refuse_unknown_keywords('Distillation', kwargs, cls.__signature__.parameters)
         return super().__new__(cls)
 
     def __init__(
@@ -199,16 +180,16 @@ class Distillation(Algorithm):
         on_policy: Optional[OnPolicy] = None,
         fused: Union[None, bool, Fused] = None,
     ):
-        check_name(name)
-        check_weights(org_loss_weight, kd_loss_weight)
+        checks.check_name(name)
+        checks.check_weights(org_loss_weight, kd_loss_weight)
         self.kd_loss_fn = resolve_kd_loss(kd_loss_fn)
-        check_temperature(temperature, self.kd_loss_fn)
+        checks.check_temperature(temperature, self.kd_loss_fn)
         self.start, self.end = parse_window(start, end)
-        check_type('teacher_cache', teacher_cache, TeacherCache)
-        check_type('on_policy', on_policy, OnPolicy)
+        checks.check_type('teacher_cache', teacher_cache, TeacherCache)
+        checks.check_type('on_policy', on_policy, OnPolicy)
         self.fused = resolve_fused(fused)
-        refuse_conflicts(
-            given_options(
+        checks.refuse_conflicts(
+            checks.given_options(
                 teachers=teachers,
                 n_teachers_to_sample=n_teachers_to_sample,
                 feature_pairs=feature_pairs,
@@ -223,7 +204,7 @@ class Distillation(Algorithm):
         self.teacher_signal = teachers if isinstance(teachers, TeacherSignal) else None
         # Checkpoints are loaded here, so that a bad path or mismatched weights fail before training starts.
         self.teachers = FrozenTeachers([] if self.teacher_signal is not None else resolve_teachers(teachers))
-        check_n_teachers_to_sample(n_teachers_to_sample, len(self.teachers.modules))
+        checks.check_n_teachers_to_sample(n_teachers_to_sample, len(self.teachers.modules))
         self.name = name
         self.org_loss_weight, self.kd_loss_weight, self.temperature = org_loss_weight, kd_loss_weight, temperature
         self.n_teachers_to_sample = n_teachers_to_sample
@@ -232,19 +213,15 @@ class Distillation(Algorithm):
             student_logits_key, teacher_logits_key
         )
         self.on_nonfinite_teacher = on_nonfinite_teacher
-        self._guard = NonFiniteGuard(on_nonfinite_teacher, log_key=self._log_key('skipped_microbatches'))
+        self._guard = NonFiniteGuard(on_nonfinite_teacher, log_key=log_key(name, 'skipped_microbatches'))
         self.teacher_inference = teacher_inference or TeacherInference()
         self.teacher_cache, self.on_policy = teacher_cache, on_policy
         self.features = FeatureDistillation(feature_pairs, len(self.teachers.modules), name=name)
         for option in self._options().values():
             part_kind(option).check(option, self.kd_loss_fn)
-        # Set when a fit starts: what its parts share, its parts (the plan first), its source, and which parts
-        # each event goes to.
+        # Set when a fit starts: what its parts share, and its parts.
         self._fit: Optional[FitContext] = None
-        self._parts: list[Part] = []
-        self._adjusting: list[Part] = []
-        self._source: Optional[Source] = None
-        self._by_event: dict[Event, list[Part]] = {}
+        self._parts: Optional[FitParts] = None
         self._events = _FIT_BOUNDARIES
 
     def _options(self) -> dict[str, Any]:
@@ -266,16 +243,13 @@ class Distillation(Algorithm):
 
     def __repr__(self) -> str:
         # Kept short and free of the teachers' weights: Composer stores this string in every checkpoint.
-        named = '' if self.name is None else f'name={self.name!r}, '
-        optional = {k: getattr(self, k) for k in ('teacher_cache', 'on_policy', 'teacher_signal', 'fused')}
-        return (
-            f'Distillation({named}n_teachers={len(self.teachers.modules)}, kd_loss_fn={self.kd_loss_fn!r}, '
-            f'org_loss_weight={self.org_loss_weight}, kd_loss_weight={self.kd_loss_weight}, '
-            f'temperature={self.temperature}, n_teachers_to_sample={self.n_teachers_to_sample}, '
-            f'start={self.start}, end={self.end}'
-            + ''.join(f', {key}={value!r}' for key, value in optional.items() if value is not None)
-            + ')'
-        )
+        shown = [f'name={self.name!r}'] if self.name is not None else []
+        shown += [f'n_teachers={len(self.teachers.modules)}', f'kd_loss_fn={self.kd_loss_fn!r}']
+        for key in ('org_loss_weight', 'kd_loss_weight', 'temperature', 'n_teachers_to_sample', 'start', 'end'):
+            shown.append(f'{key}={getattr(self, key)}')
+        for key in ('teacher_cache', 'on_policy', 'teacher_signal', 'fused'):
+            shown += [f'{key}={getattr(self, key)!r}'] if getattr(self, key) is not None else []
+        return f'Distillation({", ".join(shown)})'
 
     @property
     def teacher_modules(self) -> list[nn.Module]:
@@ -314,26 +288,22 @@ class Distillation(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event is Event.AFTER_LOSS:
-            terms: LossTerms = self._source.terms(self._fit)  # type: ignore[union-attr]
-            for part in self._adjusting:
-                part.adjust(terms, self._fit)  # type: ignore[arg-type]
-            state.loss = terms.combine(self.name)
+            state.loss = self._parts.loss(self._fit)  # type: ignore[union-attr,arg-type]
             return
         if event is Event.INIT:
             self._init(state)
         elif event is Event.FIT_START:
             self._fit_start(state, logger)
-        for part in self._by_event.get(event, ()):
-            part.on_event(event, self._fit, logger)  # type: ignore[arg-type]
+        if self._parts is not None:
+            self._parts.on_event(event, self._fit, logger)  # type: ignore[arg-type]
         if event is Event.FIT_END:
             self._fit_end()
 
     def _init(self, state: State) -> None:
-        alone = self._alone()
         for other in state.algorithms:
             if other is self or not isinstance(other, Distillation):
                 continue
-            reason = alone or other._alone()
+            reason = alone_reason(self._options().values()) or alone_reason(other._options().values())
             if reason:
                 raise ValueError(f'A Distillation with {reason}.')
             if other.name == self.name:
@@ -343,10 +313,6 @@ class Distillation(Algorithm):
                 )
         for option in self._options().values():
             part_kind(option).init(option, state, self.teachers.modules)
-
-    def _alone(self) -> Optional[str]:
-        """Why this instance must be its trainer's only ``Distillation`` (``None`` when it need not be)."""
-        return next((kind.alone for kind in map(part_kind, self._options().values()) if kind.alone), None)
 
     def _fit_start(self, state: State, logger: Logger) -> None:
         runners = start_teachers(state, self.teachers, self.teacher_inference)
@@ -368,30 +334,15 @@ class Distillation(Algorithm):
             state, runners, self.kd_loss_fn, keys, causal, plan, self._guard, self.teacher_inference, self.name, self
         )
         self._fit = fit
-        parts = [plan, *(part_kind(o).start(o, fit) for o in self._options().values())]
-        self._parts = [part for part in parts if part is not None]
-        # The table of conflicting options leaves at most one source; live teachers are the default.
-        self._source = next((p for p in self._parts if isinstance(p, Source)), None)
-        if self._source is None:
-            self._source = LiveTeachers(fit)
-            self._parts.append(self._source)
-        self._adjusting = [p for p in self._parts if type(p).adjust is not Part.adjust]
+        self._parts = FitParts(fit, list(self._options().values()))
         plan.begin(fit, logger)
-        self._by_event = {}
-        for part in self._parts:
-            for event in part.events:
-                self._by_event.setdefault(event, []).append(part)
-        self._events = _FIT_BOUNDARIES | frozenset(self._by_event)
+        self._events = _FIT_BOUNDARIES | self._parts.events
 
     def _fit_end(self) -> None:
-        for part in reversed(self._parts):
-            part.end()
+        if self._parts is not None:
+            self._parts.end()
         end_teachers(self.teachers, self._fit.runners if self._fit is not None else [])
-        self._fit, self._source, self._parts, self._adjusting, self._by_event = None, None, [], [], {}
-        self._events = _FIT_BOUNDARIES
-
-    def _log_key(self, key: str) -> str:
-        return f'distillation/{key}' if self.name is None else f'distillation/{self.name}/{key}'
+        self._fit, self._parts, self._events = None, None, _FIT_BOUNDARIES
 
 
 # help(), editors and the API reference show the constructor's parameters rather than __new__'s catch-all.

@@ -29,7 +29,17 @@ from composer_kd.models.teachers import (
     refuse_shared_parameters,
 )
 
-__all__ = ['FitContext', 'LossTerms', 'Part', 'Source', 'TeacherKeys', 'refuse_empty_dataloader', 'start_teachers']
+__all__ = [
+    'FitContext',
+    'LossTerms',
+    'Part',
+    'Source',
+    'TeacherKeys',
+    'end_teachers',
+    'log_key',
+    'refuse_empty_dataloader',
+    'start_teachers',
+]
 
 
 @dataclass
@@ -136,13 +146,18 @@ class FitContext:
     owner: Any = None
 
     def log_key(self, key: str) -> str:
-        """Where a value is logged: ``distillation/<key>`` (``distillation/<name>/<key>`` for a named instance)."""
-        return f'distillation/{key}' if self.name is None else f'distillation/{self.name}/{key}'
+        """Where this fit logs ``key`` (see :func:`log_key`)."""
+        return log_key(self.name, key)
 
     @property
     def running_teachers(self) -> list[nn.Module]:
         """The modules that actually run (converted copies, where the inference options made them)."""
         return [runner.module for runner in self.runners]
+
+
+def log_key(name: Optional[str], key: str) -> str:
+    """Where a ``Distillation`` logs a value: ``distillation/<key>``, or ``distillation/<name>/<key>`` if named."""
+    return f'distillation/{key}' if name is None else f'distillation/{name}/{key}'
 
 
 def refuse_empty_dataloader(state: State) -> None:

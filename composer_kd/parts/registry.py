@@ -7,25 +7,27 @@ algorithm's own loop never names it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from composer.core import State
+from composer.core import Event, State
+from composer.loggers import Logger
 from torch import nn
 
 from composer_kd.cache import TeacherCache
 from composer_kd.losses.fused import per_position_terms
-from composer_kd.parts.base import FitContext, Part
+from composer_kd.losses.objective import CombinedLoss
+from composer_kd.parts.base import FitContext, Part, Source
 from composer_kd.parts.features import FeatureDistillation
 from composer_kd.parts.fused import Fused, FusedSource
 from composer_kd.parts.guard import NonFiniteGuard
-from composer_kd.parts.live import CachedTeachers
+from composer_kd.parts.live import CachedTeachers, LiveTeachers
 from composer_kd.parts.onpolicy import OnPolicy
 from composer_kd.parts.signal import StoredSignal, check_signal_loss
 from composer_kd.signal.distill import TeacherSignal
 
-__all__ = ['PART_KINDS', 'PartKind', 'part_kind', 'register_part_kind']
+__all__ = ['PART_KINDS', 'FitParts', 'PartKind', 'alone_reason', 'part_kind', 'register_part_kind']
 
 
 def _no_check(option: Any, kd_loss_fn: nn.Module) -> None:
@@ -97,6 +99,57 @@ def part_kind(option: Any) -> PartKind:
     )
 
 
+def alone_reason(options: Iterable[Any]) -> Optional[str]:
+    """Why a ``Distillation`` with ``options`` must be its trainer's only one (``None`` when it need not be)."""
+    return next((kind.alone for kind in map(part_kind, options) if kind.alone), None)
+
+
 def register_part_kind(option_class: type, kind: PartKind) -> None:
     """Register what options of ``option_class`` do in a fit (replacing an earlier registration)."""
     PART_KINDS[option_class] = kind
+
+
+class FitParts:
+    """The parts of one fit, the plan first, and its source: which part each event goes to, and the loss step.
+
+    Args:
+        fit (FitContext): The fit.
+        options (Sequence[Any]): The options that become parts (see :data:`PART_KINDS`), in the order their
+            parts act; at most one of them gives a source (the table of conflicting options sees to it), and
+            live teachers are the source otherwise.
+    """
+
+    def __init__(self, fit: FitContext, options: Sequence[Any]):
+        built = [fit.plan, *(part_kind(option).start(option, fit) for option in options)]
+        self.parts: list[Part] = [part for part in built if part is not None]
+        sources = [part for part in self.parts if isinstance(part, Source)]
+        self.source: Source = sources[0] if sources else LiveTeachers(fit)
+        if not sources:
+            self.parts.append(self.source)
+        self._adjusting = [part for part in self.parts if type(part).adjust is not Part.adjust]
+        self.by_event: dict[Event, list[Part]] = {}
+        for part in self.parts:
+            for event in part.events:
+                self.by_event.setdefault(event, []).append(part)
+
+    @property
+    def events(self) -> frozenset[Event]:
+        """Every event some part acts on."""
+        return frozenset(self.by_event)
+
+    def on_event(self, event: Event, fit: FitContext, logger: Logger) -> None:
+        """Hand ``event`` to the parts that act on it, in order."""
+        for part in self.by_event.get(event, ()):
+            part.on_event(event, fit, logger)
+
+    def loss(self, fit: FitContext) -> CombinedLoss:
+        """The loss dict of a distilling microbatch: the source's terms, as each part adjusts them."""
+        terms = self.source.terms(fit)
+        for part in self._adjusting:
+            part.adjust(terms, fit)
+        return terms.combine(fit.name)
+
+    def end(self) -> None:
+        """End every part, the last built first."""
+        for part in reversed(self.parts):
+            part.end()

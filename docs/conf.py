@@ -24,7 +24,7 @@ extensions = [
     'myst_parser',
     'sphinx.ext.autodoc',
     'sphinx.ext.napoleon',
-    # Renders the ``.. testcode::`` examples in docstrings; tests/test_docstring_examples.py runs them.
+    # Renders the ``.. testcode::`` examples in docstrings; tests/docs/test_docstring_examples.py runs them.
     'sphinx.ext.doctest',
     'sphinx.ext.viewcode',
 ]

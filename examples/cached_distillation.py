@@ -1,6 +1,6 @@
 """Offline distillation: the teacher runs in the first epoch only, its outputs are read back afterwards.
 
-The data are scikit-learn's bundled 8x8 handwritten digits (``composer_kd.data.load_digits_splits``; nothing is
+The data are scikit-learn's bundled 8x8 handwritten digits (``composer_kd.recipes.data.load_digits_splits``; nothing is
 downloaded). A CNN teacher is trained on the labels first; then an MLP student is distilled with
 ``Distillation(teacher, teacher_cache=TeacherCache(...))`` over an ``IndexedDataset``, so every example's teacher
 logits are recorded the first time it is seen and later epochs skip the teacher. The script prints each distillation
@@ -26,11 +26,11 @@ import torch
 from composer import Callback, Trainer
 from composer.models import ComposerClassifier
 from composer.utils import dist
-from composer_kd.data import load_digits_splits
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from composer_kd import Distillation, IndexedDataset, KLDivergence, TeacherCache
+from composer_kd.recipes.data import load_digits_splits
 
 NUM_CLASSES = 10
 

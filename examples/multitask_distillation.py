@@ -37,13 +37,12 @@ import torch
 from composer import Trainer
 from composer.loggers import InMemoryLogger
 from composer.utils import reproducibility
-from composer_kd.data import MixedBatchSampler, MultiTaskDataset, digits_multitask, load_digits_splits
 from torch import nn
 from torch.utils.data import DataLoader
 
 from composer_kd import Distillation, KLDivergence, MultiTaskClassifier
-from composer_kd.recipes.report import format_table
-from composer_kd.recipes.run import distillation_ratio
+from composer_kd.recipes.data import MixedBatchSampler, MultiTaskDataset, digits_multitask, load_digits_splits
+from composer_kd.run.reporting import distillation_ratio, format_table
 
 TASKS = {'digit': 10, 'parity': 2}
 # The settings the validation sweep chose (docs/multitask.md); --sweep repeats the search.

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import EXAMPLES
 
-from composer_kd.recipes.run import distillation_ratio
+from composer_kd.run.reporting import distillation_ratio
 
 EXAMPLE = EXAMPLES / 'multitask_distillation.py'
 TINY = ['--teacher-epochs', '1', '--student-batches', '4', '--device', 'cpu']

@@ -1,9 +1,9 @@
-"""The package's layers, one per top-level folder, import one way: foundation <- losses <- models <- teacher data <-
-parts <- algorithm <- running <- integrations <- recipes <- commands.
+"""The package's layers, each a few top-level folders and modules, import one way: foundation <- losses <- models <-
+teacher data <- parts <- algorithm <- running <- integrations <- recipes <- commands.
 
 ``import composer_kd`` loads neither the recipes nor their optional packages, the ``composer-kd`` command answers
-``--help`` and lists its recipes without torch or Composer, and the modules of the package import each other
-without a cycle and never upwards.
+``--help`` and lists its recipes without torch or Composer, the modules of the package import each other without a
+cycle and never upwards, and ``docs/architecture.md`` shows the layers as they import (:func:`layer_diagram`).
 """
 
 from __future__ import annotations
@@ -156,6 +156,26 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
     return []
 
 
+def layer_diagram() -> str:
+    """The diagram at the top of ``docs/architecture.md``, from :data:`LAYERS` and :func:`import_graph`.
+
+    One row per layer, the highest first: the layer's folders (with a slash) and top-level modules, each followed by
+    the other layers its modules import, highest first. Print it with ``python tests/unit/test_layers.py``.
+    """
+    graph = import_graph()
+    rows = ['layer         folders/ and modules (the other layers each imports)']
+    for level in reversed(range(len(LAYERS))):
+        name, members = LAYERS[level]
+        entries = []
+        for member in members:
+            targets = {target for module, imports in graph.items() if top_level(module) == member for target in imports}
+            others = sorted({layer(target) for target in targets} - {level}, reverse=True)
+            folder = f'{member}/' if (PACKAGE / member).is_dir() else member
+            entries.append(f'{folder} ({", ".join(LAYER_NAMES[other] for other in others) or "none"})')
+        rows.append(f'{name:<14}' + '  '.join(entries))
+    return '```text\n' + '\n'.join(rows) + '\n```\n'
+
+
 def test_every_module_imports_in_a_fresh_interpreter():
     result = run_python(
         'import importlib, pkgutil, composer_kd\n'
@@ -175,6 +195,12 @@ def test_every_module_has_a_layer_and_few_stay_at_the_top():
 def test_the_import_graph_has_no_cycle():
     cycle = find_cycle(import_graph())
     assert not cycle, 'import cycle: ' + ' -> '.join(cycle)
+
+
+def test_the_architecture_page_shows_the_layers_as_they_import():
+    expected = layer_diagram()
+    page = (ROOT / 'docs' / 'architecture.md').read_text()
+    assert expected in page, f'docs/architecture.md: replace the diagram at the top with\n{expected}'
 
 
 def test_no_module_imports_a_higher_layer():
@@ -348,3 +374,7 @@ def test_every_former_module_path_imports_the_module_where_it_lives_now():
     assert not any(
         (PACKAGE / (old.split('.', 1)[1].replace('.', '/') + '.py')).exists() for old in composer_kd.FORMER_PATHS
     )
+
+
+if __name__ == '__main__':
+    print(layer_diagram(), end='')

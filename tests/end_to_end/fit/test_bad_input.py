@@ -10,6 +10,7 @@ import pytest
 import torch
 from composer import Trainer
 from composer.models import ComposerClassifier
+from conftest import AfterLossRecorder
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -130,16 +131,33 @@ def test_a_tuple_output_whose_first_element_is_not_the_logits_points_to_teacher_
 
 
 def test_with_teacher_logits_key_the_tuple_output_trains():
+    torch.manual_seed(1)
     teacher = FeaturesAndLogits()
     student = ComposerClassifier(nn.Linear(N_IN, N_CLASSES), num_classes=N_CLASSES)
+    teacher_before, student_before = snapshot(teacher), snapshot(student)
+    recorder = AfterLossRecorder()
     Trainer(
         model=student,
         train_dataloader=loader(),
-        max_duration='1ba',
+        max_duration='1ep',
         algorithms=[Distillation(teacher, teacher_logits_key=1)],
+        callbacks=[recorder],
         progress_bar=False,
         device='cpu',
     ).fit()
+    # The distillation term is taken against the tuple's second element, the head's logits, at every step
+    # (KLDivergence at its default temperature, 4, written out in float64).
+    assert len(recorder.steps) == 2
+    for step in recorder.steps:
+        with torch.no_grad():
+            _, teacher_logits = teacher(step['inputs'])
+        p = torch.softmax(teacher_logits.double() / 4.0, dim=-1)
+        q = torch.softmax(step['logits'].double() / 4.0, dim=-1)
+        expected = 4.0**2 * (p * (p.log() - q.log())).sum(-1).mean()
+        assert step['loss']['kd'].item() == pytest.approx(expected.item(), rel=1e-5)
+    # The student trained; the teacher is as it was given.
+    assert any(not torch.equal(student.state_dict()[key], value) for key, value in student_before.items())
+    assert_unchanged(teacher, teacher_before)
 
 
 def test_an_empty_training_dataloader_is_refused_instead_of_spinning():

@@ -3,16 +3,11 @@
 
 from __future__ import annotations
 
-import inspect
-import re
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
 from composer import Callback, Trainer
 from composer.models import ComposerClassifier
-from composer_kd.data import load_digits_splits
 from conftest import N_CLASSES, N_FEATURES, make_dataloader, make_teacher
 from conftest import fit as fit_on
 from torch import nn
@@ -36,6 +31,7 @@ from composer_kd.compression import (
     quantization_backend,
     sparsity,
 )
+from composer_kd.recipes.data import load_digits_splits
 
 DIGITS_INPUT = torch.zeros(1, 1, 8, 8)
 
@@ -508,13 +504,3 @@ def test_the_package_exports_the_compression_api():
     for name in ('Pruning', 'QuantizationAwareTraining', 'prepare_qat', 'convert_to_int8', 'prune_model',
                  'make_pruning_permanent', 'model_size_bytes'):  # fmt: skip
         assert getattr(composer_kd, name) is getattr(compression, name)
-
-
-@pytest.mark.parametrize(
-    'obj', [getattr(compression, name) for name in compression.__all__ if callable(getattr(compression, name))]
-)
-def test_docstring_examples_run(obj, monkeypatch, tmp_path):
-    monkeypatch.chdir(tmp_path)
-    blocks = re.findall(r'\.\. testcode::\n\n((?:[ ]{4}.*\n|\n)+)', (inspect.getdoc(obj) or '') + '\n')
-    for block in blocks:
-        exec(textwrap.dedent(block), {})

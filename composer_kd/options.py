@@ -141,6 +141,7 @@ CONFLICTS: tuple[Conflict, ...] = (
         'tasks',
         'a search chooses one loss, temperature and weight, and each task of a multi-task student has its own',
     ),
+    Conflict('search', 'teacher_cache', 'each candidate trains a student of its own'),
 )
 
 

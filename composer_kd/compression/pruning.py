@@ -11,7 +11,6 @@ own algorithms do.
 from __future__ import annotations
 
 import copy
-import difflib
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
@@ -21,6 +20,7 @@ from composer.loggers import Logger
 from torch import nn
 from torch.nn.utils import prune
 
+from composer_kd.options import did_you_mean
 from composer_kd.schedules import Schedule
 from composer_kd.window import TimeSpec, parse_time
 
@@ -121,8 +121,7 @@ def prunable_modules(model: nn.Module, modules: ModulePaths = None) -> dict[str,
     chosen = {}
     for i, path in enumerate(paths):
         if path not in named:
-            close = difflib.get_close_matches(str(path), layers, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else ''
+            hint = did_you_mean(path, layers, cutoff=0.5)
             raise ValueError(
                 f'modules[{i}]: the model has no module {path!r}{hint} (its Linear and Conv layers: '
                 f'{", ".join(layers) or "none"})'

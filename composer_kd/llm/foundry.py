@@ -40,6 +40,7 @@ from composer_kd.distillation import Distillation
 from composer_kd.losses import get_loss
 from composer_kd.models.checkpoints import load_teacher_checkpoint
 from composer_kd.models.outputs import is_causal_lm
+from composer_kd.options import did_you_mean, given_options, refuse_conflicts
 
 try:
     from llmfoundry import registry as foundry_registry
@@ -123,7 +124,10 @@ def build_teacher(config: TeacherConfig, index: int = 0) -> nn.Module:
             f'under model: in a training YAML.'
         )
     if name not in foundry_registry.models:
-        raise ValueError(f'{where}.name {name!r} is not a model llm-foundry knows; known: {_known_models()}.')
+        known = _known_models()
+        raise ValueError(
+            f'{where}.name {name!r} is not a model llm-foundry knows{did_you_mean(name, known)}; known: {known}.'
+        )
     load_path = model_config.pop(_LOAD_PATH, None)
     if load_path is not None:
         if not isinstance(load_path, (str, os.PathLike)):
@@ -320,7 +324,8 @@ class FoundryDistillation(Distillation):
             :class:`~composer_kd.signal.TeacherSignal` (its batch keys). Not with ``teachers``. Default: ``None``.
         **options: Every other argument of :class:`~composer_kd.Distillation` (``start``, ``end``, ``name``,
             ``n_teachers_to_sample``, ...), passed through unchanged; a misspelled one is refused naming the
-            nearest.
+            nearest, and options that do not combine (:data:`composer_kd.options.CONFLICTS`) before any teacher
+            is built.
 
     Example:
         .. testcode::
@@ -348,8 +353,11 @@ class FoundryDistillation(Distillation):
         teacher_signal: Union[bool, Mapping[str, str], None] = None,
         **options: Any,
     ):
-        if teacher_signal not in (None, False):
-            source = _signal(teacher_signal, teachers)
+        signal = _signal(teacher_signal, teachers) if teacher_signal not in (None, False) else None
+        # Refused before any teacher is built, which can take minutes; Distillation checks the same table.
+        refuse_conflicts(given_options(teachers=signal, **options))
+        if signal is not None:
+            source = signal
         else:
             source = [build_teacher(config, index) for index, config in enumerate(_teacher_configs(teachers))]
         super().__init__(

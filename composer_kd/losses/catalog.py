@@ -17,6 +17,7 @@ from composer_kd.losses.divergences import (
     SoftCrossEntropy,
 )
 from composer_kd.losses.generative import GeneralizedJSD, SkewKLDivergence, SkewReverseKLDivergence
+from composer_kd.options import did_you_mean
 
 #: Every loss by the name recipes use for it.
 LOSSES: dict[str, type[nn.Module]] = {
@@ -48,7 +49,7 @@ def get_loss(name: str, **kwargs) -> nn.Module:
         nn.Module: The loss.
 
     Raises:
-        ValueError: For an unknown name (the message lists the known ones).
+        ValueError: For an unknown name (the message lists the known ones and suggests the nearest).
 
     Example:
         .. testcode::
@@ -62,7 +63,10 @@ def get_loss(name: str, **kwargs) -> nn.Module:
     aliases = LOSS_ALIASES
     key = aliases.get(name, name)
     if key not in LOSSES:
-        raise ValueError(f'Unknown loss {name!r}; known: {sorted(LOSSES)} (and AutoMM aliases {sorted(aliases)}).')
+        hint = did_you_mean(name, [*LOSSES, *aliases])
+        raise ValueError(
+            f'Unknown loss {name!r}; known: {sorted(LOSSES)} (and AutoMM aliases {sorted(aliases)}){hint or "."}'
+        )
     loss = LOSSES[key](**kwargs)
     return Standardized(loss) if standardize else loss
 

@@ -7,7 +7,6 @@ recipe that passed :func:`~composer_kd.recipes.validate.check_recipe` and still 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -146,8 +145,8 @@ def build_distillation(recipe: Recipe, teachers: Sequence[ComposerModel]) -> Dis
             start=time_or_fraction(d.start),
             end=time_or_fraction(d.end),
             temperature=schedules.get('temperature'),
-            feature_pairs=[FeaturePair(**dataclasses.asdict(pair)) for pair in d.feature_pairs],
-            on_policy=None if d.on_policy is None else OnPolicy(**dataclasses.asdict(d.on_policy)),
+            feature_pairs=[FeaturePair(**pair) for pair in d.feature_pairs],
+            on_policy=None if d.on_policy is None else OnPolicy(**d.on_policy),
         )
     except (TypeError, ValueError) as e:
         raise RecipeError('recipe', [f'distillation: {e}']) from e

@@ -7,17 +7,17 @@ Every problem found is reported at once, each naming its full dotted key (the fo
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from composer_kd.recipes.schema import DataSpec, Recipe
+from composer_kd.options import did_you_mean
+from composer_kd.recipes.schema import SECTION, DataSpec, Recipe
 
 __all__ = [
     'Problems',
@@ -71,6 +71,9 @@ class Problems(list):
 def nearest(name: str, known: Iterable[str]) -> str:
     """``"; did you mean 'x'?"`` for the known name closest to ``name``, or ``''`` when none is close.
 
+    :func:`composer_kd.options.did_you_mean`, with the looser cutoff (``0.5``) that a recipe's names take: short
+    names of datasets, devices and backends are often misspelled by a larger share of their letters.
+
     Args:
         name (str): A name that is not known.
         known (Iterable[str]): The names that are.
@@ -86,13 +89,7 @@ def nearest(name: str, known: Iterable[str]) -> str:
             assert nearest('digitz', ['digits', 'glue']) == "; did you mean 'digits'?"
             assert nearest('Adamw', ['Adam', 'AdamW']) == "; did you mean 'AdamW'?"  # case counts least
     """
-    by_case = {}
-    for known_name in known:
-        by_case.setdefault(known_name.lower(), known_name)
-    if name.lower() in by_case:
-        return f"; did you mean '{by_case[name.lower()]}'?"
-    close = difflib.get_close_matches(name.lower(), list(by_case), n=1, cutoff=0.5)
-    return f"; did you mean '{by_case[close[0]]}'?" if close else ''
+    return did_you_mean(name, known, cutoff=0.5)
 
 
 def builtin_recipes() -> dict[str, str]:
@@ -118,8 +115,7 @@ def resolve_recipe_source(source: Union[str, os.PathLike]) -> str:
     name = os.path.basename(path)[:-5] if path.endswith('.yaml') and os.sep not in path else path
     if name in builtin:
         return builtin[name]
-    close = difflib.get_close_matches(name, list(builtin), n=1)
-    hint = f"; did you mean the built-in recipe '{close[0]}'?" if close else ''
+    hint = did_you_mean(name, builtin).replace('did you mean ', 'did you mean the built-in recipe ', 1)
     raise RecipeError(
         str(source),
         [
@@ -133,8 +129,8 @@ def _describe(hint: Any) -> str:
     """What a type hint expects, in words."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Union:
-        inner = [a for a in args if a is not type(None)]
-        return f'{_describe(inner[0])} or null'
+        described = [_describe(a) for a in args if a is not type(None)]
+        return ' or '.join(described + (['null'] if type(None) in args else []))
     if origin in (list, Sequence):
         if dataclasses.is_dataclass(args[0]):
             return f'a list of sections with keys {", ".join(f.name for f in dataclasses.fields(args[0]))}'
@@ -164,9 +160,16 @@ def _check(value: Any, hint: Any, key: str, problems: list[str], complete: bool 
     if hint is Any:
         return
     if origin is Union:
+        members = [a for a in args if a is not type(None)]
         if value is None:
+            if type(None) not in args:
+                problems.append(f'{key}: expected {_describe(hint)}, got null')
             return
-        hint = next(a for a in args if a is not type(None))
+        if len(members) > 1:
+            if not any(_fits(value, member) for member in members):
+                problems.append(f'{key}: expected {_describe(hint)}, got {_shown(value)}')
+            return
+        hint = members[0]
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, Mapping):
@@ -177,14 +180,12 @@ def _check(value: Any, hint: Any, key: str, problems: list[str], complete: bool 
         prefix = f'{key}.' if key else ''
         for name, item in value.items():
             if name not in fields:
-                close = difflib.get_close_matches(str(name), list(fields), n=1, cutoff=0.6)
-                hint_text = f"did you mean '{prefix}{close[0]}'? " if close else ''
                 problems.append(
-                    f'{prefix}{name}: unknown key; {hint_text}(the keys of {key or "a recipe"} are: '
-                    f'{", ".join(fields)})'
+                    f'{prefix}{name}: unknown key{did_you_mean(name, fields, prefix=prefix)} (the keys of '
+                    f'{key or "a recipe"} are: {", ".join(fields)})'
                 )
             else:
-                _check(item, hints[name], f'{prefix}{name}', problems, complete)
+                _check(item, _field_hint(fields[name], hints[name], item), f'{prefix}{name}', problems, complete)
         for name, f in fields.items():
             if complete and _required(f) and name not in value:
                 problems.append(f'{prefix}{name}: required, expected {_describe(hints[name])}')
@@ -215,6 +216,81 @@ def _check(value: Any, hint: Any, key: str, problems: list[str], complete: bool 
     }.get(hint, True)
     if not ok:
         problems.append(f'{key}: expected {_describe(hint)}, got {_shown(value)}')
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of type ``hint`` throughout."""
+    found: list[str] = []
+    _check(value, hint, '', found)
+    return not found
+
+
+def _field_hint(f: dataclasses.Field, hint: Any, value: Any) -> Any:
+    """The type ``value`` is checked against: the field's, or for an option section its option class's keys.
+
+    The option class (and torch with it) is read only for a section the recipe sets.
+    """
+    section = f.metadata.get(SECTION)
+    if section is None or value is None:
+        return hint
+    spec = section.spec()
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        return Optional[spec]
+    return list[spec] if origin in (list, Sequence) else spec
+
+
+def _converted(value: Any, hint: Any) -> Any:
+    """A checked ``value`` in the type ``hint`` names (``1`` as ``1.0`` for a float, ``2`` as ``'2'`` for a string),
+    with every key a section leaves out set to its default."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None or hint is Any:
+        return value
+    if origin is Union:
+        member = next(a for a in args if a is not type(None) and _fits(value, a))
+        return _converted(value, member)
+    if dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        converted = {}
+        for f in dataclasses.fields(hint):
+            if f.name in value:
+                converted[f.name] = _converted(value[f.name], hints[f.name])
+            else:
+                converted[f.name] = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        return converted
+    if origin in (list, Sequence):
+        return [_converted(item, args[0]) for item in value]
+    if origin in (dict, Mapping):
+        return {name: _converted(item, args[1]) for name, item in value.items()}
+    if hint is float:
+        return float(value)
+    if hint is str:
+        return str(value)
+    return value
+
+
+def _with_option_sections(value: Any, hint: Any) -> Any:
+    """A checked recipe (plain containers) with each option section complete: every key of its option class, each
+    value in its field's type.
+
+    The recipe's schema keeps a section as a mapping (its keys are the option class's, not written in the schema),
+    so OmegaConf, which converts the other sections' values, leaves these as they are.
+    """
+    if typing.get_origin(hint) is Union:
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = members[0] if len(members) == 1 else hint
+    if not (dataclasses.is_dataclass(hint) and isinstance(value, Mapping)):
+        return value
+    hints = typing.get_type_hints(hint)
+    completed = dict(value)
+    for f in dataclasses.fields(hint):
+        if completed.get(f.name) is None:
+            continue
+        if SECTION in f.metadata:
+            completed[f.name] = _converted(completed[f.name], _field_hint(f, hints[f.name], completed[f.name]))
+        else:
+            completed[f.name] = _with_option_sections(completed[f.name], hints[f.name])
+    return completed
 
 
 def _normalize(plain: dict) -> dict:
@@ -308,6 +384,7 @@ def load_recipe(source: Union[str, os.PathLike], overrides: Sequence[str] = ()) 
             _check(training['data'], DataSpec, f'teachers.{i}.train.data', problems, complete=False)
     if problems:
         raise RecipeError(label, problems)
+    plain = _with_option_sections(plain, Recipe)
     try:
         recipe = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Recipe), plain))
     except OmegaConfBaseException as e:  # what the walk above cannot foresee; named by OmegaConf's key

@@ -3,28 +3,42 @@
 The dataclasses are the single source of truth. The loader checks a YAML file against them key by key (so an
 unknown key gets the nearest known one as a suggestion) and then hands them to ``OmegaConf.structured``, whose
 merge converts and type-checks the values.
+
+The sections that hold the arguments of one of ``Distillation``'s option classes (``distillation.on_policy``:
+:class:`~composer_kd.OnPolicy`, ``distillation.feature_pairs``: :class:`~composer_kd.FeaturePair`) are not copied
+here: an :class:`OptionSection` names the class, and its keys, types and defaults are read from the class when a
+recipe sets the section. The class's own checks then judge the values. This module imports neither torch nor the
+option classes, so the command lists and prints recipes without them.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import dataclasses
+import functools
+import importlib
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from omegaconf import MISSING
 
 __all__ = [
+    'FEATURE_PAIR',
+    'ON_POLICY',
+    'SECTION',
     'ComponentSpec',
     'CompressionSpec',
     'DataSpec',
     'DigitsSpec',
     'DistillationSpec',
-    'FeaturePairSpec',
     'GlueSpec',
     'ImageFolderSpec',
     'LossSpec',
     'MdsTokensSpec',
     'ModelSpec',
-    'OnPolicySpec',
+    'OptionSection',
     'OptimizerSpec',
     'PruningSpec',
     'QATSpec',
@@ -36,7 +50,117 @@ __all__ = [
     'TeacherSpec',
     'TeacherTrainingSpec',
     'TextFilesSpec',
+    'option_sections',
+    'recipe_type',
 ]
+
+
+#: The key of a schema field's ``metadata`` that makes the field an option section: its :class:`OptionSection`.
+SECTION = 'option_section'
+
+_SCALARS = (bool, int, float, str)
+
+
+def recipe_type(hint: Any) -> Any:
+    """The part of a type hint that YAML can hold, or ``None`` when it holds none of it.
+
+    Scalars, ``Any``, lists and mappings with string keys stay as they are; a union keeps the members YAML can
+    hold (``Union[float, Schedule]`` is ``float``, ``Union[str, Callable]`` is ``str``). Objects, callables and
+    tuples cannot be written in a recipe.
+
+    Args:
+        hint (Any): A type hint of an option class's field.
+
+    Returns:
+        Any: The type a recipe's value is checked against, or ``None``.
+
+    Example:
+        .. testcode::
+
+            from typing import Callable, Optional, Union
+            from composer_kd.recipes.schema import recipe_type
+
+            assert recipe_type(Union[str, Callable[[int], int]]) is str
+            assert recipe_type(Optional[Union[int, list[int]]]) == Optional[Union[int, list[int]]]
+            assert recipe_type(Callable[[int], int]) is None
+    """
+    if hint is Any or hint in _SCALARS or hint is type(None):
+        return hint
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        members = [member for member in (recipe_type(a) for a in args) if member is not None]
+        if not members or members == [type(None)]:
+            return None
+        return Union[tuple(members)]
+    if origin in (list, collections.abc.Sequence):
+        item = recipe_type(args[0]) if args else Any
+        return None if item is None else list[item]
+    if origin in (dict, collections.abc.Mapping):
+        if args and args[0] is not str:
+            return None
+        value = recipe_type(args[1]) if args else Any
+        return None if value is None else dict[str, value]
+    return None
+
+
+@dataclass(frozen=True)
+class OptionSection:
+    """A recipe section holding the arguments of an option class of ``Distillation`` (a dataclass).
+
+    The section's keys are the class's init fields, each typed as a recipe can write it (see :func:`recipe_type`)
+    and defaulting to the class's default; a field YAML cannot hold (a callable, a schedule) is left to its
+    default. The class is named, not imported: it is read, with torch, only when a recipe sets the section.
+
+    Args:
+        module (str): The module that defines the class.
+        name (str): The class's name.
+
+    Example:
+        .. testcode::
+
+            import dataclasses
+            from composer_kd import OnPolicy
+            from composer_kd.recipes.schema import ON_POLICY
+
+            keys = [f.name for f in dataclasses.fields(ON_POLICY.spec())]
+            assert ON_POLICY.option_class() is OnPolicy and 'eos_token_id' in keys
+    """
+
+    module: str
+    name: str
+
+    def option_class(self) -> type:
+        """The option class (importing its module)."""
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def spec(self) -> type:
+        """A dataclass with one field per key of the section: its recipe type and the class's default."""
+        return _section_spec(self)
+
+
+@functools.cache
+def _section_spec(section: OptionSection) -> type:
+    option_class = section.option_class()
+    hints = typing.get_type_hints(option_class)
+    spec_fields = []
+    for f in dataclasses.fields(option_class):
+        hint = recipe_type(hints[f.name])
+        if not f.init or hint is None:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = field(default=f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = field(default_factory=f.default_factory)
+        else:
+            default = field(default=MISSING)
+        spec_fields.append((f.name, hint, default))
+    return dataclasses.make_dataclass(f'{option_class.__name__}Section', spec_fields)
+
+
+#: ``distillation.feature_pairs``: each entry the arguments of :class:`composer_kd.FeaturePair`.
+FEATURE_PAIR = OptionSection('composer_kd.parts.features', 'FeaturePair')
+#: ``distillation.on_policy``: the arguments of :class:`composer_kd.OnPolicy`.
+ON_POLICY = OptionSection('composer_kd.parts.onpolicy', 'OnPolicy')
 
 
 @dataclass
@@ -260,20 +384,6 @@ class ScheduleSpec:
 
 
 @dataclass
-class FeaturePairSpec:
-    """Arguments of :class:`composer_kd.FeaturePair`: a student module matched to a teacher module."""
-
-    student: str = MISSING
-    teacher: str = MISSING
-    loss: str = 'mse'
-    weight: float = 1.0
-    teacher_index: int = 0
-    output_index: Optional[int] = None
-    student_dim: Optional[int] = None
-    teacher_dim: Optional[int] = None
-
-
-@dataclass
 class TaskSpec:
     """One task of a multi-task student, taught by its own teachers: a ``Distillation`` named after the task.
 
@@ -292,27 +402,6 @@ class TaskSpec:
 
 
 @dataclass
-class OnPolicySpec:
-    """Arguments of :class:`composer_kd.OnPolicy`: train a causal language model on continuations it generates.
-
-    ``fraction`` of the batches (GKD's lambda, in ``[0, 1]``) are continued from their prompts (``prompt_length_key``
-    or ``prompt_mask_key`` of the batch) by the student (``source: student``) or the first teacher
-    (``source: teacher``, sequence-level distillation), ``max_new_tokens`` tokens at ``temperature`` (0: greedy).
-    The student must be a model that generates text (a Hugging Face decoder-only language model).
-    """
-
-    fraction: float = 1.0
-    source: str = 'student'
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    prompt_length_key: str = 'prompt_length'
-    prompt_mask_key: str = 'prompt_mask'
-    pad_token_id: Optional[int] = None
-    cache_teacher_sequences: bool = False
-    org_loss_on_student_samples: bool = False
-
-
-@dataclass
 class DistillationSpec:
     """Every argument of :class:`composer_kd.Distillation`.
 
@@ -324,8 +413,10 @@ class DistillationSpec:
     ``enabled: false`` trains the student alone (the teachers are still built, trained and evaluated).
     ``tasks`` distils a multi-task student: one ``Distillation`` per task, each with its own teachers, weight and
     temperature, while ``org_loss_weight`` weights the student's own loss once.
-    ``on_policy`` trains a causal language model on sequences it (or the teacher) generates (see
-    :class:`OnPolicySpec`).
+    ``feature_pairs`` match intermediate modules, each entry the arguments of :class:`composer_kd.FeaturePair`;
+    ``on_policy`` trains a causal language model on sequences it (or the teacher) generates, the arguments of
+    :class:`composer_kd.OnPolicy`. Both are option sections (see :class:`OptionSection`): their keys, types and
+    defaults are the option class's own.
     """
 
     enabled: bool = True
@@ -338,9 +429,9 @@ class DistillationSpec:
     end: Optional[str] = None
     n_teachers_to_sample: Optional[int] = None
     schedules: dict[str, ScheduleSpec] = field(default_factory=dict)
-    feature_pairs: list[FeaturePairSpec] = field(default_factory=list)
+    feature_pairs: list[dict[str, Any]] = field(default_factory=list, metadata={SECTION: FEATURE_PAIR})
     tasks: list[TaskSpec] = field(default_factory=list)
-    on_policy: Optional[OnPolicySpec] = None
+    on_policy: Optional[dict[str, Any]] = field(default=None, metadata={SECTION: ON_POLICY})
 
 
 @dataclass
@@ -448,3 +539,34 @@ class Recipe:
     progress_bar: bool = True
     baseline: bool = False
     search: Optional[SearchGridSpec] = None
+
+
+def option_sections(spec: type = Recipe, key: str = '') -> dict[str, OptionSection]:
+    """Every option section of the schema, by its dotted key: ``{'distillation.on_policy': ON_POLICY, ...}``.
+
+    Args:
+        spec (type, optional): The section to look in. Default: the whole :class:`Recipe`.
+        key (str, optional): The dotted key of ``spec``, put before the keys found. Default: none.
+
+    Returns:
+        dict[str, OptionSection]: The option sections, in the schema's order.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.recipes.schema import FEATURE_PAIR, option_sections
+
+            assert option_sections()['distillation.feature_pairs'] is FEATURE_PAIR
+    """
+    found = {}
+    hints = typing.get_type_hints(spec)
+    for f in dataclasses.fields(spec):
+        dotted = f'{key}.{f.name}' if key else f.name
+        hint = hints[f.name]
+        inner = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) is Union else []
+        hint = inner[0] if len(inner) == 1 else hint
+        if SECTION in f.metadata:
+            found[dotted] = f.metadata[SECTION]
+        elif dataclasses.is_dataclass(hint):
+            found.update(option_sections(hint, dotted))
+    return found

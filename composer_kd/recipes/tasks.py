@@ -175,10 +175,6 @@ def check_tasks(recipe: Recipe, problems: Problems) -> None:
     if not tasks:
         problems.add('distillation.tasks', 'needs multi-task data: name the tasks in data.digits.tasks')
         return
-    if d.feature_pairs:
-        problems.add('distillation.feature_pairs', 'cannot be combined with distillation.tasks')
-    if d.n_teachers_to_sample is not None:
-        problems.add('distillation.n_teachers_to_sample', 'cannot be combined with distillation.tasks')
     for name in ('temperature', 'kd_loss_weight'):
         if name in d.schedules:
             problems.add(f'distillation.schedules.{name}', f"with distillation.tasks, set each task's {name}")

@@ -7,16 +7,16 @@ thing. Nothing here downloads or trains.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from composer_kd.compression import QAT_BACKENDS
 from composer_kd.losses import LOSS_ALIASES, LOSSES, canonical_loss_name, loss_from_name
-from composer_kd.parts.features import FEATURE_LOSSES
+from composer_kd.options import conflicts_among, given_options
+from composer_kd.parts.features import FEATURE_LOSSES, FeaturePair
 from composer_kd.parts.onpolicy import OnPolicy
 from composer_kd.recipes.data import GLUE_TASKS, glue_files
 from composer_kd.recipes.datasets import DATASETS, FILE_DATASETS
@@ -344,16 +344,54 @@ def _check_distillation(recipe: Recipe, problems: Problems) -> None:
         _check_time(schedule.start, f'{key}.schedules.{name}.start', problems, allow_fraction=True)
         _check_time(schedule.end, f'{key}.schedules.{name}.end', problems, allow_fraction=True)
     for i, pair in enumerate(d.feature_pairs):
-        if pair.loss not in FEATURE_LOSSES:
+        if pair['loss'] not in FEATURE_LOSSES:
             problems.add(
                 f'{key}.feature_pairs.{i}.loss',
-                f'unknown feature loss {pair.loss!r}{nearest(pair.loss, FEATURE_LOSSES)} '
+                f'unknown feature loss {pair["loss"]!r}{nearest(pair["loss"], FEATURE_LOSSES)} '
                 f'(known: {", ".join(FEATURE_LOSSES)})',
             )
-        if not 0 <= pair.teacher_index < n_teachers:
+        else:
+            _check_option(FeaturePair, pair, f'{key}.feature_pairs.{i}', problems)
+        if not 0 <= pair['teacher_index'] < n_teachers:
             problems.add(
-                f'{key}.feature_pairs.{i}.teacher_index', f'expected 0 to {n_teachers - 1}, got {pair.teacher_index}'
+                f'{key}.feature_pairs.{i}.teacher_index',
+                f'expected 0 to {n_teachers - 1}, got {pair["teacher_index"]}',
             )
+
+
+def _check_option(option_class: type, arguments: dict[str, Any], key: str, problems: Problems) -> None:
+    """Build an option section's object once, so that the class's own checks of its values name the section."""
+    try:
+        option_class(**arguments)
+    except (TypeError, ValueError) as e:
+        problems.add(key, str(e))
+
+
+# The recipe key of each option of composer_kd.options.CONFLICTS that a recipe can set.
+_RECIPE_OPTIONS = {
+    'n_teachers_to_sample': 'distillation.n_teachers_to_sample',
+    'feature_pairs': 'distillation.feature_pairs',
+    'on_policy': 'distillation.on_policy',
+    'tasks': 'distillation.tasks',
+    'search': 'search',
+}
+
+
+def _check_combinations(recipe: Recipe, problems: Problems) -> None:
+    """Refuse the options that do not combine, as :data:`composer_kd.options.CONFLICTS` lists them."""
+    d = recipe.distillation
+    given = given_options(
+        n_teachers_to_sample=d.n_teachers_to_sample,
+        feature_pairs=d.feature_pairs,
+        on_policy=d.on_policy is not None,
+        tasks=d.tasks,
+        search=recipe.search is not None,
+    )
+    for conflict in conflicts_among(given):
+        problems.add(
+            _RECIPE_OPTIONS[conflict.first],
+            f'cannot be combined with {_RECIPE_OPTIONS[conflict.second]}: {conflict.reason}',
+        )
 
 
 def _check_loss_options(name: str, options: dict, key: str, problems: Problems) -> None:
@@ -381,8 +419,6 @@ def _check_search(recipe: Recipe, problems: Problems) -> None:
     known = sorted({*LOSSES, *LOSS_ALIASES})
     if not d.enabled:
         problems.add(key, 'distillation.enabled is false: there are no distillation settings to choose')
-    if d.tasks:
-        problems.add(key, 'not available with distillation.tasks; search each task in a recipe of its own')
     searched = {
         'temperature': s.temperatures,
         'kd_loss_weight': s.kd_loss_weights,
@@ -422,12 +458,7 @@ def _check_on_policy(recipe: Recipe, problems: Problems) -> None:
     spec, key = recipe.distillation.on_policy, 'distillation.on_policy'
     if spec is None:
         return
-    try:
-        OnPolicy(**dataclasses.asdict(spec))
-    except ValueError as e:
-        problems.add(key, str(e))
-    if recipe.distillation.tasks:
-        problems.add(key, 'cannot be combined with distillation.tasks (multi-task students are classifiers)')
+    _check_option(OnPolicy, spec, key, problems)
     # Every model kind a recipe builds is a classifier; none generates text.
     problems.add(
         key,
@@ -504,6 +535,7 @@ def check_recipe(recipe: Recipe, *, teachers_given: bool = False) -> list[str]:
             _check_taught(teacher, f'teachers.{i}', problems)
     _check_data(recipe.data, 'data', problems, recipe.student)
     _check_distillation(recipe, problems)
+    _check_combinations(recipe, problems)
     _check_search(recipe, problems)
     _check_on_policy(recipe, problems)
     _check_compression(recipe, problems)

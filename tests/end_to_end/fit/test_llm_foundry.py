@@ -283,8 +283,22 @@ def test_an_unknown_teacher_model_name_lists_the_known_ones():
         r'mpt_causal_lm',
     ):
         FoundryDistillation([{**mpt_config(), 'name': 'mtp_causal_lm'}])
+    with pytest.raises(
+        ValueError, match=r"'mtp_causal_lm' is not a model llm-foundry knows; did you mean 'mpt_causal_lm'"
+    ):
+        FoundryDistillation([{**mpt_config(), 'name': 'mtp_causal_lm'}])
     with pytest.raises(ValueError, match=r"teachers\[1\] has no model 'name'"):
         FoundryDistillation([mpt_config(), {'d_model': 16}])
+
+
+def test_options_that_do_not_combine_are_refused_before_any_teacher_is_built(monkeypatch):
+    built = []
+    monkeypatch.setattr('composer_kd.llm.foundry.build_composer_model', lambda **kw: built.append(kw))
+    with pytest.raises(ValueError, match='^fused cannot be combined with feature_pairs: the fused path reads'):
+        FoundryDistillation([mpt_config()], fused=True, feature_pairs=[{'student': 'x', 'teacher': 'y'}])
+    with pytest.raises(ValueError, match='^n_teachers_to_sample cannot be combined with teachers=TeacherSignal'):
+        FoundryDistillation(teacher_signal=True, n_teachers_to_sample=1)
+    assert built == []
 
 
 def test_a_missing_checkpoint_is_named_before_any_model_is_built(tmp_path, monkeypatch):

@@ -25,11 +25,32 @@ __all__ = [
     'check_weights',
     'conflicts_among',
     'did_you_mean',
+    'nearest_names',
     'given_options',
     'option_fields',
     'refuse_conflicts',
     'refuse_unknown_keywords',
 ]
+
+
+def nearest_names(name: Any, known: Iterable[str], *, n: int = 1, cutoff: float = 0.6) -> list[str]:
+    """The ``n`` known names closest to ``name``, best first; a name that differs only in case comes first.
+
+    Example:
+        .. testcode::
+
+            from composer_kd.options import nearest_names
+
+            assert nearest_names('layer.1', ['layer.0', 'layer.1.fc', 'head'], n=2) == ['layer.0', 'layer.1.fc']
+    """
+    known = [str(k) for k in known]
+    text = str(name)
+    by_case = {k.lower(): k for k in known}
+    found = [by_case[text.lower()]] if text.lower() in by_case and by_case[text.lower()] != text else []
+    found += difflib.get_close_matches(text, known, n=n, cutoff=cutoff)
+    if len(found) < n:
+        found += [by_case[k] for k in difflib.get_close_matches(text.lower(), list(by_case), n=n, cutoff=cutoff)]
+    return list(dict.fromkeys(found))[:n]
 
 
 def did_you_mean(name: Any, known: Iterable[str], *, cutoff: float = 0.6, prefix: str = '') -> str:
@@ -52,15 +73,7 @@ def did_you_mean(name: Any, known: Iterable[str], *, cutoff: float = 0.6, prefix
             assert did_you_mean('KL', ['kl', 'js']) == "; did you mean 'kl'?"
             assert did_you_mean('zzz', ['kl']) == ''
     """
-    known = list(known)
-    by_case = {str(k).lower(): str(k) for k in known}
-    text = str(name)
-    if text.lower() in by_case and by_case[text.lower()] != text:
-        return f"; did you mean '{prefix}{by_case[text.lower()]}'?"
-    close = difflib.get_close_matches(text, [str(k) for k in known], n=1, cutoff=cutoff)
-    if not close:
-        lowered = difflib.get_close_matches(text.lower(), list(by_case), n=1, cutoff=cutoff)
-        close = [by_case[lowered[0]]] if lowered else []
+    close = nearest_names(name, known, cutoff=cutoff)
     return f"; did you mean '{prefix}{close[0]}'?" if close else ''
 
 

@@ -8,7 +8,6 @@ across.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -31,6 +30,7 @@ from composer_kd.losses.features import (
     feature_dim,
 )
 from composer_kd.models.outputs import padding_mask
+from composer_kd.options import nearest_names
 from composer_kd.parts.base import FitContext, LossTerms, Part
 
 __all__ = [
@@ -155,7 +155,7 @@ def resolve_module(model: nn.Module, path: str, role: str = 'student') -> nn.Mod
         except AttributeError:
             continue
     names = [name for name, _ in _candidate_roots(model)[-1][1].named_modules() if name]
-    nearest = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
+    nearest = nearest_names(path, names, n=5, cutoff=0.5)
     raise ValueError(
         f'The {role} has no module {path!r}. Nearest existing names: {nearest or names[:5]}'
         f' (of {len(names)}; list them with model.named_modules()).'

@@ -231,6 +231,7 @@ FORMER_PATHS = {
         'reporting': 'run.reporting',
         'search': 'run.search',
         'signal.command': 'cli.teacher_signal',
+        'signal.loss': 'losses.signal',
         'speed': 'models.speed',
         'student_init': 'models.student_init',
         'teachers': 'models.teachers',

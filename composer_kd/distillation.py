@@ -330,10 +330,10 @@ class Distillation(Algorithm):
             self.input_key, self.student_logits_key, self.teacher_logits_key, self._bare_teacher_tensor_is_logits
         )
         causal = self.causal_lm if self.causal_lm is not None else is_causal_lm(state.model)
-        fit = FitContext(
+        self._fit = fit = FitContext(
             state, runners, self.kd_loss_fn, keys, causal, plan, self._guard, self.teacher_inference, self.name, self
         )
-        self._fit = fit
+        fit.signal = self.teacher_signal
         self._parts = FitParts(fit, list(self._options().values()))
         plan.begin(fit, logger)
         self._events = _FIT_BOUNDARIES | self._parts.events

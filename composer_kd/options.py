@@ -122,7 +122,6 @@ CONFLICTS: tuple[Conflict, ...] = (
     Conflict('feature_pairs', 'teachers=TeacherSignal(...)', _LIVE),
     Conflict('teacher_cache', 'teachers=TeacherSignal(...)', _LIVE),
     Conflict('on_policy', 'teachers=TeacherSignal(...)', _LIVE),
-    Conflict('fused', 'teachers=TeacherSignal(...)', 'the fused loop does not compute from a stored top-k signal'),
     Conflict(
         'teacher_cache',
         'n_teachers_to_sample',

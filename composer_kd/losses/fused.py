@@ -14,10 +14,11 @@ reverse KL, Jensen-Shannon, the beta-generalized JSD, soft cross-entropy): the u
 the same functions.
 
 The teacher's side reaches the loop through a :class:`TeacherChunks` provider, which gives the teacher's signal
-for a range of rows. :class:`DenseTeacherChunks` projects the teacher's hidden states with its output weight; a
-provider reading a sparse signal (top-k entries and the tail's mass per position, as offline teacher shards hold
-it) answers with the sparse fields of :class:`TeacherChunk` instead, which the loop refuses for now: what is
-missing is the loss over ``top-k + tail`` (see ``docs/fused.md``).
+for a range of rows. :class:`DenseTeacherChunks` projects the teacher's hidden states with its output weight;
+:class:`SignalTeacherChunks` reads a stored signal (each position's top-k logits and the log of the rest's mass, as
+offline teacher shards hold it) and answers with the sparse fields of :class:`TeacherChunk`, whose term is the
+forward KL of :func:`composer_kd.losses.signal.signal_kl_per_position`: no ``[rows, vocabulary]`` teacher tensor
+is made, not even a chunk's.
 
 The trainer-side wiring (hooks on a Hugging Face model's output layer, the loss dict) is in
 :mod:`composer_kd.parts.fused`.
@@ -47,11 +48,13 @@ from composer_kd.losses.divergences import (
 )
 from composer_kd.losses.generative import GeneralizedJSD, generalized_jsd_terms
 from composer_kd.losses.labels import IGNORE_INDEX
+from composer_kd.losses.signal import signal_kl_per_position
 
 __all__ = [
     'FUSED_LOSSES',
     'DenseTeacherChunks',
     'FusedLosses',
+    'SignalTeacherChunks',
     'TeacherChunk',
     'TeacherChunks',
     'default_chunk_size',
@@ -126,27 +129,33 @@ def per_position_terms(loss_fn: Union[str, nn.Module]) -> PerPositionTerms:
 
 @dataclass
 class TeacherChunk:
-    """The teacher's signal for a range of rows: dense logits, or (not consumed yet) a sparse top-k signal.
+    """The teacher's signal for a range of rows: dense logits, or a sparse top-k signal.
 
     Attributes:
         logits (torch.Tensor, optional): ``[rows, vocab]`` logits.
         topk_indices (torch.Tensor, optional): ``[rows, k]`` vocabulary indices of the teacher's top entries.
         topk_logits (torch.Tensor, optional): ``[rows, k]`` their logits.
-        tail_mass (torch.Tensor, optional): ``[rows]`` the probability mass outside the top ``k``.
+        log_tail (torch.Tensor, optional): ``[rows]`` the log of the (unnormalized) mass of the other entries,
+            ``logsumexp`` of their logits.
     """
 
     logits: Optional[torch.Tensor] = None
     topk_indices: Optional[torch.Tensor] = None
     topk_logits: Optional[torch.Tensor] = None
-    tail_mass: Optional[torch.Tensor] = None
+    log_tail: Optional[torch.Tensor] = None
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the chunk is a top-k signal rather than dense logits."""
+        return self.logits is None
 
 
 @runtime_checkable
 class TeacherChunks(Protocol):
     """What the fused loop asks of the teacher: its signal for rows ``start:end`` of the flattened tokens.
 
-    Implementations: :class:`DenseTeacherChunks` (hidden states and output weight). A provider reading offline
-    top-k shards would fill :class:`TeacherChunk`'s sparse fields for the same rows.
+    Implementations: :class:`DenseTeacherChunks` (hidden states and output weight) and
+    :class:`SignalTeacherChunks` (a stored top-k signal, :class:`TeacherChunk`'s sparse fields).
     """
 
     num_rows: int
@@ -231,6 +240,51 @@ class DenseTeacherChunks:
         return TeacherChunk(logits=torch.stack([t.float() for t in logits]).mean(dim=0))
 
 
+class SignalTeacherChunks:
+    """A stored teacher signal for a range of rows: each row's top-k logits, their classes and the log tail mass.
+
+    The fused loop computes its term with :func:`~composer_kd.losses.signal.signal_kl_per_position`, the same
+    per-position KL the unfused :func:`~composer_kd.losses.signal.signal_kl` averages.
+
+    Args:
+        topk_indices (torch.Tensor): ``[N, k]`` kept classes.
+        topk_logits (torch.Tensor): ``[N, k]`` their logits.
+        log_tail (torch.Tensor): ``[N]`` the log of the other classes' mass.
+        vocab_size (int): ``V``.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.cache import topk_compress
+            from composer_kd.losses.fused import SignalTeacherChunks
+
+            values, indices, tail = topk_compress(torch.randn(6, 20), k=4)
+            chunk = SignalTeacherChunks(indices, values, tail, vocab_size=20).chunk(2, 5)
+            assert chunk.sparse and chunk.topk_indices.shape == (3, 4)
+    """
+
+    def __init__(self, topk_indices: torch.Tensor, topk_logits: torch.Tensor, log_tail: torch.Tensor, vocab_size: int):
+        if (
+            topk_indices.ndim != 2
+            or topk_logits.shape != topk_indices.shape
+            or log_tail.shape != topk_indices.shape[:1]
+        ):
+            raise ValueError(
+                f'A teacher signal for the fused loop is [N, k] indices and logits and [N] log tail mass, got '
+                f'{tuple(topk_indices.shape)}, {tuple(topk_logits.shape)} and {tuple(log_tail.shape)}.'
+            )
+        self.num_rows, self.vocab_size = topk_indices.shape[0], int(vocab_size)
+        self._indices, self._logits, self._log_tail = topk_indices.long(), topk_logits.detach(), log_tail.detach()
+
+    def chunk(self, start: int, end: int) -> TeacherChunk:
+        return TeacherChunk(
+            topk_indices=self._indices[start:end],
+            topk_logits=self._logits[start:end],
+            log_tail=self._log_tail[start:end],
+        )
+
+
 class FusedLosses(NamedTuple):
     """The fused path's result: ``total`` carries the gradients; the two terms are detached values to log."""
 
@@ -289,16 +343,9 @@ class _FusedLinearDistillation(torch.autograd.Function):
                 end = min(start + chunk_size, rows)
                 hidden_c = hidden[start:end].detach().to(compute_dtype)
                 teacher_chunk = teacher.chunk(start, end)
-                if teacher_chunk.logits is None:
-                    raise NotImplementedError(
-                        'The fused path reads dense teacher logits; a sparse (top-k) teacher chunk is not computed '
-                        'yet (see docs/fused.md).'
-                    )
                 with torch.enable_grad():
                     logits = F.linear(hidden_c, weight_c, bias_c).detach().requires_grad_(wants_any)
-                    log_q = softened_log_probs(logits, temperature, -1)
-                    log_p = softened_log_probs(teacher_chunk.logits.detach(), temperature, -1)
-                    kd_rows = terms(log_p, log_q, -1) * temperature**2
+                    kd_rows = _kd_rows(logits, teacher_chunk, terms, temperature)
                     kd_chunk = torch.where(kept[start:end], kd_rows, 0.0).sum() * kd_scale
                     if safe_labels is not None:
                         ce_rows = F.cross_entropy(logits.float(), safe_labels[start:end], reduction='none')
@@ -311,7 +358,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
                 ce_sum += ce_chunk.detach()
                 kd_sum += kd_chunk.detach()
                 # Released before the next chunk allocates its own: otherwise two chunks' temporaries coexist.
-                del logits, log_q, log_p, kd_rows, kd_chunk, ce_chunk, teacher_chunk
+                del logits, kd_rows, kd_chunk, ce_chunk, teacher_chunk
                 if safe_labels is not None:
                     del ce_rows
                 if not wants_any:
@@ -340,6 +387,16 @@ class _FusedLinearDistillation(torch.autograd.Function):
         # Scaled in place: a second buffer the size of the output weight is what fusing exists to avoid.
         scaled = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in grads]
         return (*scaled, None, None, None, None, None, None, None, None)
+
+
+def _kd_rows(logits: torch.Tensor, teacher: TeacherChunk, terms: PerPositionTerms, temperature: float) -> torch.Tensor:
+    """The chunk's per-row distillation term, ``T**2`` times the divergence, from dense or top-k teacher logits."""
+    if teacher.sparse:
+        # Only the forward KL is defined from a top-k signal (per_position_terms is checked by the caller).
+        return signal_kl_per_position(logits, teacher.topk_indices, teacher.topk_logits, teacher.log_tail, temperature)
+    log_q = softened_log_probs(logits, temperature, -1)
+    log_p = softened_log_probs(teacher.logits.detach(), temperature, -1)
+    return terms(log_p, log_q, -1) * temperature**2
 
 
 def _as_teacher_chunks(teacher) -> TeacherChunks:
@@ -440,6 +497,11 @@ def fused_linear_distillation(
         if value is not None and tuple(value.shape) != (rows,):
             raise ValueError(f'{name} {tuple(value.shape)} must be [N] = ({rows},), one entry per hidden-state row.')
     terms = per_position_terms(loss_fn)
+    if isinstance(teacher, SignalTeacherChunks) and terms is not forward_kl_terms:
+        raise ValueError(
+            'A stored teacher signal (top-k logits and tail mass) defines the forward KL only; loss_fn must be a '
+            f'KLDivergence (or "kl"), got {loss_fn if isinstance(loss_fn, str) else type(loss_fn).__name__}.'
+        )
     if temperature is None:
         temperature = getattr(loss_fn, 'temperature', 1.0) if not isinstance(loss_fn, str) else 1.0
     check_temperature(temperature)

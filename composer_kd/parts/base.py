@@ -132,6 +132,7 @@ class FitContext:
         teacher_inference (TeacherInference): The teachers' inference options.
         name (str, optional): The ``Distillation``'s name (its loss terms and logged values).
         owner (Any, optional): The ``Distillation`` itself (told apart from the trainer's other algorithms).
+        signal (TeacherSignal, optional): The stored signal given in place of teachers (then no teacher runs).
     """
 
     state: State
@@ -144,6 +145,7 @@ class FitContext:
     teacher_inference: TeacherInference = field(default_factory=TeacherInference)
     name: Optional[str] = None
     owner: Any = None
+    signal: Any = None
 
     def log_key(self, key: str) -> str:
         """Where this fit logs ``key`` (see :func:`log_key`)."""

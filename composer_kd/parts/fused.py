@@ -40,7 +40,13 @@ from composer.models import HuggingFaceModel
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from composer_kd.losses.fused import DenseTeacherChunks, fused_linear_distillation, per_position_terms
+from composer_kd.losses.fused import (
+    DenseTeacherChunks,
+    SignalTeacherChunks,
+    TeacherChunks,
+    fused_linear_distillation,
+    per_position_terms,
+)
 from composer_kd.models.outputs import token_mask
 from composer_kd.models.teachers import TeacherInference, teacher_logits
 from composer_kd.options import given_options, refuse_conflicts
@@ -281,6 +287,7 @@ class FusedSource(Source):
         per_position_terms(fit.kd_loss_fn)  # refuses a loss the fused path does not compute
         state = fit.state
         self.options = options
+        self._signal_checked = False
         composer_model = state.model.module if isinstance(state.model, DistributedDataParallel) else state.model
         self._composer_model = composer_model
         self.student = OutputLayerCapture(state.model, 'student')
@@ -322,11 +329,11 @@ class FusedSource(Source):
 
     def terms(self, fit: FitContext) -> LossTerms:
         """This microbatch's terms from the recorded hidden states; the captures are switched off."""
-        state, active = fit.state, fit.plan.active
+        state = fit.state
         self.student.on = False
         student_hidden = self.student.take()
         placeholder = self._placeholder(state.outputs)
-        teacher_hidden = [self._teacher_hidden(fit, index) for index in active]
+        teacher = self._teacher_chunks(fit, placeholder)
         labels = state.batch.get('labels') if isinstance(state.batch, Mapping) else None
         if isinstance(labels, torch.Tensor) and labels.shape == placeholder.shape[:-1]:
             labels = (_shifted_labels(labels) if fit.causal else labels).reshape(-1)
@@ -335,11 +342,6 @@ class FusedSource(Source):
         mask = token_mask(state.batch, placeholder, causal=fit.causal)
         org_loss_weight, kd_loss_weight = fit.plan.weights
         with get_precision_context(state.precision, state.precision_config):
-            teacher = DenseTeacherChunks(
-                teacher_hidden,
-                [self.teachers[i].layer.weight for i in active],
-                [self.teachers[i].layer.bias for i in active],
-            )
             fused = fused_linear_distillation(
                 student_hidden,
                 self.student.layer.weight,
@@ -359,6 +361,24 @@ class FusedSource(Source):
                 '+inf logits (or the student diverged).'
             )
         return LossTerms(fused.original, fused.kd, org_loss_weight, kd_loss_weight, total=fused.total)
+
+    def _teacher_chunks(self, fit: FitContext, placeholder: torch.Tensor) -> TeacherChunks:
+        """The teacher side of the loop: the batch's stored signal, or the active teachers' final hidden states."""
+        if fit.signal is not None:
+            if not self._signal_checked:  # one host synchronization per fit
+                fit.signal.check_vocabulary(fit.state.batch, placeholder)
+                self._signal_checked = True
+            indices, logits, log_tail = fit.signal.fields(fit.state.batch, placeholder.device)
+            k = indices.shape[-1]
+            return SignalTeacherChunks(
+                indices.reshape(-1, k), logits.reshape(-1, k), log_tail.reshape(-1), placeholder.shape[-1]
+            )
+        active = fit.plan.active
+        return DenseTeacherChunks(
+            [self._teacher_hidden(fit, index) for index in active],
+            [self.teachers[i].layer.weight for i in active],
+            [self.teachers[i].layer.bias for i in active],
+        )
 
     def _teacher_hidden(self, fit: FitContext, index: int) -> torch.Tensor:
         """Run teacher ``index`` with its capture on, and take its final hidden states."""

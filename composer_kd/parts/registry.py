@@ -82,8 +82,10 @@ PART_KINDS: dict[type, PartKind] = {
             'the student makes no logits for another instance to read'
         ),
     ),
+    # A stored signal is the fit's teacher (FitContext.signal): the default source reads it, and the fused source
+    # takes it in its loop.
     TeacherSignal: PartKind(
-        start=lambda signal, fit: StoredSignal(signal), check=lambda signal, kd_loss_fn: check_signal_loss(kd_loss_fn)
+        start=lambda signal, fit: None, check=lambda signal, kd_loss_fn: check_signal_loss(kd_loss_fn)
     ),
 }
 
@@ -115,15 +117,17 @@ class FitParts:
     Args:
         fit (FitContext): The fit.
         options (Sequence[Any]): The options that become parts (see :data:`PART_KINDS`), in the order their
-            parts act; at most one of them gives a source (the table of conflicting options sees to it), and
-            live teachers are the source otherwise.
+            parts act; at most one of them gives a source (the table of conflicting options sees to it). Otherwise
+            the fit's teacher is the source: its stored signal (:class:`~composer_kd.parts.signal.StoredSignal`),
+            or live teachers (:class:`~composer_kd.parts.live.LiveTeachers`).
     """
 
     def __init__(self, fit: FitContext, options: Sequence[Any]):
         built = [fit.plan, *(part_kind(option).start(option, fit) for option in options)]
         self.parts: list[Part] = [part for part in built if part is not None]
         sources = [part for part in self.parts if isinstance(part, Source)]
-        self.source: Source = sources[0] if sources else LiveTeachers(fit)
+        default = StoredSignal(fit.signal) if fit.signal is not None else LiveTeachers(fit)
+        self.source: Source = sources[0] if sources else default
         if not sources:
             self.parts.append(self.source)
         self._adjusting = [part for part in self.parts if type(part).adjust is not Part.adjust]

@@ -2,7 +2,7 @@
 to MosaicML Streaming shards and read back in place of a live teacher.
 
 - :mod:`~composer_kd.signal.encoding`: the stored form (low-precision logits, bit-packed indices, log tail mass);
-- :mod:`~composer_kd.signal.loss`: the KL term from a stored signal and the student's logits;
+- :mod:`~composer_kd.losses.signal`: the KL term from a stored signal and the student's logits;
 - :mod:`~composer_kd.signal.shards`: the MDS columns, :class:`~composer_kd.signal.shards.SignalDataset`, collate;
 - :mod:`~composer_kd.signal.writer`: running the teacher once and writing the shards, resumably;
 - :mod:`~composer_kd.signal.distill`: :class:`~composer_kd.signal.distill.TeacherSignal`, what
@@ -12,9 +12,9 @@ Only the encoding, the loss and :class:`TeacherSignal` load with this package; t
 MosaicML Streaming when they are imported themselves.
 """
 
+from composer_kd.losses.signal import signal_kl, signal_kl_per_position
 from composer_kd.signal.distill import TeacherSignal
 from composer_kd.signal.encoding import bits_per_index, bytes_per_token, decode_signal, encode_signal
-from composer_kd.signal.loss import signal_kl, signal_kl_per_position
 
 __all__ = [
     'TeacherSignal',

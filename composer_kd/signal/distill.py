@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from composer_kd.signal.loss import signal_kl
+from composer_kd.losses.signal import signal_kl
 
 __all__ = ['TeacherSignal']
 
@@ -19,7 +19,7 @@ class TeacherSignal:
     """Distil from the teacher signal in each batch instead of running teachers.
 
     Give it as ``Distillation(teachers=TeacherSignal())``: no teacher is loaded, and the distillation term of a
-    microbatch is :func:`~composer_kd.signal.loss.signal_kl` between the student's logits and the batch's stored
+    microbatch is :func:`~composer_kd.losses.signal.signal_kl` between the student's logits and the batch's stored
     top-k logits and tail mass, at the temperature of ``kd_loss_fn`` (which must be a forward KL,
     :class:`~composer_kd.KLDivergence`), masked and shifted as for any causal LM. The batch keys are named here.
 
@@ -68,15 +68,14 @@ class TeacherSignal:
                 f"student's logits have {vocab}: teacher and student must share one tokenizer."
             )
 
+    def fields(self, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch's ``[..., k]`` kept classes and their logits and its ``[...]`` log tail mass, on ``device``."""
+        return tuple(
+            self._entry(batch, key).to(device) for key in (self.indices_key, self.logits_key, self.log_tail_key)
+        )  # type: ignore[return-value]
+
     def loss(
         self, batch: Any, student_logits: torch.Tensor, temperature: float, mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
         """The distillation term of a microbatch: the masked mean of the per-position KL."""
-        return signal_kl(
-            student_logits,
-            self._entry(batch, self.indices_key).to(student_logits.device),
-            self._entry(batch, self.logits_key).to(student_logits.device),
-            self._entry(batch, self.log_tail_key).to(student_logits.device),
-            temperature,
-            mask,
-        )
+        return signal_kl(student_logits, *self.fields(batch, student_logits.device), temperature, mask)

@@ -2,7 +2,7 @@
 bit-packed, and the log of the probability mass left outside the top k.
 
 Everything here works on plain tensors and NumPy bytes, so that the shard format (:mod:`composer_kd.signal.shards`)
-and the loss (:mod:`composer_kd.signal.loss`) can be tested without Streaming. The top-k selection itself is the
+and the loss (:mod:`composer_kd.losses.signal`) can be tested without Streaming. The top-k selection itself is the
 teacher cache's (:func:`composer_kd.cache.topk.topk_compress`).
 """
 

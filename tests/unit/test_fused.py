@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from composer_kd.cache import topk_compress
 from composer_kd.losses import DecoupledKD, GeneralizedJSD, KLDivergence, get_loss
 from composer_kd.losses.fused import (
     DenseTeacherChunks,
-    TeacherChunk,
+    SignalTeacherChunks,
     default_chunk_size,
     fused_linear_distillation,
     per_position_terms,
@@ -218,20 +219,63 @@ def test_bad_input_is_refused_with_the_offending_argument():
         fused_linear_distillation(h, w, th)
 
 
-def test_sparse_teacher_chunk_is_a_documented_seam():
-    class TopKTeacher:
-        num_rows, vocab_size = 6, 10
+def rebuilt_teacher(values, indices, log_tail, vocab):
+    """The dense teacher a stored signal stands for: kept logits exact, the other classes sharing the tail's mass."""
+    k = values.shape[-1]
+    dense = (log_tail.double() - math.log(vocab - k)).unsqueeze(-1).expand(*log_tail.shape, vocab).clone()
+    return dense.scatter(-1, indices.long(), values.double())
 
-        def chunk(self, start, end):
-            rows = end - start
-            return TeacherChunk(
-                topk_indices=torch.zeros(rows, 2, dtype=torch.long),
-                topk_logits=torch.zeros(rows, 2),
-                tail_mass=torch.zeros(rows),
-            )
 
-    with pytest.raises(NotImplementedError, match='sparse'):
-        fused_linear_distillation(torch.randn(6, 4), torch.randn(10, 4), TopKTeacher())
+@pytest.mark.parametrize('temperature', [1.0, 2.0])
+@pytest.mark.parametrize('chunk_size', [3, 64])
+def test_a_stored_signal_in_the_loop_equals_the_unfused_signal_kl_and_its_gradients(temperature, chunk_size):
+    torch.manual_seed(0)
+    rows, hidden_size, vocab, k = 10, 6, 40, 5
+    h = torch.randn(rows, hidden_size, requires_grad=True)
+    w = torch.randn(vocab, hidden_size, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows,))
+    labels[3] = -100
+    mask = torch.ones(rows, dtype=torch.bool)
+    mask[[2, 7]] = False
+    values, indices, log_tail = topk_compress(torch.randn(rows, vocab) * 3, k)
+    signal = SignalTeacherChunks(indices, values, log_tail, vocab)
+    fused = fused_linear_distillation(
+        h,
+        w,
+        signal,
+        labels=labels,
+        kd_mask=mask,
+        loss_fn='kl',
+        temperature=temperature,
+        chunk_size=chunk_size,
+        org_loss_weight=0.3,
+        kd_loss_weight=0.7,
+    )
+    fused.total.backward()
+    grads = (h.grad.clone(), w.grad.clone())
+    h.grad, w.grad = None, None
+    # Written out on the full logits and the rebuilt teacher, in float64.
+    logits = h.double() @ w.double().T
+    log_p = torch.log_softmax(rebuilt_teacher(values, indices, log_tail, vocab) / temperature, -1)
+    log_q = torch.log_softmax(logits / temperature, -1)
+    kd = ((log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2)[mask].mean()
+    ce = F.cross_entropy(logits, labels, ignore_index=-100)
+    total = 0.3 * ce + 0.7 * kd
+    total.backward()
+    torch.testing.assert_close(fused.kd.double(), kd.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused.original.double(), ce.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0].double(), h.grad.double(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[1].double(), w.grad.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_stored_signal_defines_the_forward_kl_only():
+    values, indices, log_tail = topk_compress(torch.randn(6, 10), 2)
+    with pytest.raises(ValueError, match='defines the forward KL only'):
+        fused_linear_distillation(
+            torch.randn(6, 4), torch.randn(10, 4), SignalTeacherChunks(indices, values, log_tail, 10), loss_fn='js'
+        )
+    with pytest.raises(ValueError, match=r'\[N, k\] indices'):
+        SignalTeacherChunks(indices[None], values[None], log_tail[None], 10)
 
 
 def test_one_backward_pass_per_forward_pass():

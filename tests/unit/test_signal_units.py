@@ -17,7 +17,7 @@ from composer_kd.signal.encoding import (
     pack_indices,
     unpack_indices,
 )
-from composer_kd.signal.loss import signal_kl, signal_kl_per_position
+from composer_kd.losses.signal import signal_kl, signal_kl_per_position
 
 
 @pytest.mark.parametrize('bits', [1, 3, 7, 8, 15, 17, 32])

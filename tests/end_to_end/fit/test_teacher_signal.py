@@ -155,7 +155,7 @@ class _Record(Callback):
             self.checked.append(per_position[mask].mean().item())
 
 
-def _trainer(out: str, seed: int = 0, **kwargs) -> tuple[Trainer, _Record]:
+def _trainer(out: str, seed: int = 0, fused: bool = False, **kwargs) -> tuple[Trainer, _Record]:
     dataset = SignalDataset(local=out, vocab_size=VOCAB, shuffle=True, shuffle_seed=3, batch_size=4)
     record = _Record()
     student = HuggingFaceModel(gpt2(100 + seed), use_logits=True, shift_labels=True)
@@ -164,8 +164,8 @@ def _trainer(out: str, seed: int = 0, **kwargs) -> tuple[Trainer, _Record]:
         train_dataloader=DataLoader(dataset, batch_size=4, collate_fn=collate_signal),
         max_duration='4ba',
         optimizers=torch.optim.SGD(student.parameters(), lr=0.3),
-        algorithms=[Distillation(TeacherSignal(), KLDivergence(temperature=2.0), 0.5, 0.5)],
-        callbacks=[record],
+        algorithms=[Distillation(TeacherSignal(), KLDivergence(temperature=2.0), 0.5, 0.5, fused=fused)],
+        callbacks=[] if fused else [record],
         device='cpu',
         seed=seed,
         progress_bar=False,
@@ -182,6 +182,33 @@ def test_distillation_trains_from_the_shards_with_no_teacher(signal):
     assert len(record.kd) == 4 and all(np.isfinite(record.kd))
     assert record.kd[0] == pytest.approx(record.checked[0], rel=1e-4, abs=1e-6)  # float32 against float64
     assert Distillation(TeacherSignal()).teacher_modules == []
+
+
+@pytest.mark.usefixtures('one_thread')
+def test_the_fused_path_trains_from_the_shards_as_the_unfused_path_does(signal):
+    _, _, out = signal
+    weights, losses = [], []
+    for fused in (False, True):
+        trainer, _ = _trainer(out, fused=fused)
+        seen = []
+        trainer.engine.state.callbacks.append(_LossRecorder(seen))
+        trainer.fit()
+        weights.append({k: v.detach().clone() for k, v in trainer.state.model.state_dict().items()})
+        losses.append(seen)
+        trainer.close()
+    assert len(losses[1]) == 4
+    for unfused, fused in zip(*losses, strict=True):
+        assert fused == pytest.approx(unfused, rel=1e-5, abs=1e-6)
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
+
+
+class _LossRecorder(Callback):
+    def __init__(self, seen):
+        self.seen = seen
+
+    def after_loss(self, state: State, logger: Logger) -> None:
+        self.seen.append((float(state.loss['original']), float(state.loss['kd']), float(state.loss['total'])))
 
 
 @pytest.mark.usefixtures('one_thread')
@@ -234,8 +261,6 @@ def test_options_that_need_a_live_teacher_are_refused():
         Distillation(TeacherSignal(), 'js')
     with pytest.raises(ValueError, match='n_teachers_to_sample cannot be combined with teachers=TeacherSignal'):
         Distillation(TeacherSignal(), n_teachers_to_sample=1)
-    with pytest.raises(ValueError, match='fused cannot be combined with teachers=TeacherSignal'):
-        Distillation(TeacherSignal(), fused=True)
 
 
 def test_shards_round_trip_through_an_object_store(s3, tmp_path):

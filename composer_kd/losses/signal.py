@@ -119,7 +119,7 @@ def signal_kl_per_position(
 
             import torch
             from composer_kd.cache import topk_compress, topk_logits
-            from composer_kd.signal.loss import signal_kl_per_position
+            from composer_kd.losses.signal import signal_kl_per_position
 
             teacher = torch.randn(3, 50)
             values, indices, tail = topk_compress(teacher, k=5)
@@ -172,7 +172,7 @@ def signal_kl(
 
             import torch
             from composer_kd.cache import topk_compress
-            from composer_kd.signal.loss import signal_kl
+            from composer_kd.losses.signal import signal_kl
 
             values, indices, tail = topk_compress(torch.randn(2, 7, 30), k=4)
             loss = signal_kl(torch.randn(2, 7, 30), indices, values, tail, temperature=2.0)

@@ -342,7 +342,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
             for start in range(0, rows, chunk_size):
                 end = min(start + chunk_size, rows)
                 hidden_c = hidden[start:end].detach().to(compute_dtype)
-                teacher_chunk = teacher.chunk(start, end)
+                teacher_chunk = None if teacher is None else teacher.chunk(start, end)
                 with torch.enable_grad():
                     logits = F.linear(hidden_c, weight_c, bias_c).detach().requires_grad_(wants_any)
                     kd_rows = _kd_rows(logits, teacher_chunk, terms, temperature)
@@ -389,8 +389,13 @@ class _FusedLinearDistillation(torch.autograd.Function):
         return (*scaled, None, None, None, None, None, None, None, None)
 
 
-def _kd_rows(logits: torch.Tensor, teacher: TeacherChunk, terms: PerPositionTerms, temperature: float) -> torch.Tensor:
-    """The chunk's per-row distillation term, ``T**2`` times the divergence, from dense or top-k teacher logits."""
+def _kd_rows(
+    logits: torch.Tensor, teacher: Optional[TeacherChunk], terms: PerPositionTerms, temperature: float
+) -> torch.Tensor:
+    """The chunk's per-row distillation term, ``T**2`` times the divergence, from dense or top-k teacher logits
+    (zero without a teacher)."""
+    if teacher is None:
+        return torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
     if teacher.sparse:
         # Only the forward KL is defined from a top-k signal (per_position_terms is checked by the caller).
         return signal_kl_per_position(logits, teacher.topk_indices, teacher.topk_logits, teacher.log_tail, temperature)
@@ -399,8 +404,8 @@ def _kd_rows(logits: torch.Tensor, teacher: TeacherChunk, terms: PerPositionTerm
     return terms(log_p, log_q, -1) * temperature**2
 
 
-def _as_teacher_chunks(teacher) -> TeacherChunks:
-    if isinstance(teacher, TeacherChunks):
+def _as_teacher_chunks(teacher) -> Optional[TeacherChunks]:
+    if teacher is None or isinstance(teacher, TeacherChunks):
         return teacher
     if isinstance(teacher, (tuple, list)) and len(teacher) in (2, 3):
         return DenseTeacherChunks(*teacher)
@@ -413,7 +418,7 @@ def _as_teacher_chunks(teacher) -> TeacherChunks:
 def fused_linear_distillation(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
-    teacher: Union[TeacherChunks, tuple],
+    teacher: Union[TeacherChunks, tuple, None],
     labels: Optional[torch.Tensor] = None,
     kd_mask: Optional[torch.Tensor] = None,
     loss_fn: Union[str, nn.Module] = 'kl',
@@ -441,8 +446,9 @@ def fused_linear_distillation(
     Args:
         student_hidden (torch.Tensor): ``[N, H]`` the student's final hidden states (the output layer's input).
         student_weight (torch.Tensor): ``[V, H]`` the student's output weight.
-        teacher (TeacherChunks | tuple): The teacher's signal: a provider, or ``(hidden [N, H_t], weight [V, H_t]
-            [, bias [V]])``, projected without gradients.
+        teacher (TeacherChunks | tuple | None): The teacher's signal: a provider, or ``(hidden [N, H_t], weight
+            [V, H_t] [, bias [V]])``, projected without gradients; ``None`` for the student's cross-entropy alone
+            (the distillation term is then 0).
         labels (torch.Tensor, optional): ``[N]`` target token ids, ``-100`` where none. Default: ``None``, the
             cross-entropy term is 0.
         kd_mask (torch.Tensor, optional): ``[N]`` booleans, the rows the distillation term averages over.
@@ -488,7 +494,7 @@ def fused_linear_distillation(
     if student_bias is not None and tuple(student_bias.shape) != (vocab,):
         raise ValueError(f'student_bias {tuple(student_bias.shape)} must be [V] = ({vocab},).')
     teacher = _as_teacher_chunks(teacher)
-    if teacher.num_rows != rows or teacher.vocab_size != vocab:
+    if teacher is not None and (teacher.num_rows != rows or teacher.vocab_size != vocab):
         raise ValueError(
             f'The teacher gives {teacher.num_rows} rows over a vocabulary of {teacher.vocab_size}; the student has '
             f'{rows} rows over {vocab}. Student and teacher must share the tokenizer and the batch.'

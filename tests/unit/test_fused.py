@@ -284,3 +284,19 @@ def test_one_backward_pass_per_forward_pass():
     out.total.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match='one backward pass'):
         out.total.backward()
+
+
+def test_without_a_teacher_the_loop_is_the_students_cross_entropy_alone():
+    torch.manual_seed(1)
+    h = torch.randn(7, 5, requires_grad=True)
+    w = torch.randn(12, 5, requires_grad=True)
+    labels = torch.randint(0, 12, (7,))
+    fused = fused_linear_distillation(h, w, None, labels=labels, chunk_size=3, org_loss_weight=1.0, kd_loss_weight=1.0)
+    fused.total.backward()
+    grads = (h.grad.clone(), w.grad.clone())
+    h.grad, w.grad = None, None
+    ce = F.cross_entropy(h @ w.T, labels)
+    ce.backward()
+    assert float(fused.kd) == 0.0
+    torch.testing.assert_close(fused.total, ce.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads, (h.grad, w.grad), rtol=1e-5, atol=1e-6)

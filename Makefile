@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The demo needs only the package and its `demo` extra, not the test suite's tools.
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: setup demo test docs lint format clean
+.PHONY: setup demo test docs lint format gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -39,6 +39,11 @@ lint: $(STAMP)
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+# On a machine with one CUDA device: the gpu-marked tests, FSDP-1/2 smoke runs, fused vs unfused memory and the KD
+# overhead ratio, in under 8 minutes, as one table (benchmarks/results/gpu_check.{md,json}). Exits 2 without CUDA.
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info docs/_build

@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The command's settings (Liger-Kernel's shapes unless given), the tiny ones with ``--quick``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cuda', choices=('cuda', 'cpu'))
     parser.add_argument('--tokens', type=int, default=8192)
@@ -96,10 +97,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument('--quick', action='store_true', help='a tiny setting, to check the script runs')
     parser.add_argument('--output', type=Path, default=None)
     args = parser.parse_args(argv)
-    if args.device == 'cuda' and not torch.cuda.is_available():
-        raise SystemExit('No CUDA device: run with --device cpu --quick to check the script, or on a GPU machine.')
     if args.quick:
         args.tokens, args.hidden, args.vocab, args.repeats, args.chunk_size = 64, 16, 500, 1, 16
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    args = parse_args(argv)
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit('No CUDA device: run with --device cpu --quick to check the script, or on a GPU machine.')
     report = run(args)
     mib = 2**20
     for variant in VARIANTS:

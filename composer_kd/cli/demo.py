@@ -16,6 +16,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Optional
 
@@ -164,48 +165,82 @@ def run_demo(
     os.makedirs(output_dir, exist_ok=True)
     _single_thread()
 
-    accuracy: dict[str, dict[str, list[float]]] = {name: {'val': [], 'test': []} for name in ROLES.values()}
-    seconds: dict[str, list[float]] = {name: [] for name in ROLES.values()}
-    curves: dict[str, list] = {name: [] for name in ROLES.values()}
-    ratios, speeds = [], []
-    recipe = None
+    results = _SeedResults()
     for seed in seeds:
-        recipe = load_recipe('digits', _recipe_overrides(seed, overrides))
-        recorder = _Curves()
-        run = build_run(recipe, source='digits', loggers=recorder)
-        summary = run.fit()
-        for role, name in ROLES.items():
-            for split in ('val', 'test'):
-                accuracy[name][split].append(_summary_value(summary, role, split))
-            seconds[name].append(next(m.train_seconds for m in summary.models if m.role == role) or 0.0)
-            curves[name].append(recorder.curve(role, 'test'))
-        test = {name: accuracy[name]['test'][-1] for name in ROLES.values()}
-        ratios.append(distillation_ratio(test['teacher'], test['student_alone'], test['student_distilled']))
-        test_images = run.data.splits['test'].tensors[0]  # type: ignore[attr-defined]
-        speeds.append(measure_speedup(run.teachers[0], run.student, test_images, repeats=speed_repeats))
-        echo(
-            f'seed {seed}: test accuracy teacher {percent(test["teacher"])}, student alone '
-            f'{percent(test["student_alone"])}, distilled {percent(test["student_distilled"])} '
-            f'({summary.wall_seconds:.1f} s)'
-        )
-    assert recipe is not None and run is not None
+        _run_seed(results, seed, overrides, speed_repeats, echo)
+    report = _demo_report(results, seeds, overrides, speed_repeats)
+    report_path = os.path.join(output_dir, 'report.json')
+    plot_path = os.path.join(output_dir, 'accuracy.png')
+    title = (
+        f'digits: {report["dataset"]["labelled_train_images"]} labels for the student, test accuracy over training '
+        f'(mean of {len(seeds)} seed{"s" if len(seeds) > 1 else ""}, band = min-max)'
+    )
+    finals = {name: model['test_accuracy'] for name, model in report['models'].items()}
+    _plot(results.curves, finals, plot_path, title)
+    report['wall_seconds'] = time.perf_counter() - start
+    report['files'] = {'report': report_path, 'plot': plot_path}
+    with open(report_path, 'w') as f:
+        json.dump(report, f, indent=2)
+    echo('')
+    echo(format_report(report))
+    return report
 
+
+@dataclass
+class _SeedResults:
+    """What the demo's runs gave, seed after seed, by model name (:data:`ROLES`); the last run's recipe, data and
+    models describe them all."""
+
+    accuracy: dict[str, dict[str, list[float]]] = field(
+        default_factory=lambda: {name: {'val': [], 'test': []} for name in ROLES.values()}
+    )
+    seconds: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in ROLES.values()})
+    curves: dict[str, list[list[tuple[int, float]]]] = field(
+        default_factory=lambda: {name: [] for name in ROLES.values()}
+    )
+    ratios: list[Optional[float]] = field(default_factory=list)
+    speeds: list[dict[str, float]] = field(default_factory=list)
+    recipe: Any = None
+    run: Any = None
+
+
+def _run_seed(results: _SeedResults, seed: int, overrides: Sequence[str], speed_repeats: int, echo: Printer) -> None:
+    """Train the teacher, the student alone and the distilled student with ``seed``; add what they gave."""
+    recipe = load_recipe('digits', _recipe_overrides(seed, overrides))
+    recorder = _Curves()
+    run = build_run(recipe, source='digits', loggers=recorder)
+    summary = run.fit()
+    for role, name in ROLES.items():
+        for split in ('val', 'test'):
+            results.accuracy[name][split].append(_summary_value(summary, role, split))
+        results.seconds[name].append(next(m.train_seconds for m in summary.models if m.role == role) or 0.0)
+        results.curves[name].append(recorder.curve(role, 'test'))
+    test = {name: results.accuracy[name]['test'][-1] for name in ROLES.values()}
+    results.ratios.append(distillation_ratio(test['teacher'], test['student_alone'], test['student_distilled']))
+    test_images = run.data.splits['test'].tensors[0]  # type: ignore[attr-defined]
+    results.speeds.append(measure_speedup(run.teachers[0], run.student, test_images, repeats=speed_repeats))
+    results.recipe, results.run = recipe, run
+    echo(
+        f'seed {seed}: test accuracy teacher {percent(test["teacher"])}, student alone '
+        f'{percent(test["student_alone"])}, distilled {percent(test["student_distilled"])} '
+        f'({summary.wall_seconds:.1f} s)'
+    )
+
+
+def _demo_report(
+    results: _SeedResults, seeds: Sequence[int], overrides: Sequence[str], speed_repeats: int
+) -> dict[str, Any]:
+    """The report of :func:`run_demo`, less its wall time and files."""
+    recipe, run = results.recipe, results.run
+    assert recipe is not None and run is not None
+    accuracy = results.accuracy
     finals = {name: _stats(accuracy[name]['test']) for name in ROLES.values()}
     means = {name: finals[name]['mean'] for name in ROLES.values()}
     gains = [
         d - a for d, a in zip(accuracy['student_distilled']['test'], accuracy['student_alone']['test'], strict=True)
     ]
-    data = run.data
-    report: dict[str, Any] = {
-        'dataset': {
-            'name': 'scikit-learn digits (sklearn.datasets.load_digits, bundled, 8x8 images, 10 classes)',
-            'train_images': len(data.train),  # type: ignore[arg-type]
-            'labelled_train_images': data.notes.get('labelled'),
-            'unlabelled_train_images': data.notes.get('unlabelled'),
-            'val_images': len(data.splits['val']),  # type: ignore[arg-type]
-            'test_images': len(data.splits['test']),  # type: ignore[arg-type]
-            'teacher_labelled_train_images': _labelled_images(run.teacher_trainers[0]),
-        },
+    return {
+        'dataset': _dataset_facts(run),
         'seeds': list(seeds),
         'metric': 'accuracy on the held-out test split (fraction); val: on the validation split',
         'models': {
@@ -216,26 +251,18 @@ def run_demo(
                 ),
                 'test_accuracy': finals[name],
                 'val_accuracy': _stats(accuracy[name]['val']),
-                'train_seconds': _stats(seconds[name]),
+                'train_seconds': _stats(results.seconds[name]),
             }
             for name in ROLES.values()
         },
         'distillation_ratio': {
             'definition': '(distilled - alone) / (teacher - alone), test accuracy',
             'of_means': distillation_ratio(means['teacher'], means['student_alone'], means['student_distilled']),
-            **_stats([r for r in ratios if r is not None] or [float('nan')]),
+            **_stats([r for r in results.ratios if r is not None] or [float('nan')]),
         },
         'distilled_minus_alone': {**_stats(gains), 'seeds_better': sum(g > 0 for g in gains)},
         'distilled_beats_alone': means['student_distilled'] > means['student_alone'],
-        'inference': {
-            'batch_size': len(data.splits['test']),  # type: ignore[arg-type]
-            'threads': torch.get_num_threads(),
-            'repeats': speed_repeats,
-            'teacher_us_per_example': statistics.median(s['teacher_us_per_example'] for s in speeds),
-            'student_us_per_example': statistics.median(s['student_us_per_example'] for s in speeds),
-            'speedup': statistics.median(s['speedup'] for s in speeds),
-            'speedup_per_seed': [s['speedup'] for s in speeds],
-        },
+        'inference': _inference_facts(results.speeds, len(run.data.splits['test']), speed_repeats),
         'recipe': OmegaConf.to_container(OmegaConf.structured(recipe)),
         'overrides': list(overrides),
         'environment': {
@@ -244,22 +271,35 @@ def run_demo(
             'platform': platform.platform(),
             'cpu_count': os.cpu_count(),
         },
-        'curves': {name: curves[name] for name in ROLES.values()},
+        'curves': {name: results.curves[name] for name in ROLES.values()},
     }
-    report_path = os.path.join(output_dir, 'report.json')
-    plot_path = os.path.join(output_dir, 'accuracy.png')
-    title = (
-        f'digits: {data.notes.get("labelled")} labels for the student, test accuracy over training '
-        f'(mean of {len(seeds)} seed{"s" if len(seeds) > 1 else ""}, band = min-max)'
-    )
-    _plot(curves, finals, plot_path, title)
-    report['wall_seconds'] = time.perf_counter() - start
-    report['files'] = {'report': report_path, 'plot': plot_path}
-    with open(report_path, 'w') as f:
-        json.dump(report, f, indent=2)
-    echo('')
-    echo(format_report(report))
-    return report
+
+
+def _dataset_facts(run: Any) -> dict[str, Any]:
+    """The digits data of a run: how many images each split holds, and how many of them are labelled."""
+    data = run.data
+    return {
+        'name': 'scikit-learn digits (sklearn.datasets.load_digits, bundled, 8x8 images, 10 classes)',
+        'train_images': len(data.train),
+        'labelled_train_images': data.notes.get('labelled'),
+        'unlabelled_train_images': data.notes.get('unlabelled'),
+        'val_images': len(data.splits['val']),
+        'test_images': len(data.splits['test']),
+        'teacher_labelled_train_images': _labelled_images(run.teacher_trainers[0]),
+    }
+
+
+def _inference_facts(speeds: Sequence[dict[str, float]], batch_size: int, repeats: int) -> dict[str, Any]:
+    """The medians over seeds of the inference timings, and how they were taken."""
+    return {
+        'batch_size': batch_size,
+        'threads': torch.get_num_threads(),
+        'repeats': repeats,
+        'teacher_us_per_example': statistics.median(s['teacher_us_per_example'] for s in speeds),
+        'student_us_per_example': statistics.median(s['student_us_per_example'] for s in speeds),
+        'speedup': statistics.median(s['speedup'] for s in speeds),
+        'speedup_per_seed': [s['speedup'] for s in speeds],
+    }
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -358,19 +398,7 @@ def run_sweep(
         results['student_alone'].append({'lr': lr, 'val_accuracy': _stats(scores)})
         echo(f'student alone, lr {lr}: val {percent(statistics.fmean(scores))}')
     best_lr = max(results['student_alone'], key=lambda r: r['val_accuracy']['mean'])['lr']
-    for temperature in SWEEP_TEMPERATURES:
-        for weight in SWEEP_KD_WEIGHTS:
-            extra = [
-                f'optimizer.lr={best_lr}',
-                f'distillation.temperature={temperature}',
-                f'distillation.kd_loss_weight={weight}',
-                f'distillation.org_loss_weight={round(1 - weight, 6)}',
-            ]
-            scores = [val_accuracy(extra, s) for s in seeds]
-            results['distilled'].append(
-                {'temperature': temperature, 'kd_loss_weight': weight, 'val_accuracy': _stats(scores)}
-            )
-            echo(f'distilled, T {temperature:g}, kd weight {weight:g}: val {percent(statistics.fmean(scores))}')
+    results['distilled'] = _sweep_distilled(val_accuracy, seeds, best_lr, echo)
     best = max(results['distilled'], key=lambda r: r['val_accuracy']['mean'])
     results['teacher_val_accuracy'] = _stats(teacher_val)
     results['chosen'] = {'lr': best_lr, 'temperature': best['temperature'], 'kd_loss_weight': best['kd_loss_weight']}
@@ -379,6 +407,26 @@ def run_sweep(
     echo('')
     echo(format_sweep(results))
     return results
+
+
+def _sweep_distilled(
+    val_accuracy: Callable[[Sequence[str], int], float], seeds: Sequence[int], lr: float, echo: Printer
+) -> list[dict[str, Any]]:
+    """The distilled student's validation accuracy at ``lr`` for each temperature and distillation weight ``w``
+    (:data:`SWEEP_TEMPERATURES` x :data:`SWEEP_KD_WEIGHTS`, with ``org_loss_weight = 1 - w``)."""
+    rows = []
+    for temperature in SWEEP_TEMPERATURES:
+        for weight in SWEEP_KD_WEIGHTS:
+            extra = [
+                f'optimizer.lr={lr}',
+                f'distillation.temperature={temperature}',
+                f'distillation.kd_loss_weight={weight}',
+                f'distillation.org_loss_weight={round(1 - weight, 6)}',
+            ]
+            scores = [val_accuracy(extra, s) for s in seeds]
+            rows.append({'temperature': temperature, 'kd_loss_weight': weight, 'val_accuracy': _stats(scores)})
+            echo(f'distilled, T {temperature:g}, kd weight {weight:g}: val {percent(statistics.fmean(scores))}')
+    return rows
 
 
 def format_sweep(results: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from composer_kd.models.outputs import Key, run_teacher
-from composer_kd.models.teachers import TeacherInference, TeacherRunner, teacher_logits
+from composer_kd.models.teachers import TeacherInference, TeacherRunner, teacher_logits, teacher_output
 
 __all__ = ['example_count', 'first_examples', 'measure_speedup', 'measure_teacher_inference']
 
@@ -66,26 +66,18 @@ def first_examples(batch: Any, n: int) -> Any:
     return _map_tensors(batch, lambda t: t[:n] if t.ndim else t)
 
 
-def _timer(model: nn.Module, batch: Any) -> Callable[[], float]:
+def _timer(model: nn.Module, batch: Any, run: Callable[[nn.Module, Any], Any]) -> Callable[[], float]:
     """A function timing one forward pass of ``model`` on ``batch`` (moved once to the model's device).
 
     A tensor batch goes to the network inside a ``ComposerClassifier`` (``.module``) or to the model itself;
-    any other batch is given to the model the way a teacher receives the student's batch
-    (:func:`~composer_kd.models.outputs.run_teacher`), which works for every kind of model this package takes.
+    any other batch is given to the model the way a teacher receives the student's batch. ``run`` makes the call:
+    :func:`~composer_kd.models.teachers.teacher_output` for a teacher,
+    :func:`~composer_kd.models.outputs.run_teacher` for the student.
     """
     device = next(model.parameters()).device
     batch = _map_tensors(batch, lambda t: t.to(device))
-    if isinstance(batch, torch.Tensor):
-        network = getattr(model, 'module', model)
-
-        def forward() -> Any:
-            return network(batch)
-    else:
-
-        def forward() -> Any:
-            return run_teacher(model, batch)
-
-    return _timed(forward, device)
+    network = getattr(model, 'module', model) if isinstance(batch, torch.Tensor) else model
+    return _timed(lambda: run(network, batch), device)
 
 
 def _timed(call: Callable[[], Any], device: torch.device) -> Callable[[], float]:
@@ -134,19 +126,15 @@ def measure_speedup(
             result = measure_speedup(wide, torch.nn.Linear(64, 10), torch.randn(128, 64), repeats=4, rounds=2)
             assert set(result) == {'teacher_us_per_example', 'student_us_per_example', 'speedup'}
     """
-    models = {'teacher': teacher, 'student': student}
-    modes = {name: [(m, m.training) for m in model.modules()] for name, model in models.items()}
-    timings: dict[str, list[float]] = {name: [] for name in models}
+    models = {'teacher': (teacher, teacher_output), 'student': (student, run_teacher)}
+    modes = {name: [(m, m.training) for m in model.modules()] for name, (model, _) in models.items()}
     try:
         with torch.inference_mode():
-            calls = {}
-            for name, model in models.items():
+            timers = {}
+            for name, (model, run) in models.items():
                 model.eval()
-                calls[name] = _timer(model, inputs)
-            for _ in range(rounds):
-                for name, call in calls.items():
-                    call(), call()
-                    timings[name] += [call() for _ in range(max(1, repeats // rounds))]
+                timers[name] = _timer(model, inputs, run)
+            timings = _interleaved(timers, repeats, rounds)
     finally:
         for flags in modes.values():
             for module, training in flags:
@@ -231,17 +219,17 @@ def measure_teacher_inference(
         runner.prepare()
         # Run as a fit runs it, inputs adapted to each option on every call included.
         calls[name] = lambda runner=runner: teacher_logits([runner], batch, input_key=input_key, logits_key=logits_key)
-    timings: dict[str, list[float]] = {name: [] for name in calls}
     with torch.no_grad():
         reference = calls['plain']().float()
         differences = {name: float((call().float() - reference).abs().max()) for name, call in calls.items()}
-        timed = {name: _timed(call, device) for name, call in calls.items()}
-        for _ in range(rounds):
-            for name, call in calls.items():
-                call(), call()
-                timings[name] += [timed[name]() for _ in range(max(1, repeats // rounds))]
+        timings = _interleaved({name: _timed(call, device) for name, call in calls.items()}, repeats, rounds)
     for runner in runners.values():
         runner.release()
+    return _against_plain(timings, differences)
+
+
+def _against_plain(timings: Mapping[str, list[float]], differences: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """Each variant's median time, its speed-up over the ``'plain'`` variant's, and its logits' difference."""
     medians = {name: statistics.median(t) for name, t in timings.items()}
     return {
         name: {
@@ -249,5 +237,16 @@ def measure_teacher_inference(
             'speedup': medians['plain'] / medians[name],
             'max_abs_difference': differences[name],
         }
-        for name in calls
+        for name in timings
     }
+
+
+def _interleaved(timers: Mapping[str, Callable[[], float]], repeats: int, rounds: int) -> dict[str, list[float]]:
+    """Each timer's timings, taken in ``rounds`` rounds: in each, every timer in turn is called twice to warm up
+    and then ``repeats // rounds`` times in a row (at least once), so a busy machine slows each alike."""
+    timings: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            timer(), timer()
+            timings[name] += [timer() for _ in range(max(1, repeats // rounds))]
+    return timings

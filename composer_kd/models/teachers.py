@@ -34,6 +34,7 @@ __all__ = [
     'resolve_teachers',
     'sample_teachers',
     'teacher_logits',
+    'teacher_output',
 ]
 
 #: What ``Distillation(teachers=...)`` accepts.
@@ -329,15 +330,7 @@ def teacher_logits(
     with torch.no_grad(), get_precision_context(precision, precision_config):
         for position, teacher in enumerate(teachers):
             index = position if teacher_indices is None else teacher_indices[position]
-            runner = teacher if isinstance(teacher, TeacherRunner) else None
-            module = teacher.module if isinstance(teacher, TeacherRunner) else teacher
-            if module.training:
-                module.eval()
-            inputs = batch if runner is None else runner.inputs(batch)
-            try:
-                output = run_teacher(module, inputs, input_key)
-            except (RuntimeError, TypeError, ValueError, IndexError) as e:
-                raise _attributed(e, index, module, inputs, input_key) from e
+            output = teacher_output(teacher, batch, input_key=input_key, index=index)
             key = None if bare_tensor_is_logits and isinstance(output, torch.Tensor) else logits_key
             chosen = extract_logits(output, key, role='teacher')
             if key is None and isinstance(output, (tuple, list)) and _differs(chosen, expected_shape):
@@ -465,3 +458,45 @@ def refuse_shared_parameters(teachers: Sequence[nn.Module], student: nn.Module) 
                 f'teachers[{i}] shares parameters with the student being trained; a teacher must be a separate, '
                 'fixed model (copy it with copy.deepcopy if it starts from the same weights).'
             )
+
+
+def teacher_output(
+    teacher: Union[nn.Module, TeacherRunner], batch: Any, *, input_key: Optional[Key] = None, index: int = 0
+) -> Any:
+    """One teacher's whole output on ``batch``, for a caller that needs more than the logits
+    :func:`teacher_logits` reads from it (timing the forward pass, a dict of several heads).
+
+    The teacher is run as :func:`teacher_logits` runs each of its teachers: in eval mode, a
+    :class:`TeacherRunner` on inputs adapted to its options, and a failing forward pass said again naming the
+    teacher, the batch it received and ``input_key``. Gradients and precision are the caller's.
+
+    Args:
+        teacher (nn.Module | TeacherRunner): The (frozen, placed) teacher.
+        batch (Any): The batch the student received.
+        input_key (int | str | Callable, optional): Chooses the teacher's input, as in
+            :func:`~composer_kd.models.outputs.run_teacher`. Default: ``None``.
+        index (int, optional): The teacher's index among all of them, for the error message. Default: ``0``.
+
+    Returns:
+        Any: What the teacher's forward pass returned.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.models.teachers import teacher_output
+
+            teacher = torch.nn.Linear(4, 3)
+            inputs = torch.randn(2, 4)
+            with torch.no_grad():
+                assert torch.equal(teacher_output(teacher, (inputs, None)), teacher(inputs))
+    """
+    runner = teacher if isinstance(teacher, TeacherRunner) else None
+    module = teacher.module if isinstance(teacher, TeacherRunner) else teacher
+    if module.training:
+        module.eval()
+    inputs = batch if runner is None else runner.inputs(batch)
+    try:
+        return run_teacher(module, inputs, input_key)
+    except (RuntimeError, TypeError, ValueError, IndexError) as e:
+        raise _attributed(e, index, module, inputs, input_key) from e

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from composer_kd.losses import IGNORE_INDEX, cross_entropy_with_hidden_labels
-from composer_kd.models.outputs import extract_logits, run_teacher
+from composer_kd.models.teachers import teacher_logits
 from composer_kd.multitask import MultiTaskClassifier
 
 __all__ = [
@@ -423,14 +423,22 @@ def composer_student(student: Any, batch: Any, num_classes: Optional[int], multi
 
 
 def evaluable_teacher(
-    teacher: nn.Module, name: str, batch: Any, student_classes: Optional[int], task: Optional[str], key: Any
+    teacher: nn.Module,
+    name: str,
+    batch: Any,
+    student_classes: Optional[int],
+    task: Optional[str],
+    key: Any,
+    *,
+    index: int = 0,
 ) -> Optional[nn.Module]:
     """A form of ``teacher`` a Trainer evaluates: itself when it is a ComposerModel, else a thin wrapper.
 
     The wrapper holds the teacher itself (no copy), so what is evaluated is exactly what taught. A plain
-    module is run once on ``batch`` (as ``Distillation`` will run it) to read its number of classes, which must
-    be the student's. ``None`` when its labels cannot be told apart in the batch (a plain module fed by
-    ``input_key`` from a batch that is not ``(inputs, targets)`` nor multi-task).
+    module is run once on ``batch`` as ``Distillation`` will run it
+    (:func:`~composer_kd.models.teachers.teacher_logits`) to read its number of classes, which must be the
+    student's. ``None`` when its labels cannot be told apart in the batch (a plain module fed by ``input_key``
+    from a batch that is not ``(inputs, targets)`` nor multi-task).
 
     Args:
         teacher (nn.Module): The teacher.
@@ -439,6 +447,8 @@ def evaluable_teacher(
         student_classes (int, optional): The student's number of classes, which a plain teacher must have.
         task (str, optional): The task it teaches, in a multi-task run: it is wrapped as that task's head.
         key (Any): ``Distillation``'s ``input_key``: what of the batch the teacher reads. ``None``: the inputs.
+        index (int, optional): Its position among the teachers ``Distillation`` is given, which the error of a
+            failing forward pass names (``teachers[0]``). Default: ``0``.
 
     Returns:
         nn.Module | None: The teacher itself, a wrapper holding it, or ``None``.
@@ -457,8 +467,9 @@ def evaluable_teacher(
         return teacher
     if is_hf_pretrained(teacher):
         return hugging_face_classifier(teacher, int(teacher.config.num_labels))
-    output = _probe(teacher, lambda: run_teacher(teacher, _to_device_of(teacher, batch), key))
-    width = _class_count(extract_logits(output, role='teacher'), name)
+    inputs = _to_device_of(teacher, batch)
+    logits = _probe(teacher, lambda: teacher_logits([teacher], inputs, input_key=key, teacher_indices=[index]))
+    width = _class_count(logits, name)
     if task is not None:
         return MultiTaskClassifier(nn.Identity(), {task: teacher}, num_classes={task: width})
     if student_classes is not None and width != student_classes:

@@ -6,15 +6,20 @@ It takes the models and data a Composer user already has, builds an ordinary ``T
 :class:`~composer_kd.run.reporting.RunSummary` with the teachers', the distilled student's and (with
 ``baseline=True``) the student alone's metrics, parameters and training time, the distillation ratio, the
 inference speed-up and the wall time.
+
+A call runs in stages: its arguments are checked and its teachers resolved; its data are made into loaders and
+checked on their first batches; the student, the teachers' evaluated forms and the ``Distillation`` are built;
+and only then, the teachers frozen, are the settings searched, the student trained and every model reported.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
+import dataclasses
 import inspect
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
@@ -28,8 +33,9 @@ from torch import nn
 
 from composer_kd.distillation import Distillation, KDLossFn
 from composer_kd.losses import LOSSES, canonical_loss_name, loss_from_name
-from composer_kd.models.teachers import FrozenTeachers, TeacherSpec, resolve_teachers
+from composer_kd.models.teachers import FrozenTeachers, TeacherSpec, refuse_shared_parameters, resolve_teachers
 from composer_kd.multitask import DistillationTask, task_distillations
+from composer_kd.options import did_you_mean, given_options, refuse_conflicts, refuse_unknown_keywords
 from composer_kd.run.adapters import (
     as_loader,
     check_batch,
@@ -43,7 +49,7 @@ from composer_kd.run.adapters import (
     prepare_dataset,
 )
 from composer_kd.run.reporting import RunSummary, TeacherEntry, evaluate_model, fit_and_report
-from composer_kd.run.search import Candidate, SearchReport, check_split, run_search, search_spec
+from composer_kd.run.search import Candidate, SearchReport, SearchSpec, check_split, run_search, search_spec
 from composer_kd.run.training import DEVICES, PRECISIONS, build_optimizer, check_optimizer, make_trainer
 from composer_kd.schedules import ScheduleOrValue
 
@@ -76,6 +82,10 @@ _OWN_TRAINER_ARGUMENTS = {
     'log_to_console': 'loggers=',
 }
 
+#: A teacher of a run as it is reported: the module that teaches, the form a ``Trainer`` evaluates (``None``
+#: when it cannot be evaluated) and its description.
+_TeacherForms = tuple[nn.Module, Optional[nn.Module], str]
+
 
 class DistillResult(NamedTuple):
     """What :func:`distill` returns; unpack it as ``student, report = distill(...)``.
@@ -101,12 +111,145 @@ class DistillResult(NamedTuple):
     report: RunSummary
 
 
+@dataclass
+class _Training:
+    """How every student of a :func:`distill` call is trained: the budget, the optimizer and the ``Trainer``
+    settings that the distilled student, the student alone and each search candidate share.
+
+    Args:
+        max_duration (str | int | Time): The training budget.
+        optimizer (str | type | Optimizer): As :func:`distill` takes it.
+        lr (float): The learning rate of an optimizer built here.
+        weight_decay (float): Its weight decay.
+        seed (int): Every trainer's seed.
+        device (str | Device, optional): Composer device.
+        precision (str | Precision, optional): Composer precision.
+        progress_bar (bool): Composer's progress bar.
+        trainer_kwargs (Mapping[str, Any]): Any other ``Trainer`` argument.
+    """
+
+    max_duration: Union[str, int, Time]
+    optimizer: Union[str, type, torch.optim.Optimizer]
+    lr: float
+    weight_decay: float
+    seed: int
+    device: Optional[Union[str, Device]]
+    precision: Optional[Union[str, Precision]]
+    progress_bar: bool
+    trainer_kwargs: Mapping[str, Any]
+
+    def new_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """A fresh optimizer over ``model``'s parameters, of the kind and settings given."""
+        return build_optimizer(self.optimizer, model, lr=self.lr, weight_decay=self.weight_decay)
+
+    def trainer_arguments(self) -> dict[str, Any]:
+        """The arguments of :func:`~composer_kd.run.training.make_trainer` every student's trainer is given."""
+        return dict(
+            max_duration=self.max_duration,
+            seed=self.seed,
+            precision=self.precision,
+            device=self.device,
+            progress_bar=self.progress_bar,
+            **self.trainer_kwargs,
+        )
+
+
+@dataclass
+class _Plan:
+    """A :func:`distill` call's arguments, checked: what distils, how each student trains, and what is reported.
+
+    Args:
+        training (_Training): How every student trains.
+        kd_loss (str | Callable): The loss as given (each task's default with ``tasks=``).
+        kd_loss_fn (Callable): The loss object it names, at the temperature given when that is a constant.
+        temperature (float | Schedule, optional): The temperature given.
+        org_loss_weight (float | Schedule): Weight of the student's own loss.
+        kd_loss_weight (float | Schedule): Weight of the distillation loss.
+        options (Mapping[str, Any]): ``Distillation``'s other arguments.
+        algorithms (list[Algorithm]): The other Composer algorithms.
+        callbacks (list[Callback]): The distilled student's callbacks.
+        loggers (list[LoggerDestination]): The distilled student's logger destinations.
+        baseline (bool): Whether the student alone is trained too.
+        measure_speed (bool): Whether inference is timed.
+        save_folder (str, optional): Where the distilled student's checkpoints go.
+        eval_interval (str | int, optional): How often the distilled student is evaluated during training.
+        search (SearchSpec, optional): The settings search, when one was asked for.
+        teachers (list[nn.Module]): Every teacher, checkpoints loaded (a multi-task run's in task order); set by
+            :func:`_resolve_models`.
+        tasks (list[DistillationTask], optional): With ``tasks=``, copies of the tasks with their teachers resolved.
+    """
+
+    training: _Training
+    kd_loss: Union[str, KDLossFn]
+    kd_loss_fn: KDLossFn
+    temperature: Optional[ScheduleOrValue]
+    org_loss_weight: ScheduleOrValue
+    kd_loss_weight: ScheduleOrValue
+    options: Mapping[str, Any]
+    algorithms: list[Algorithm]
+    callbacks: list[Callback]
+    loggers: list[LoggerDestination]
+    baseline: bool
+    measure_speed: bool
+    save_folder: Optional[str]
+    eval_interval: Optional[Union[str, int]]
+    search: Optional[SearchSpec] = None
+    teachers: list[nn.Module] = dataclasses.field(default_factory=list)
+    tasks: Optional[list[DistillationTask]] = None
+
+    def distillation(self, candidate: Optional[Candidate] = None) -> Distillation:
+        """The ``Distillation`` of a single-task run: with this call's settings, or with a search candidate's."""
+        if candidate is None:
+            kd_loss_fn, temperature = self.kd_loss_fn, self.temperature
+            kd_loss_weight, org_loss_weight = self.kd_loss_weight, self.org_loss_weight
+        else:
+            kd_loss_fn, temperature = candidate.loss(), candidate.temperature
+            kd_loss_weight, org_loss_weight = candidate.kd_loss_weight, candidate.org_loss_weight
+        return Distillation(
+            teachers=self.teachers,
+            kd_loss_fn=kd_loss_fn,
+            org_loss_weight=org_loss_weight,
+            kd_loss_weight=kd_loss_weight,
+            temperature=temperature,
+            **self.options,
+        )
+
+
+class _Data(NamedTuple):
+    """A run's data as its trainers take them.
+
+    Args:
+        train_loader (DataLoader | DataSpec): The training data.
+        splits (dict[str, DataLoader | DataSpec]): The evaluation data by split; the first is the headline's.
+        sample (Any): The first training batch, which the models are probed on.
+    """
+
+    train_loader: Any
+    splits: dict[str, Any]
+    sample: Any
+
+
+class _Built(NamedTuple):
+    """What a run trains and reports.
+
+    Args:
+        student (ComposerModel): The student as a ``ComposerModel`` (itself, or a wrapper holding it).
+        teachers (list[_TeacherForms]): Each teacher as it is reported.
+        distillations (list[Distillation]): The ``Distillation`` (one per task with ``tasks=``); empty with a
+            search, whose chosen candidate's is built once it is known.
+    """
+
+    student: ComposerModel
+    teachers: list[_TeacherForms]
+    distillations: list[Distillation]
+
+
 def _check_choice(name: str, value: Any, known: Sequence[str], extra: tuple[type, ...] = ()) -> None:
     if value is None or isinstance(value, extra) or (isinstance(value, str) and value in known):
         return
-    close = difflib.get_close_matches(str(value), list(known), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ''
-    raise ValueError(f'{name}: unknown value {value!r}{hint} (known: {", ".join(known)}, or None).')
+    raise ValueError(
+        f'{name}: unknown value {value!r}{did_you_mean(value, known)} (known: {", ".join(known)}, or None).'
+    )
 
 
 def _check_options(options: Mapping[str, Any]) -> None:
@@ -116,13 +259,11 @@ def _check_options(options: Mapping[str, Any]) -> None:
     for key in options:
         if key in _SET_BY_DISTILL:
             raise TypeError(f'distill() sets {key!r} itself: {_SET_BY_DISTILL[key]}.')
-        if key not in allowed:
-            close = difflib.get_close_matches(key, sorted(allowed | own), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ''
-            raise TypeError(
-                f'distill() got an unexpected keyword argument {key!r}{hint} (besides its own options it takes '
-                f'those of Distillation: {", ".join(sorted(allowed - set(_SET_BY_DISTILL)))}).'
-            )
+    try:
+        refuse_unknown_keywords('distill', options, sorted(allowed | own))
+    except TypeError as e:
+        taken = ', '.join(sorted(allowed - set(_SET_BY_DISTILL)))
+        raise TypeError(f'{e} (besides its own options it takes those of Distillation: {taken}).') from None
 
 
 def _check_trainer_kwargs(trainer_kwargs: Optional[Mapping[str, Any]]) -> dict[str, Any]:
@@ -130,7 +271,7 @@ def _check_trainer_kwargs(trainer_kwargs: Optional[Mapping[str, Any]]) -> dict[s
     accepted = set(inspect.signature(Trainer.__init__).parameters) - {'self'}
     for key in trainer_kwargs:
         if key not in accepted:
-            raise TypeError(f'trainer_kwargs: Trainer has no argument {key!r}.')
+            raise TypeError(f'trainer_kwargs: Trainer has no argument {key!r}' + (did_you_mean(key, accepted) or '.'))
         if key in _OWN_TRAINER_ARGUMENTS:
             raise TypeError(f'trainer_kwargs: {key!r} is set by distill(); pass it as {_OWN_TRAINER_ARGUMENTS[key]}.')
     return trainer_kwargs
@@ -166,14 +307,20 @@ def _check_sequence(name: str, values: Sequence[Any], kind: type) -> list[Any]:
     return list(values)
 
 
+def _check_algorithms(algorithms: Sequence[Algorithm]) -> list[Algorithm]:
+    algorithms = _check_sequence('algorithms', algorithms, Algorithm)
+    if any(isinstance(a, Distillation) for a in algorithms):
+        raise ValueError('algorithms: distill() adds its own Distillation; use tasks= for several.')
+    return algorithms
+
+
 def _kd_loss_fn(kd_loss: Union[str, KDLossFn], temperature: Optional[ScheduleOrValue]) -> KDLossFn:
     if callable(kd_loss):
         return kd_loss
     if not isinstance(kd_loss, str):
         raise TypeError(f'kd_loss must be a loss name or a callable, got {type(kd_loss).__name__}.')
     if canonical_loss_name(kd_loss) is None:
-        close = difflib.get_close_matches(kd_loss, list(LOSSES), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ''
+        hint = did_you_mean(kd_loss, LOSSES)
         raise ValueError(f'kd_loss: unknown loss {kd_loss!r}{hint} (known: {", ".join(LOSSES)}).')
     # A scheduled temperature is Distillation's to apply at each step; the loss then keeps its own.
     constant = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
@@ -213,7 +360,7 @@ def _prepare_tasks(
     options: Mapping[str, Any],
     kd_loss: Union[str, KDLossFn],
     temperature: Optional[ScheduleOrValue],
-) -> list[tuple[nn.Module, Optional[nn.Module], str]]:
+) -> list[_TeacherForms]:
     """Complete each task with distill()'s defaults; ``(teacher, evaluable form, description)`` per teacher."""
     entries = []
     for i, task in enumerate(task_list):
@@ -224,7 +371,8 @@ def _prepare_tasks(
             task.options.setdefault('input_key', 'inputs')
         for j, module in enumerate(task.teachers):
             name = f'tasks[{i}].teachers[{j}]'
-            wrapped = evaluable_teacher(module, name, sample, None, task.name, task.options.get('input_key'))
+            key = task.options.get('input_key')
+            wrapped = evaluable_teacher(module, name, sample, None, task.name, key, index=j)
             entries.append((module, wrapped, f'{describe_module(module)} for task {task.name}'))
         if task.kd_loss_fn is None:  # distill()'s loss, at the task's temperature or distill()'s
             task.temperature = task.temperature if task.temperature is not None else temperature
@@ -372,63 +520,154 @@ def distill(
             assert [m.role for m in report.models] == ['teacher 0', 'student (distilled)']
     """
     started = time.perf_counter()
-    _check_options(options)
-    trainer_kwargs = _check_trainer_kwargs(trainer_kwargs)
-    _check_settings(
-        integers={'seed': (seed, 0), 'batch_size': (batch_size, 1), 'eval_batch_size': (eval_batch_size, 1)},
-        flags={'baseline': baseline, 'measure_speed': measure_speed, 'progress_bar': progress_bar},
+    plan = _check_arguments(
+        options,
+        search,
+        tasks_given=tasks is not None,
+        kd_loss=kd_loss,
+        temperature=temperature,
+        org_loss_weight=org_loss_weight,
+        kd_loss_weight=kd_loss_weight,
+        training=_Training(
+            max_duration, optimizer, lr, weight_decay, seed, device, precision, progress_bar, trainer_kwargs or {}
+        ),
         num_classes=num_classes,
-        max_duration=max_duration,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        baseline=baseline,
+        measure_speed=measure_speed,
+        algorithms=algorithms,
+        callbacks=callbacks,
+        loggers=loggers,
+        save_folder=save_folder,
+        eval_interval=eval_interval,
     )
-    _check_choice('device', device, DEVICES, (Device,))
-    _check_choice('precision', precision, PRECISIONS, (Precision,))
-    algorithms = _check_sequence('algorithms', algorithms, Algorithm)
+    plan.teachers, plan.tasks = _resolve_models(teacher, student, tasks, options)
+    data = _prepare_data(student, train_data, eval_data, batch_size, eval_batch_size, seed, plan.search)
+    built = _build(plan, data, student, num_classes)
+    # Everything is checked; from here on the models are used.
+    report = _train_and_report(plan, data, built, describe_module(student), started)
+    return DistillResult(student, report)
+
+
+def _check_arguments(
+    options: Mapping[str, Any],
+    search: Optional[Mapping[str, Any]],
+    *,
+    tasks_given: bool,
+    kd_loss: Union[str, KDLossFn],
+    temperature: Optional[ScheduleOrValue],
+    org_loss_weight: ScheduleOrValue,
+    kd_loss_weight: ScheduleOrValue,
+    training: _Training,
+    num_classes: Optional[int],
+    batch_size: int,
+    eval_batch_size: int,
+    baseline: bool,
+    measure_speed: bool,
+    algorithms: Sequence[Algorithm],
+    callbacks: Sequence[Callback],
+    loggers: Sequence[LoggerDestination],
+    save_folder: Optional[str],
+    eval_interval: Optional[Union[str, int]],
+) -> _Plan:
+    """Check every argument of :func:`distill` that needs neither the models nor the data, in the order a user
+    reads them; the plan of the run, its teachers not yet resolved.
+
+    Raises:
+        TypeError, ValueError: Naming the argument, as :func:`distill` documents.
+    """
+    _check_options(options)
+    training = dataclasses.replace(training, trainer_kwargs=_check_trainer_kwargs(training.trainer_kwargs))
+    _check_settings(
+        integers={'seed': (training.seed, 0), 'batch_size': (batch_size, 1), 'eval_batch_size': (eval_batch_size, 1)},
+        flags={'baseline': baseline, 'measure_speed': measure_speed, 'progress_bar': training.progress_bar},
+        num_classes=num_classes,
+        max_duration=training.max_duration,
+    )
+    _check_choice('device', training.device, DEVICES, (Device,))
+    _check_choice('precision', training.precision, PRECISIONS, (Precision,))
+    algorithms = _check_algorithms(algorithms)
     callbacks = _check_sequence('callbacks', callbacks, Callback)
     loggers = _check_sequence('loggers', loggers, LoggerDestination)
-    if any(isinstance(a, Distillation) for a in algorithms):
-        raise ValueError('algorithms: distill() adds its own Distillation; use tasks= for several.')
-    kd_loss_fn = _kd_loss_fn(kd_loss, temperature)
-    spec = None
+    plan = _Plan(
+        training=training,
+        algorithms=algorithms,
+        callbacks=callbacks,
+        loggers=loggers,
+        kd_loss=kd_loss,
+        kd_loss_fn=_kd_loss_fn(kd_loss, temperature),
+        temperature=temperature,
+        org_loss_weight=org_loss_weight,
+        kd_loss_weight=kd_loss_weight,
+        options=options,
+        baseline=baseline,
+        measure_speed=measure_speed,
+        save_folder=save_folder,
+        eval_interval=eval_interval,
+    )
     if search is not None:
-        if tasks is not None:
-            raise ValueError('search: not available with tasks=; search each task in a call of its own.')
-        if options.get('teacher_cache') is not None:
-            raise ValueError('search: not available with teacher_cache= (each candidate trains a student of its own).')
-        spec = search_spec(
-            search,
-            kd_loss=kd_loss,
-            temperature=temperature,
-            kd_loss_weight=kd_loss_weight,
-            org_loss_weight=org_loss_weight,
-            max_duration=max_duration,
-        )
-        _check_settings(integers={}, flags={}, num_classes=None, max_duration=spec.max_duration)
+        plan.search = _check_search(search, plan, tasks_given)
+    return plan
 
-    # Teachers: resolved (checkpoints loaded) and their state recorded, to be given back exactly.
-    multitask = tasks is not None
-    if multitask:
+
+def _check_search(search: Mapping[str, Any], plan: _Plan, tasks_given: bool) -> SearchSpec:
+    """The checked search, the settings it leaves out being this call's."""
+    refuse_conflicts(given_options(search=True, tasks=tasks_given, teacher_cache=plan.options.get('teacher_cache')))
+    spec = search_spec(
+        search,
+        kd_loss=plan.kd_loss,
+        temperature=plan.temperature,
+        kd_loss_weight=plan.kd_loss_weight,
+        org_loss_weight=plan.org_loss_weight,
+        max_duration=plan.training.max_duration,
+    )
+    _check_settings(integers={}, flags={}, num_classes=None, max_duration=spec.max_duration)
+    return spec
+
+
+def _resolve_models(
+    teacher: Optional[TeacherSpec], student: Any, tasks: Optional[Sequence[Any]], options: Mapping[str, Any]
+) -> tuple[list[nn.Module], Optional[list[DistillationTask]]]:
+    """Every teacher, checkpoints loaded (a multi-task run's in task order), and the tasks holding them.
+
+    Raises:
+        TypeError, ValueError: For a teacher missing or given beside ``tasks=``, a student that is no module, or a
+            teacher sharing the student's parameters.
+    """
+    resolved_tasks = None
+    if tasks is not None:
         if teacher is not None:
             raise ValueError('teacher: with tasks=, each task names its own teachers; pass teacher=None.')
-        task_list = _resolve_tasks(tasks, options)
-        teacher_modules = [t for task in task_list for t in task.teachers]
+        resolved_tasks = _resolve_tasks(tasks, options)
+        teachers = [t for task in resolved_tasks for t in task.teachers]
     else:
         if teacher is None:
             raise TypeError('teacher is required (a model, a list of models, or {checkpoint: model}).')
-        teacher_modules = _resolve(teacher, 'teacher')
-    if not (isinstance(student, nn.Module)):
+        teachers = _resolve(teacher, 'teacher')
+    if not isinstance(student, nn.Module):
         raise TypeError(
             'student must be an nn.Module, a ComposerModel or a Hugging Face PreTrainedModel, '
             f'got {type(student).__name__}.'
         )
-    student_parameters = {id(p) for p in student.parameters()}
-    for i, module in enumerate(teacher_modules):
-        if module is student or any(id(p) in student_parameters for p in module.parameters()):
-            raise ValueError(
-                f'teacher {i} shares parameters with the student; a teacher must be a separate, fixed model '
-                '(copy it with copy.deepcopy if it starts from the same weights).'
-            )
+    refuse_shared_parameters(teachers, student)
+    return teachers, resolved_tasks
 
-    # A Hugging Face student reads its labels from 'labels': a datasets.Dataset's usual 'label' column is renamed.
+
+def _prepare_data(
+    student: nn.Module,
+    train_data: Any,
+    eval_data: Any,
+    batch_size: int,
+    eval_batch_size: int,
+    seed: int,
+    search: Optional[SearchSpec],
+) -> _Data:
+    """The training and evaluation loaders, each checked on its first batch.
+
+    A Hugging Face student reads its labels from ``labels``: a ``datasets.Dataset``'s usual ``label`` column is
+    renamed. With a search, the split the settings are chosen on goes last (see :func:`_splits_to_report`).
+    """
     hugging_face = is_hugging_face(student)
     train_data = prepare_dataset(train_data, 'train_data', hugging_face)
     if isinstance(eval_data, Mapping):
@@ -437,173 +676,161 @@ def distill(
         eval_data = prepare_dataset(eval_data, 'eval_data', hugging_face)
     train_loader = as_loader(train_data, 'train_data', batch_size, shuffle=True, seed=seed)
     splits = eval_loaders(eval_data, eval_batch_size, seed)
-    if spec is not None:
-        check_split(spec, list(splits))
-        # The report's headline is the first split: one the settings were not chosen on.
-        splits = {**{k: v for k, v in splits.items() if k != spec.split}, spec.split: splits[spec.split]}
+    if search is not None:
+        check_split(search, list(splits))
+        splits = _splits_to_report(splits, search.split)
     sample = first_batch(train_loader, 'train_data')
     check_batch(sample, 'train_data', hugging_face)
     for split, loader in splits.items():
         check_batch(first_batch(loader, f'eval_data[{split!r}]'), f'eval_data[{split!r}]', hugging_face)
+    return _Data(train_loader, splits, sample)
 
-    wrapped_student = composer_student(student, sample, num_classes, multitask)
-    check_optimizer(optimizer, wrapped_student, lr=lr, weight_decay=weight_decay)
-    student_classes = getattr(wrapped_student, 'num_classes', None)
-    if multitask:
-        entries = _prepare_tasks(task_list, sample, options, kd_loss, temperature)
-        distillations = task_distillations(task_list, org_loss_weight=org_loss_weight)
-    else:
-        entries = [
-            (
-                module,
-                evaluable_teacher(module, f'teacher {i}', sample, student_classes, None, options.get('input_key')),
-                describe_module(module),
-            )
-            for i, module in enumerate(teacher_modules)
-        ]
 
-        def distillation(candidate: Candidate) -> Distillation:
-            return Distillation(
-                teachers=teacher_modules,
-                kd_loss_fn=candidate.loss(),
-                org_loss_weight=candidate.org_loss_weight,
-                kd_loss_weight=candidate.kd_loss_weight,
-                temperature=candidate.temperature,
-                **options,
-            )
+def _splits_to_report(splits: Mapping[str, Any], chosen_on: str) -> dict[str, Any]:
+    """``splits`` with ``chosen_on`` moved last: the report's headline is the first split, and must be one the
+    settings were not chosen on."""
+    return {**{k: v for k, v in splits.items() if k != chosen_on}, chosen_on: splits[chosen_on]}
 
-        if spec is None:
-            distillations = [
-                Distillation(
-                    teachers=teacher_modules,
-                    kd_loss_fn=kd_loss_fn,
-                    org_loss_weight=org_loss_weight,
-                    kd_loss_weight=kd_loss_weight,
-                    temperature=temperature,
-                    **options,
-                )
-            ]
-        else:
-            for candidate in spec.candidates:  # every candidate's Distillation is checked before anything trains
-                distillation(candidate)
 
-    # Everything is checked; from here on the models are used. The teachers' state is put back at the end.
-    frozen, placement = FrozenTeachers(teacher_modules), _Placement(teacher_modules)
+def _build(plan: _Plan, data: _Data, student: nn.Module, num_classes: Optional[int]) -> _Built:
+    """The student as a ``ComposerModel``, each teacher in the form it is evaluated in, and the ``Distillation``.
+
+    Each is checked as it is built: the student and the plain teachers are run once on the first training batch,
+    and with a search every candidate's ``Distillation`` is built once, before anything trains.
+    """
+    wrapped = composer_student(student, data.sample, num_classes, plan.tasks is not None)
+    check_optimizer(plan.training.optimizer, wrapped, lr=plan.training.lr, weight_decay=plan.training.weight_decay)
+    if plan.tasks is not None:
+        teachers = _prepare_tasks(plan.tasks, data.sample, plan.options, plan.kd_loss, plan.temperature)
+        return _Built(wrapped, teachers, task_distillations(plan.tasks, org_loss_weight=plan.org_loss_weight))
+    student_classes = getattr(wrapped, 'num_classes', None)
+    input_key = plan.options.get('input_key')
+    teachers = [
+        (
+            module,
+            evaluable_teacher(module, f'teacher {i}', data.sample, student_classes, None, input_key, index=i),
+            describe_module(module),
+        )
+        for i, module in enumerate(plan.teachers)
+    ]
+    if plan.search is None:
+        return _Built(wrapped, teachers, [plan.distillation()])
+    for candidate in plan.search.candidates:
+        plan.distillation(candidate)
+    return _Built(wrapped, teachers, [])
+
+
+def _train_and_report(plan: _Plan, data: _Data, built: _Built, student_description: str, started: float) -> RunSummary:
+    """Search the settings if asked, train the distilled student (and the student alone), and report.
+
+    The teachers are frozen throughout; their modes, ``requires_grad`` flags and devices are given back at the end,
+    whatever happens.
+    """
+    frozen, placement = FrozenTeachers(plan.teachers), _Placement(plan.teachers)
     frozen.freeze()
     try:
-        alone = copy.deepcopy(wrapped_student) if baseline or spec is not None else None
-        alone_algorithms = copy.deepcopy(algorithms) if baseline else []
-        common = dict(
-            max_duration=max_duration,
-            seed=seed,
-            precision=precision,
-            device=device,
-            progress_bar=progress_bar,
-            **trainer_kwargs,
-        )
-        search_report = None
-        if spec is not None:
-            assert alone is not None  # the student as given: every candidate starts from it
-            search_report = _search(
-                spec,
-                alone,
-                train_loader,
-                splits[spec.split],
-                lambda candidate: [*copy.deepcopy(algorithms), distillation(candidate)],
-                lambda: copy.deepcopy(algorithms),
-                baseline=baseline,
-                optimizer=optimizer,
-                lr=lr,
-                weight_decay=weight_decay,
-                common={**common, 'max_duration': spec.max_duration},
-            )
-            distillations = [distillation(search_report.best)]
-        # The optimizer given is the distilled student's own; the student alone gets a fresh one like it.
-        trainer = make_trainer(
-            wrapped_student,
-            train_loader,
-            optimizer=optimizer
-            if isinstance(optimizer, torch.optim.Optimizer)
-            else build_optimizer(optimizer, wrapped_student, lr=lr, weight_decay=weight_decay),
-            algorithms=[*algorithms, *distillations],
-            callbacks=callbacks,
-            loggers=loggers,
-            save_folder=save_folder,
-            eval_dataloaders=splits if eval_interval is not None else None,
-            eval_interval=eval_interval if eval_interval is not None else 1,
-            **common,
-        )
+        # The student as given, before any training: every search candidate and the student alone start from it.
+        initial = copy.deepcopy(built.student) if plan.baseline or plan.search is not None else None
+        alone_algorithms = copy.deepcopy(plan.algorithms) if plan.baseline else []
+        distillations, search_report = built.distillations, None
+        if plan.search is not None:
+            assert initial is not None
+            search_report = _search(plan, data, initial)
+            distillations = [plan.distillation(search_report.best)]
+        trainer = _distilled_trainer(plan, data, built.student, distillations)
 
         def student_alone() -> tuple[ComposerModel, Trainer]:
-            assert alone is not None
-            alone_optimizer = build_optimizer(optimizer, alone, lr=lr, weight_decay=weight_decay)
-            return alone, make_trainer(
-                alone, train_loader, optimizer=alone_optimizer, algorithms=alone_algorithms, **common
+            assert initial is not None
+            arguments = plan.training.trainer_arguments()
+            optimizer = plan.training.new_optimizer(initial)
+            return initial, make_trainer(
+                initial, data.train_loader, optimizer=optimizer, algorithms=alone_algorithms, **arguments
             )
 
-        def evaluate(model: nn.Module) -> dict[str, dict[str, float]]:
-            return evaluate_model(model, splits, device=device, precision=precision, seed=seed)
-
-        speed_batch = None
-        if measure_speed and entries[0][1] is not None:  # a teacher is timed as it is evaluated
-            speed_batch = first_batch(next(iter(splits.values())), 'eval_data') if splits else sample
         report = fit_and_report(
             'distill()',
-            wrapped_student,
+            built.student,
             trainer,
-            evaluate,
-            seed=seed,
+            lambda model: _evaluate(plan.training, data.splits, model),
+            seed=plan.training.seed,
             teachers=[
                 TeacherEntry(model=wrapped or module, description=description, evaluated=wrapped is not None)
-                for module, wrapped, description in entries
+                for module, wrapped, description in built.teachers
             ],
-            student_description=describe_module(student),
-            student_alone=student_alone if baseline else None,
-            speed_batch=speed_batch,
+            student_description=student_description,
+            student_alone=student_alone if plan.baseline else None,
+            speed_batch=_speed_batch(plan.measure_speed, data, built.teachers),
             started=started,
         )
         report.search = search_report
     finally:
         frozen.restore()
         placement.restore()
-    return DistillResult(student, report)
+    return report
 
 
-def _search(
-    spec: Any,
-    initial: ComposerModel,
-    train_loader: Any,
-    split_loader: Any,
-    distilled_algorithms: Any,
-    alone_algorithms: Any,
-    *,
-    baseline: bool,
-    optimizer: Any,
-    lr: float,
-    weight_decay: float,
-    common: Mapping[str, Any],
-) -> SearchReport:
+def _distilled_trainer(
+    plan: _Plan, data: _Data, student: ComposerModel, distillations: Sequence[Distillation]
+) -> Trainer:
+    """The distilled student's trainer, with the callbacks, loggers, checkpoints and evaluation given."""
+    training = plan.training
+    # The optimizer given is the distilled student's own; the student alone gets a fresh one like it.
+    optimizer = training.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = training.new_optimizer(student)
+    return make_trainer(
+        student,
+        data.train_loader,
+        optimizer=optimizer,
+        algorithms=[*plan.algorithms, *distillations],
+        callbacks=plan.callbacks,
+        loggers=plan.loggers,
+        save_folder=plan.save_folder,
+        eval_dataloaders=data.splits if plan.eval_interval is not None else None,
+        eval_interval=plan.eval_interval if plan.eval_interval is not None else 1,
+        **training.trainer_arguments(),
+    )
+
+
+def _evaluate(training: _Training, splits: Mapping[str, Any], model: nn.Module) -> dict[str, dict[str, float]]:
+    return evaluate_model(model, splits, device=training.device, precision=training.precision, seed=training.seed)
+
+
+def _speed_batch(measure_speed: bool, data: _Data, teachers: Sequence[_TeacherForms]) -> Any:
+    """The batch teacher 0's and the student's inference are timed on: the first evaluation split's first batch,
+    or without evaluation data the first training batch; ``None`` when not timed.
+
+    A teacher is timed in the form it is evaluated in, so one that cannot be evaluated is not timed.
+    """
+    if not measure_speed or teachers[0][1] is None:
+        return None
+    return first_batch(next(iter(data.splits.values())), 'eval_data') if data.splits else data.sample
+
+
+def _search(plan: _Plan, data: _Data, initial: ComposerModel) -> SearchReport:
     """Train a copy of ``initial`` for each candidate (and alone, with ``baseline``) and score it on one split.
 
     The candidates' trainers get no evaluation data: the only evaluation is :func:`evaluate_model` on the
     selection split, after each fit.
     """
-    seed, device, precision = common['seed'], common.get('device'), common.get('precision')
+    spec = plan.search
+    assert spec is not None
+    training = dataclasses.replace(plan.training, max_duration=spec.max_duration)
+    selection = {spec.split: data.splits[spec.split]}
 
     def fit_and_score(algorithms: list[Algorithm]) -> tuple[float, str]:
         model = copy.deepcopy(initial)
         trainer = make_trainer(
             model,
-            train_loader,
-            optimizer=build_optimizer(optimizer, model, lr=lr, weight_decay=weight_decay),
+            data.train_loader,
+            optimizer=training.new_optimizer(model),
             algorithms=algorithms,
-            **common,
+            **training.trainer_arguments(),
         )
-        reproducibility.seed_all(seed)
+        reproducibility.seed_all(training.seed)
         trainer.fit()
         trainer.close()
-        metrics = evaluate_model(model, {spec.split: split_loader}, device=device, precision=precision, seed=seed)
-        values = metrics[spec.split]
+        values = _evaluate(training, selection, model)[spec.split]
         metric = spec.metric or next(iter(values), None)
         if metric not in values:
             raise ValueError(f'search[metric]: the student has no metric {metric!r} (it has: {", ".join(values)}).')
@@ -611,6 +838,6 @@ def _search(
 
     return run_search(
         spec,
-        lambda candidate: fit_and_score(distilled_algorithms(candidate)),
-        reference=(lambda: fit_and_score(alone_algorithms())) if baseline else None,
+        lambda candidate: fit_and_score([*copy.deepcopy(plan.algorithms), plan.distillation(candidate)]),
+        reference=(lambda: fit_and_score(copy.deepcopy(plan.algorithms))) if plan.baseline else None,
     )

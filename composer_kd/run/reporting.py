@@ -327,6 +327,13 @@ def teacher_warnings(summary: RunSummary, chances: Sequence[Mapping[str, float]]
                     f'{metric_text(name, value)} against {metric_text(name, alone)}; distilling from it pulls the '
                     'student towards worse answers: train it longer, or use a better teacher'
                 )
+    return found + _omitted_ratios(summary, teachers)
+
+
+def _omitted_ratios(summary: RunSummary, teachers: Sequence[ModelReport]) -> list[str]:
+    """Why each headline-split metric that both students have lacks a distillation ratio: its best teacher is not
+    better than the student alone."""
+    split, found = summary.split, []
     students = [m for m in summary.models if m.role.startswith('student')]
     metrics = dict.fromkeys(name for m in students for name in m.metrics.get(split, {}))
     for name in metrics:
@@ -397,14 +404,39 @@ def fit_and_report(
         RunSummary: Every model's parameters, metrics and training time, the ratios and the speed-up.
     """
     start = time.perf_counter() if started is None else started
-    reproducibility.seed_all(seed)
-    student_start = time.perf_counter()
-    announce('student (distilled)' if distilled else 'student alone')
-    with quiet_plumbing():
-        trainer.fit()
-    student_seconds = time.perf_counter() - student_start
+    role = 'student (distilled)' if distilled else 'student alone'
+    student_seconds = _timed_fit(trainer, seed, announce, role)
+    reports = _teacher_reports(teachers, evaluate)
+    reports.append(
+        _student_report(
+            role, student, student_description, student_seconds, evaluate, before_evaluation, student_checkpoint
+        )
+    )
+    reports += export(role, student)
+    if student_alone is not None and distilled:
+        alone, alone_trainer = student_alone()
+        alone_seconds = _timed_fit(alone_trainer, seed, announce, 'student alone')
+        reports.append(
+            _student_report('student alone', alone, student_description, alone_seconds, evaluate, before_evaluation)
+        )
+        alone_trainer.close()
+        reports += export('student alone', alone)
+    summary = _summary(name, reports, teachers)
+    for line in summary.warnings:
+        warnings.warn(line, WeakTeacherWarning, stacklevel=2)
+    if speed_batch is not None and teachers:
+        batch = first_examples(speed_batch, SPEED_EXAMPLES)
+        summary.inference = measure_speedup(teachers[0].model, student, batch, repeats=_SPEED_REPEATS, rounds=2)
+    trainer.close()
+    summary.wall_seconds = time.perf_counter() - start
+    return summary
 
-    reports = [
+
+def _teacher_reports(
+    teachers: Sequence[TeacherEntry], evaluate: Callable[[nn.Module], dict[str, dict[str, float]]]
+) -> list[ModelReport]:
+    """Each teacher's report, ``'teacher 0'`` first; a teacher that cannot be evaluated has no metrics."""
+    return [
         ModelReport(
             role=f'teacher {i}',
             description=entry.description,
@@ -415,38 +447,42 @@ def fit_and_report(
         )
         for i, entry in enumerate(teachers)
     ]
-    role = 'student (distilled)' if distilled else 'student alone'
+
+
+def _timed_fit(trainer: Trainer, seed: int, announce: Callable[[str], None], role: str) -> float:
+    """Fit the trainer of the student with ``role`` from the global random state of ``seed``; the seconds it took."""
+    reproducibility.seed_all(seed)
+    started = time.perf_counter()
+    announce(role)
+    with quiet_plumbing():
+        trainer.fit()
+    return time.perf_counter() - started
+
+
+def _student_report(
+    role: str,
+    student: ComposerModel,
+    description: str,
+    train_seconds: float,
+    evaluate: Callable[[nn.Module], dict[str, dict[str, float]]],
+    before_evaluation: Callable[[ComposerModel], None],
+    checkpoint: Callable[[], Optional[str]] = lambda: None,
+) -> ModelReport:
+    """A trained student's report, evaluated once ``before_evaluation`` has seen it."""
     before_evaluation(student)
-    reports.append(
-        ModelReport(
-            role=role,
-            description=student_description,
-            parameters=count_parameters(student),
-            metrics=evaluate(student),
-            train_seconds=student_seconds,
-            checkpoint=student_checkpoint(),
-        )
+    return ModelReport(
+        role=role,
+        description=description,
+        parameters=count_parameters(student),
+        metrics=evaluate(student),
+        train_seconds=train_seconds,
+        checkpoint=checkpoint(),
     )
-    reports += export(role, student)
-    if student_alone is not None and distilled:
-        alone, alone_trainer = student_alone()
-        reproducibility.seed_all(seed)
-        alone_start = time.perf_counter()
-        announce('student alone')
-        with quiet_plumbing():
-            alone_trainer.fit()
-        before_evaluation(alone)
-        reports.append(
-            ModelReport(
-                role='student alone',
-                description=student_description,
-                parameters=count_parameters(alone),
-                metrics=evaluate(alone),
-                train_seconds=time.perf_counter() - alone_start,
-            )
-        )
-        alone_trainer.close()
-        reports += export('student alone', alone)
+
+
+def _summary(name: str, reports: list[ModelReport], teachers: Sequence[TeacherEntry]) -> RunSummary:
+    """The run's summary: its headline (the distilled student's first split and metric), the distillation
+    ratios, and the warnings about its teachers."""
     headline = reports[len(teachers)].metrics  # the distilled student's (or, without distillation, the student's)
     split = next(iter(headline), '')
     metric = next(iter(headline.get(split, {})), '')
@@ -455,13 +491,6 @@ def fit_and_report(
     summary.ratio = summary.ratios.get(metric)
     chances = [chance_levels(entry.model) if entry.evaluated else {} for entry in teachers]
     summary.warnings = teacher_warnings(summary, chances)
-    for line in summary.warnings:
-        warnings.warn(line, WeakTeacherWarning, stacklevel=2)
-    if speed_batch is not None and teachers:
-        batch = first_examples(speed_batch, SPEED_EXAMPLES)
-        summary.inference = measure_speedup(teachers[0].model, student, batch, repeats=_SPEED_REPEATS, rounds=2)
-    trainer.close()
-    summary.wall_seconds = time.perf_counter() - start
     return summary
 
 
@@ -564,6 +593,44 @@ def _seconds(value: Optional[float]) -> str:
     return '-' if value is None else f'{value:.1f} s'
 
 
+def _models_table(models: Sequence[ModelReport]) -> str:
+    """One row per model: its size, every metric of every split, and its training time."""
+    splits = list(dict.fromkeys(split for m in models for split in m.metrics))
+    metrics = list(
+        dict.fromkeys((split, name) for m in models for split in splits for name in m.metrics.get(split, {}))
+    )
+    headers = ['model', 'architecture', 'parameters', *(f'{split} {name}' for split, name in metrics), 'train time']
+    rows = [
+        [
+            m.role,
+            m.description,
+            f'{m.parameters:,}',
+            *(metric_text(name, m.metrics.get(split, {}).get(name)) for split, name in metrics),
+            _seconds(m.train_seconds),
+        ]
+        for m in models
+    ]
+    return format_table(headers, rows, right=range(2, len(headers)))
+
+
+def _savings(summary: RunSummary) -> list[str]:
+    """How many times fewer parameters the student has than teacher 0, and how much faster it answers."""
+    lines = []
+    teachers = [m for m in summary.models if m.role.startswith('teacher')]
+    students = [m for m in summary.models if m.role.startswith('student')]
+    if teachers and students and students[0].parameters:
+        lines.append(
+            f'the student has {teachers[0].parameters / students[0].parameters:.0f}x fewer parameters than teacher 0'
+        )
+    if summary.inference:
+        speed = summary.inference
+        lines.append(
+            f'student inference speed-up over teacher 0: {speed["speedup"]:.1f}x '
+            f'({speed["teacher_us_per_example"]:.2f} vs {speed["student_us_per_example"]:.2f} µs per example)'
+        )
+    return lines
+
+
 def format_summary(summary: RunSummary) -> str:
     """The end-of-run summary of ``composer-kd train`` and ``distill()``: every model's size, metrics and time.
 
@@ -587,42 +654,16 @@ def format_summary(summary: RunSummary) -> str:
             student = ModelReport('student (distilled)', 'mlp', 100, {'val': {'accuracy': 0.85}})
             print(format_summary(RunSummary('digits', [teacher, student], 'val', 'accuracy')))
     """
-    splits = list(dict.fromkeys(split for m in summary.models for split in m.metrics))
-    metrics = list(
-        dict.fromkeys((split, name) for m in summary.models for split in splits for name in m.metrics.get(split, {}))
-    )
-    headers = ['model', 'architecture', 'parameters', *(f'{split} {name}' for split, name in metrics), 'train time']
-    rows = [
-        [
-            m.role,
-            m.description,
-            f'{m.parameters:,}',
-            *(metric_text(name, m.metrics.get(split, {}).get(name)) for split, name in metrics),
-            _seconds(m.train_seconds),
-        ]
-        for m in summary.models
-    ]
     # A recipe's name, or the function that ran (distill()).
     title = summary.recipe if summary.recipe.endswith('()') else f'recipe {summary.recipe}'
-    lines = [f'Summary of {title}', format_table(headers, rows, right=range(2, len(headers)))]
+    lines = [f'Summary of {title}', _models_table(summary.models)]
     ratios = summary.ratios or ({summary.metric: summary.ratio} if summary.ratio is not None else {})
     for metric, ratio in ratios.items():
         lines.append(
             f'distillation ratio (distilled - alone) / (teacher - alone) on {summary.split} {metric}: {ratio:.2f}'
         )
     lines.extend(f'warning: {line}' for line in summary.warnings)
-    teachers = [m for m in summary.models if m.role.startswith('teacher')]
-    students = [m for m in summary.models if m.role.startswith('student')]
-    if teachers and students and students[0].parameters:
-        lines.append(
-            f'the student has {teachers[0].parameters / students[0].parameters:.0f}x fewer parameters than teacher 0'
-        )
-    if summary.inference:
-        speed = summary.inference
-        lines.append(
-            f'student inference speed-up over teacher 0: {speed["speedup"]:.1f}x '
-            f'({speed["teacher_us_per_example"]:.2f} vs {speed["student_us_per_example"]:.2f} µs per example)'
-        )
+    lines.extend(_savings(summary))
     for m in summary.models:
         if m.checkpoint:
             lines.append(f'{m.role} checkpoint: {m.checkpoint}')

@@ -15,7 +15,6 @@ candidates' trainers are given no evaluation data, and each candidate is evaluat
 from __future__ import annotations
 
 import copy
-import difflib
 import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +24,7 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from composer_kd.losses import LOSSES, Standardized, canonical_loss_name, loss_from_name
+from composer_kd.options import did_you_mean
 from composer_kd.run.reporting import format_table, percent
 
 __all__ = [
@@ -227,7 +227,8 @@ def _check_loss(loss: Any, where: str) -> None:
     else:
         raise TypeError(f'{where} must be a loss name, a mapping {{name: ..., **options}} or a loss object.')
     if not isinstance(name, str) or canonical_loss_name(name) is None:
-        raise ValueError(f'{where}: unknown loss {name!r} (known: {", ".join(LOSSES)}).')
+        hint = did_you_mean(name, LOSSES) if isinstance(name, str) else ''
+        raise ValueError(f'{where}: unknown loss {name!r}{hint} (known: {", ".join(LOSSES)}).')
 
 
 def search_spec(
@@ -287,9 +288,24 @@ def search_spec(
         raise TypeError(f'search must be a mapping such as {{"kd_loss": ["kl", "dkd"]}}, got {type(search).__name__}.')
     for key in search:
         if key not in SEARCH_KEYS:
-            close = difflib.get_close_matches(str(key), SEARCH_KEYS, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ''
+            hint = did_you_mean(key, SEARCH_KEYS)
             raise ValueError(f'search: unknown key {key!r}{hint} (known: {", ".join(SEARCH_KEYS)}).')
+    split, metric = _split_and_metric(search)
+    losses = _values(search, 'kd_loss', kd_loss)
+    for i, loss in enumerate(losses):
+        _check_loss(loss, f'search[kd_loss][{i}]' if 'kd_loss' in search else 'kd_loss')
+    _check_numbers(search)
+    candidates = _candidates(
+        losses,
+        _values(search, 'temperature', temperature),
+        _values(search, 'kd_loss_weight', kd_loss_weight),
+        _values(search, 'org_loss_weight', org_loss_weight),
+    )
+    return SearchSpec(candidates, search.get('max_duration', max_duration), split, metric)
+
+
+def _split_and_metric(search: Mapping[str, Any]) -> tuple[str, Optional[str]]:
+    """The split a search chooses on (never the test split) and the metric it scores."""
     split = search.get('split', 'val')
     if not isinstance(split, str) or not split:
         raise ValueError(f'search[split] must be the name of an evaluation split, got {split!r}.')
@@ -301,10 +317,11 @@ def search_spec(
     metric = search.get('metric')
     if metric is not None and not isinstance(metric, str):
         raise ValueError(f'search[metric] must be a metric name, got {metric!r}.')
-    losses = _values(search, 'kd_loss', kd_loss)
-    for i, loss in enumerate(losses):
-        _check_loss(loss, f'search[kd_loss][{i}]' if 'kd_loss' in search else 'kd_loss')
-    temperatures = _values(search, 'temperature', temperature)
+    return split, metric
+
+
+def _check_numbers(search: Mapping[str, Any]) -> None:
+    """Refuse searched temperatures that are not > 0 and searched weights that are not >= 0."""
     for name in ('temperature', 'kd_loss_weight', 'org_loss_weight'):
         if name in search:
             for value in _values(search, name, None):
@@ -313,13 +330,18 @@ def search_spec(
                 if not number or (low is not None and value < low) or (low is None and value <= 0):
                     relation = '> 0' if low is None else '>= 0'
                     raise ValueError(f'search[{name}] must hold numbers {relation}, got {value!r}.')
+
+
+def _candidates(
+    losses: Sequence[LossChoice],
+    temperatures: Sequence[Any],
+    kd_loss_weights: Sequence[Any],
+    org_loss_weights: Sequence[Any],
+) -> list[Candidate]:
+    """The product of the settings, in order, each loss built once; a loss without a temperature is tried once
+    whatever the temperatures."""
     candidates, seen = [], set()
-    for loss, t, w, o in itertools.product(
-        losses,
-        temperatures,
-        _values(search, 'kd_loss_weight', kd_loss_weight),
-        _values(search, 'org_loss_weight', org_loss_weight),
-    ):
+    for loss, t, w, o in itertools.product(losses, temperatures, kd_loss_weights, org_loss_weights):
         candidate = Candidate(loss, t, w, o)
         try:
             built = candidate.loss()
@@ -332,7 +354,7 @@ def search_spec(
             continue
         seen.add(key)
         candidates.append(candidate)
-    return SearchSpec(candidates, search.get('max_duration', max_duration), split, metric)
+    return candidates
 
 
 def run_search(

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from composer_kd.models.outputs import Key, extract_logits, run_teacher
-from composer_kd.models.teachers import FrozenTeachers
+from composer_kd.models.outputs import Key
+from composer_kd.models.teachers import FrozenTeachers, teacher_logits
 from composer_kd.signal.encoding import VALUE_DTYPES, check_k, encode_signal
 from composer_kd.signal.shards import SIGNAL_COLUMNS, signal_sample
 
@@ -127,7 +127,8 @@ def write_signal_shards(
             writer.write(signal_sample(row.cpu().numpy(), encode_signal(row_logits, k, value_dtype)))
 
 
-def _prepare_settings(local_root: str, settings: dict[str, Any]) -> None:
+def _prepare_settings(local_root: str, settings: dict[str, Any], remote: Optional[str]) -> None:
+    """Record ``settings`` in a new folder (and its object-store copy), or refuse a folder written with others."""
     path = os.path.join(local_root, _SETTINGS_FILE)
     if os.path.isfile(path):
         with open(path) as f:
@@ -143,12 +144,45 @@ def _prepare_settings(local_root: str, settings: dict[str, Any]) -> None:
         os.makedirs(local_root, exist_ok=True)
         with open(path, 'w') as f:
             json.dump(settings, f, indent=2)
+    if remote is not None:
+        from streaming.base.storage.upload import CloudUploader
+
+        CloudUploader.get((local_root, remote), exist_ok=True, keep_local=True).upload_file(_SETTINGS_FILE)
 
 
-@torch.no_grad()
-def _teacher_logits(teacher: nn.Module, ids: torch.Tensor, input_key: Optional[Key], logits_key: Optional[Key]):
+def _teacher_logits(
+    teacher: nn.Module, ids: torch.Tensor, input_key: Optional[Key], logits_key: Optional[Key]
+) -> torch.Tensor:
+    """The teacher's float32 logits for ``[B, L]`` token ids, run as a fit runs its teachers."""
     batch = {'input_ids': ids, 'attention_mask': torch.ones_like(ids)}
-    return extract_logits(run_teacher(teacher, batch, input_key), logits_key, role='teacher').float()
+    return teacher_logits([teacher], batch, input_key=input_key, logits_key=logits_key).float()
+
+
+@dataclass
+class _TeacherPass:
+    """A teacher run once over token sequences, and how each batch's logits are kept.
+
+    Args:
+        teacher (nn.Module): The frozen teacher, on ``device``.
+        sequences (TokenSequences): The token sequences.
+        k (int): Logits kept per position.
+        value_dtype (str): Precision of the kept logits.
+        batch_size (int): Sequences per forward pass.
+        input_key, logits_key: Choose the teacher's input and logits.
+        device (str | torch.device): Where the teacher runs.
+    """
+
+    teacher: nn.Module
+    sequences: TokenSequences
+    k: int
+    value_dtype: str
+    batch_size: int
+    input_key: Optional[Key]
+    logits_key: Optional[Key]
+    device: Union[str, torch.device]
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return _teacher_logits(self.teacher, ids.to(self.device), self.input_key, self.logits_key)
 
 
 def write_teacher_signal(
@@ -195,6 +229,25 @@ def write_teacher_signal(
         ValueError: ``k`` not below the teacher's vocabulary, a vocabulary or tokenizer mismatch, a token id outside
             the vocabulary, or a resumed folder written with other options.
     """
+    sequences = _checked_sequences(tokens, value_dtype, batch_size, sequences_per_part)
+    frozen = FrozenTeachers([teacher])
+    frozen.freeze()
+    teacher_pass = _TeacherPass(
+        teacher.to(device), sequences, k, value_dtype, batch_size, input_key, logits_key, device
+    )
+    try:
+        return _write(teacher_pass, out, sequences_per_part, local_dir, student_vocab_size, tokenizer_size, progress)
+    finally:  # the caller's module gets back its train/eval modes and requires_grad flags
+        frozen.restore()
+
+
+def _checked_sequences(
+    tokens: Union[TokenSequences, str, os.PathLike, torch.Tensor, np.ndarray],
+    value_dtype: str,
+    batch_size: Any,
+    sequences_per_part: Any,
+) -> TokenSequences:
+    """The token sequences, refused when there are none, and the settings of their writing checked."""
     sequences = tokens if isinstance(tokens, TokenSequences) else load_token_sequences(tokens)
     if len(sequences) == 0:
         raise ValueError(f'tokens: {sequences.source} holds no sequences.')
@@ -203,80 +256,68 @@ def write_teacher_signal(
     for name, value in (('batch_size', batch_size), ('sequences_per_part', sequences_per_part)):
         if not (isinstance(value, int) and value > 0):
             raise ValueError(f'{name} must be a positive integer, got {value!r}.')
-    frozen = FrozenTeachers([teacher])
-    frozen.freeze()
-    teacher = teacher.to(device)
-    try:
-        return _write(
-            teacher,
-            sequences,
-            out,
-            k,
-            value_dtype,
-            batch_size,
-            sequences_per_part,
-            local_dir,
-            student_vocab_size,
-            tokenizer_size,
-            input_key,
-            logits_key,
-            device,
-            progress,
-        )
-    finally:  # the caller's module gets back its train/eval modes and requires_grad flags
-        frozen.restore()
+    return sequences
 
 
 def _write(
-    teacher,
-    sequences,
-    out,
-    k,
-    value_dtype,
-    batch_size,
-    sequences_per_part,
-    local_dir,
-    student_vocab_size,
-    tokenizer_size,
-    input_key,
-    logits_key,
-    device,
-    progress,
+    teacher_pass: _TeacherPass,
+    out: str,
+    sequences_per_part: int,
+    local_dir: Optional[str],
+    student_vocab_size: Optional[int],
+    tokenizer_size: Optional[int],
+    progress: bool,
 ) -> SignalWriteSummary:
+    """Write every part not yet complete, then the merged index; the parts already complete are counted."""
     from streaming.base.util import merge_index
-    from tqdm.auto import tqdm
 
-    # The vocabulary from one position of token 0, before any of the dataset's ids is checked against it.
-    probe = _teacher_logits(teacher, torch.zeros((1, 1), dtype=torch.long, device=device), input_key, logits_key)
-    vocab = probe.shape[-1]
-    if student_vocab_size is not None and student_vocab_size != vocab:
-        raise ValueError(
-            f"The teacher's vocabulary has {vocab} classes but student_vocab_size={student_vocab_size}: the stored "
-            'indices would name other tokens. Use a teacher and student that share one tokenizer.'
-        )
-    if tokenizer_size is not None and tokenizer_size > vocab:
-        raise ValueError(
-            f'The tokenizer has {tokenizer_size} tokens but the teacher only {vocab} logits: it was not trained with '
-            'this tokenizer.'
-        )
-    check_k(k, vocab)
-
+    vocab = _vocabulary(teacher_pass, student_vocab_size, tokenizer_size)
+    check_k(teacher_pass.k, vocab)
+    sequences = teacher_pass.sequences
     remote = out if '://' in out else None
     local_root = out if remote is None else (local_dir or tempfile.mkdtemp(prefix='teacher-signal-'))
     settings = dict(
-        k=k,
-        value_dtype=value_dtype,
+        k=teacher_pass.k,
+        value_dtype=teacher_pass.value_dtype,
         vocab_size=vocab,
         sequences=len(sequences),
         sequences_per_part=sequences_per_part,
         source=sequences.source,
     )
-    _prepare_settings(local_root, settings)
-    if remote is not None:
-        from streaming.base.storage.upload import CloudUploader
+    _prepare_settings(local_root, settings, remote)
 
-        CloudUploader.get((local_root, remote), exist_ok=True, keep_local=True).upload_file(_SETTINGS_FILE)
+    part_indices, written, skipped, positions = _write_parts(
+        teacher_pass, local_root, remote, sequences_per_part, vocab, progress
+    )
+    merged = os.path.join(local_root, 'index.json')
+    if os.path.isfile(merged):  # from an earlier complete run: merged again, as Streaming will not overwrite it
+        os.remove(merged)
+    merge_index(part_indices, local_root if remote is None else (local_root, remote))
+    return SignalWriteSummary(
+        out=out,
+        sequences=len(sequences),
+        positions=positions,
+        vocab_size=vocab,
+        k=teacher_pass.k,
+        value_dtype=teacher_pass.value_dtype,
+        parts_written=written,
+        parts_skipped=skipped,
+    )
 
+
+def _write_parts(
+    teacher_pass: _TeacherPass,
+    local_root: str,
+    remote: Optional[str],
+    sequences_per_part: int,
+    vocab: int,
+    progress: bool,
+) -> tuple[list[str], int, int, int]:
+    """Write each part that is not complete yet; every part's index file, the numbers of parts written and
+    skipped, and the number of positions in all of them."""
+    from tqdm.auto import tqdm
+
+    sequences = teacher_pass.sequences
     n_parts = -(-len(sequences) // sequences_per_part)
     written = skipped = positions = 0
     bar = tqdm(total=len(sequences), unit='seq', desc='teacher signal', disable=not progress)
@@ -291,44 +332,70 @@ def _write(
             positions += sum(len(sequences[i]) for i in range(first, last))
             bar.update(last - first)
             continue
-        shutil.rmtree(local_part, ignore_errors=True)  # an interrupted part is written again from its start
-        # Not a `with` block: MDSWriter's __exit__ writes the index even when an exception (an interruption)
-        # leaves it, which would mark a partial part complete. The index is written only after the last sample.
-        writer = _writer(local_part if remote is None else (local_part, f'{remote.rstrip("/")}/{name}'))
-        try:
-            for start in range(first, last, batch_size):
-                rows = [sequences[i] for i in range(start, min(last, start + batch_size))]
-                if len({len(row) for row in rows}) != 1:
-                    raise ValueError(f'tokens: sequences {start}..{start + len(rows) - 1} have different lengths.')
-                ids = torch.as_tensor(np.stack(rows))
-                if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-                    raise ValueError(
-                        f'tokens: sequences {start}..{start + len(rows) - 1} hold token id {int(ids.max())} outside '
-                        f"the teacher's vocabulary of {vocab}: the tokens were made by another tokenizer."
-                    )
-                logits = _teacher_logits(teacher, ids.to(device), input_key, logits_key)
-                for row, row_logits in zip(rows, logits, strict=True):
-                    writer.write(signal_sample(row, encode_signal(row_logits, k, value_dtype)))
-                    positions += len(row)
-                bar.update(len(rows))
-        except BaseException:
-            writer.cancel_future_jobs()
-            bar.close()
-            raise
-        writer.finish()
+        destination = local_part if remote is None else (local_part, f'{remote.rstrip("/")}/{name}')
+        positions += _write_part(teacher_pass, destination, range(first, last), vocab, bar)
         written += 1
     bar.close()
-    merged = os.path.join(local_root, 'index.json')
-    if os.path.isfile(merged):  # from an earlier complete run: merged again, as Streaming will not overwrite it
-        os.remove(merged)
-    merge_index(part_indices, local_root if remote is None else (local_root, remote))
-    return SignalWriteSummary(
-        out=out,
-        sequences=len(sequences),
-        positions=positions,
-        vocab_size=vocab,
-        k=k,
-        value_dtype=value_dtype,
-        parts_written=written,
-        parts_skipped=skipped,
-    )
+    return part_indices, written, skipped, positions
+
+
+def _vocabulary(teacher_pass: _TeacherPass, student_vocab_size: Optional[int], tokenizer_size: Optional[int]) -> int:
+    """The teacher's vocabulary size, checked against the student's and the tokenizer's.
+
+    Read from one position of token 0, before any of the dataset's ids is checked against it.
+    """
+    vocab = teacher_pass.logits(torch.zeros((1, 1), dtype=torch.long)).shape[-1]
+    if student_vocab_size is not None and student_vocab_size != vocab:
+        raise ValueError(
+            f"The teacher's vocabulary has {vocab} classes but student_vocab_size={student_vocab_size}: the stored "
+            'indices would name other tokens. Use a teacher and student that share one tokenizer.'
+        )
+    if tokenizer_size is not None and tokenizer_size > vocab:
+        raise ValueError(
+            f'The tokenizer has {tokenizer_size} tokens but the teacher only {vocab} logits: it was not trained with '
+            'this tokenizer.'
+        )
+    return vocab
+
+
+def _write_part(
+    teacher_pass: _TeacherPass, destination: Union[str, tuple[str, str]], rows: range, vocab: int, bar: Any
+) -> int:
+    """Write the signal of sequences ``rows`` as one part, from its start; the number of positions written.
+
+    The part's index is written only after its last sample, so that only a complete part counts as written.
+    """
+    local_part = destination if isinstance(destination, str) else destination[0]
+    shutil.rmtree(local_part, ignore_errors=True)  # an interrupted part is written again from its start
+    # Not a `with` block: MDSWriter's __exit__ writes the index even when an exception (an interruption)
+    # leaves it, which would mark a partial part complete.
+    writer = _writer(destination)
+    positions = 0
+    try:
+        for start in range(rows.start, rows.stop, teacher_pass.batch_size):
+            batch = [teacher_pass.sequences[i] for i in range(start, min(rows.stop, start + teacher_pass.batch_size))]
+            logits = teacher_pass.logits(_token_ids(batch, start, vocab))
+            for row, row_logits in zip(batch, logits, strict=True):
+                writer.write(signal_sample(row, encode_signal(row_logits, teacher_pass.k, teacher_pass.value_dtype)))
+                positions += len(row)
+            bar.update(len(batch))
+    except BaseException:
+        writer.cancel_future_jobs()
+        bar.close()
+        raise
+    writer.finish()
+    return positions
+
+
+def _token_ids(rows: list[np.ndarray], start: int, vocab: int) -> torch.Tensor:
+    """Sequences ``start, start + 1, ...`` as one ``[B, L]`` tensor, refused unless of one length and in the
+    teacher's vocabulary."""
+    if len({len(row) for row in rows}) != 1:
+        raise ValueError(f'tokens: sequences {start}..{start + len(rows) - 1} have different lengths.')
+    ids = torch.as_tensor(np.stack(rows))
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(
+            f'tokens: sequences {start}..{start + len(rows) - 1} hold token id {int(ids.max())} outside '
+            f"the teacher's vocabulary of {vocab}: the tokens were made by another tokenizer."
+        )
+    return ids

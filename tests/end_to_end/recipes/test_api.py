@@ -269,6 +269,10 @@ def bad_width_teacher() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 5))
 
 
+def teachers_the_second_of_which_takes_other_inputs() -> list[nn.Module]:
+    return [nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), nn.Sequential(nn.Flatten(), nn.Linear(32, 10))]
+
+
 @pytest.mark.parametrize(
     'change, error, message',
     [
@@ -286,6 +290,17 @@ def bad_width_teacher() -> nn.Module:
         ({'kd_loss_fn': KLDivergence()}, TypeError, "distill() sets 'kd_loss_fn' itself: pass the loss as kd_loss="),
         ({'num_classes': 7}, ValueError, 'num_classes=7 but the student returns 10 logits per example'),
         ({'teacher': bad_width_teacher()}, ValueError, 'teacher 0 returns 5 logits per example but the student 10'),
+        (
+            {'teacher': teachers_the_second_of_which_takes_other_inputs()},
+            RuntimeError,
+            'teachers[1] (Sequential) failed on the batch it was given, '
+            '[Tensor[32, 1, 8, 8] float32, Tensor[32] int64], with input_key=None',
+        ),
+        (
+            {'search': {'kd_loss': ['kl']}, 'teacher_cache': object()},
+            ValueError,
+            'search cannot be combined with teacher_cache: each candidate trains a student of its own.',
+        ),
         ({'temperature': -1.0}, ValueError, 'temperature must be > 0, got -1.0'),
         ({'n_teachers_to_sample': 3}, ValueError, 'n_teachers_to_sample must be an integer between 1 and'),
         ({'baseline': 'yes'}, TypeError, "baseline must be True or False, got 'yes'"),

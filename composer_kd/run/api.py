@@ -20,6 +20,7 @@ import inspect
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
@@ -429,20 +430,15 @@ def distill(
 ) -> DistillResult:
     """Distil ``teacher`` into ``student`` on ``train_data`` with a Composer ``Trainer``, and report.
 
-    The student (and, where it is not one already, its wrapper) is trained in place by an ordinary ``Trainer``
-    holding ``Distillation`` in its ``algorithms``; the teachers are never changed: their weights, modes,
-    ``requires_grad`` flags and devices are as they were when this returns. With ``baseline=True`` a copy of
-    the student as it was given is also trained alone, with the same batches, budget, optimizer settings, other
-    algorithms and seed, and the report carries the distillation ratio. Every argument is checked, and every
-    problem named, before any weight changes.
+    The student is trained in place by an ordinary ``Trainer`` holding ``Distillation``; the teachers' weights,
+    modes, ``requires_grad`` flags and devices are as they were when this returns. With ``baseline=True`` a copy of
+    the student as given is also trained alone on the same batches, budget, optimizer settings, algorithms and
+    seed, for the distillation ratio. Every argument is checked, and every problem named, before any weight changes.
 
-    Models may be given as Composer takes them: a ``ComposerModel`` is used as it is; a Hugging Face
-    ``PreTrainedModel`` is wrapped in ``HuggingFaceModel`` (accuracy on its ``num_labels``); a plain
-    ``nn.Module`` classifier (on ``(inputs, targets)`` batches) in a ``ComposerClassifier`` whose class count is
-    read from its output (or checked against ``num_classes``). Data may be a map-style dataset (batched by
-    ``batch_size`` / ``eval_batch_size`` with Composer's seeded sampler), a ``DataLoader`` or a ``DataSpec``. A
-    Hugging Face ``datasets.Dataset`` must give tensors (``set_format('torch')``); its ``label`` column is read as
-    the ``labels`` a Hugging Face student computes its loss from (the dataset passed in is unchanged).
+    A ``ComposerModel`` is used as it is; a Hugging Face ``PreTrainedModel`` is wrapped in ``HuggingFaceModel``; a
+    plain ``nn.Module`` classifier in a ``ComposerClassifier`` (classes read from its output or ``num_classes``).
+    Data may be a map-style dataset (batched with Composer's seeded sampler), a ``DataLoader`` or a ``DataSpec``; a
+    ``datasets.Dataset`` must give tensors, and its ``label`` column is read as ``labels``.
 
     Args:
         teacher: The teacher(s), in any form ``Distillation`` takes: a model, a list of models (their logits
@@ -452,10 +448,9 @@ def distill(
         eval_data (optional): Evaluation data, or ``{split: data}``; the first split is the report's headline.
             Default: none (the report then has parameters and times but no metrics).
         num_classes (int, optional): Classes of a plain ``nn.Module`` student. Default: read from its output.
-        tasks (Sequence[DistillationTask | dict], optional): Multi-task distillation: one named
-            ``Distillation`` per task (see :func:`~composer_kd.multitask.task_distillations`), each with its own
-            teachers, weight and temperature; ``org_loss_weight`` weights the student's own loss once, and
-            ``kd_loss``, ``temperature`` and the other options are each task's defaults. Default: none.
+        tasks (Sequence[DistillationTask | dict], optional): One named ``Distillation`` per task (see
+            :func:`~composer_kd.multitask.task_distillations`); ``kd_loss``, ``temperature`` and the other options
+            are each task's defaults. Default: none.
         kd_loss (str | Callable, optional): A loss name of ``composer_kd.LOSSES`` (``'kl'``, ``'js'``, ...) or a
             callable ``(student_logits, teacher_logits) -> scalar``. Default: ``'kl'``.
         temperature (float | Schedule, optional): The softening temperature. Default: ``None``, the loss's own
@@ -478,32 +473,24 @@ def distill(
         callbacks (Sequence[Callback], optional): Callbacks of the distilled student's trainer.
         loggers (Sequence[LoggerDestination], optional): Logger destinations of the distilled student's trainer.
         save_folder (str, optional): Where the distilled student's checkpoints go. Default: none saved.
-        eval_interval (str | int, optional): Also evaluate during training, this often (logged). Default:
-            ``None``, only at the end, for the report.
+        eval_interval (str | int, optional): Also evaluate during training, this often. Default: at the end only.
         progress_bar (bool, optional): Composer's progress bar. Default: ``False``.
-        measure_speed (bool, optional): Time teacher 0's and the student's inference on the first evaluation
-            batch (its first 64 examples). Default: ``True``.
-        search (Mapping, optional): Choose the distillation settings on a validation split first: lists of
-            ``kd_loss`` (names, ``{'name': ..., **options}`` such as ``{'name': 'kl', 'standardize': True}``, or
-            loss objects), ``temperature``, ``kd_loss_weight`` and ``org_loss_weight`` (a key left out keeps this
-            call's value), whose product is tried, each candidate from the same initial student with the same
-            batches and seed for ``max_duration`` (give a short budget; default: the full one), and scored on
-            ``split`` (default ``'val'``, a key of ``eval_data``; never ``'test'``) by ``metric`` (default: the
-            student's first). The best is then trained with the full budget and reported on the other splits
-            (the headline is the first of them); ``report.search`` lists every candidate and its score (see
-            :mod:`composer_kd.run.search`). Default: none, this call's settings are used as they are.
-        trainer_kwargs (Mapping, optional): Any other ``Trainer`` argument (``schedulers``,
-            ``device_train_microbatch_size``, ``save_interval``, ...).
+        measure_speed (bool, optional): Time teacher 0's and the student's inference on 64 evaluation examples.
+            Default: ``True``.
+        search (Mapping, optional): Choose the settings on a validation split first: lists of ``kd_loss``,
+            ``temperature``, ``kd_loss_weight`` and ``org_loss_weight`` whose product is tried from the same initial
+            student, scored on ``split`` (never ``'test'``) by ``metric``; the best is trained with the full budget
+            and reported on the other splits (see :mod:`composer_kd.run.search`). Default: none.
+        trainer_kwargs (Mapping, optional): Any other ``Trainer`` argument (``schedulers``, ``save_interval``, ...).
         **options: Any other ``Distillation`` argument (``n_teachers_to_sample``, ``start``, ``end``,
             ``input_key``, ``student_logits_key``, ``feature_pairs``, ``teacher_inference``, ``name``, ...).
 
     Returns:
-        DistillResult: ``(student, report)``: the student passed in, trained, and the run's
-        :class:`~composer_kd.run.reporting.RunSummary`.
+        DistillResult: ``(student, report)``: the student passed in, trained, and the run's ``RunSummary``.
 
     Raises:
-        TypeError: If an argument has the wrong kind (the message names it), or an option is unknown.
-        ValueError: If a value is out of range or models and data do not fit together (named likewise).
+        TypeError, ValueError: For an argument of the wrong kind or value, or models and data that do not fit
+            together; the message names the argument.
 
     Example:
         .. testcode::
@@ -519,29 +506,9 @@ def distill(
             )
             assert [m.role for m in report.models] == ['teacher 0', 'student (distilled)']
     """
+    arguments = dict(locals())  # every parameter by name, as _check_arguments reads them
     started = time.perf_counter()
-    plan = _check_arguments(
-        options,
-        search,
-        tasks_given=tasks is not None,
-        kd_loss=kd_loss,
-        temperature=temperature,
-        org_loss_weight=org_loss_weight,
-        kd_loss_weight=kd_loss_weight,
-        training=_Training(
-            max_duration, optimizer, lr, weight_decay, seed, device, precision, progress_bar, trainer_kwargs or {}
-        ),
-        num_classes=num_classes,
-        batch_size=batch_size,
-        eval_batch_size=eval_batch_size,
-        baseline=baseline,
-        measure_speed=measure_speed,
-        algorithms=algorithms,
-        callbacks=callbacks,
-        loggers=loggers,
-        save_folder=save_folder,
-        eval_interval=eval_interval,
-    )
+    plan = _check_arguments(arguments)
     plan.teachers, plan.tasks = _resolve_models(teacher, student, tasks, options)
     data = _prepare_data(student, train_data, eval_data, batch_size, eval_batch_size, seed, plan.search)
     built = _build(plan, data, student, num_classes)
@@ -550,64 +517,59 @@ def distill(
     return DistillResult(student, report)
 
 
-def _check_arguments(
-    options: Mapping[str, Any],
-    search: Optional[Mapping[str, Any]],
-    *,
-    tasks_given: bool,
-    kd_loss: Union[str, KDLossFn],
-    temperature: Optional[ScheduleOrValue],
-    org_loss_weight: ScheduleOrValue,
-    kd_loss_weight: ScheduleOrValue,
-    training: _Training,
-    num_classes: Optional[int],
-    batch_size: int,
-    eval_batch_size: int,
-    baseline: bool,
-    measure_speed: bool,
-    algorithms: Sequence[Algorithm],
-    callbacks: Sequence[Callback],
-    loggers: Sequence[LoggerDestination],
-    save_folder: Optional[str],
-    eval_interval: Optional[Union[str, int]],
-) -> _Plan:
+def _check_arguments(arguments: Mapping[str, Any]) -> _Plan:
     """Check every argument of :func:`distill` that needs neither the models nor the data, in the order a user
     reads them; the plan of the run, its teachers not yet resolved.
+
+    Args:
+        arguments (Mapping[str, Any]): :func:`distill`'s parameters by name.
 
     Raises:
         TypeError, ValueError: Naming the argument, as :func:`distill` documents.
     """
-    _check_options(options)
-    training = dataclasses.replace(training, trainer_kwargs=_check_trainer_kwargs(training.trainer_kwargs))
-    _check_settings(
-        integers={'seed': (training.seed, 0), 'batch_size': (batch_size, 1), 'eval_batch_size': (eval_batch_size, 1)},
-        flags={'baseline': baseline, 'measure_speed': measure_speed, 'progress_bar': training.progress_bar},
-        num_classes=num_classes,
-        max_duration=training.max_duration,
+    given = SimpleNamespace(**arguments)
+    _check_options(given.options)
+    training = _Training(
+        given.max_duration,
+        given.optimizer,
+        given.lr,
+        given.weight_decay,
+        given.seed,
+        given.device,
+        given.precision,
+        given.progress_bar,
+        _check_trainer_kwargs(given.trainer_kwargs or {}),
     )
-    _check_choice('device', training.device, DEVICES, (Device,))
-    _check_choice('precision', training.precision, PRECISIONS, (Precision,))
-    algorithms = _check_algorithms(algorithms)
-    callbacks = _check_sequence('callbacks', callbacks, Callback)
-    loggers = _check_sequence('loggers', loggers, LoggerDestination)
+    _check_settings(
+        integers={
+            'seed': (given.seed, 0),
+            'batch_size': (given.batch_size, 1),
+            'eval_batch_size': (given.eval_batch_size, 1),
+        },
+        flags={'baseline': given.baseline, 'measure_speed': given.measure_speed, 'progress_bar': given.progress_bar},
+        num_classes=given.num_classes,
+        max_duration=given.max_duration,
+    )
+    _check_choice('device', given.device, DEVICES, (Device,))
+    _check_choice('precision', given.precision, PRECISIONS, (Precision,))
     plan = _Plan(
         training=training,
-        algorithms=algorithms,
-        callbacks=callbacks,
-        loggers=loggers,
-        kd_loss=kd_loss,
-        kd_loss_fn=_kd_loss_fn(kd_loss, temperature),
-        temperature=temperature,
-        org_loss_weight=org_loss_weight,
-        kd_loss_weight=kd_loss_weight,
-        options=options,
-        baseline=baseline,
-        measure_speed=measure_speed,
-        save_folder=save_folder,
-        eval_interval=eval_interval,
+        algorithms=_check_algorithms(given.algorithms),
+        callbacks=_check_sequence('callbacks', given.callbacks, Callback),
+        loggers=_check_sequence('loggers', given.loggers, LoggerDestination),
+        kd_loss=given.kd_loss,
+        kd_loss_fn=_kd_loss_fn(given.kd_loss, given.temperature),
+        temperature=given.temperature,
+        org_loss_weight=given.org_loss_weight,
+        kd_loss_weight=given.kd_loss_weight,
+        options=given.options,
+        baseline=given.baseline,
+        measure_speed=given.measure_speed,
+        save_folder=given.save_folder,
+        eval_interval=given.eval_interval,
     )
-    if search is not None:
-        plan.search = _check_search(search, plan, tasks_given)
+    if given.search is not None:
+        plan.search = _check_search(given.search, plan, tasks_given=given.tasks is not None)
     return plan
 
 

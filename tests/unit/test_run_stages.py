@@ -3,6 +3,8 @@ what it should give written out, without training."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from composer.algorithms import LabelSmoothing
@@ -21,6 +23,7 @@ from composer_kd.run.api import (
     _speed_batch,
     _splits_to_report,
     _Training,
+    distill,
 )
 from composer_kd.run.search import Candidate, SearchSpec
 from composer_kd.schedules import LinearSchedule
@@ -43,25 +46,21 @@ def training(**changes) -> _Training:
 
 
 def plan(options=None, search=None, tasks_given=False, trainer_kwargs=None, **changes):
-    """The plan ``_check_arguments`` makes of these arguments, beside small defaults."""
-    arguments = dict(
-        kd_loss='kl',
-        temperature=2.0,
-        org_loss_weight=0.5,
-        kd_loss_weight=0.9,
-        training=training(trainer_kwargs=trainer_kwargs or {}),
-        num_classes=None,
-        batch_size=8,
-        eval_batch_size=16,
-        baseline=False,
-        measure_speed=True,
-        algorithms=(),
-        callbacks=(),
-        loggers=(),
-        save_folder=None,
-        eval_interval=None,
-    )
-    return _check_arguments(options or {}, search, tasks_given=tasks_given, **{**arguments, **changes})
+    """The plan ``_check_arguments`` makes of ``distill``'s arguments: its defaults, small settings, ``changes``."""
+    defaults = {
+        name: p.default for name, p in inspect.signature(distill).parameters.items() if p.default is not p.empty
+    }
+    settings = dict(training().__dict__, temperature=2.0, org_loss_weight=0.5, kd_loss_weight=0.9, batch_size=8)
+    arguments = {
+        **defaults,
+        **settings,
+        'eval_batch_size': 16,
+        'options': options or {},
+        'search': search,
+        'tasks': [] if tasks_given else None,
+        'trainer_kwargs': trainer_kwargs or {},
+    }
+    return _check_arguments({**arguments, **changes})
 
 
 def conflict_message(first: str, second: str) -> str:
@@ -131,7 +130,7 @@ def test_unknown_names_get_the_nearest_known_one():
     with pytest.raises(TypeError, match=r"Trainer has no argument 'sead'; did you mean 'seed'\?$"):
         plan(trainer_kwargs={'sead': 1})
     with pytest.raises(ValueError, match=r"device: unknown value 'CPU'; did you mean 'cpu'\?"):
-        plan(training=training(device='CPU'))
+        plan(device='CPU')
     with pytest.raises(ValueError, match=r"search\[kd_loss\]\[1\]: unknown loss 'jss'; did you mean 'js'\?"):
         plan(search={'kd_loss': ['kl', 'jss']})
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -28,7 +29,6 @@ import torch
 from composer.core import Event, State, get_precision_context
 from composer.loggers import Logger
 from composer.models import HuggingFaceModel
-from composer.utils import dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -42,6 +42,7 @@ __all__ = [
     'generate_continuations',
     'generative_model',
     'is_generated_step',
+    'prompt_seed',
     'on_policy_batch',
     'split_prompts',
 ]
@@ -303,10 +304,40 @@ def _eos_ids(model: nn.Module, eos_token_id: Optional[Union[int, Sequence[int]]]
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
 
 
-def _rng_devices(device: torch.device) -> list[int]:
-    if device.type == 'cuda' and torch.cuda.is_initialized():
-        return list(range(torch.cuda.device_count()))
-    return []
+class _PerRowGumbel:
+    """Turns greedy decoding into sampling at ``temperature``, each row from its own seeded generator.
+
+    ``argmax(logits / T + g)`` with ``g`` standard Gumbel noise is a draw from ``softmax(logits / T)`` (the
+    Gumbel-max trick). Each row draws one noise vector per generated token from a generator seeded by that row
+    alone, so a row's continuation does not depend on the other rows it is generated with: not on the batch, the
+    number of processes the batch is split over, nor ``rows_per_call``.
+    """
+
+    def __init__(self, row_seeds: Sequence[int], temperature: float, device: torch.device):
+        self.temperature = temperature
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in row_seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        uniform = torch.stack(
+            [torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators]
+        )
+        gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(uniform.dtype).tiny)))
+        return scores.float() / self.temperature + gumbel
+
+
+def prompt_seed(seed: int, prompt: torch.Tensor) -> int:
+    """The sampling seed of one prompt: ``seed`` and the prompt's token ids, whatever row or process it is on.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.parts.onpolicy import prompt_seed
+
+            assert prompt_seed(3, torch.tensor([1, 2])) == prompt_seed(3, torch.tensor([1, 2]))
+            assert prompt_seed(3, torch.tensor([1, 2])) != prompt_seed(3, torch.tensor([2, 1]))
+    """
+    return _seed(seed, _GENERATION_STREAM, zlib.crc32(prompt.detach().to('cpu', torch.int64).numpy().tobytes()))
 
 
 def generate_continuations(
@@ -325,9 +356,10 @@ def generate_continuations(
     The model runs in eval mode (dropout off) under ``torch.no_grad()`` with its KV cache, and is given back in
     the train/eval modes its modules had. Prompts are left-padded for generation, ``rows_per_call`` at a time
     (to bound the cache's memory, e.g. at the training microbatch size). Sampling draws from the full
-    distribution at ``temperature`` (no top-k or top-p truncation); ``temperature=0`` decodes greedily. The random
-    draws come from ``seed`` alone: the global random state is saved and restored around generation, so neither
-    depends on the other.
+    distribution at ``temperature`` (no top-k or top-p truncation); ``temperature=0`` decodes greedily. Each
+    prompt's draws come from its own generator, seeded by ``seed`` and the prompt's token ids
+    (:func:`prompt_seed`): a prompt's continuation is the same whichever rows, microbatches or processes it is
+    generated with, and the global random state is not touched.
 
     Args:
         model (nn.Module): The generating model (see :func:`generative_model`).
@@ -353,41 +385,46 @@ def generate_continuations(
 
             model = GPT2LMHeadModel(GPT2Config(vocab_size=20, n_positions=32, n_embd=16, n_layer=1, n_head=2))
             prompts = [torch.tensor([1, 2, 3]), torch.tensor([4])]
-            first = generate_continuations(model, prompts, max_new_tokens=5, pad_token_id=0, eos_token_id=[], seed=3)
-            again = generate_continuations(model, prompts, max_new_tokens=5, pad_token_id=0, eos_token_id=[], seed=3)
+            options = dict(max_new_tokens=5, pad_token_id=0, eos_token_id=[], seed=3)
+            first = generate_continuations(model, prompts, **options)
+            alone = generate_continuations(model, prompts[1:], **options)
             assert [len(c) for c in first] == [5, 5]
-            assert all(torch.equal(a, b) for a, b in zip(first, again))
+            assert torch.equal(first[1], alone[0])  # a prompt's continuation does not depend on the other rows
     """
     if not (isinstance(max_new_tokens, int) and max_new_tokens > 0):
         raise ValueError(f'max_new_tokens must be a positive integer, got {max_new_tokens!r}.')
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     sampling = temperature > 0
+    # Greedy decoding of scores a processor perturbs: sampling is the Gumbel-max draw of _PerRowGumbel.
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
-        do_sample=sampling,
+        do_sample=False,
         pad_token_id=int(pad_token_id),
         eos_token_id=_eos_ids(model, eos_token_id) or None,
         use_cache=True,
-        **({'temperature': float(temperature), 'top_k': 0, 'top_p': 1.0} if sampling else {}),
     )
     eos_ids = _eos_ids(model, eos_token_id)
     step = rows_per_call or len(prompts)
     modes = {name: module.training for name, module in model.named_modules()}
-    device = prompts[0].device
     continuations: list[torch.Tensor] = []
     model.eval()
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type):
-            for chunk, start in enumerate(range(0, len(prompts), step)):
-                torch.manual_seed(_seed(seed, _GENERATION_STREAM, chunk))
-                input_ids, attention_mask = _pad_left(prompts[start : start + step], pad_token_id)
+        with torch.no_grad():
+            for start in range(0, len(prompts), step):
+                rows = prompts[start : start + step]
+                input_ids, attention_mask = _pad_left(rows, pad_token_id)
+                processors = LogitsProcessorList()
+                if sampling:
+                    seeds = [prompt_seed(seed, prompt) for prompt in rows]
+                    processors.append(_PerRowGumbel(seeds, float(temperature), input_ids.device))
                 # use_model_defaults=False: a model's own generation defaults (top-k, a temperature, a repetition
                 # penalty) would change the distribution sampled from.
                 output = model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     generation_config=config,
+                    logits_processor=processors,
                     use_model_defaults=False,
                 )
                 continuations.extend(_cut_at_end_of_sequence(row, eos_ids) for row in output[:, input_ids.shape[1] :])
@@ -418,8 +455,9 @@ class OnPolicy:
     teacher-generated batches it is kept at ``org_loss_weight``: it is sequence-level distillation's objective.
 
     Generation runs per rank on that rank's batch (under DDP, on the unwrapped module), ``device_train_microbatch_size``
-    rows at a time, under the trainer's precision. Evaluation never generates. The sampling is seeded by the
-    seed, the step and the rank, so a resumed run generates what the uninterrupted run did.
+    rows at a time, under the trainer's precision. Evaluation never generates. Each prompt's sampling is seeded by
+    the seed, the step and the prompt's tokens (not the rank), so a resumed run generates what the uninterrupted
+    run did, and the continuations are the same however the batch is split over processes and microbatches.
 
     Args:
         fraction (float | Schedule, optional): Share of batches trained on generated sequences, in ``[0, 1]``, or
@@ -628,7 +666,7 @@ class OnPolicyFit(Part):
                 f'A prompt of {longest} tokens plus max_new_tokens={self.options.max_new_tokens} exceeds the '
                 f"{self.options.source}'s {limit} positions: shorten the prompts or max_new_tokens."
             )
-        seed = _seed(state.rank_zero_seed, step, dist.get_global_rank())
+        seed = _seed(state.rank_zero_seed, step)  # the same on every rank: each prompt seeds its own draws
         microbatch = state.device_train_microbatch_size
         rows_per_call = int(microbatch) if isinstance(microbatch, (int, float)) and microbatch >= 1 else None
         with get_precision_context(state.precision, state.precision_config):

@@ -214,6 +214,40 @@ def test_generation_is_seeded_restores_modes_and_leaves_the_global_random_state_
     assert all(torch.equal(a, b) for a, b in zip(greedy, again, strict=True))
 
 
+def test_a_prompts_continuation_does_not_depend_on_the_rows_it_is_generated_with():
+    model = gpt2(1, 16, seed=3)
+    prompts = [torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6]), torch.tensor([7]), torch.tensor([8, 9, 10])]
+    together = generate_continuations(model, prompts, max_new_tokens=6, pad_token_id=PAD, seed=4, eos_token_id=[])
+    in_twos = generate_continuations(
+        model, prompts, max_new_tokens=6, pad_token_id=PAD, seed=4, eos_token_id=[], rows_per_call=2
+    )
+    reversed_rows = generate_continuations(
+        model, prompts[::-1], max_new_tokens=6, pad_token_id=PAD, seed=4, eos_token_id=[]
+    )[::-1]
+    one_by_one = [
+        generate_continuations(model, [prompt], max_new_tokens=6, pad_token_id=PAD, seed=4, eos_token_id=[])[0]
+        for prompt in prompts
+    ]
+    for other in (in_twos, reversed_rows, one_by_one):
+        assert all(torch.equal(a, b) for a, b in zip(together, other, strict=True))
+
+
+def test_the_per_row_draw_samples_the_softened_distribution():
+    from composer_kd.parts.onpolicy import _PerRowGumbel
+
+    scores = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    temperature, n = 1.5, 20_000
+    draws = _PerRowGumbel(list(range(n)), temperature, torch.device('cpu'))
+    counts = torch.zeros(4)
+    for generator in draws.generators:
+        single = _PerRowGumbel([0], temperature, torch.device('cpu'))
+        single.generators = [generator]
+        counts[int(single(None, scores).argmax())] += 1
+    expected = torch.softmax(scores[0] / temperature, -1) * n
+    # Each count within 4 standard deviations of its binomial mean.
+    assert torch.all((counts - expected).abs() <= 4 * (expected * (1 - expected / n)).sqrt()), (counts, expected)
+
+
 def test_continuations_stop_after_the_end_of_sequence_token():
     model = gpt2(1, 16, seed=2)
     prompts = [torch.tensor([1, 2, 3])] * 4

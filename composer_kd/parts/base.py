@@ -127,8 +127,10 @@ class FitContext:
         kd_loss_fn (nn.Module): The distillation loss.
         keys (TeacherKeys): How teachers are fed and logits read.
         causal (bool): Whether logits at position ``i`` predict token ``i + 1``.
-        plan (Any): The :class:`~composer_kd.parts.plan.BatchPlan`: the teachers of each batch, the weights.
-        guard (Any): The :class:`~composer_kd.parts.guard.NonFiniteGuard` screening teacher logits.
+        plan (BatchPlan): The teachers of each batch and the values in force
+            (:class:`~composer_kd.parts.plan.BatchPlan`).
+        guard (NonFiniteGuard): Screens teacher logits for NaN and +inf
+            (:class:`~composer_kd.parts.guard.NonFiniteGuard`).
         teacher_inference (TeacherInference): The teachers' inference options.
         name (str, optional): The ``Distillation``'s name (its loss terms and logged values).
         owner (Any, optional): The ``Distillation`` itself (told apart from the trainer's other algorithms).
@@ -140,8 +142,8 @@ class FitContext:
     kd_loss_fn: nn.Module
     keys: TeacherKeys
     causal: bool
-    plan: Any
-    guard: Any
+    plan: Any  # a BatchPlan (parts.plan builds on this module)
+    guard: Any  # a NonFiniteGuard (likewise)
     teacher_inference: TeacherInference = field(default_factory=TeacherInference)
     name: Optional[str] = None
     owner: Any = None

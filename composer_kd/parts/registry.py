@@ -126,9 +126,10 @@ class FitParts:
         built = [fit.plan, *(part_kind(option).start(option, fit) for option in options)]
         self.parts: list[Part] = [part for part in built if part is not None]
         sources = [part for part in self.parts if isinstance(part, Source)]
-        default = StoredSignal(fit.signal) if fit.signal is not None else LiveTeachers(fit)
-        self.source: Source = sources[0] if sources else default
-        if not sources:
+        if sources:
+            self.source: Source = sources[0]
+        else:
+            self.source = StoredSignal(fit.signal) if fit.signal is not None else LiveTeachers(fit)
             self.parts.append(self.source)
         self._adjusting = [part for part in self.parts if type(part).adjust is not Part.adjust]
         self.by_event: dict[Event, list[Part]] = {}

@@ -26,6 +26,7 @@ which keeps it frozen, in eval mode and out of the student's checkpoints. Every 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
@@ -33,6 +34,7 @@ from typing import Any, Optional, Union
 from composer.core import Event, State
 from composer.loggers import Logger
 from composer.models import HuggingFaceModel
+from composer.utils import dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -40,6 +42,7 @@ from composer_kd.distillation import Distillation
 from composer_kd.losses import get_loss
 from composer_kd.models.checkpoints import load_teacher_checkpoint
 from composer_kd.models.outputs import is_causal_lm
+from composer_kd.models.rng import preserved_rng
 from composer_kd.options import did_you_mean, given_options, refuse_conflicts
 
 try:
@@ -58,6 +61,8 @@ __all__ = [
     'shifts_labels',
     'vocabulary_size',
 ]
+
+log = logging.getLogger(__name__)
 
 TeacherConfig = Union[Mapping[str, Any], nn.Module]
 
@@ -83,6 +88,11 @@ def build_teacher(config: TeacherConfig, index: int = 0) -> nn.Module:
     A model that takes a ``loss_fn`` and is given none gets ``torch_crossentropy``: a teacher's own loss is never
     computed, and llm-foundry's default (a fused CUDA kernel) would refuse to build on a machine without it.
     A module passes through unchanged. ``config`` itself is never modified.
+
+    Building the teacher leaves every random generator as it found it (see
+    :func:`~composer_kd.models.rng.preserved_rng`): llm-foundry builds algorithms before the student, whose initial
+    weights must not depend on whether a teacher was built first. Rank 0 logs, at ``INFO``, the teacher built and
+    the ``load_path`` it loaded (or that it has none).
 
     Args:
         config (Mapping | nn.Module): The teacher's entry.
@@ -140,14 +150,40 @@ def build_teacher(config: TeacherConfig, index: int = 0) -> nn.Module:
     if tokenizer_config is not None:
         if not (isinstance(tokenizer_config, Mapping) and isinstance(tokenizer_config.get('name'), str)):
             raise ValueError(f'{where}.tokenizer must be {{name: ..., kwargs: {{...}}}}, got {tokenizer_config!r}.')
-        tokenizer = build_tokenizer(tokenizer_config['name'], dict(tokenizer_config.get('kwargs') or {}))
     constructor = foundry_registry.models.get(name)
     if 'loss_fn' not in model_config and _takes_argument(constructor, 'loss_fn'):
         model_config['loss_fn'] = 'torch_crossentropy'
-    model = build_composer_model(name=name, cfg=model_config, tokenizer=tokenizer)
+    with preserved_rng():
+        if tokenizer_config is not None:
+            tokenizer = build_tokenizer(tokenizer_config['name'], dict(tokenizer_config.get('kwargs') or {}))
+        model = build_composer_model(name=name, cfg=model_config, tokenizer=tokenizer)
+    _log_rank_zero('%s: built %s (%s, %s parameters).', where, name, type(model).__name__, f'{_parameters(model):,}')
     if load_path is not None:
         load_teacher_checkpoint(model, load_path)
+        _log_rank_zero('%s: loaded its weights from load_path %r.', where, load_path)
+    else:
+        _log_rank_zero('%s: no load_path, so it teaches with the weights it was initialised with.', where)
     return model
+
+
+def _parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _log_rank_zero(message: str, *arguments: Any) -> None:
+    if dist.get_global_rank() == 0:
+        log.info(message, *arguments)
+
+
+def _follow_llm_foundry_log_level() -> None:
+    """Give this package's logger the level a YAML's ``python_log_level`` set on llm-foundry's, unless it has one.
+
+    llm-foundry's training script sets the level of the ``llmfoundry`` logger (and Composer's) only; without this,
+    the teachers' messages would stay below the root logger's default ``WARNING``.
+    """
+    ours, foundry = logging.getLogger('composer_kd'), logging.getLogger('llmfoundry')
+    if ours.level == logging.NOTSET and foundry.level != logging.NOTSET:
+        ours.setLevel(foundry.level)
 
 
 def _takes_argument(constructor: Callable[..., Any], argument: str) -> bool:
@@ -301,10 +337,11 @@ class FoundryDistillation(Distillation):
     {...}}``: teachers are llm-foundry model configs, built by llm-foundry's own model builders.
 
     The teachers are built (and their checkpoints loaded) when the algorithm is made, so that a bad name or path
-    fails before training starts. When the fit starts, before the student's weights change, each teacher's
-    vocabulary size is checked against the student's, and the causal shift follows the student's own
-    ``shift_labels`` (position ``i`` is distilled where token ``i + 1``'s label is not ``-100`` and neither
-    token is padding, as llm-foundry's loss counts tokens).
+    fails before training starts, leaving every random generator as it was: the student llm-foundry builds next
+    starts from the same weights, same seed, as without the ``distillation`` section. When the fit starts, before
+    the student's weights change, each teacher's vocabulary size is checked against the student's, and the causal
+    shift follows the student's own ``shift_labels`` (position ``i`` is distilled where token ``i + 1``'s label is
+    not ``-100`` and neither token is padding, as llm-foundry's loss counts tokens).
 
     Args:
         teachers (Sequence[Mapping | nn.Module]): One entry per teacher: a llm-foundry model config
@@ -353,22 +390,25 @@ class FoundryDistillation(Distillation):
         teacher_signal: Union[bool, Mapping[str, str], None] = None,
         **options: Any,
     ):
+        _follow_llm_foundry_log_level()
         signal = _signal(teacher_signal, teachers) if teacher_signal not in (None, False) else None
         # Refused before any teacher is built, which can take minutes; Distillation checks the same table.
         refuse_conflicts(given_options(teachers=signal, **options))
-        if signal is not None:
-            source = signal
-        else:
-            source = [build_teacher(config, index) for index, config in enumerate(_teacher_configs(teachers))]
-        super().__init__(
-            source,
-            kd_loss_fn=_kd_loss(kd_loss),
-            org_loss_weight=org_loss_weight,
-            kd_loss_weight=kd_loss_weight,
-            causal_lm=causal_lm,
-            temperature=temperature,
-            **options,
-        )
+        # llm-foundry builds the student after this: it must start from the generators as the seed left them.
+        with preserved_rng():
+            if signal is not None:
+                source = signal
+            else:
+                source = [build_teacher(config, index) for index, config in enumerate(_teacher_configs(teachers))]
+            super().__init__(
+                source,
+                kd_loss_fn=_kd_loss(kd_loss),
+                org_loss_weight=org_loss_weight,
+                kd_loss_weight=kd_loss_weight,
+                causal_lm=causal_lm,
+                temperature=temperature,
+                **options,
+            )
         self._causal_lm_given = causal_lm
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:

@@ -34,6 +34,7 @@ from torch import nn
 
 from composer_kd.distillation import Distillation, KDLossFn
 from composer_kd.losses import LOSSES, canonical_loss_name, loss_from_name
+from composer_kd.models.rng import preserved_rng
 from composer_kd.models.teachers import FrozenTeachers, TeacherSpec, refuse_shared_parameters, resolve_teachers
 from composer_kd.multitask import DistillationTask, task_distillations
 from composer_kd.options import did_you_mean, given_options, refuse_conflicts, refuse_unknown_keywords
@@ -508,11 +509,11 @@ def distill(
     """
     arguments = dict(locals())  # every parameter by name, as _check_arguments reads them
     started = time.perf_counter()
-    plan = _check_arguments(arguments)
-    plan.teachers, plan.tasks = _resolve_models(teacher, student, tasks, options)
-    data = _prepare_data(student, train_data, eval_data, batch_size, eval_batch_size, seed, plan.search)
-    built = _build(plan, data, student, num_classes)
-    # Everything is checked; from here on the models are used.
+    with preserved_rng():  # checking and building leave every random generator as the caller's seed left it
+        plan = _check_arguments(arguments)
+        plan.teachers, plan.tasks = _resolve_models(teacher, student, tasks, options)
+        data = _prepare_data(student, train_data, eval_data, batch_size, eval_batch_size, seed, plan.search)
+        built = _build(plan, data, student, num_classes)
     report = _train_and_report(plan, data, built, describe_module(student), started)
     return DistillResult(student, report)
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 import transformers
 from composer import Callback, Event, State, Trainer
 from composer.loggers import Logger
+from composer.utils import reproducibility
 from conftest import AfterLossRecorder
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
@@ -19,10 +23,12 @@ from torch.utils.data import DataLoader
 pytest.importorskip('llmfoundry')
 
 from llmfoundry import registry  # noqa: E402
+from llmfoundry.data.dataloader import build_dataloader  # noqa: E402
 from llmfoundry.utils.builders import build_algorithm, build_composer_model  # noqa: E402
 
 from composer_kd import Distillation, KLDivergence  # noqa: E402
 from composer_kd.llm.foundry import FoundryDistillation, build_teacher, shifts_labels, vocabulary_size  # noqa: E402
+from composer_kd.signal.writer import write_signal_shards  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -271,6 +277,90 @@ def test_a_teacher_loads_the_composer_checkpoint_its_own_training_saved(tmp_path
     )
     loaded = algorithm.teacher_modules[0].state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in trained.state_dict().items())
+
+
+# --- the section leaves the student's initialization, and says what it built -------------------------------------
+
+
+@pytest.mark.parametrize('student_kind', ['mpt', 'hf'])
+def test_the_section_leaves_the_students_initial_weights_as_without_it(student_kind, tmp_path):
+    """llm-foundry builds the algorithms before the model: with the same seed, the student starts alike with or
+    without a distillation section whose teachers are built from the global generator."""
+    student_folder, teacher_folder = hf_folder(tmp_path, 'student'), hf_folder(tmp_path, 'teacher', n_embd=32)
+
+    def build_student() -> torch.nn.Module:
+        config = mpt_config() if student_kind == 'mpt' else hf_config(student_folder)
+        return build_composer_model(config.pop('name'), config, tokenizer=None)
+
+    reproducibility.seed_all(17)
+    alone = build_student().state_dict()
+    reproducibility.seed_all(17)
+    before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    # Through llm-foundry's algorithm registry, as its train script builds the section.
+    build_algorithm('distillation', {'teachers': [mpt_config(d_model=32), hf_config(teacher_folder)], 'kd_loss': 'kl'})
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert random.getstate() == before[1] and np.array_equal(np.random.get_state()[1], before[2])
+    distilled = build_student().state_dict()
+    assert list(distilled) == list(alone)
+    for name, tensor in alone.items():
+        assert torch.equal(distilled[name], tensor), name
+
+
+def test_rank_zero_logs_each_teacher_built_and_the_load_path_it_loaded(tmp_path, caplog):
+    path = tmp_path / 'teacher.pt'
+    torch.save(mpt(2).state_dict(), path)
+    caplog.set_level(logging.INFO, logger='composer_kd')
+    FoundryDistillation([mpt_config(), {**mpt_config(), 'load_path': str(path)}])
+    messages = [r.getMessage() for r in caplog.records if r.name == 'composer_kd.llm.foundry']
+    assert messages[0].startswith('teachers[0]: built mpt_causal_lm (ComposerMPTCausalLM, ')
+    assert messages[1] == 'teachers[0]: no load_path, so it teaches with the weights it was initialised with.'
+    assert messages[2].startswith('teachers[1]: built mpt_causal_lm')
+    assert messages[3] == f'teachers[1]: loaded its weights from load_path {str(path)!r}.'
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.name == 'composer_kd.llm.foundry')
+
+
+def test_the_yamls_python_log_level_reaches_the_teachers_messages(caplog):
+    # llm-foundry's train script sets python_log_level on the llmfoundry logger only.
+    ours, foundry = logging.getLogger('composer_kd'), logging.getLogger('llmfoundry')
+    levels = ours.level, foundry.level
+    ours.setLevel(logging.NOTSET)
+    foundry.setLevel(logging.INFO)
+    try:
+        FoundryDistillation([mpt_config()])
+        assert any(r.getMessage().startswith('teachers[0]: built mpt_causal_lm') for r in caplog.records)
+    finally:
+        ours.setLevel(levels[0])
+        foundry.setLevel(levels[1])
+
+
+# --- the teacher_signal loader's split ---------------------------------------------------------------------------
+
+
+def write_signal(folder) -> None:
+    generator = torch.Generator().manual_seed(0)
+    write_signal_shards(
+        str(folder), torch.randint(0, VOCAB, (4, SEQ), generator=generator), torch.randn(4, SEQ, VOCAB), k=3
+    )
+
+
+def test_split_names_a_subfolder_as_for_the_text_loader(tmp_path):
+    write_signal(tmp_path / 'signal' / 'train')
+    config = {'name': 'teacher_signal', 'dataset': {'local': str(tmp_path / 'signal'), 'split': 'train'}}
+    spec = build_dataloader(config, None, 2)
+    assert len(spec.dataloader.dataset) == 4
+
+
+def test_a_split_kept_from_a_text_loader_is_explained(tmp_path):
+    # The signal written to the folder itself, and the text loader's split: train kept.
+    write_signal(tmp_path / 'signal')
+    dataset = {'local': str(tmp_path / 'signal'), 'split': 'train'}
+    with pytest.raises(ValueError, match=r"dataset\.split is 'train', so the shards are read from the subfolder"):
+        build_dataloader({'name': 'teacher_signal', 'dataset': dataset}, None, 2)
+    with pytest.raises(ValueError, match='set split: null'):
+        build_dataloader({'name': 'teacher_signal', 'dataset': dataset}, None, 2)
+    remote = {'remote': str(tmp_path / 'signal'), 'local': str(tmp_path / 'cache'), 'split': 'train'}
+    with pytest.raises(ValueError, match=r"dataset\.split is 'train'.*Reading it failed"):
+        build_dataloader({'name': 'teacher_signal', 'dataset': remote}, None, 2)
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import gc
+import json
 
 import numpy as np
+import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from streaming import MDSWriter
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from composer_kd.cli import main
+from composer_kd.cli.teacher_signal import run_teacher_signal
 from composer_kd.signal.shards import SignalDataset
 
 
@@ -61,3 +65,96 @@ def test_bad_options_exit_with_a_message(tmp_path, capsys):
     assert '--teacher, --tokens must be given' in capsys.readouterr().err
     assert main([*base[:4], str(tmp_path / 'absent'), *base[5:]]) == 2
     assert 'tokens: no such file or folder' in capsys.readouterr().err
+
+
+# --- a teacher loads exactly as it was saved, or is refused --------------------------------------------------------
+
+
+def _files(folder) -> dict:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+@pytest.fixture(scope='module')
+def foundry_teacher(tmp_path_factory):
+    """llm-foundry's MPT saved as its hf_checkpointer saves it: weights, config.json with an auto_map, and the model's
+    code with its imports flattened into the folder."""
+    from llmfoundry.models.mpt import MPTConfig, MPTForCausalLM
+    from llmfoundry.utils.huggingface_hub_utils import edit_files_for_hf_compatibility
+
+    folder = tmp_path_factory.mktemp('foundry') / 'mpt_teacher'
+    torch.manual_seed(0)
+    # expansion_ratio 4 is the one transformers' own MPT assumes: it builds from this config without a shape error.
+    config = MPTConfig(
+        d_model=16, n_heads=2, n_layers=1, expansion_ratio=4, max_seq_len=16, vocab_size=53,
+        attn_config={'attn_impl': 'torch'}, init_device='cpu',
+    )  # fmt: skip
+    model = MPTForCausalLM(config).eval()
+    saved = (MPTConfig._auto_class, MPTForCausalLM._auto_class)
+    MPTConfig.register_for_auto_class()
+    MPTForCausalLM.register_for_auto_class('AutoModelForCausalLM')
+    try:
+        model.save_pretrained(folder)
+    finally:
+        MPTConfig._auto_class, MPTForCausalLM._auto_class = saved
+    edit_files_for_hf_compatibility(str(folder))
+    return folder, model
+
+
+def test_a_folder_that_ships_its_own_model_code_is_refused_without_trusting_it(tmp_path, capsys, foundry_teacher):
+    folder, _ = foundry_teacher
+    before = _files(folder)
+    torch.save(torch.randint(0, 53, (3, 8)), tmp_path / 'tokens.pt')
+    argv = ['teacher-signal', '--teacher', str(folder), '--tokens', str(tmp_path / 'tokens.pt')]
+    assert main([*argv, '--out', str(tmp_path / 'out'), '--k', '4', '--no-progress']) == 2
+    error = capsys.readouterr().err
+    assert 'ships the code of its own model' in error and 'modeling_mpt.py' in error
+    assert '--trust-remote-code' in error
+    assert not (tmp_path / 'out').exists()
+    assert _files(folder) == before
+
+
+def test_trusted_the_folders_own_code_gives_the_llm_foundry_teachers_signal(tmp_path, foundry_teacher):
+    folder, model = foundry_teacher
+    tokens = torch.randint(0, 53, (3, 8), generator=torch.Generator().manual_seed(1))
+    torch.save(tokens, tmp_path / 'tokens.pt')
+    run_teacher_signal(
+        str(folder), str(tmp_path / 'tokens.pt'), str(tmp_path / 'out'), k=4, progress=False, trust_remote_code=True
+    )
+    dataset = SignalDataset(local=str(tmp_path / 'out'), vocab_size=53)
+    with torch.no_grad():
+        expected = model(tokens).logits
+    for i in range(3):
+        assert torch.equal(dataset[i]['teacher_topk_indices'], expected[i].topk(4).indices)
+        torch.testing.assert_close(
+            dataset[i]['teacher_topk_logits'], expected[i].topk(4).values, rtol=0, atol=2e-3
+        )  # stored in float16
+    del dataset
+    gc.collect()
+
+
+def test_weights_a_model_leaves_unused_or_lacks_are_named(tmp_path, capsys, foundry_teacher):
+    # The same MPT folder without its code: transformers' own MPT builds from it and uses 8 of its 16 tensors less.
+    folder, _ = foundry_teacher
+    stripped = tmp_path / 'stripped'
+    stripped.mkdir()
+    for name, data in _files(folder).items():
+        if name == 'config.json':
+            config = json.loads(data)
+            del config['auto_map']
+            data = json.dumps(config).encode()
+        if not name.endswith('.py'):
+            (stripped / name).write_bytes(data)
+    torch.save(torch.randint(0, 53, (3, 8)), tmp_path / 'tokens.pt')
+    base = ['teacher-signal', '--tokens', str(tmp_path / 'tokens.pt'), '--out', str(tmp_path / 'out'), '--k', '4']
+    assert main([*base, '--teacher', str(stripped), '--no-progress']) == 2
+    error = capsys.readouterr().err
+    assert '8 weights in the folder that the model leaves unused' in error
+    assert 'transformer.wpe.weight' in error and 'transformer.blocks.0.attn.Wqkv.bias' in error
+    # A GPT-2 folder lacking one tensor of its model.
+    _teacher(tmp_path / 'gpt2')
+    weights = load_file(tmp_path / 'gpt2' / 'model.safetensors')
+    del weights['transformer.h.0.attn.c_attn.bias']
+    save_file(weights, tmp_path / 'gpt2' / 'model.safetensors', metadata={'format': 'pt'})
+    assert main([*base, '--teacher', str(tmp_path / 'gpt2'), '--no-progress']) == 2
+    assert '1 weights of the model that the folder lacks' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()

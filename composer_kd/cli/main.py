@@ -79,6 +79,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except RecipeError as e:
         print(e, file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print('Interrupted while the recipe was being built: nothing was trained or saved.', file=sys.stderr)
+        return 130
     teachers = ', '.join(
         f'teacher {i} ' + ('trained first' if t is not None else 'given') for i, t in enumerate(run.teacher_trainers)
     )
@@ -90,7 +93,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print('Dry run: the recipe is valid and every trainer is built; nothing was trained.')
         return 0
-    summary = run.fit()
+    from composer_kd.recipes.run_folder import resume_command
+
+    run.resume_command = resume_command(args.recipe, args.overrides, recipe.overwrite)
+    try:
+        summary = run.fit()
+    except KeyboardInterrupt:
+        return 130  # the run has said where its checkpoints are and how to resume it
     print()
     print(format_summary(summary))
     print(
@@ -137,6 +146,7 @@ _SIGNAL_OPTIONS = {
     'student_vocab_size': None,
     'tokenizer': None,
     'device': 'cpu',
+    'trust_remote_code': False,
 }
 
 
@@ -219,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             'Check the recipe (unknown keys, types, names, files; every problem is listed and nothing is trained '
             'if there is one), train the teachers it trains first, then distill the student with a Composer '
-            'Trainer (progress bar on), and print a summary.'
+            'Trainer (progress bar on), and print a summary. A save_folder that is not empty is refused '
+            '(overwrite=true replaces the run it holds, resume=true continues it); on Ctrl-C the run says where its '
+            'checkpoints are and prints the command that resumes it.'
         ),
     )
     train.add_argument(
@@ -261,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     signal.add_argument('--student-vocab-size', type=int, help="the student's vocabulary size, instead of --student")
     signal.add_argument('--tokenizer', help='the tokenizer folder that made the tokens: checked against the teacher')
     signal.add_argument('--device', help='where the teacher runs (default: cpu)')
+    signal.add_argument(
+        '--trust-remote-code',
+        action='store_true',
+        default=None,
+        help='load a teacher folder that ships its own model code (config.json auto_map) with that code; it runs '
+        "the folder's Python files",
+    )
     signal.add_argument('--no-progress', action='store_true', help='no progress bar')
     signal.set_defaults(func=_cmd_teacher_signal)
     return parser
@@ -269,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``composer-kd`` with ``argv`` (default: the command line); returns the exit status.
 
-    Exit status: 0 on success, 2 for a recipe or usage error (the message says what to fix).
+    Exit status: 0 on success, 2 for a recipe or usage error (the message says what to fix), 130 when a run is
+    interrupted (Ctrl-C; the message says where its checkpoints are and the command that resumes it).
     """
     parser = build_parser()
     # Overrides may come after flags too (`train r.yaml --dry-run a=1`), which argparse's positional `nargs='*'`

@@ -18,6 +18,7 @@ from composer.core import Callback
 from composer.models import ComposerModel
 from composer.utils import reproducibility
 
+from composer_kd.models.rng import preserved_rng
 from composer_kd.recipes.components import (
     build_compression,
     build_distillation,
@@ -26,7 +27,9 @@ from composer_kd.recipes.components import (
 from composer_kd.recipes.datasets import build_data, example_batch
 from composer_kd.recipes.loader import RecipeError, teacher_data_spec
 from composer_kd.recipes.models import build_model, check_model_takes, find_pretrained, input_hint
+from composer_kd.recipes.quiet import quiet_libraries
 from composer_kd.recipes.run import RecipeRun
+from composer_kd.recipes.run_folder import teacher_folder
 from composer_kd.recipes.schema import Recipe
 from composer_kd.recipes.trainers import (
     LoggerFactory,
@@ -165,7 +168,8 @@ def build_run(
     if problems:
         raise RecipeError(source or recipe.name, problems)
     try:
-        return _build_run(recipe, loggers or no_loggers, callbacks, teachers)
+        with quiet_libraries():
+            return _build_run(recipe, loggers or no_loggers, callbacks, teachers)
     except RecipeError as e:
         raise RecipeError(source or recipe.name, e.problems) from e
 
@@ -183,8 +187,9 @@ def _build_run(
         if given_teachers is not None:
             teachers.append(given_teachers[i])
             continue
-        reproducibility.seed_all(recipe.seed + _TEACHER_SEED_OFFSET * (i + 1))
-        teachers.append(build_model(spec, data.task, teacher_key=f'teachers.{i}'))
+        with preserved_rng():  # the teacher's own seed; the generators are given back as they were
+            reproducibility.seed_all(recipe.seed + _TEACHER_SEED_OFFSET * (i + 1))
+            teachers.append(build_model(spec, data.task, teacher_key=f'teachers.{i}'))
     reproducibility.seed_all(recipe.seed)  # as build_student seeds it: every student of the run starts alike
     student = build_model(recipe.student, data.task)
     _check_token_data(recipe, data, [*((f'teachers.{i}', t) for i, t in enumerate(teachers)), ('student', student)])
@@ -213,9 +218,10 @@ def _build_run(
                 optimizer=spec.train.optimizer or recipe.optimizer,
                 scheduler=spec.train.scheduler or recipe.scheduler,
                 loggers=loggers(f'teacher {i}'),
-                save_folder=os.path.join(recipe.save_folder, f'teacher-{i}') if recipe.save_folder else None,
+                save_folder=os.path.join(recipe.save_folder, teacher_folder(i)) if recipe.save_folder else None,
                 save_interval=spec.train.max_duration,
                 key=f'teachers.{i}.train',
+                run_name=f'{recipe.name}-teacher-{i}',
             )
         )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from typing import Any, Optional, Union
 
@@ -180,9 +180,10 @@ def _check(value: Any, hint: Any, key: str, problems: list[str], complete: bool 
         prefix = f'{key}.' if key else ''
         for name, item in value.items():
             if name not in fields:
+                suggestion = did_you_mean(name, fields, prefix=prefix) or _elsewhere(name, hint, prefix)
                 problems.append(
-                    f'{prefix}{name}: unknown key{did_you_mean(name, fields, prefix=prefix)} (the keys of '
-                    f'{key or "a recipe"} are: {", ".join(fields)})'
+                    f'{prefix}{name}: unknown key{suggestion} (the keys of {key or "a recipe"} are: '
+                    f'{", ".join(fields)})'
                 )
             else:
                 _check(item, _field_hint(fields[name], hints[name], item), f'{prefix}{name}', problems, complete)
@@ -216,6 +217,37 @@ def _check(value: Any, hint: Any, key: str, problems: list[str], complete: bool 
     }.get(hint, True)
     if not ok:
         problems.append(f'{key}: expected {_describe(hint)}, got {_shown(value)}')
+
+
+def _section_keys(hint: Any, prefix: str, depth: int = 3) -> Iterator[str]:
+    """The dotted keys of the sections under the section ``hint`` (a list's items as ``<key>.0``), ``depth`` deep."""
+    if depth == 0 or not dataclasses.is_dataclass(hint):
+        return
+    hints = typing.get_type_hints(hint)
+    for f in dataclasses.fields(hint):
+        inner = hints[f.name]
+        if typing.get_origin(inner) is Union:
+            members = [a for a in typing.get_args(inner) if a is not type(None)]
+            inner = members[0] if len(members) == 1 else inner
+        item = f'{prefix}{f.name}'
+        if typing.get_origin(inner) in (list, Sequence) and dataclasses.is_dataclass(typing.get_args(inner)[0]):
+            inner, item = typing.get_args(inner)[0], f'{item}.0'
+        if dataclasses.is_dataclass(inner):
+            for g in dataclasses.fields(inner):
+                yield f'{item}.{g.name}'
+            yield from _section_keys(inner, f'{item}.', depth - 1)
+
+
+def _depth(key: str) -> int:
+    return key.count('.')
+
+
+def _elsewhere(name: str, hint: Any, prefix: str) -> str:
+    """``"; did you mean 'distillation.temperature'?"`` for a key of a section inside ``hint`` named ``name``."""
+    found = sorted((key for key in _section_keys(hint, prefix) if key.rsplit('.', 1)[-1] == name), key=_depth)
+    if not found:
+        return ''
+    return '; did you mean ' + ' or '.join(f"'{key}'" for key in found[:3]) + '?'
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -318,6 +350,11 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ValueError(f'override {item!r}: the key before "=" is empty')
+    if '' in key.split('.'):
+        written = '.'.join(part for part in key.split('.') if part)
+        raise ValueError(
+            f'override {item!r}: the key {key!r} has an empty part between dots; did you mean {written!r}?'
+        )
     # OmegaConf parses the value as YAML does: 2 is an int, 5ep a string, [1, 2] a list, null None.
     parsed = OmegaConf.from_dotlist([f'value={item.split("=", 1)[1]}'])
     return key, OmegaConf.to_container(parsed, resolve=False)['value']  # type: ignore[index]

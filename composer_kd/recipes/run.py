@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import glob
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -31,6 +32,8 @@ from composer_kd.compression import (
 )
 from composer_kd.recipes.datasets import DataBundle
 from composer_kd.recipes.models import build_model
+from composer_kd.recipes.quiet import quiet_libraries
+from composer_kd.recipes.run_folder import STUDENT_FOLDER, clear_run_folder, interrupted_message, teacher_folder
 from composer_kd.recipes.schema import ModelSpec, Recipe
 from composer_kd.recipes.trainers import LoggerFactory, build_student, build_student_alone, eval_splits, evaluate
 from composer_kd.run.reporting import (
@@ -196,17 +199,26 @@ class RecipeRun:
     exported: dict[str, torch.nn.Module] = field(default_factory=dict)
     callbacks: list[Callback] = field(default_factory=list)
     search: Optional[SearchReport] = None
+    resume_command: Optional[str] = None
 
     def train_teachers(self) -> None:
-        """Fit the teachers the recipe trains first (once; a second call does nothing)."""
+        """Fit the teachers the recipe trains first (once; a second call does nothing).
+
+        On ``resume: true`` a teacher whose training finished in the run's folder is not trained again.
+        """
         if self.teacher_seconds:
             return
         for trainer in self.teacher_trainers:
             if trainer is None:
                 self.teacher_seconds.append(None)
                 continue
+            i = len(self.teacher_seconds)
+            if self.recipe.resume and trainer.state.get_elapsed_duration() >= 1:
+                print(f'Teacher {i}: its training finished in {self.recipe.save_folder}; not trained again.')
+                self.teacher_seconds.append(0.0)
+                continue
             start = time.perf_counter()
-            self._announce(f'teacher {len(self.teacher_seconds)}')
+            self._announce(f'teacher {i}')
             with quiet_plumbing():
                 trainer.fit()
             self.teacher_seconds.append(time.perf_counter() - start)
@@ -216,11 +228,22 @@ class RecipeRun:
 
         With ``baseline: true`` the student is also trained alone (same initialization, batches, budget and
         seed) and the summary carries the distillation ratio. The student's run is :func:`fit_and_report`'s,
-        as :func:`composer_kd.distill`'s is.
+        as :func:`composer_kd.distill`'s is. With ``overwrite: true`` the checkpoints of the run ``save_folder``
+        holds are removed first; on ``KeyboardInterrupt`` (Ctrl-C) the run says where its checkpoints are and how
+        to resume it (``resume: true``), and the interruption goes on.
 
         Returns:
             RunSummary: Every model's parameters, metrics and training time, the ratios and the speed-up.
         """
+        clear_run_folder(self.recipe)
+        try:
+            with quiet_libraries():
+                return self._fit()
+        except KeyboardInterrupt:
+            print(interrupted_message(self.recipe, self.resume_command), file=sys.stderr, flush=True)
+            raise
+
+    def _fit(self) -> RunSummary:
         recipe, start = self.recipe, time.perf_counter()
         self.train_teachers()
         for teacher_trainer in self.teacher_trainers:
@@ -247,7 +270,7 @@ class RecipeRun:
                 description=('trained here: ' if self.teacher_seconds[i] else '') + describe_model(spec),
                 train_seconds=self.teacher_seconds[i],
                 checkpoint=_latest_checkpoint(
-                    os.path.join(recipe.save_folder, f'teacher-{i}') if recipe.save_folder else None
+                    os.path.join(recipe.save_folder, teacher_folder(i)) if recipe.save_folder else None
                 ),
             )
             for i, (spec, teacher) in enumerate(zip(recipe.teachers, self.teachers, strict=True))
@@ -258,6 +281,11 @@ class RecipeRun:
             def student_alone() -> tuple[ComposerModel, Trainer]:
                 return build_student_alone(recipe, self.data, self.loggers)
 
+        if recipe.resume and self.trainer.state.get_elapsed_duration() >= 1:
+            # The student's training finished before the run stopped: it is evaluated as it is (Composer refuses
+            # to fit a trainer whose budget is spent).
+            print(f'The student: its training finished in {recipe.save_folder}; not trained again.')
+            self.trainer.fit = lambda *args, **kwargs: None  # type: ignore[method-assign]
         notes: list[str] = []
         summary = fit_and_report(
             recipe.name,
@@ -270,7 +298,7 @@ class RecipeRun:
             distilled=recipe.distillation.enabled,
             student_alone=student_alone,
             student_checkpoint=lambda: _latest_checkpoint(
-                os.path.join(recipe.save_folder, 'student') if recipe.save_folder else None
+                os.path.join(recipe.save_folder, STUDENT_FOLDER) if recipe.save_folder else None
             ),
             speed_batch=next(iter(self.data.eval_loader(splits[0]))) if splits else None,
             started=start,

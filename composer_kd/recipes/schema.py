@@ -515,6 +515,12 @@ class Recipe:
     trains the student alone with the same data, budget and seed, and reports the distillation ratio.
     ``compression`` quantizes and/or prunes the student (and the student alone) during training. ``search``
     chooses the distillation's loss, temperature and weights on a validation split first.
+
+    ``save_folder`` is the run's folder: the student's checkpoints go to ``student/``, those of each teacher trained
+    here to ``teacher-<i>/``. A run refuses a folder that is not empty, so that no earlier run is lost;
+    ``overwrite: true`` replaces the earlier run's checkpoints, and ``resume: true`` continues the run whose
+    checkpoints the folder holds (Composer's autoresume): the student from its latest checkpoint, with the same
+    batches, optimizer, schedule and distillation state, and a teacher whose training finished is not trained again.
     """
 
     name: str = 'recipe'
@@ -535,6 +541,8 @@ class Recipe:
     device_train_microbatch_size: Optional[int] = None
     save_folder: Optional[str] = None
     save_interval: str = '1ep'
+    overwrite: bool = False
+    resume: bool = False
     loggers: list[ComponentSpec] = field(default_factory=list)
     progress_bar: bool = True
     baseline: bool = False

@@ -26,6 +26,7 @@ from composer_kd.recipes.components import (
 from composer_kd.recipes.datasets import DataBundle
 from composer_kd.recipes.loader import RecipeError
 from composer_kd.recipes.models import build_model
+from composer_kd.recipes.run_folder import STUDENT_FOLDER
 from composer_kd.recipes.schema import ComponentSpec, OptimizerSpec, Recipe
 from composer_kd.run.reporting import evaluate_model
 from composer_kd.run.training import make_trainer
@@ -131,6 +132,7 @@ def build_trainer(
     save_interval: Optional[str] = None,
     splits: Optional[Sequence[str]] = None,
     key: str = 'recipe',
+    run_name: Optional[str] = None,
 ) -> Trainer:
     """An ordinary Composer ``Trainer`` for ``model`` on the recipe's data, with the recipe's settings.
 
@@ -148,6 +150,8 @@ def build_trainer(
         save_interval (str, optional): How often. Default: the recipe's.
         splits (Sequence[str], optional): Splits to evaluate. Default: the recipe's.
         key (str, optional): The recipe key this trainer stands for, for error messages.
+        run_name (str, optional): Composer's run name; with ``resume: true`` and a ``save_folder`` the trainer
+            continues from the latest checkpoint there (Composer's autoresume). Default: Composer's.
 
     Returns:
         Trainer: Built, not yet fit.
@@ -176,7 +180,11 @@ def build_trainer(
         schedulers=schedulers,
         device_train_microbatch_size=microbatch,
         save_interval=save_interval or recipe.save_interval,
-        save_overwrite=True,
+        # An earlier run's checkpoints are never replaced unless the recipe says so (the checks refuse a folder
+        # that is not empty; ``overwrite: true`` has the run's folders removed before it trains).
+        save_overwrite=recipe.overwrite,
+        autoresume=bool(recipe.resume and save_folder),
+        run_name=(run_name or key) if recipe.resume and save_folder else None,
     )
 
 
@@ -278,8 +286,9 @@ def build_student(
             algorithms=algorithms,
             loggers=[*recipe_loggers, *loggers(role)],
             callbacks=callbacks,
-            save_folder=os.path.join(recipe.save_folder, 'student') if recipe.save_folder and main else None,
+            save_folder=os.path.join(recipe.save_folder, STUDENT_FOLDER) if recipe.save_folder and main else None,
             splits=splits,
+            run_name=f'{recipe.name}-student',
         )
     except ValueError as e:
         # Feature pairs' module paths are resolved when the trainer starts (Event.INIT).

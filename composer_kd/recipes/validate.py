@@ -23,6 +23,7 @@ from composer_kd.recipes.datasets import DATASETS, FILE_DATASETS
 from composer_kd.recipes.files import check_image_folder, check_text_files
 from composer_kd.recipes.loader import Problems, nearest, teacher_data_spec
 from composer_kd.recipes.models import IMAGE_KINDS, MODEL_KINDS, TEXT_KINDS, find_pretrained, has_uri_scheme
+from composer_kd.recipes.run_folder import run_folder_problems
 from composer_kd.recipes.schema import (
     ComponentSpec,
     DataSpec,
@@ -557,6 +558,8 @@ def check_recipe(recipe: Recipe, *, teachers_given: bool = False) -> list[str]:
     _check_time(recipe.max_duration, 'max_duration', problems)
     _check_time(recipe.eval_interval, 'eval_interval', problems)
     _check_time(recipe.save_interval, 'save_interval', problems)
+    for key, message in run_folder_problems(recipe):
+        problems.add(key, message)
     if recipe.precision is not None and recipe.precision not in PRECISIONS:
         problems.add(
             'precision',

@@ -1,5 +1,5 @@
-"""Run by tests/end_to_end/multiprocess/test_fused_multiprocess.py, alone or under Composer's launcher: fused distillation of
-a tiny GPT-2 with a global batch of 8 rows split over however many processes there are.
+"""Run by tests/end_to_end/multiprocess/test_fused_multiprocess.py, alone or under Composer's launcher: fused
+distillation of a tiny GPT-2 with a global batch of 8 rows split over however many processes there are.
 
 Every row is 10 real tokens with every label known, so each process's loss averages as many tokens and the
 processes' mean gradient is the single process's. Rank zero writes the final student weights and the loss terms

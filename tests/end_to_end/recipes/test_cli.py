@@ -25,7 +25,10 @@ def run_main(argv, capsys) -> tuple[int, str, str]:
     [
         ([], ['{demo,train,recipes,teacher-signal}', 'demo', 'train', 'recipes', 'teacher-signal']),
         (['demo'], ['--output-dir', '--seeds', '--sweep', 'key=value', 'report.json', 'accuracy.png']),
-        (['train'], ['recipe', 'key=value', '--dry-run', '--summary-json', 'distillation.temperature=2']),
+        (
+            ['train'],
+            ['recipe', 'key=value', '--dry-run', '--summary-json', 'distillation.temperature=2', 'resume=true'],
+        ),
         (['recipes'], ['name', 'List the recipes']),
         (['teacher-signal'], ['--teacher', '--tokens', '--out', '--k', '--dtype', 'resume']),
     ],

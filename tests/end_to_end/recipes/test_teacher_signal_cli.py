@@ -13,7 +13,6 @@ from streaming import MDSWriter
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from composer_kd.cli import main
-from composer_kd.cli.teacher_signal import run_teacher_signal
 from composer_kd.signal.shards import SignalDataset
 
 
@@ -117,9 +116,8 @@ def test_trusted_the_folders_own_code_gives_the_llm_foundry_teachers_signal(tmp_
     folder, model = foundry_teacher
     tokens = torch.randint(0, 53, (3, 8), generator=torch.Generator().manual_seed(1))
     torch.save(tokens, tmp_path / 'tokens.pt')
-    run_teacher_signal(
-        str(folder), str(tmp_path / 'tokens.pt'), str(tmp_path / 'out'), k=4, progress=False, trust_remote_code=True
-    )
+    argv = ['teacher-signal', '--teacher', str(folder), '--tokens', str(tmp_path / 'tokens.pt'), '--k', '4']
+    assert main([*argv, '--out', str(tmp_path / 'out'), '--trust-remote-code', '--no-progress']) == 0
     dataset = SignalDataset(local=str(tmp_path / 'out'), vocab_size=53)
     with torch.no_grad():
         expected = model(tokens).logits

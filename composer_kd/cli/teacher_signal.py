@@ -158,11 +158,12 @@ def run_teacher_signal(
         if student_vocab_size is not None and student_vocab_size != from_student:
             raise ValueError(f'--student-vocab-size {student_vocab_size} disagrees with {student} ({from_student}).')
         student_vocab_size = from_student
-    tokenizer_size = None
+    tokenizer_size, loaded_tokenizer = None, None
     if tokenizer is not None:
         if not os.path.isdir(tokenizer):
             raise FileNotFoundError(f'--tokenizer: no such folder: {tokenizer}')
-        tokenizer_size = len(AutoTokenizer.from_pretrained(tokenizer, local_files_only=True))
+        loaded_tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+        tokenizer_size = len(loaded_tokenizer)
     return write_teacher_signal(
         model,
         tokens,
@@ -174,6 +175,7 @@ def run_teacher_signal(
         local_dir=local_dir,
         student_vocab_size=student_vocab_size,
         tokenizer_size=tokenizer_size,
+        tokenizer=loaded_tokenizer,  # its fingerprint is recorded with the teacher's
         device=device,
         progress=progress,
     )

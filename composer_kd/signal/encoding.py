@@ -23,6 +23,7 @@ __all__ = [
     'bytes_per_token',
     'decode_signal',
     'encode_signal',
+    'encode_topk',
     'pack_indices',
     'unpack_indices',
 ]
@@ -161,14 +162,36 @@ def encode_signal(logits: torch.Tensor, k: int, value_dtype: str = 'float16') ->
     n, vocab = logits.shape
     check_k(k, vocab)
     values, indices, log_tail = topk_compress(logits.detach().float(), k)
+    return encode_topk(values.to(VALUE_DTYPES[value_dtype]), indices, log_tail, vocab, value_dtype)
+
+
+def encode_topk(
+    values: torch.Tensor, indices: torch.Tensor, log_tail: torch.Tensor, vocab_size: int, value_dtype: str = 'float16'
+) -> EncodedSignal:
+    """Encode ``n`` positions' top-k already selected (:func:`~composer_kd.cache.topk.topk_compress` on the
+    teacher's device) for storage: what :func:`encode_signal` does once the ``[n, V]`` logits are reduced.
+
+    Args:
+        values (torch.Tensor): ``[n, k]`` kept logits, largest first (cast to ``value_dtype`` here if not yet).
+        indices (torch.Tensor): ``[n, k]`` their vocabulary indices.
+        log_tail (torch.Tensor): ``[n]`` log mass of the other ``vocab_size - k`` logits.
+        vocab_size (int): ``V``.
+        value_dtype (str, optional): ``'float16'`` or ``'bfloat16'``. Default: ``'float16'``.
+
+    Returns:
+        EncodedSignal: The stored form.
+    """
+    if value_dtype not in VALUE_DTYPES:
+        raise ValueError(f'value_dtype must be one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}.')
+    n, k = values.shape
     stored = values.to(VALUE_DTYPES[value_dtype]).cpu().contiguous().view(torch.int16).numpy()
     return EncodedSignal(
         values=stored.tobytes(),
-        indices=pack_indices(indices.cpu().numpy(), bits_per_index(vocab)),
+        indices=pack_indices(indices.cpu().numpy(), bits_per_index(vocab_size)),
         log_tail=log_tail.cpu().numpy().astype(np.float32),
         positions=n,
         k=k,
-        vocab_size=vocab,
+        vocab_size=vocab_size,
         value_dtype=value_dtype,
     )
 

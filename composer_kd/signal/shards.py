@@ -35,9 +35,14 @@ __all__ = [
     'BATCH_KEYS',
     'SIGNAL_COLUMNS',
     'SignalDataset',
+    'SETTINGS_FILE',
     'collate_signal',
+    'read_signal_settings',
     'signal_sample',
 ]
+
+#: The file next to the merged index that records how a signal was written and by which teacher.
+SETTINGS_FILE = 'teacher_signal.json'
 
 SIGNAL_COLUMNS = {
     'tokens': 'ndarray:int32',
@@ -101,8 +106,14 @@ def _check_local_shards(local: str) -> None:
             f'No teacher signal at {local!r}: {index} does not exist. Write the shards first with '
             '`composer-kd teacher-signal`, or give remote= the object store URI they were written to.'
         )
-    with open(index) as f:
-        shards = json.load(f).get('shards', [])
+    try:
+        with open(index) as f:
+            shards = json.load(f)['shards']
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f'The teacher signal at {local!r} has an unreadable index: {index} ({type(e).__name__}: {e}). Rerun '
+            '`composer-kd teacher-signal` with the same options to write it again.'
+        ) from e
     missing = [
         os.path.join(local, shard['raw_data']['basename'])
         for shard in shards
@@ -114,6 +125,34 @@ def _check_local_shards(local: str) -> None:
             f'The teacher signal at {local!r} is incomplete: {len(missing)} shard file(s) named in its index.json are '
             f'missing, e.g. {missing[0]}. Rerun `composer-kd teacher-signal` with the same options to finish it.'
         )
+
+
+def read_signal_settings(local: Optional[str] = None, remote: Optional[str] = None) -> Optional[dict[str, Any]]:
+    """The ``teacher_signal.json`` of a signal (its options, ``teacher`` fingerprint and ``kept_mass``): read from
+    ``local``, else fetched from ``remote`` into ``local`` (or a temporary folder); ``None`` where there is none.
+
+    Raises:
+        ValueError: If the file exists but is not JSON, naming it.
+    """
+    import json
+    import tempfile
+
+    path = None if local is None else os.path.join(local, SETTINGS_FILE)
+    if (path is None or not os.path.isfile(path)) and remote is not None:
+        from streaming.base.storage.download import CloudDownloader
+
+        path = os.path.join(local or tempfile.mkdtemp(prefix='teacher-signal-'), SETTINGS_FILE)
+        try:
+            CloudDownloader.direct_download(f'{remote.rstrip("/")}/{SETTINGS_FILE}', path)
+        except Exception:  # noqa: BLE001 - absent, or not reachable: nothing is known of it
+            return None
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise ValueError(f'{path} is not readable JSON ({e}).') from e
 
 
 class SignalDataset(StreamingDataset):
@@ -168,6 +207,16 @@ class SignalDataset(StreamingDataset):
                 f'({self.vocab_size} classes, at {remote or local!r}): the signal was written by a teacher with '
                 'another vocabulary or tokenizer.'
             )
+
+    @property
+    def teacher_fingerprint(self) -> Optional[dict[str, Any]]:
+        """What identifies the teacher that wrote the signal (``weights``, ``config``, ``tokenizer`` hashes, as
+        :func:`~composer_kd.signal.writer.teacher_fingerprint` gives them), from its ``teacher_signal.json``;
+        ``None`` for a signal without one (written by ``write_signal_shards``, or before teachers were recorded)."""
+        if not hasattr(self, '_teacher_fingerprint'):
+            settings = read_signal_settings(self.streams[0].local, self.streams[0].remote)
+            self._teacher_fingerprint = None if settings is None else settings.get('teacher')
+        return self._teacher_fingerprint
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = _decode_sample(super().__getitem__(index))

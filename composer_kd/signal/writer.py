@@ -1,19 +1,23 @@
-"""Run a teacher once over token sequences and write its signal as MDS shards, resumably.
+"""Run a teacher once over token sequences and write its signal as MDS shards, resumably, from one process or many.
 
 The output is a folder (or object-store URI) of parts ``part-00000/``, ``part-00001/``, ... each an MDS dataset of
 ``sequences_per_part`` sequences with its own ``index.json``, and a merged ``index.json`` at the top that
-:class:`~composer_kd.signal.shards.SignalDataset` reads. A part is complete exactly when its ``index.json``
-exists (Streaming writes it last), so an interrupted run started again with the same options skips the complete
-parts and rewrites the one it was in. ``teacher_signal.json`` at the top records the options; a restart with
-different ones is refused rather than mixing two signals.
+:class:`~composer_kd.signal.shards.SignalDataset` reads. A part is complete when its ``index.json`` (Streaming writes
+it last) is readable and lists shard files that are all there with their sizes, so an interrupted run started again
+with the same options skips the complete parts and rewrites the others, one whose index a kill cut short included.
+``teacher_signal.json`` at the top records the options, the teacher's fingerprint and the mass the top k keep; a
+restart with other options or another teacher is refused rather than mixing two signals. Under a launcher, part
+``p`` is rank ``p % world_size``'s and rank zero merges the index: the same signal as one process writes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -21,20 +25,29 @@ import numpy as np
 import torch
 from torch import nn
 
+from composer_kd.cache.topk import topk_compress
 from composer_kd.models.outputs import Key
 from composer_kd.models.teachers import FrozenTeachers, teacher_logits
-from composer_kd.signal.encoding import VALUE_DTYPES, check_k, encode_signal
-from composer_kd.signal.shards import SIGNAL_COLUMNS, signal_sample
+from composer_kd.signal.encoding import VALUE_DTYPES, EncodedSignal, check_k, encode_signal, encode_topk
+from composer_kd.signal.shards import SETTINGS_FILE, SIGNAL_COLUMNS, signal_sample
 
 __all__ = [
+    'KEPT_MASS_WARNING',
     'SignalWriteSummary',
     'TokenSequences',
+    'check_signal_teacher',
     'load_token_sequences',
+    'signal_teacher',
+    'teacher_fingerprint',
     'write_signal_shards',
     'write_teacher_signal',
 ]
 
-_SETTINGS_FILE = 'teacher_signal.json'
+_SETTINGS_FILE = SETTINGS_FILE
+
+#: Below this mean probability kept by the top k, the writer warns: the tail, which the signal spreads evenly over
+#: the other tokens, then holds most of the teacher's distribution (see docs/teacher_signal.md).
+KEPT_MASS_WARNING = 0.5
 
 
 class TokenSequences:
@@ -99,6 +112,8 @@ class SignalWriteSummary:
     value_dtype: str
     parts_written: int
     parts_skipped: int
+    kept_mass: Optional[float] = None
+    teacher: Optional[dict[str, Optional[str]]] = None
 
 
 def _writer(out: Union[str, tuple[str, str]]) -> Any:
@@ -127,27 +142,222 @@ def write_signal_shards(
             writer.write(signal_sample(row.cpu().numpy(), encode_signal(row_logits, k, value_dtype)))
 
 
-def _prepare_settings(local_root: str, settings: dict[str, Any], remote: Optional[str]) -> None:
-    """Record ``settings`` in a new folder (and its object-store copy), or refuse a folder written with others."""
-    path = os.path.join(local_root, _SETTINGS_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            before = json.load(f)
-        if before != settings:
-            changed = sorted(key for key in set(before) | set(settings) if before.get(key) != settings.get(key))
-            raise ValueError(
-                f'{local_root} already holds a teacher signal written with other options: '
-                + ', '.join(f'{key} {before.get(key)!r} then, {settings.get(key)!r} now' for key in changed)
-                + '. Write to a new folder, or rerun with the same options to resume.'
-            )
-    else:
-        os.makedirs(local_root, exist_ok=True)
-        with open(path, 'w') as f:
-            json.dump(settings, f, indent=2)
+def teacher_fingerprint(teacher: nn.Module, tokenizer: Any = None) -> dict[str, Optional[str]]:
+    """What identifies a teacher in ``teacher_signal.json``: ``weights`` (its class and a BLAKE2 hash of every
+    tensor of its ``state_dict``, as the teacher cache hashes teachers), ``config`` (a hash of a Hugging Face
+    config, without its path and library version; ``None`` without one) and ``tokenizer`` (a hash of a tokenizer's
+    class and vocabulary; ``None`` when none is given).
+
+    Every weight is read once, on the host: for a 70B teacher that is a pass over its 140 GB.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.signal.writer import teacher_fingerprint
+
+            teacher = torch.nn.Linear(3, 2)
+            assert teacher_fingerprint(teacher) == teacher_fingerprint(teacher)
+            assert teacher_fingerprint(teacher) != teacher_fingerprint(torch.nn.Linear(3, 2))
+    """
+    from composer_kd.cache.fingerprint import _hash_teacher
+
+    config = getattr(teacher, 'config', None) or getattr(getattr(teacher, 'model', None), 'config', None)
+    config_hash = None
+    if config is not None and hasattr(config, 'to_dict'):
+        fields = {
+            key: value
+            for key, value in config.to_dict().items()
+            if key not in ('_name_or_path', 'transformers_version', '_commit_hash')
+        }
+        config_hash = _digest(json.dumps(fields, sort_keys=True, default=str))
+    tokenizer_hash = None
+    if tokenizer is not None:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, 'get_vocab') else tokenizer
+        tokenizer_hash = _digest(type(tokenizer).__qualname__ + json.dumps(vocab, sort_keys=True, default=str))
+    return {
+        'weights': f'{type(teacher).__qualname__}:{_hash_teacher(teacher)}',
+        'config': config_hash,
+        'tokenizer': tokenizer_hash,
+    }
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def signal_teacher(out: str, local_dir: Optional[str] = None) -> Optional[dict[str, Optional[str]]]:
+    """The fingerprint (:func:`teacher_fingerprint`) of the teacher that wrote the signal at ``out`` (a folder, or
+    an object-store URI with ``local_dir`` to fetch into); ``None`` if it records none."""
+    from composer_kd.signal.shards import read_signal_settings
+
+    settings = read_signal_settings(local_dir, out) if '://' in out else read_signal_settings(out)
+    return None if settings is None else settings.get('teacher')
+
+
+def check_signal_teacher(out: str, teacher: nn.Module, tokenizer: Any = None, local_dir: Optional[str] = None) -> bool:
+    """Whether ``teacher`` (and ``tokenizer``, if given) is the one that wrote the signal at ``out``; warns, naming
+    both fingerprints, when it is not or when the signal records no teacher.
+
+    Example:
+        .. testcode::
+
+            import tempfile, warnings
+            import torch
+            from composer_kd.signal.writer import check_signal_teacher
+
+            with warnings.catch_warnings(record=True):
+                assert not check_signal_teacher(tempfile.mkdtemp(), torch.nn.Linear(3, 2))  # no signal there
+    """
+    recorded = signal_teacher(out, local_dir)
+    named = teacher_fingerprint(teacher, tokenizer)
+    if recorded is None:
+        warnings.warn(
+            f'The teacher signal at {out} records no teacher: cannot tell whether {named} wrote it.', stacklevel=2
+        )
+        return False
+    differ = [key for key in named if (key != 'tokenizer' or tokenizer is not None) and recorded.get(key) != named[key]]
+    if differ:
+        warnings.warn(
+            f'The teacher signal at {out} was written by another teacher than the one named: '
+            + ', '.join(f'{key} {recorded.get(key)!r} recorded, {named[key]!r} named' for key in differ)
+            + '.',
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
+def _settings_differences(before: dict[str, Any], settings: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The options and the teacher fields in which a signal's recorded settings differ from this run's."""
+    options = sorted(
+        key
+        for key in set(before) | set(settings)
+        if key not in ('teacher', 'kept_mass') and before.get(key) != settings.get(key)
+    )
+    recorded = before.get('teacher') or {}
+    teacher = [key for key in settings['teacher'] if recorded.get(key) != settings['teacher'][key]]
+    return options, teacher
+
+
+def _check_settings(local_root: str, before: dict[str, Any], settings: dict[str, Any]) -> None:
+    """Refuse to resume a signal written with other options or by another teacher, naming both."""
+    options, teacher = _settings_differences(before, settings)
+    if options:
+        raise ValueError(
+            f'{local_root} already holds a teacher signal written with other options: '
+            + ', '.join(f'{key} {before.get(key)!r} then, {settings.get(key)!r} now' for key in options)
+            + '. Write to a new folder, or rerun with the same options to resume.'
+        )
+    if teacher:
+        recorded = before.get('teacher') or {}
+        raise ValueError(
+            f'{local_root} already holds a teacher signal written by another teacher: '
+            + ', '.join(f'{key} {recorded.get(key)!r} then, {settings["teacher"][key]!r} now' for key in teacher)
+            + '. Write to a new folder, or resume with the teacher (and tokenizer) that wrote it.'
+        )
+
+
+def _write_json(path: str, content: dict[str, Any]) -> None:
+    """Write ``content`` to ``path`` whole or not at all (a temporary file renamed over it)."""
+    temporary = f'{path}.tmp-{os.getpid()}'
+    with open(temporary, 'w') as f:
+        json.dump(content, f, indent=2)
+    os.replace(temporary, path)
+
+
+def _upload(local_root: str, remote: Optional[str], filename: str) -> None:
     if remote is not None:
         from streaming.base.storage.upload import CloudUploader
 
-        CloudUploader.get((local_root, remote), exist_ok=True, keep_local=True).upload_file(_SETTINGS_FILE)
+        CloudUploader.get((local_root, remote), exist_ok=True, keep_local=True).upload_file(filename)
+
+
+def _prepare_settings(local_root: str, settings: dict[str, Any], remote: Optional[str], ranks: _Ranks) -> None:
+    """Record ``settings`` in a new folder (rank zero, and its object-store copy), then every rank refuses a
+    folder written with other options or by another teacher; nothing is written before a refusal."""
+    from composer_kd.signal.shards import read_signal_settings
+
+    if ranks.rank == 0:
+        os.makedirs(local_root, exist_ok=True)
+        if read_signal_settings(local_root, remote) is None:  # a staging folder lost: the store's copy counts
+            _write_json(os.path.join(local_root, _SETTINGS_FILE), settings)
+            _upload(local_root, remote, _SETTINGS_FILE)
+    ranks.barrier()
+    before = read_signal_settings(local_root, remote)  # on another node: fetched from the object store
+    if before is None:
+        raise FileNotFoundError(f'{os.path.join(local_root, _SETTINGS_FILE)}: rank 0 wrote no settings file here.')
+    _check_settings(local_root, before, settings)
+
+
+@dataclass
+class _Ranks:
+    """The processes writing one signal: this one's global rank and their number."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def device(self, device: Union[str, torch.device]) -> torch.device:
+        """``device``, or with several ranks and an accelerator named without an index, this rank's own one
+        (``cuda`` is ``cuda:<LOCAL_RANK>``)."""
+        device = torch.device(device)
+        if self.world_size > 1 and device.type != 'cpu' and device.index is None:
+            return torch.device(device.type, self.local_rank)
+        return device
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            from composer.utils import dist
+
+            dist.barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        from composer.utils import dist
+
+        return dist.all_gather_object(obj)
+
+
+def _ranks(distributed: Optional[bool]) -> _Ranks:
+    """The ranks of a launch by Composer's launcher or torchrun (``WORLD_SIZE``, ``RANK``), the process group
+    started if the launcher did not; one rank with ``distributed=False`` or outside a launch."""
+    from composer.utils import dist, get_device
+
+    if distributed is False or dist.get_world_size() == 1:
+        return _Ranks()
+    if not dist.is_initialized():
+        dist.initialize_dist(get_device(None))
+    return _Ranks(dist.get_global_rank(), dist.get_world_size(), dist.get_local_rank())
+
+
+class _Placement:
+    """Runs a teacher on a device and gives it back where it was: the same parameter and buffer objects holding
+    the same tensors, on their original devices (kept, not copied back, so nothing is lost or rounded)."""
+
+    def __init__(self, teacher: nn.Module, device: Union[str, torch.device]):
+        self.teacher = teacher
+        self._saved = [
+            (module, kind, name, tensor, tensor.data)
+            for module in teacher.modules()
+            for kind in ('_parameters', '_buffers')
+            for name, tensor in getattr(module, kind).items()
+            if tensor is not None
+        ]
+        target = torch.device(device)
+        self.moved = any(tensor.device != target for *_, tensor, _ in self._saved)
+        if self.moved:
+            teacher.to(target)
+
+    def restore(self) -> None:
+        if not self.moved:
+            return
+        for module, kind, name, tensor, data in self._saved:
+            getattr(module, kind)[name] = tensor
+            if tensor.data is not data:
+                tensor.data = data
+        self.moved = False
 
 
 def _teacher_logits(
@@ -184,6 +394,23 @@ class _TeacherPass:
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return _teacher_logits(self.teacher, ids.to(self.device), self.input_key, self.logits_key)
 
+    def encode(self, ids: torch.Tensor, vocab: int) -> tuple[list[EncodedSignal], float]:
+        """Each sequence's encoded signal and the sum over its positions of the probability the top k keep.
+
+        The top-k selection, the tail's ``logsumexp``, the cast to the stored precision and the kept mass are
+        computed where the teacher ran; only ``[B, L, k]`` values and indices and ``[B, L]`` tails reach the host.
+        """
+        with torch.no_grad():
+            values, indices, log_tail = topk_compress(self.logits(ids), self.k)
+            top = torch.logsumexp(values, dim=-1)
+            kept = torch.exp(top - torch.logaddexp(top, log_tail)).double().sum()
+            stored = values.to(VALUE_DTYPES[self.value_dtype])
+            stored, indices, log_tail, kept = stored.cpu(), indices.cpu(), log_tail.cpu(), float(kept)
+        encoded = [
+            encode_topk(stored[row], indices[row], log_tail[row], vocab, self.value_dtype) for row in range(len(ids))
+        ]
+        return encoded, kept
+
 
 def write_teacher_signal(
     teacher: nn.Module,
@@ -197,15 +424,23 @@ def write_teacher_signal(
     local_dir: Optional[str] = None,
     student_vocab_size: Optional[int] = None,
     tokenizer_size: Optional[int] = None,
+    tokenizer: Any = None,
     input_key: Optional[Key] = None,
     logits_key: Optional[Key] = None,
     device: Union[str, torch.device] = 'cpu',
     progress: bool = True,
+    distributed: Optional[bool] = None,
+    kept_mass_warning: float = KEPT_MASS_WARNING,
 ) -> SignalWriteSummary:
     """Run ``teacher`` once over ``tokens`` and write each position's top-k logits and tail mass as MDS shards.
 
+    Under Composer's launcher or torchrun (``WORLD_SIZE`` > 1) every rank calls this with the same arguments: part
+    ``p`` is written by rank ``p % world_size``, rank zero writes the settings and, once every rank is done, the
+    merged index, and the result is the signal one process writes, byte for byte.
+
     Args:
         teacher (nn.Module): A causal LM (Hugging Face, Composer or plain) whose output holds ``[B, L, V]`` logits.
+            Given back in the train/eval modes, ``requires_grad`` flags and on the devices it had.
         tokens: Token sequences (see :func:`load_token_sequences`): equal lengths within a batch of ``batch_size``.
         out (str): Local folder or object-store URI (``s3://bucket/path``) to write to.
         k (int): Logits kept per position, ``1 <= k < V``.
@@ -214,30 +449,53 @@ def write_teacher_signal(
         batch_size (int, optional): Sequences per teacher forward pass. Default: ``8``.
         sequences_per_part (int, optional): Sequences per resumable part. Default: ``1024``.
         local_dir (str, optional): With a URI ``out``, the local folder parts are staged in (keep it to resume).
-            Default: a new temporary folder.
+            Default: a new temporary folder (rank zero's, on every rank).
         student_vocab_size (int, optional): The student's vocabulary size; refused if the teacher's differs.
         tokenizer_size (int, optional): ``len(tokenizer)`` of the tokenizer that made ``tokens``; refused if larger
             than the teacher's vocabulary.
+        tokenizer (optional): The tokenizer that made ``tokens``: recorded in the teacher's fingerprint.
         input_key, logits_key: Choose the teacher's input and logits, as in :class:`~composer_kd.Distillation`.
-        device (str | torch.device, optional): Where the teacher runs. Default: ``'cpu'``.
-        progress (bool, optional): Show a progress bar. Default: ``True``.
+        device (str | torch.device, optional): Where the teacher runs; with several ranks, ``'cuda'`` is each
+            rank's own GPU (``cuda:<LOCAL_RANK>``). Default: ``'cpu'``.
+        progress (bool, optional): Show a progress bar (rank zero's parts), with the kept mass so far. Default:
+            ``True``.
+        distributed (bool, optional): ``False`` writes from this process alone even under a launcher (call it on
+            one rank only then). Default: share the work when ``WORLD_SIZE`` > 1.
+        kept_mass_warning (float, optional): Warn when the mean probability the top ``k`` keep is below this.
+            Default: ``0.5``.
 
     Returns:
-        SignalWriteSummary: What was written and skipped.
+        SignalWriteSummary: What was written and skipped (by all ranks).
 
     Raises:
         ValueError: ``k`` not below the teacher's vocabulary, a vocabulary or tokenizer mismatch, a token id outside
-            the vocabulary, or a resumed folder written with other options.
+            the vocabulary, or a resumed folder written with other options or by another teacher.
     """
     sequences = _checked_sequences(tokens, value_dtype, batch_size, sequences_per_part)
+    ranks = _ranks(distributed)
+    device = ranks.device(device)
     frozen = FrozenTeachers([teacher])
     frozen.freeze()
-    teacher_pass = _TeacherPass(
-        teacher.to(device), sequences, k, value_dtype, batch_size, input_key, logits_key, device
-    )
+    placement = None
     try:
-        return _write(teacher_pass, out, sequences_per_part, local_dir, student_vocab_size, tokenizer_size, progress)
-    finally:  # the caller's module gets back its train/eval modes and requires_grad flags
+        fingerprint = teacher_fingerprint(teacher, tokenizer)
+        placement = _Placement(teacher, device)
+        teacher_pass = _TeacherPass(teacher, sequences, k, value_dtype, batch_size, input_key, logits_key, device)
+        return _write(
+            teacher_pass,
+            out,
+            sequences_per_part,
+            local_dir,
+            student_vocab_size,
+            tokenizer_size,
+            progress,
+            fingerprint,
+            ranks,
+            kept_mass_warning,
+        )
+    finally:  # the caller's module gets back its devices, train/eval modes and requires_grad flags
+        if placement is not None:
+            placement.restore()
         frozen.restore()
 
 
@@ -259,6 +517,16 @@ def _checked_sequences(
     return sequences
 
 
+def _local_root(out: str, local_dir: Optional[str], ranks: _Ranks) -> tuple[str, Optional[str]]:
+    """The local folder the parts are written (or staged) in and the object-store URI, if any."""
+    remote = out if '://' in out else None
+    if remote is None:
+        return out, None
+    if local_dir is None:
+        local_dir = ranks.gather(tempfile.mkdtemp(prefix='teacher-signal-') if ranks.rank == 0 else None)[0]
+    return local_dir, remote
+
+
 def _write(
     teacher_pass: _TeacherPass,
     out: str,
@@ -267,15 +535,15 @@ def _write(
     student_vocab_size: Optional[int],
     tokenizer_size: Optional[int],
     progress: bool,
+    fingerprint: dict[str, Optional[str]],
+    ranks: _Ranks,
+    kept_mass_warning: float,
 ) -> SignalWriteSummary:
-    """Write every part not yet complete, then the merged index; the parts already complete are counted."""
-    from streaming.base.util import merge_index
-
+    """Write every part of this rank not yet complete, then (rank zero) the merged index and the kept mass."""
     vocab = _vocabulary(teacher_pass, student_vocab_size, tokenizer_size)
     check_k(teacher_pass.k, vocab)
     sequences = teacher_pass.sequences
-    remote = out if '://' in out else None
-    local_root = out if remote is None else (local_dir or tempfile.mkdtemp(prefix='teacher-signal-'))
+    local_root, remote = _local_root(out, local_dir, ranks)
     settings = dict(
         k=teacher_pass.k,
         value_dtype=teacher_pass.value_dtype,
@@ -283,26 +551,89 @@ def _write(
         sequences=len(sequences),
         sequences_per_part=sequences_per_part,
         source=sequences.source,
+        teacher=fingerprint,
     )
-    _prepare_settings(local_root, settings, remote)
+    _prepare_settings(local_root, settings, remote, ranks)
 
-    part_indices, written, skipped, positions = _write_parts(
-        teacher_pass, local_root, remote, sequences_per_part, vocab, progress
-    )
-    merged = os.path.join(local_root, 'index.json')
-    if os.path.isfile(merged):  # from an earlier complete run: merged again, as Streaming will not overwrite it
-        os.remove(merged)
-    merge_index(part_indices, local_root if remote is None else (local_root, remote))
+    try:
+        outcome: Union[_PartsWritten, str] = _write_parts(
+            teacher_pass, local_root, remote, sequences_per_part, vocab, progress, ranks
+        )
+    except Exception as e:  # every rank learns of it, rather than waiting for the one that failed
+        if ranks.world_size == 1:
+            raise
+        ranks.gather(f'{type(e).__name__}: {e}')
+        raise
+    gathered = ranks.gather(outcome)
+    failed = [f'rank {rank}: {item}' for rank, item in enumerate(gathered) if isinstance(item, str)]
+    if failed:
+        raise RuntimeError('Writing the teacher signal failed on another rank: ' + '; '.join(failed))
+    parts = {name: stats for item in gathered for name, stats in item.parts.items()}
+    kept_mass = _kept_mass(parts)
+    if ranks.rank == 0:
+        _merge(local_root, remote, sorted(parts))
+        _write_json(os.path.join(local_root, _SETTINGS_FILE), {**settings, 'kept_mass': kept_mass})
+        _upload(local_root, remote, _SETTINGS_FILE)
+        mean = kept_mass['mean']
+        if mean is not None and mean < kept_mass_warning:
+            warnings.warn(
+                f'The top {teacher_pass.k} logits keep {mean:.3f} of the teacher probability on average (below '
+                f'{kept_mass_warning}): most of the signal is the tail, spread evenly over the {vocab - teacher_pass.k}'
+                ' other tokens. A larger k keeps more of the teacher (see docs/teacher_signal.md).',
+                stacklevel=3,
+            )
+    ranks.barrier()  # every rank returns once the merged index exists
     return SignalWriteSummary(
         out=out,
         sequences=len(sequences),
-        positions=positions,
+        positions=sum(item.positions for item in gathered),
         vocab_size=vocab,
         k=teacher_pass.k,
         value_dtype=teacher_pass.value_dtype,
-        parts_written=written,
-        parts_skipped=skipped,
+        parts_written=sum(item.written for item in gathered),
+        parts_skipped=sum(item.skipped for item in gathered),
+        kept_mass=kept_mass['mean'],
+        teacher=fingerprint,
     )
+
+
+def _kept_mass(parts: dict[str, Optional[dict[str, float]]]) -> dict[str, Any]:
+    """The mean probability the top k keep, per part and over every position of the parts that record it."""
+    known = {name: stats for name, stats in parts.items() if stats is not None}
+    positions = sum(stats['positions'] for stats in known.values())
+    return {
+        'mean': sum(stats['kept_mass_sum'] for stats in known.values()) / positions if positions else None,
+        'parts': {
+            name: None if stats is None else stats['kept_mass_sum'] / stats['positions']
+            for name, stats in sorted(parts.items())
+        },
+    }
+
+
+def _merge(local_root: str, remote: Optional[str], names: list[str]) -> None:
+    """Merge the parts' indexes into the top-level one (a part staged on another node is read from the store)."""
+    from streaming.base.util import merge_index
+
+    if remote is None:
+        indices: list[Any] = [os.path.join(local_root, name, 'index.json') for name in names]
+    else:
+        indices = [
+            (os.path.join(local_root, name, 'index.json'), f'{remote.rstrip("/")}/{name}/index.json') for name in names
+        ]
+    merged = os.path.join(local_root, 'index.json')
+    if os.path.isfile(merged):  # from an earlier complete run: merged again, as Streaming will not overwrite it
+        os.remove(merged)
+    merge_index(indices, local_root if remote is None else (local_root, remote))
+
+
+@dataclass
+class _PartsWritten:
+    """What one rank wrote: each of its parts' kept-mass statistics (``None`` where a part records none)."""
+
+    parts: dict[str, Optional[dict[str, float]]]
+    written: int
+    skipped: int
+    positions: int
 
 
 def _write_parts(
@@ -312,31 +643,70 @@ def _write_parts(
     sequences_per_part: int,
     vocab: int,
     progress: bool,
-) -> tuple[list[str], int, int, int]:
-    """Write each part that is not complete yet; every part's index file, the numbers of parts written and
-    skipped, and the number of positions in all of them."""
+    ranks: _Ranks,
+) -> _PartsWritten:
+    """Write each of this rank's parts that is not complete yet (part ``p`` is rank ``p % world_size``'s)."""
     from tqdm.auto import tqdm
 
     sequences = teacher_pass.sequences
     n_parts = -(-len(sequences) // sequences_per_part)
-    written = skipped = positions = 0
-    bar = tqdm(total=len(sequences), unit='seq', desc='teacher signal', disable=not progress)
-    part_indices = []
-    for part in range(n_parts):
-        name = f'part-{part:05d}'
-        local_part = os.path.join(local_root, name)
-        part_indices.append(os.path.join(local_part, 'index.json'))
-        first, last = part * sequences_per_part, min(len(sequences), (part + 1) * sequences_per_part)
-        if os.path.isfile(part_indices[-1]):
-            skipped += 1
-            positions += sum(len(sequences[i]) for i in range(first, last))
-            bar.update(last - first)
-            continue
-        destination = local_part if remote is None else (local_part, f'{remote.rstrip("/")}/{name}')
-        positions += _write_part(teacher_pass, destination, range(first, last), vocab, bar)
-        written += 1
-    bar.close()
-    return part_indices, written, skipped, positions
+    mine = range(ranks.rank, n_parts, ranks.world_size)
+    total = sum(min(len(sequences), (p + 1) * sequences_per_part) - p * sequences_per_part for p in mine)
+    done = _PartsWritten({}, 0, 0, 0)
+    bar = tqdm(total=total, unit='seq', desc='teacher signal', disable=not progress or ranks.rank != 0)
+    kept = positions = 0.0
+    try:
+        for part in mine:
+            name = f'part-{part:05d}'
+            local_part = os.path.join(local_root, name)
+            first, last = part * sequences_per_part, min(len(sequences), (part + 1) * sequences_per_part)
+            stats = _complete_part(local_part)
+            if stats is False:
+                destination = local_part if remote is None else (local_part, f'{remote.rstrip("/")}/{name}')
+                stats = _write_part(teacher_pass, destination, range(first, last), vocab, bar)
+                done.written += 1
+            else:
+                done.skipped += 1
+                bar.update(last - first)
+            done.parts[name] = stats
+            done.positions += sum(len(sequences[i]) for i in range(first, last))
+            if stats is not None:
+                kept, positions = kept + stats['kept_mass_sum'], positions + stats['positions']
+                bar.set_postfix(kept_mass=f'{kept / positions:.3f}')
+    finally:
+        bar.close()
+    return done
+
+
+_PART_STATS = 'signal_part.json'
+
+
+def _complete_part(local_part: str) -> Union[bool, Optional[dict[str, float]]]:
+    """``False`` unless the part is complete: its ``index.json`` readable and every shard it lists present with
+    the listed size (a kill while Streaming wrote the index leaves it empty or cut); else the part's kept-mass
+    statistics (``None`` for a part written before they were recorded). An incomplete index is reported."""
+    index = os.path.join(local_part, 'index.json')
+    if not os.path.isfile(index):
+        return False
+    try:
+        with open(index) as f:
+            shards = json.load(f)['shards']
+        for shard in shards:
+            raw = os.path.join(local_part, shard['raw_data']['basename'])
+            key = 'raw_data' if os.path.isfile(raw) or not shard.get('zip_data') else 'zip_data'
+            path, size = os.path.join(local_part, shard[key]['basename']), shard[key]['bytes']
+            if not os.path.isfile(path) or os.path.getsize(path) != size:
+                raise ValueError(f'shard {path} is missing or not of the {size} bytes listed')
+    except (ValueError, KeyError, TypeError) as e:
+        warnings.warn(
+            f'{index} is unreadable or incomplete ({type(e).__name__}: {e}): writing its part again.', stacklevel=2
+        )
+        return False
+    path = os.path.join(local_part, _PART_STATS)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _vocabulary(teacher_pass: _TeacherPass, student_vocab_size: Optional[int], tokenizer_size: Optional[int]) -> int:
@@ -360,8 +730,9 @@ def _vocabulary(teacher_pass: _TeacherPass, student_vocab_size: Optional[int], t
 
 def _write_part(
     teacher_pass: _TeacherPass, destination: Union[str, tuple[str, str]], rows: range, vocab: int, bar: Any
-) -> int:
-    """Write the signal of sequences ``rows`` as one part, from its start; the number of positions written.
+) -> dict[str, float]:
+    """Write the signal of sequences ``rows`` as one part, from its start; its positions and the sum over them of
+    the probability the top k keep (also written to the part's ``signal_part.json``, before its index).
 
     The part's index is written only after its last sample, so that only a complete part counts as written.
     """
@@ -370,21 +741,23 @@ def _write_part(
     # Not a `with` block: MDSWriter's __exit__ writes the index even when an exception (an interruption)
     # leaves it, which would mark a partial part complete.
     writer = _writer(destination)
-    positions = 0
+    positions, kept = 0, 0.0
     try:
         for start in range(rows.start, rows.stop, teacher_pass.batch_size):
             batch = [teacher_pass.sequences[i] for i in range(start, min(rows.stop, start + teacher_pass.batch_size))]
-            logits = teacher_pass.logits(_token_ids(batch, start, vocab))
-            for row, row_logits in zip(batch, logits, strict=True):
-                writer.write(signal_sample(row, encode_signal(row_logits, teacher_pass.k, teacher_pass.value_dtype)))
+            encoded, batch_kept = teacher_pass.encode(_token_ids(batch, start, vocab), vocab)
+            for row, signal in zip(batch, encoded, strict=True):
+                writer.write(signal_sample(row, signal))
                 positions += len(row)
+            kept += batch_kept
             bar.update(len(batch))
+        stats = {'positions': positions, 'kept_mass_sum': kept}
+        _write_json(os.path.join(local_part, _PART_STATS), stats)
     except BaseException:
         writer.cancel_future_jobs()
-        bar.close()
         raise
     writer.finish()
-    return positions
+    return stats
 
 
 def _token_ids(rows: list[np.ndarray], start: int, vocab: int) -> torch.Tensor:

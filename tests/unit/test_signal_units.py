@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from composer_kd.cache import topk_compress
+from composer_kd.losses.signal import signal_kl, signal_kl_per_position
 from composer_kd.signal.encoding import (
     bits_per_index,
     bytes_per_token,
@@ -17,7 +18,6 @@ from composer_kd.signal.encoding import (
     pack_indices,
     unpack_indices,
 )
-from composer_kd.losses.signal import signal_kl, signal_kl_per_position
 
 
 @pytest.mark.parametrize('bits', [1, 3, 7, 8, 15, 17, 32])
@@ -141,3 +141,52 @@ def test_the_students_logits_are_not_written_to_and_keep_their_dtype():
     half = torch.randn(4, 30, dtype=torch.bfloat16, requires_grad=True)
     signal_kl_per_position(half, indices, values, log_tail, 2.0).sum().backward()
     assert half.grad.dtype == torch.bfloat16
+
+
+def test_a_batch_is_reduced_to_its_top_k_before_it_leaves_the_teachers_device(monkeypatch):
+    """The writer selects the top k, the tail and the kept mass of a whole ``[B, L, V]`` batch where the teacher ran;
+    what reaches the host is ``[B, L, k]`` values and indices, ``[B, L]`` tails and one number, in as many transfers
+    however many sequences the batch holds, and it encodes as each position's own ``encode_signal`` does."""
+    from composer_kd.signal import writer
+    from composer_kd.signal.writer import TokenSequences, _TeacherPass
+
+    vocab, k = 97, 6
+    teacher = torch.nn.Sequential(torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab))
+    ids = torch.randint(0, vocab, (5, 7), generator=torch.Generator().manual_seed(0))
+    teacher_pass = _TeacherPass(teacher, TokenSequences(ids.numpy(), 'ids'), k, 'bfloat16', 5, 'input_ids', None, 'cpu')
+    moved, original, encoding, encode_topk = [], torch.Tensor.cpu, [], writer.encode_topk
+
+    def cpu(tensor, *args, **kwargs):
+        if not encoding:  # rows already on the host, encoded one by one
+            moved.append(tuple(tensor.shape))
+        return original(tensor, *args, **kwargs)
+
+    def encode_row(*args, **kwargs):
+        encoding.append(1)
+        try:
+            return encode_topk(*args, **kwargs)
+        finally:
+            encoding.pop()
+
+    monkeypatch.setattr(torch.Tensor, 'cpu', cpu)
+    monkeypatch.setattr(writer, 'encode_topk', encode_row)
+    encoded, kept = teacher_pass.encode(ids, vocab)
+    transfers = list(moved)
+    monkeypatch.setattr(torch.Tensor, 'cpu', original)
+    assert sorted(transfers) == [(5, 7), (5, 7, k), (5, 7, k)]  # and the kept mass, one float
+    with torch.no_grad():
+        logits = teacher(ids).float()
+    for row in range(5):
+        expected = encode_signal(logits[row], k, 'bfloat16')
+        assert encoded[row].values == expected.values and encoded[row].indices == expected.indices
+        assert np.array_equal(encoded[row].log_tail, expected.log_tail)
+    assert kept == pytest.approx(float(logits.softmax(-1).topk(k).values.sum(-1).double().sum()), rel=1e-5)
+
+
+def test_each_rank_runs_the_teacher_on_its_own_accelerator():
+    from composer_kd.signal.writer import _Ranks
+
+    assert _Ranks(3, 4, local_rank=1).device('cuda') == torch.device('cuda', 1)
+    assert _Ranks(3, 4, local_rank=1).device('cuda:0') == torch.device('cuda', 0)  # named by the caller
+    assert _Ranks(3, 4, local_rank=1).device('cpu') == torch.device('cpu')
+    assert _Ranks().device('cuda') == torch.device('cuda')

@@ -370,3 +370,152 @@ def test_an_llm_foundry_yaml_with_teachers_and_a_signal_is_refused():
         build_algorithm('distillation', {'teachers': [teacher], 'teacher_signal': True})
     with pytest.raises(TypeError, match='teacher_signal must be true or a mapping'):
         build_algorithm('distillation', {'teacher_signal': 'yes'})
+
+
+def _folder(root: str) -> dict[str, bytes]:
+    """Every file under ``root`` and its bytes."""
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(folder, name), 'rb') as f:
+                files[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+    return files
+
+
+class _Tokenizer:
+    def __init__(self, extra: str = ''):
+        self.vocab = {f'tok{i}{extra}': i for i in range(VOCAB)}
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.vocab
+
+
+def test_resuming_with_another_teacher_or_tokenizer_is_refused_naming_both(tmp_path):
+    from composer_kd.signal.writer import check_signal_teacher, signal_teacher, teacher_fingerprint
+
+    teacher, tokens, out = gpt2(0, width=24), token_ids(), str(tmp_path / 'signal')
+    options = dict(batch_size=5, sequences_per_part=6, progress=False, tokenizer=_Tokenizer())
+    write_teacher_signal(teacher, tokens, out, K, **options)
+    written = _folder(out)
+    recorded = teacher_fingerprint(teacher, _Tokenizer())
+    assert signal_teacher(out) == recorded == SignalDataset(local=out).teacher_fingerprint
+    assert recorded['weights'].startswith('GPT2LMHeadModel:') and recorded['config'] and recorded['tokenizer']
+
+    other = gpt2(1, width=24)
+    with pytest.raises(ValueError, match='another teacher: weights .*GPT2LMHeadModel:.* then, .*GPT2LMHeadModel:'):
+        write_teacher_signal(other, tokens, out, K, **options)
+    other_name = teacher_fingerprint(other)['weights']
+    with pytest.raises(ValueError, match=f"{recorded['weights']}' then, '{other_name}' now"):
+        write_teacher_signal(other, tokens, out, K, **options)
+    with pytest.raises(ValueError, match=f"tokenizer '{recorded['tokenizer']}' then"):
+        write_teacher_signal(teacher, tokens, out, K, **{**options, 'tokenizer': _Tokenizer('x')})
+    assert _folder(out) == written  # a refused run changes nothing
+
+    assert check_signal_teacher(out, teacher, _Tokenizer())
+    with pytest.warns(UserWarning, match=f'another teacher than the one named: weights .*{other_name}'):
+        assert not check_signal_teacher(out, other)
+
+
+def test_a_part_whose_index_was_cut_short_is_written_again(tmp_path):
+    teacher, tokens = gpt2(0, width=24), token_ids()
+    options = dict(batch_size=5, sequences_per_part=6, progress=False)
+    reference, out = str(tmp_path / 'reference'), str(tmp_path / 'signal')
+    write_teacher_signal(teacher, tokens, reference, K, **options)
+    write_teacher_signal(teacher, tokens, out, K, **options)
+    # A kill while Streaming writes a part's index leaves it empty; a shard cut short is no better.
+    open(os.path.join(out, 'part-00001', 'index.json'), 'w').close()
+    with open(os.path.join(out, 'part-00002', 'index.json')) as f:
+        shard = os.path.join(out, 'part-00002', json.load(f)['shards'][0]['raw_data']['basename'])
+    with open(shard, 'r+b') as f:
+        f.truncate(10)
+    with pytest.warns(UserWarning) as caught:
+        summary = write_teacher_signal(teacher, tokens, out, K, **options)
+    reported = [str(w.message) for w in caught if 'unreadable or incomplete' in str(w.message)]
+    assert len(reported) == 2 and 'part-00001/index.json' in reported[0] and 'not of the' in reported[1]
+    assert (summary.parts_written, summary.parts_skipped) == (2, 1)
+    assert _folder(out) == _folder(reference)
+
+    open(os.path.join(out, 'index.json'), 'w').close()
+    with pytest.raises(ValueError, match=f'unreadable index: {os.path.join(out, "index.json")}'):
+        SignalDataset(local=out)
+
+
+def test_the_teacher_is_given_back_on_its_device(tmp_path, monkeypatch):
+    """The teacher runs on another device (meta here) and comes back holding its own parameters on the CPU."""
+    import copy
+
+    from composer_kd.signal import writer
+
+    teacher, tokens = gpt2(0, width=24), token_ids(4)
+    twin = copy.deepcopy(teacher).eval()
+    parameters = dict(teacher.named_parameters())
+    pointers = {name: p.data_ptr() for name, p in parameters.items()}
+    before = {name: p.detach().clone() for name, p in parameters.items()}
+    devices = []
+
+    def logits(self, ids):  # the teacher is on the device; its twin on the host computes what it would
+        devices.append(next(self.teacher.parameters()).device.type)
+        with torch.no_grad():
+            return twin(ids).logits.float()
+
+    monkeypatch.setattr(writer._TeacherPass, 'logits', logits)
+    teacher.train()
+    write_teacher_signal(teacher, tokens, str(tmp_path / 'signal'), K, device='meta', progress=False)
+    assert set(devices) == {'meta'}
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert dict(teacher.named_parameters()) == parameters  # the same objects
+    for name, p in teacher.named_parameters():
+        assert p.device.type == 'cpu' and p.data_ptr() == pointers[name] and torch.equal(p, before[name])
+    assert all(b.device.type == 'cpu' for b in teacher.buffers())
+
+
+def test_the_kept_mass_is_recorded_per_part_and_warned_about(tmp_path, capsys):
+    teacher, tokens, out = gpt2(0, width=24), token_ids(), str(tmp_path / 'signal')
+    with pytest.warns(UserWarning, match=r'top 5 logits keep 0\.\d+ of the teacher probability on average'):
+        summary = write_teacher_signal(teacher, tokens, out, K, batch_size=5, sequences_per_part=6)
+    assert 'kept_mass=' in capsys.readouterr().err  # on the progress bar
+    with torch.no_grad():
+        kept = teacher(tokens).logits.softmax(-1).topk(K).values.sum(-1).double()  # [16, 12]
+    with open(os.path.join(out, 'teacher_signal.json')) as f:
+        recorded = json.load(f)['kept_mass']
+    assert recorded['mean'] == pytest.approx(float(kept.mean()), rel=1e-5) == summary.kept_mass
+    assert recorded['parts'] == pytest.approx(
+        {
+            'part-00000': float(kept[:6].mean()),
+            'part-00001': float(kept[6:12].mean()),
+            'part-00002': float(kept[12:].mean()),
+        },
+        rel=1e-5,
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        write_teacher_signal(teacher, tokens, str(tmp_path / 'b'), K, progress=False, kept_mass_warning=0.05)
+
+
+def test_another_teacher_is_refused_at_an_object_store_even_with_a_new_staging_folder(s3, tmp_path):
+    tokens, remote = token_ids(6), 's3://teachers/refused'
+    options = dict(sequences_per_part=4, progress=False)
+    write_teacher_signal(gpt2(0, width=24), tokens, remote, K, local_dir=str(tmp_path / 'first'), **options)
+    stored = s3.get_object(Bucket='teachers', Key='refused/teacher_signal.json')['Body'].read()
+    with pytest.raises(ValueError, match='written by another teacher: weights'):
+        write_teacher_signal(gpt2(1, width=24), tokens, remote, K, local_dir=str(tmp_path / 'second'), **options)
+    assert s3.get_object(Bucket='teachers', Key='refused/teacher_signal.json')['Body'].read() == stored
+
+
+def test_a_signal_recorded_without_its_teacher_is_refused_on_resume(tmp_path):
+    """A folder whose ``teacher_signal.json`` has no ``teacher`` field (written before teachers were recorded)."""
+    teacher, tokens, out = gpt2(0, width=24), token_ids(), str(tmp_path / 'signal')
+    options = dict(batch_size=5, sequences_per_part=6, progress=False, kept_mass_warning=0.05)
+    write_teacher_signal(teacher, tokens, out, K, **options)
+    settings_path = os.path.join(out, 'teacher_signal.json')
+    with open(settings_path) as f:
+        settings = json.load(f)
+    del settings['teacher']
+    with open(settings_path, 'w') as f:
+        json.dump(settings, f)
+    written = _folder(out)
+    with pytest.raises(ValueError, match=r'written by another teacher: weights None then'):
+        write_teacher_signal(teacher, tokens, out, K, **options)
+    assert _folder(out) == written  # nothing rewritten

@@ -1,10 +1,13 @@
-"""Run by tests/end_to_end/multiprocess/test_signal_multiprocess.py under Composer's launcher: two processes distil from one
-folder of teacher-signal shards; each records the sequences it was given, rank zero writes them all."""
+"""Run by tests/end_to_end/multiprocess/test_signal_multiprocess.py under Composer's launcher: two processes write
+one teacher signal between them (rank zero also writes it alone, for comparison), resume it after a part's index
+was cut short, then distil from it, each recording the sequences it was given, and resume that fit mid-epoch."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import time
+import warnings
 
 import torch
 from composer import Callback, Trainer
@@ -18,34 +21,28 @@ from composer_kd import Distillation, KLDivergence, TeacherSignal
 from composer_kd.signal.shards import SignalDataset, collate_signal
 from composer_kd.signal.writer import write_teacher_signal
 
+warnings.filterwarnings('ignore', message='The top 4 logits keep')  # a random teacher keeps little in its top 4
+
 
 def gpt2(seed: int) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    # No dropout: a fit resumed mid-epoch then computes what the uninterrupted one did.
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    return GPT2LMHeadModel(config)
 
 
 class Record(Callback):
     def __init__(self):
-        self.first_tokens: list[int] = []
+        self.first_tokens: list[list[int]] = []
         self.kd: list[float] = []
 
     def after_loss(self, state, logger):
-        self.first_tokens += state.batch['input_ids'][:, 0].tolist()
+        self.first_tokens.append(state.batch['input_ids'][:, 0].tolist())
         self.kd.append(float(state.loss['kd']))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--output', required=True)
-    args = parser.parse_args()
-    shards = os.path.join(args.output, 'signal')
-    dist.initialize_dist(DeviceCPU())
-    if dist.get_global_rank() == 0:
-        # Sequence i starts with token i, so the first tokens say which sequences a process read.
-        tokens = torch.randint(0, 64, (16, 8), generator=torch.Generator().manual_seed(0))
-        tokens[:, 0] = torch.arange(16)
-        write_teacher_signal(gpt2(0), tokens, shards, k=4, sequences_per_part=5, progress=False)
-    dist.barrier()
+def fit(shards: str, **kwargs) -> Record:
     dataset = SignalDataset(local=shards, vocab_size=64, shuffle=True, shuffle_seed=1, batch_size=2)
     record = Record()
     student = HuggingFaceModel(gpt2(1), use_logits=True, shift_labels=True)
@@ -58,10 +55,62 @@ def main() -> None:
         device='cpu',
         seed=0,
         progress_bar=False,
+        **{key: value for key, value in kwargs.items() if key != 'duration'},
     )
-    trainer.fit()
-    gathered = dist.all_gather_object({'first_tokens': record.first_tokens, 'kd': record.kd})
-    if dist.get_global_rank() == 0:
+    trainer.fit(duration=kwargs.get('duration'))
+    trainer.close()
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--output', required=True)
+    args = parser.parse_args()
+    shards, alone = os.path.join(args.output, 'signal'), os.path.join(args.output, 'alone')
+    dist.initialize_dist(DeviceCPU())
+    rank = dist.get_global_rank()
+    # Sequence i starts with token i, so the first tokens say which sequences a process read.
+    tokens = torch.randint(0, 64, (16, 8), generator=torch.Generator().manual_seed(0))
+    tokens[:, 0] = torch.arange(16)
+    options = dict(k=4, batch_size=2, sequences_per_part=5, progress=False)  # parts 0 and 2 rank 0's, 1 and 3 rank 1's
+
+    start = time.perf_counter()
+    first = write_teacher_signal(gpt2(0), tokens, shards, **options)
+    seconds = {'two_ranks': time.perf_counter() - start}
+    if rank == 0:
+        start = time.perf_counter()
+        write_teacher_signal(gpt2(0), tokens, alone, distributed=False, **options)
+        seconds['one_rank'] = time.perf_counter() - start
+    dist.barrier()
+
+    # Rank 1's last part as a kill while Streaming wrote its index leaves it: empty. The rerun writes it again.
+    if rank == 1:
+        open(os.path.join(shards, 'part-00003', 'index.json'), 'w').close()
+    dist.barrier()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        resumed = write_teacher_signal(gpt2(0), tokens, shards, **options)
+    reported = [str(w.message) for w in caught if 'unreadable or incomplete' in str(w.message)]
+
+    record = fit(shards)
+    # Mid-epoch resume: two batches, a checkpoint, then the rest of the epoch from it.
+    checkpoints = os.path.join(args.output, 'checkpoints')
+    before = fit(shards, save_folder=checkpoints, save_interval='2ba', duration='2ba')
+    dist.barrier()
+    after = fit(shards, load_path=os.path.join(checkpoints, 'ep0-ba2-rank{rank}.pt'))
+    gathered = dist.all_gather_object(
+        {
+            'first_tokens': record.first_tokens,
+            'kd': record.kd,
+            'resumed_first_tokens': before.first_tokens + after.first_tokens,
+            'resumed_kd': before.kd + after.kd,
+            'first': first,
+            'resumed': resumed,
+            'reported': reported,
+            'seconds': seconds,
+        }
+    )
+    if rank == 0:
         torch.save({'world_size': dist.get_world_size(), 'ranks': gathered}, os.path.join(args.output, 'results.pt'))
 
 

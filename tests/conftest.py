@@ -1,10 +1,12 @@
 """What the tests share: tiny models and data that make a Composer fit take a fraction of a second, one way to
-fit, one recording callback, the one-thread fixture, the repository's paths and the multi-process launcher.
+fit, one recording callback, a callback that preempts a run, the one-thread fixture, the repository's paths and the
+multi-process launcher.
 
-The suite is grouped by layer, each a folder: ``core`` (pure functions and objects, no Trainer), ``algorithm``
-(``Distillation`` and the other algorithms inside a Composer ``Trainer``), ``recipes`` (recipes, the command, the
-demo, ``distill()``), ``docs`` (documentation, docstrings, examples, benchmarks), ``multiprocess`` (several
-processes under Composer's launcher) and ``gpu`` (CUDA only, marked ``gpu``).
+The suite is grouped by layer, each a folder: ``unit`` (pure functions and objects, no Trainer),
+``end_to_end/fit`` (``Distillation`` and the other algorithms inside a Composer ``Trainer``),
+``end_to_end/recipes`` (recipes, the command, the demo, ``distill()``), ``end_to_end/multiprocess`` (several
+processes under Composer's launcher), ``end_to_end/gpu`` (CUDA only, marked ``gpu``) and ``docs`` (documentation,
+docstrings, examples, benchmarks).
 """
 
 from __future__ import annotations
@@ -178,6 +180,22 @@ class AfterLossRecorder(Callback):
                 'loss': _detached(state.loss),
             }
         )
+
+
+class Preempted(Exception):
+    """What :class:`Preempt` raises."""
+
+
+class Preempt(Callback):
+    """Stops a run as a preempted job would: with an error as batch ``batch`` (counted from 0) starts, after the
+    checkpoint written when the batch before it ended."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def batch_start(self, state, logger):
+        if int(state.timestamp.batch) == self.batch:
+            raise Preempted(f'preempted at batch {self.batch}')
 
 
 @pytest.fixture(scope='module')

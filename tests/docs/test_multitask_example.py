@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import statistics
 import sys
 
 import pytest
 import torch
+from composer import Callback, Trainer
 from conftest import EXAMPLES
 
 from composer_kd.run.reporting import distillation_ratio
@@ -74,3 +76,44 @@ def test_the_sweep_chooses_on_validation(example):
     assert all(row['lr'] == best_lr for row in search['distilled'])
     assert len(search['distilled']) == 3 * 3 * 2
     assert search['chosen'] == results['settings'] == {k: best[k] for k in example.DEFAULTS}
+
+
+def test_both_students_of_a_seed_start_from_the_same_weights_and_see_the_same_batches(example, monkeypatch):
+    """What docs/multitask.md says of the example: per seed, the student alone and the distilled student differ only
+    by the ``Distillation`` instances."""
+    students = []
+
+    class Recorder(Callback):
+        def __init__(self):
+            self.initial: dict[str, torch.Tensor] = {}
+            self.batches: list = []
+            self.algorithms: list[str] = []
+
+        def fit_start(self, state, logger):
+            self.initial = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+            self.algorithms = [type(a).__name__ for a in state.algorithms]
+
+        def batch_start(self, state, logger):
+            self.batches.append(copy.deepcopy(state.batch))
+
+    class RecordingTrainer(Trainer):
+        def __init__(self, *args, **kwargs):
+            if 'algorithms' in kwargs:  # the students' trainers; the teachers' pass none
+                students.append(Recorder())
+                kwargs['callbacks'] = [students[-1]]
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(example, 'Trainer', RecordingTrainer)
+    example.main(['--seeds', '2', *TINY], echo=lambda line: None)
+    # Per seed: the student alone, then the distilled one.
+    assert [s.algorithms for s in students] == [[], ['Distillation', 'Distillation']] * 2
+    for alone, distilled in (students[0:2], students[2:4]):
+        assert alone.initial.keys() == distilled.initial.keys()
+        assert all(torch.equal(alone.initial[k], distilled.initial[k]) for k in alone.initial)
+        assert len(alone.batches) == len(distilled.batches) == 4
+        for a, b in zip(alone.batches, distilled.batches, strict=True):
+            assert a.keys() == b.keys() == {'inputs', 'digit', 'parity'}  # the image and each task's labels
+            assert all(torch.equal(a[key], b[key]) for key in a)
+    # And the seeds differ from one another, in both.
+    assert not torch.equal(students[0].batches[0]['inputs'], students[2].batches[0]['inputs'])
+    assert not all(torch.equal(students[0].initial[k], students[2].initial[k]) for k in students[0].initial)

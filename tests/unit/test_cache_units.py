@@ -165,6 +165,31 @@ def test_gathering_rows_in_one_process_marks_the_shared_rows_and_keeps_their_val
     torch.testing.assert_close(table.arrays['values'], torch.arange(10.0).reshape(5, 2))
 
 
+@pytest.mark.parametrize(
+    ('chunk_bytes', 'shapes'),
+    [(40, [(2, 2, 2), (2, 2, 2), (1, 2, 2)]), (32, [(2, 2, 2), (2, 2, 2), (1, 2, 2)]), (8, [(1, 2, 2)] * 5)],
+    ids=['two-rows-and-a-half', 'two-rows-exactly', 'row-larger-than-the-chunk'],
+)
+def test_rows_are_gathered_in_chunks_of_at_most_the_chunk_size_or_one_row(monkeypatch, chunk_bytes, shapes):
+    """Each row here is 2 x 2 float32 (16 bytes): a chunk holds floor(chunk / 16) rows, and at least one."""
+    from composer.utils import dist
+
+    from composer_kd.cache import storage
+
+    sent = []
+    monkeypatch.setattr(storage, '_EXCHANGE_CHUNK_BYTES', chunk_bytes)
+    monkeypatch.setattr(storage.dist, 'all_gather', lambda t, group=None: sent.append(t) or dist.get_world_size() * [t])
+    table = memory_table({'values': ((6, 2, 2), torch.float32)})
+    table.arrays['values'][:] = torch.arange(24.0).reshape(6, 2, 2)
+    all_gather_rows(table, torch.tensor([5, 1, 0, 4, 2]), lambda t: t, counts=[5])
+    values = [t for t in sent if t.dtype == torch.float32]
+    assert [tuple(t.shape) for t in values] == shapes
+    assert all(t.nbytes <= max(chunk_bytes, 16) for t in values)
+    # The chunks carry the rows in the order given, and only those are marked shared.
+    assert torch.cat([t for t in sent if t.dtype == torch.int64]).tolist() == [5, 1, 0, 4, 2]
+    assert table.filled.tolist() == [True, True, True, False, True, True]
+
+
 # ---- fingerprint ---------------------------------------------------------------------------------------------
 
 

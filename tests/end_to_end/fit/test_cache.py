@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
-from composer import Algorithm, Event, Trainer
+from composer import Algorithm, Callback, Event, Trainer
 from composer.algorithms import LabelSmoothing, MixUp
 from composer.loggers import InMemoryLogger
 from composer.models import ComposerModel
 from composer.utils import dist
-from conftest import DOCS, N_CLASSES, N_FEATURES, make_student, make_teacher
+from conftest import DOCS, N_CLASSES, N_FEATURES, AfterLossRecorder, make_student, make_teacher
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -68,6 +68,7 @@ def fit(
     microbatch=MICROBATCH,
     calls: TeacherCalls | None = None,
     model: nn.Module | None = None,
+    auto_microbatching: bool = False,
     **kwargs,
 ) -> Trainer:
     trainer = Trainer(
@@ -84,6 +85,8 @@ def fit(
     )
     if calls is not None:
         calls.state = trainer.state
+    # Composer accepts device_train_microbatch_size='auto' on a GPU only; its retry loop itself runs on any device.
+    trainer.state.auto_microbatching = auto_microbatching
     trainer.fit()
     trainer.close()
     return trainer
@@ -227,6 +230,57 @@ def test_training_with_a_cache_matches_training_without():
     kd = [torch.tensor([v for _, v in log.data['loss/train/kd']]) for log in logs]
     assert len(kd[0]) == 15
     torch.testing.assert_close(kd[1], kd[0], rtol=1e-6, atol=1e-7)
+
+
+class OutOfMemoryOnce(Callback):
+    """Raises, once, the error Composer takes for CUDA running out of memory: in the second microbatch of the first
+    batch, after the cache gave that microbatch its rows (the loss is computed), before its backward pass."""
+
+    def __init__(self):
+        self.microbatches = 0
+
+    def before_backward(self, state, logger):
+        self.microbatches += 1
+        if self.microbatches == 2:
+            raise RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB (raised by the test)')
+
+
+def test_an_automatic_microbatching_retry_starts_again_from_the_first_row():
+    retried_log, reference_log = AfterLossRecorder(), AfterLossRecorder()
+    data = make_data()
+    teacher = make_teacher()
+    calls = TeacherCalls(teacher)
+    cache = TeacherCache()
+    with pytest.warns(RuntimeWarning, match='Train microbatch size will be decreased from 4 -> 2'):
+        retried = fit(
+            [Distillation(teacher, KLDivergence(2.0), 0.5, 0.5, teacher_cache=cache)],
+            max_duration='1ep',
+            microbatch=4,
+            calls=calls,
+            auto_microbatching=True,
+            callbacks=[OutOfMemoryOnce(), retried_log],
+        )
+    # The first batch ran microbatches of 4 until the second failed; it was run again as 4 microbatches of 2.
+    assert [len(step['inputs']) for step in retried_log.steps][:6] == [4, 4, 2, 2, 2, 2]
+    # The teacher ran for the two failed microbatches; the retry read their 8 rows back from the first one on.
+    assert [len(x) for x, _ in calls.calls][:3] == [4, 4, 2]
+    assert cache.n_recorded == N_EXAMPLES
+    # The reference: microbatches of 2 from the start, no cache.
+    reference = fit(
+        [Distillation(make_teacher(), KLDivergence(2.0), 0.5, 0.5)],
+        dataset=data,
+        max_duration='1ep',
+        microbatch=2,
+        callbacks=[reference_log],
+    )
+    retried_steps = retried_log.steps[2:]
+    assert len(retried_steps) == len(reference_log.steps) == 20
+    for got, expected in zip(retried_steps, reference_log.steps, strict=True):
+        assert torch.equal(got['inputs'], expected['inputs'])
+        # A retry that did not restart at the first row would pair each microbatch with other examples' logits.
+        # 1e-6, not bitwise: the retried batch reads logits the teacher gave on microbatches of 4, not 2.
+        torch.testing.assert_close(got['loss']['kd'], expected['loss']['kd'], rtol=0, atol=1e-6)
+    assert_same_weights(reference.state.model, retried.state.model, atol=1e-6)
 
 
 def test_refused_combinations_are_named():

@@ -1,4 +1,5 @@
-"""Student checkpoints written during distillation: no teacher inside, no larger, and they resume distillation."""
+"""Student checkpoints written during distillation: no teacher inside, no larger, and they resume distillation
+bitwise as the uninterrupted run, from an epoch end or from the middle of an epoch (a preempted job)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import pytest
 import torch
 from composer import Trainer
 from composer.loggers import InMemoryLogger
-from conftest import make_dataloader, make_student, make_teacher
+from conftest import Preempt, Preempted, make_dataloader, make_student, make_teacher
 from torch import nn
 
-from composer_kd import Distillation
+from composer_kd import Distillation, LinearSchedule
 
 
 def big_teacher() -> nn.Module:
@@ -30,17 +31,28 @@ def tensors_in(obj) -> list[torch.Tensor]:
     return []
 
 
-def train(folder, algorithms, max_duration='1ep', load_path=None, loggers=()) -> Trainer:
+def train(
+    folder,
+    algorithms,
+    max_duration='1ep',
+    load_path=None,
+    loggers=(),
+    save_interval='1ep',
+    save_filename='ep{epoch}.pt',
+    callbacks=(),
+) -> Trainer:
+    """A deterministic CPU fit of 4 batches per epoch, with checkpoints in ``folder``."""
     trainer = Trainer(
         model=make_student(),
         train_dataloader=make_dataloader(),
         max_duration=max_duration,
         algorithms=algorithms,
         save_folder=str(folder),
-        save_filename='ep{epoch}.pt',
-        save_interval='1ep',
+        save_filename=save_filename,
+        save_interval=save_interval,
         load_path=load_path,
         loggers=list(loggers),
+        callbacks=list(callbacks),
         progress_bar=False,
         device='cpu',
         seed=5,
@@ -102,3 +114,60 @@ def test_resume_with_teacher_sampling_draws_as_uninterrupted(tmp_path, sampled):
     )
     for name, value in full.state.model.state_dict().items():
         torch.testing.assert_close(resumed.state.model.state_dict()[name], value, rtol=0, atol=0)
+
+
+def preempted_then_resumed(folder, make_algorithms, batch: int, loggers=()) -> Trainer:
+    """A 2-epoch run checkpointed every ``batch`` batches and preempted as batch ``batch`` starts, then resumed from
+    that checkpoint to 2 epochs by a new trainer (with new teachers, given again)."""
+    with pytest.raises(Preempted):
+        train(
+            folder / 'first',
+            make_algorithms(),
+            '2ep',
+            save_interval=f'{batch}ba',
+            save_filename='ba{batch}.pt',
+            callbacks=[Preempt(batch)],
+        )
+    return train(
+        folder / 'second', make_algorithms(), '2ep', load_path=str(folder / 'first' / f'ba{batch}.pt'), loggers=loggers
+    )
+
+
+def three_teachers():
+    return [make_teacher(seed=s) for s in (1, 2, 3)]
+
+
+MID_EPOCH_CASES = {
+    'plain': lambda: [Distillation(make_teacher())],
+    'teacher-sampling': lambda: [Distillation(three_teachers(), n_teachers_to_sample=2)],
+    # Distils in batches 2, 3 and 4 of 8; the run resumes inside the window.
+    'window': lambda: [Distillation(make_teacher(), start='2ba', end='5ba')],
+    # Fractions of the 8 batches: the window is batches 1 to 6, the weight falls to 0 by batch 4 and the temperature
+    # falls from 4 to 1 between batches 2 and 6.
+    'fractional-schedules': lambda: [
+        Distillation(
+            make_teacher(),
+            kd_loss_weight=LinearSchedule(1.0, 0.0, end='0.5dur'),
+            temperature=LinearSchedule(4.0, 1.0, start='0.25dur', end='0.75dur'),
+            start='0.125dur',
+            end='0.875dur',
+        )
+    ],
+}
+
+
+@pytest.mark.parametrize('case', sorted(MID_EPOCH_CASES))
+def test_a_run_preempted_mid_epoch_resumes_bitwise_as_uninterrupted(tmp_path, case):
+    full_log, resumed_log = InMemoryLogger(), InMemoryLogger()
+    full = train(tmp_path / 'full', MID_EPOCH_CASES[case](), '2ep', loggers=[full_log])
+    # Batch 3 of 8 is the last of epoch 1's 4: the checkpoint is in the middle of the epoch.
+    resumed = preempted_then_resumed(tmp_path, MID_EPOCH_CASES[case], batch=3, loggers=[resumed_log])
+    assert int(resumed.state.timestamp.batch) == 8
+    for name, value in full.state.model.state_dict().items():
+        torch.testing.assert_close(resumed.state.model.state_dict()[name], value, rtol=0, atol=0)
+    # Every logged loss term, weight and temperature of batches 3 to 7, bitwise.
+    keys = [key for key in full_log.data if key.startswith(('loss/train/', 'distillation/'))]
+    assert 'loss/train/total' in keys
+    for key in keys:
+        full_values = [float(v) for t, v in full_log.data[key] if int(t.batch) >= 3]
+        assert [float(v) for _, v in resumed_log.data[key]] == full_values, key

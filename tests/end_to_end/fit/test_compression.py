@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from composer import Callback, Trainer
 from composer.models import ComposerClassifier
-from conftest import N_CLASSES, N_FEATURES, make_dataloader, make_teacher
+from conftest import N_CLASSES, N_FEATURES, Preempt, Preempted, make_dataloader, make_teacher
 from conftest import fit as fit_on
 from torch import nn
 from torch.ao.quantization import FakeQuantizeBase
@@ -245,7 +245,9 @@ def deterministic():
     torch.use_deterministic_algorithms(False)
 
 
-def train_with_checkpoints(folder, algorithms, max_duration, load_path=None) -> Trainer:
+def train_with_checkpoints(
+    folder, algorithms, max_duration, load_path=None, save_interval='1ep', save_filename='ep{epoch}.pt', callbacks=()
+) -> Trainer:
     student = mlp_student()
     trainer = Trainer(
         model=student,
@@ -254,9 +256,10 @@ def train_with_checkpoints(folder, algorithms, max_duration, load_path=None) -> 
         optimizers=torch.optim.Adam(student.parameters(), lr=0.01),
         algorithms=algorithms,
         save_folder=str(folder),
-        save_filename='ep{epoch}.pt',
-        save_interval='1ep',
+        save_filename=save_filename,
+        save_interval=save_interval,
         load_path=load_path,
+        callbacks=list(callbacks),
         progress_bar=False,
         device='cpu',
         seed=5,
@@ -267,26 +270,46 @@ def train_with_checkpoints(folder, algorithms, max_duration, load_path=None) -> 
     return trainer
 
 
+def first_part(folder, algorithms, stop) -> str:
+    """Train the first part of a 2-epoch run (4 batches an epoch): to the end of epoch 1 (``stop='ep1'``, a 1-epoch
+    run), or preempted as batch ``stop`` starts, after the checkpoint written there; the checkpoint's path."""
+    if stop == 'ep1':
+        train_with_checkpoints(folder, algorithms, '1ep')
+        return str(folder / 'ep1.pt')
+    with pytest.raises(Preempted):
+        train_with_checkpoints(
+            folder,
+            algorithms,
+            '2ep',
+            save_interval=f'{stop}ba',
+            save_filename='ba{batch}.pt',
+            callbacks=[Preempt(stop)],
+        )
+    return str(folder / f'ba{stop}.pt')
+
+
 def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    """Bitwise: weights, masks, observers' statistics, scales and zero points."""
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     for key in sa:
-        assert torch.allclose(sa[key].float(), sb[key].float(), atol=1e-6), key
+        assert torch.equal(sa[key], sb[key]), key
 
 
-def test_qat_checkpoint_resumes_weights_and_observers(tmp_path, deterministic):
+@pytest.mark.parametrize('stop', [3, 'ep1'], ids=['mid-epoch', 'epoch-end'])
+def test_qat_checkpoint_resumes_weights_and_observers(tmp_path, deterministic, stop):
     def algorithms():
         return [QuantizationAwareTraining(torch.zeros(1, N_FEATURES)), Distillation(make_teacher())]
 
     full = train_with_checkpoints(tmp_path / 'full', algorithms(), '2ep')
-    first = train_with_checkpoints(tmp_path / 'first', algorithms(), '1ep')
-    saved = torch.load(tmp_path / 'first' / 'ep1.pt', weights_only=False)['state']['model']
+    checkpoint = first_part(tmp_path / 'first', algorithms(), stop)
+    saved = torch.load(checkpoint, weights_only=False)['state']['model']
     assert any(key.endswith('activation_post_process.max_val') for key in saved)
     assert any(key.endswith('.scale') for key in saved)
-    resumed = train_with_checkpoints(tmp_path / 'second', algorithms(), '2ep', load_path=str(tmp_path / 'first/ep1.pt'))
+    assert not torch.equal(saved['module.activation_post_process_0.scale'], torch.ones(1))  # observed, not initial
+    resumed = train_with_checkpoints(tmp_path / 'second', algorithms(), '2ep', load_path=checkpoint)
     assert int(resumed.state.timestamp.batch) == 8
     assert_same_state(resumed.state.model, full.state.model)
-    assert not torch.equal(first.state.model.module.activation_post_process_0.scale, torch.ones(1))
 
 
 def test_qat_refusals_name_the_problem():
@@ -440,13 +463,20 @@ def test_export_makes_pruning_permanent():
     assert model_size_bytes(exported) < model_size_bytes(student)
 
 
-def test_pruning_checkpoint_resumes_with_its_masks(tmp_path, deterministic):
+@pytest.mark.parametrize(
+    ('stop', 'pruned'),
+    [(1, (0.0, 0.0)), (3, (0.0, 0.5)), ('ep1', (0.0, 0.5))],
+    ids=['before-the-schedule', 'mid-epoch', 'epoch-end'],
+)
+def test_pruning_checkpoint_resumes_with_its_masks(tmp_path, deterministic, stop, pruned):
     def algorithms():
-        return [Pruning(amount=0.5, start='2ba', end='6ba'), Distillation(make_teacher())]
+        # Pruned at the start of batches 1 to 6; the checkpoint at batch 1 is written before the first.
+        return [Pruning(amount=0.5, start='1ba', end='6ba'), Distillation(make_teacher())]
 
     full = train_with_checkpoints(tmp_path / 'full', algorithms(), '2ep')
-    train_with_checkpoints(tmp_path / 'first', algorithms(), '1ep')
-    saved = torch.load(tmp_path / 'first' / 'ep1.pt', weights_only=False)['state']['model']
+    checkpoint = first_part(tmp_path / 'first', algorithms(), stop)
+    saved = torch.load(checkpoint, weights_only=False)['state']['model']
+    # One layout for the whole run, all-ones masks before the schedule starts.
     assert set(saved) == {
         'module.1.weight_orig',
         'module.1.weight_mask',
@@ -454,8 +484,10 @@ def test_pruning_checkpoint_resumes_with_its_masks(tmp_path, deterministic):
         'module.3.weight',
         'module.3.bias',
     }
-    assert 0 < float((saved['module.1.weight_mask'] == 0).float().mean()) < 0.5  # half way through the schedule
-    resumed = train_with_checkpoints(tmp_path / 'second', algorithms(), '2ep', load_path=str(tmp_path / 'first/ep1.pt'))
+    low, high = pruned
+    share = float((saved['module.1.weight_mask'] == 0).float().mean())
+    assert share == 0.0 if high == 0.0 else low < share < high  # none yet, or half way through the schedule
+    resumed = train_with_checkpoints(tmp_path / 'second', algorithms(), '2ep', load_path=checkpoint)
     assert_same_state(resumed.state.model, full.state.model)
     assert sparsity(resumed.state.model, ['module.1']) == 0.5
 

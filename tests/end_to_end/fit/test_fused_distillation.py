@@ -15,7 +15,16 @@ from conftest import make_student, make_teacher
 from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from composer_kd import Distillation, Fused, GeneralizedJSD, KLDivergence, LinearSchedule, get_loss
+from composer_kd import (
+    CosineSchedule,
+    Distillation,
+    Fused,
+    GeneralizedJSD,
+    KLDivergence,
+    LinearSchedule,
+    TeacherInference,
+    get_loss,
+)
 
 VOCAB, PAD, SEED = 40, 39, 5
 
@@ -101,7 +110,12 @@ class LossRecorder(Callback):
         self.logits_strides.append(tuple(state.outputs['logits'].stride()))
 
 
-def train(student, teacher, fused, kd_loss_fn=None, steps='2ba', masked_lm=False, callbacks=(), **kwargs) -> Trainer:
+def train(
+    student, teacher, fused, kd_loss_fn=None, steps='2ba', masked_lm=False, callbacks=(), distillation=None, **kwargs
+) -> Trainer:
+    """Train ``student`` from ``teacher`` (or a list of teachers); ``distillation`` adds or overrides arguments of
+    ``Distillation``, the rest go to the ``Trainer``."""
+    options = {'org_loss_weight': 0.4, 'kd_loss_weight': 0.6, 'temperature': kwargs.pop('temperature', None)}
     trainer = Trainer(
         model=student,
         train_dataloader=loader(masked_lm),
@@ -110,10 +124,8 @@ def train(student, teacher, fused, kd_loss_fn=None, steps='2ba', masked_lm=False
             Distillation(
                 teacher,
                 kd_loss_fn or KLDivergence(temperature=2.0),
-                org_loss_weight=0.4,
-                kd_loss_weight=0.6,
                 fused=fused,
-                temperature=kwargs.pop('temperature', None),
+                **{**options, **(distillation or {})},
             )
         ],
         optimizers=torch.optim.SGD(student.parameters(), lr=0.5),
@@ -182,6 +194,58 @@ def test_bf16_autocast_follows_the_unfused_path():
             train(students[fused], gpt2(2, 24, 0), fused, steps='1ba')
     # bf16 logits are rounded differently chunk by chunk only in their last bits; one step of SGD keeps that small.
     assert_same_weights(students[False], students[True], atol=5e-3)
+
+
+def fused_and_unfused(distillation: dict, make_teachers, steps: str = '4ba') -> dict[bool, tuple]:
+    """The student of each path, and the loss terms of every microbatch, after the same training."""
+    runs = {}
+    for fused in (False, True):
+        student = HuggingFaceModel(gpt2(1, 16, 100), use_logits=True)
+        recorder = LossRecorder()
+        train(student, make_teachers(), fused, steps=steps, callbacks=[recorder], distillation=distillation)
+        runs[fused] = (student, recorder.losses)
+    return runs
+
+
+def assert_same_losses(runs: dict[bool, tuple], atol: float = 1e-5) -> None:
+    (_, unfused), (_, fused) = runs[False], runs[True]
+    assert len(unfused) == len(fused) > 0
+    for a, b in zip(unfused, fused, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert abs(a[key] - b[key]) < atol, (key, a[key], b[key])
+
+
+def test_teacher_sampling_and_weight_schedules_follow_the_unfused_path():
+    # 2 of 3 teachers per step (a function of the seed and the step: the same teachers on both paths), the
+    # weights following schedules over the 4 steps.
+    runs = fused_and_unfused(
+        {
+            'n_teachers_to_sample': 2,
+            'org_loss_weight': LinearSchedule(1.0, 0.2),
+            'kd_loss_weight': CosineSchedule(0.2, 1.0, start='1ba'),
+        },
+        lambda: [gpt2(2, 24, 0), gpt2(1, 20, 1), gpt2(2, 16, 2)],
+    )
+    assert_same_losses(runs)
+    assert_same_weights(runs[False][0], runs[True][0])
+
+
+def sharp_teacher() -> GPT2LMHeadModel:
+    """A teacher whose logits are 30 times a random GPT-2's: confident enough that bf16 rounding shows in the loss."""
+    teacher = gpt2(2, 24, 0)
+    with torch.no_grad():
+        teacher.transformer.ln_f.weight.mul_(30)
+    return teacher
+
+
+def test_a_bf16_teacher_copy_follows_the_unfused_path_with_the_same_copy():
+    runs = fused_and_unfused({'teacher_inference': TeacherInference(dtype=torch.bfloat16)}, sharp_teacher)
+    assert_same_losses(runs)
+    assert_same_weights(runs[False][0], runs[True][0])
+    # And the bf16 copy is what both paths distilled from: the float32 teacher gives other distillation terms.
+    (_, float_teacher) = fused_and_unfused({}, sharp_teacher)[True]
+    assert max(abs(a['kd'] - b['kd']) for a, b in zip(runs[True][1], float_teacher, strict=True)) > 1e-3
 
 
 class EvalLogits(Callback):

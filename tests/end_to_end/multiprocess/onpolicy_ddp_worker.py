@@ -4,7 +4,8 @@ distillation of a tiny GPT-2 with a global batch of 8 prompts split over however
 Generation is greedy, so the continuations do not depend on how the prompts are split; every row has a prompt of
 4 tokens and 4 generated ones, so each process's loss averages as many tokens and the processes' mean gradient is
 the single process's. Each rank writes the prompts it generated for (``rank<i>.pt``); rank zero also writes the
-final student weights (``results.pt``).
+final student weights (``results.pt``). With several processes the worker then builds the same trainer with the
+student sharded by Composer's FSDP (version 2, which runs on a CPU with gloo) and keeps the error its fit raises.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from composer import Trainer
 from composer.models import HuggingFaceModel
 from composer.utils import dist
+from composer.utils.parallelism import FSDP2Config
 from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -86,11 +88,40 @@ def main() -> None:
         progress_bar=False,
     )
     trainer.fit()
+    trainer.close()
     rank = dist.get_global_rank()
     torch.save({'prompts': prompts}, os.path.join(args.output, f'rank{rank}.pt'))
+    weights = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
+    fsdp_error = under_fsdp(loader) if dist.get_world_size() > 1 else None
     if rank == 0:
-        weights = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
-        torch.save({'world_size': dist.get_world_size(), 'weights': weights}, os.path.join(args.output, 'results.pt'))
+        results = {'world_size': dist.get_world_size(), 'weights': weights, 'fsdp_error': fsdp_error}
+        torch.save(results, os.path.join(args.output, 'results.pt'))
+
+
+def under_fsdp(loader: DataLoader) -> dict[str, object]:
+    """The error (type, message) of an on-policy fit whose student FSDP shards, and whether any step ran."""
+    student = HuggingFaceModel(gpt2(1, 16, seed=2), use_logits=True, shift_labels=True)
+    distillation = Distillation(
+        gpt2(2, 32, seed=1), KLDivergence(1.0), on_policy=OnPolicy(fraction=1.0, max_new_tokens=4, temperature=0.0)
+    )
+    trainer = Trainer(
+        model=student,
+        train_dataloader=loader,
+        max_duration='1ba',
+        optimizers=torch.optim.SGD(student.parameters(), lr=0.5),
+        algorithms=[distillation],
+        device='cpu',
+        seed=7,
+        progress_bar=False,
+        parallelism_config={'fsdp': FSDP2Config()},
+    )
+    try:
+        trainer.fit()
+    except ValueError as error:
+        return {'type': type(error).__name__, 'message': str(error), 'batches': int(trainer.state.timestamp.batch)}
+    finally:
+        trainer.close()
+    return {'type': None, 'message': '', 'batches': int(trainer.state.timestamp.batch)}
 
 
 if __name__ == '__main__':

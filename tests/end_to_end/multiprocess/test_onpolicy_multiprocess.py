@@ -1,5 +1,6 @@
 """On-policy distillation on two processes (gloo on CPU): each rank generates continuations of its own shard's
-prompts, with the unwrapped student, and the student trains as one process does with the same global batch."""
+prompts, with the unwrapped student, and the student trains as one process does with the same global batch; a student
+sharded by FSDP is refused before any step."""
 
 from __future__ import annotations
 
@@ -29,3 +30,8 @@ def test_each_rank_generates_for_its_shard_and_trains_as_one_process(tmp_path):
     for name, value in single['weights'].items():
         # Only the order of floating-point reductions differs.
         torch.testing.assert_close(double['weights'][name], value, rtol=0, atol=1e-5, msg=name)
+    # The same fit with the student sharded by FSDP (version 2) is refused when it starts, before any step.
+    assert single['fsdp_error'] is None
+    error = double['fsdp_error']
+    assert (error['type'], error['batches']) == ('ValueError', 0)
+    assert 'On-policy distillation does not support FSDP' in error['message']

@@ -110,3 +110,25 @@ def test_speedup_compares_the_two_models_interleaved():
     assert result['speedup'] > 1.0
     assert result['speedup'] == pytest.approx(result['teacher_us_per_example'] / result['student_us_per_example'])
     assert big.training and not small.training  # each model's mode is given back
+
+
+def test_the_printed_speedup_is_the_median_of_the_seeds_ratios_beside_the_median_times():
+    """What docs/demo.md says of the line: with several seeds, the speed-up is the median of each seed's ratio, and
+    the two times the medians of each model's times, whose ratio can differ from it."""
+    from composer_kd.cli.demo import _inference_facts
+
+    speeds = [
+        {'teacher_us_per_example': 60.0, 'student_us_per_example': 0.2, 'speedup': 300.0},
+        {'teacher_us_per_example': 80.0, 'student_us_per_example': 0.16, 'speedup': 500.0},
+        {'teacher_us_per_example': 70.0, 'student_us_per_example': 0.175, 'speedup': 400.0},
+    ]
+    facts = _inference_facts(speeds, batch_size=540, repeats=30)
+    assert facts['speedup'] == 400.0  # the median of 300, 500 and 400
+    assert (facts['teacher_us_per_example'], facts['student_us_per_example']) == (70.0, 0.175)
+    assert facts['speedup_per_seed'] == [300.0, 500.0, 400.0]
+    # Here the two coincide (70 / 0.175 = 400); shift one seed's times and only the times' ratio moves.
+    speeds[0].update(teacher_us_per_example=75.0, student_us_per_example=0.25)
+    shifted = _inference_facts(speeds, batch_size=540, repeats=30)
+    assert shifted['speedup'] == 400.0
+    # Medians 75 (of 75, 80, 70) and 0.175 (of 0.25, 0.16, 0.175): 428.6, beside a printed 400.0x.
+    assert shifted['teacher_us_per_example'] / shifted['student_us_per_example'] == pytest.approx(75.0 / 0.175)

@@ -1,11 +1,13 @@
 """Run by tests/end_to_end/multiprocess/test_onpolicy_multiprocess.py, alone or under Composer's launcher: on-policy
 distillation of a tiny GPT-2 with a global batch of 8 prompts split over however many processes there are.
 
-Generation is greedy, so the continuations do not depend on how the prompts are split; every row has a prompt of
-4 tokens and 4 generated ones, so each process's loss averages as many tokens and the processes' mean gradient is
-the single process's. Each rank writes the prompts it generated for (``rank<i>.pt``); rank zero also writes the
-final student weights (``results.pt``). With several processes the worker then builds the same trainer with the
-student sharded by Composer's FSDP (version 2, which runs on a CPU with gloo) and keeps the error its fit raises.
+The student is trained twice, generating greedily and then sampling at temperature 1: neither kind of continuation
+depends on how the prompts are split (a sampled one is seeded by the seed, the step and its prompt). Every row has a
+prompt of 4 tokens and 4 generated ones, so each process's loss averages as many tokens and the processes' mean
+gradient is the single process's. Each rank writes the prompts it generated for (``rank<i>.pt``); rank zero also
+writes the final student weights (``results.pt``). With several processes the worker then builds the same trainer
+with the student sharded by Composer's FSDP (version 2, which runs on a CPU with gloo) and keeps the error its fit
+raises.
 """
 
 from __future__ import annotations
@@ -64,9 +66,23 @@ def main() -> None:
         sampler=dist.get_sampler(rows, shuffle=False),
         collate_fn=collate,
     )
+    prompts: list[list[int]] = []
+    weights = distil(loader, temperature=0.0, prompts=prompts)
+    rank = dist.get_global_rank()
+    torch.save({'prompts': prompts}, os.path.join(args.output, f'rank{rank}.pt'))
+    # Sampled continuations depend on the seed, the step and each prompt, not on the rank they are generated on.
+    sampled = distil(loader, temperature=1.0, prompts=[])
+    fsdp_error = under_fsdp(loader) if dist.get_world_size() > 1 else None
+    if rank == 0:
+        results = {'world_size': dist.get_world_size(), 'weights': weights, 'sampled_weights': sampled}
+        results['fsdp_error'] = fsdp_error
+        torch.save(results, os.path.join(args.output, 'results.pt'))
+
+
+def distil(loader: DataLoader, temperature: float, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
+    """The student's weights after 3 on-policy batches, generating at ``temperature``; ``prompts`` records its own."""
     teacher = gpt2(2, 32, seed=1)
     student = HuggingFaceModel(gpt2(1, 16, seed=2), use_logits=True, shift_labels=True)
-    prompts: list[list[int]] = []
     original = student.model.generate
 
     def generate(*positional, **kwargs):
@@ -75,7 +91,7 @@ def main() -> None:
 
     student.model.generate = generate
     distillation = Distillation(
-        teacher, KLDivergence(1.0), on_policy=OnPolicy(fraction=1.0, max_new_tokens=4, temperature=0.0)
+        teacher, KLDivergence(1.0), on_policy=OnPolicy(fraction=1.0, max_new_tokens=4, temperature=temperature)
     )
     trainer = Trainer(
         model=student,
@@ -89,13 +105,7 @@ def main() -> None:
     )
     trainer.fit()
     trainer.close()
-    rank = dist.get_global_rank()
-    torch.save({'prompts': prompts}, os.path.join(args.output, f'rank{rank}.pt'))
-    weights = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
-    fsdp_error = under_fsdp(loader) if dist.get_world_size() > 1 else None
-    if rank == 0:
-        results = {'world_size': dist.get_world_size(), 'weights': weights, 'fsdp_error': fsdp_error}
-        torch.save(results, os.path.join(args.output, 'results.pt'))
+    return {k: v.detach().clone() for k, v in student.model.state_dict().items()}
 
 
 def under_fsdp(loader: DataLoader) -> dict[str, object]:

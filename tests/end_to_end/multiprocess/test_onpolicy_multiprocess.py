@@ -1,6 +1,6 @@
 """On-policy distillation on two processes (gloo on CPU): each rank generates continuations of its own shard's
-prompts, with the unwrapped student, and the student trains as one process does with the same global batch; a student
-sharded by FSDP is refused before any step."""
+prompts, with the unwrapped student, and the student trains as one process does with the same global batch, greedy or
+sampling; a student sharded by FSDP is refused before any step."""
 
 from __future__ import annotations
 
@@ -27,9 +27,14 @@ def test_each_rank_generates_for_its_shard_and_trains_as_one_process(tmp_path):
     assert len(single_prompts[0]) == 24 and [len(p) for p in double_prompts] == [12, 12]
     assert sorted(double_prompts[0] + double_prompts[1]) == sorted(single_prompts[0])
     assert not set(map(tuple, double_prompts[0])) & set(map(tuple, double_prompts[1]))
-    for name, value in single['weights'].items():
-        # Only the order of floating-point reductions differs.
-        torch.testing.assert_close(double['weights'][name], value, rtol=0, atol=1e-5, msg=name)
+    for key in ('weights', 'sampled_weights'):  # greedy decoding, then sampling at temperature 1
+        for name, value in single[key].items():
+            # Only the order of floating-point reductions differs.
+            torch.testing.assert_close(double[key][name], value, rtol=0, atol=1e-5, msg=f'{key}: {name}')
+    moved = [
+        name for name, value in single['sampled_weights'].items() if not torch.equal(value, single['weights'][name])
+    ]
+    assert moved  # sampling trained on other sequences than greedy decoding
     # The same fit with the student sharded by FSDP (version 2) is refused when it starts, before any step.
     assert single['fsdp_error'] is None
     error = double['fsdp_error']

@@ -23,6 +23,7 @@ from composer_kd.parts.features import FeatureDistillation
 from composer_kd.parts.fused import Fused, FusedSource
 from composer_kd.parts.guard import NonFiniteGuard
 from composer_kd.parts.live import CachedTeachers, LiveTeachers
+from composer_kd.parts.mixing import refuse_interpolated_loss
 from composer_kd.parts.onpolicy import OnPolicy
 from composer_kd.parts.signal import StoredSignal, check_signal_loss
 from composer_kd.signal.distill import TeacherSignal
@@ -68,7 +69,10 @@ def _start_on_policy(option: OnPolicy, fit: FitContext) -> Part:
 #: The registry: ``{option class: PartKind}``.
 PART_KINDS: dict[type, PartKind] = {
     TeacherCache: PartKind(start=lambda cache, fit: CachedTeachers(fit, cache)),
-    NonFiniteGuard: PartKind(start=lambda guard, fit: guard),
+    # Every Distillation has a guard, so its check at Event.INIT also screens the trainer's other algorithms.
+    NonFiniteGuard: PartKind(
+        start=lambda guard, fit: guard, init=lambda guard, state, teachers: refuse_interpolated_loss(state)
+    ),
     FeatureDistillation: PartKind(
         start=lambda features, fit: features.begin(fit) if features else None,
         init=lambda features, state, teachers: features.init(state, teachers),

@@ -62,8 +62,8 @@ def no_local_models(tmp_path, monkeypatch):
 # --- built-in recipes -----------------------------------------------------------------------------------------
 
 
-def test_builtin_recipes_are_the_three_documented():
-    assert list(builtin_recipes()) == ['bert_synthetic', 'digits', 'glue_qnli']
+def test_builtin_recipes_are_the_four_documented():
+    assert list(builtin_recipes()) == ['bert_synthetic', 'digits', 'function_matching', 'glue_qnli']
     for path in builtin_recipes().values():
         assert os.path.isfile(path)
 
@@ -546,3 +546,16 @@ def test_synthetic_text_labels_follow_the_keyword_rule():
     assert ids.shape == (200, 16) and torch.all(ids[:, 0] == 1) and torch.all(ids[mask == 0] == 0)
     counts = torch.stack([((ids >= 2 + 4 * c) & (ids < 2 + 4 * (c + 1))).sum(1) for c in range(3)], dim=1)
     assert torch.all(counts.gather(1, labels[:, None]).squeeze(1) == counts.max(1).values)
+
+
+def test_the_function_matching_recipe_is_the_examples_chosen_setting():
+    from conftest import load_example
+    from omegaconf import OmegaConf
+
+    example = load_example('function_matching')
+    shipped = OmegaConf.to_container(OmegaConf.structured(load_recipe('function_matching')))
+    overrides = example.student_overrides(0, example.CHOSEN, distilled=True)
+    by_example = OmegaConf.to_container(OmegaConf.structured(load_recipe('digits', overrides)))
+    for differs in ('name', 'description', 'baseline', 'progress_bar', 'device'):  # how the example runs it
+        shipped.pop(differs), by_example.pop(differs)
+    assert shipped == by_example

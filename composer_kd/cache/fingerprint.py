@@ -22,7 +22,7 @@ from composer_kd.cache.indices import unwrap_indexed
 from composer_kd.cache.storage import FORMAT_VERSION
 from composer_kd.models.outputs import Key
 
-__all__ = ['cache_fingerprint', 'differences']
+__all__ = ['cache_fingerprint', 'differences', 'hash_teacher']
 
 # How many examples the fingerprint reads.
 _SAMPLED_EXAMPLES = 16
@@ -81,7 +81,8 @@ def _hash_examples(dataset: Any) -> str:
     return h.hexdigest()
 
 
-def _hash_teacher(teacher: nn.Module) -> str:
+def hash_teacher(teacher: nn.Module) -> str:
+    """A BLAKE2 hash of ``teacher``'s class and every tensor of its ``state_dict``, in name order."""
     h = hashlib.blake2b(digest_size=16)
     h.update(type(teacher).__qualname__.encode())
     for name, tensor in sorted(teacher.state_dict().items()):
@@ -144,7 +145,7 @@ def cache_fingerprint(
     dataset = unwrap_indexed(dataset)
     return {
         'format': FORMAT_VERSION,
-        'teachers': [f'{type(t).__qualname__}:{_hash_teacher(t)}' for t in teachers],
+        'teachers': [f'{type(t).__qualname__}:{hash_teacher(t)}' for t in teachers],
         'dataset_length': len(dataset),
         'dataset_examples': _hash_examples(dataset),
         'top_k': top_k,

@@ -211,7 +211,7 @@ class SignalDataset(StreamingDataset):
     @property
     def teacher_fingerprint(self) -> Optional[dict[str, Any]]:
         """What identifies the teacher that wrote the signal (``weights``, ``config``, ``tokenizer`` hashes, as
-        :func:`~composer_kd.signal.writer.teacher_fingerprint` gives them), from its ``teacher_signal.json``;
+        :func:`~composer_kd.signal.identity.teacher_fingerprint` gives them), from its ``teacher_signal.json``;
         ``None`` for a signal without one (written by ``write_signal_shards``, or before teachers were recorded)."""
         if not hasattr(self, '_teacher_fingerprint'):
             settings = read_signal_settings(self.streams[0].local, self.streams[0].remote)

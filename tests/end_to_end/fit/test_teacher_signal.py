@@ -391,7 +391,7 @@ class _Tokenizer:
 
 
 def test_resuming_with_another_teacher_or_tokenizer_is_refused_naming_both(tmp_path):
-    from composer_kd.signal.writer import check_signal_teacher, signal_teacher, teacher_fingerprint
+    from composer_kd.signal.identity import check_signal_teacher, signal_teacher, teacher_fingerprint
 
     teacher, tokens, out = gpt2(0, width=24), token_ids(), str(tmp_path / 'signal')
     options = dict(batch_size=5, sequences_per_part=6, progress=False, tokenizer=_Tokenizer())

@@ -50,3 +50,26 @@ def test_tiny_run(example, tmp_path):
     assert json.loads((tmp_path / 'report.json').read_text())['runs'][0]['search'] == run['search']
     table = example.format_report(report)
     assert all(f'| {row} |' in table for row in example.ROWS)
+
+
+def test_every_student_of_a_seed_starts_from_the_same_weights_and_batches(example):
+    from composer_kd.recipes import build_run, load_recipe
+    from composer_kd.recipes.trainers import build_student_alone
+
+    base = [*example.FULL_LABELS, 'seed=5', 'max_duration=2ba', 'teachers.0.train.max_duration=1ba']
+    first = build_run(load_recipe('digits', [*base, 'baseline=true']))
+    alone, alone_trainer = build_student_alone(first.recipe, first.data)
+    overrides = next(iter(v for k, v in example.VARIANTS.items() if k != 'hinton_kd'))
+    other = build_run(load_recipe('digits', [*base, 'baseline=false', *overrides]), teachers=first.teachers)
+    reference = first.student.state_dict()
+    for student in (alone, other.student):  # the student alone, and a distilled variant built later
+        assert reference.keys() == student.state_dict().keys()
+        assert all(torch.equal(reference[k], v) for k, v in student.state_dict().items())
+
+    def first_batches(trainer):
+        loader = trainer.state.train_dataloader
+        return [batch for _, batch in zip(range(2), loader, strict=False)]
+
+    for trainer in (alone_trainer, other.trainer):
+        for ours, theirs in zip(first_batches(first.trainer), first_batches(trainer), strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))

@@ -3,25 +3,16 @@ on validation."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 import torch
-from conftest import EXAMPLES
-
-EXAMPLE = EXAMPLES / 'function_matching.py'
+from conftest import load_example
 
 
 @pytest.fixture(scope='module')
 def example():
-    spec = importlib.util.spec_from_file_location('composer_kd_example_function_matching', EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_example('function_matching')
 
 
 def test_tiny_run(example, tmp_path):

@@ -79,10 +79,31 @@ def main() -> None:
         torch.save(results, os.path.join(args.output, 'results.pt'))
 
 
+def on_policy_trainer(loader: DataLoader, temperature: float, duration: str, **trainer_options) -> Trainer:
+    """A trainer distilling the tiny GPT-2 student on-policy, generating at ``temperature``."""
+    student = HuggingFaceModel(gpt2(1, 16, seed=2), use_logits=True, shift_labels=True)
+    distillation = Distillation(
+        gpt2(2, 32, seed=1),
+        KLDivergence(1.0),
+        on_policy=OnPolicy(fraction=1.0, max_new_tokens=4, temperature=temperature),
+    )
+    return Trainer(
+        model=student,
+        train_dataloader=loader,
+        max_duration=duration,
+        optimizers=torch.optim.SGD(student.parameters(), lr=0.5),
+        algorithms=[distillation],
+        device='cpu',
+        seed=7,
+        progress_bar=False,
+        **trainer_options,
+    )
+
+
 def distil(loader: DataLoader, temperature: float, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
     """The student's weights after 3 on-policy batches, generating at ``temperature``; ``prompts`` records its own."""
-    teacher = gpt2(2, 32, seed=1)
-    student = HuggingFaceModel(gpt2(1, 16, seed=2), use_logits=True, shift_labels=True)
+    trainer = on_policy_trainer(loader, temperature, '3ba')
+    student = trainer.state.model.module if hasattr(trainer.state.model, 'module') else trainer.state.model
     original = student.model.generate
 
     def generate(*positional, **kwargs):
@@ -90,19 +111,6 @@ def distil(loader: DataLoader, temperature: float, prompts: list[list[int]]) -> 
         return original(*positional, **kwargs)
 
     student.model.generate = generate
-    distillation = Distillation(
-        teacher, KLDivergence(1.0), on_policy=OnPolicy(fraction=1.0, max_new_tokens=4, temperature=temperature)
-    )
-    trainer = Trainer(
-        model=student,
-        train_dataloader=loader,
-        max_duration='3ba',
-        optimizers=torch.optim.SGD(student.parameters(), lr=0.5),
-        algorithms=[distillation],
-        device='cpu',
-        seed=7,
-        progress_bar=False,
-    )
     trainer.fit()
     trainer.close()
     return {k: v.detach().clone() for k, v in student.model.state_dict().items()}
@@ -110,21 +118,7 @@ def distil(loader: DataLoader, temperature: float, prompts: list[list[int]]) -> 
 
 def under_fsdp(loader: DataLoader) -> dict[str, object]:
     """The error (type, message) of an on-policy fit whose student FSDP shards, and whether any step ran."""
-    student = HuggingFaceModel(gpt2(1, 16, seed=2), use_logits=True, shift_labels=True)
-    distillation = Distillation(
-        gpt2(2, 32, seed=1), KLDivergence(1.0), on_policy=OnPolicy(fraction=1.0, max_new_tokens=4, temperature=0.0)
-    )
-    trainer = Trainer(
-        model=student,
-        train_dataloader=loader,
-        max_duration='1ba',
-        optimizers=torch.optim.SGD(student.parameters(), lr=0.5),
-        algorithms=[distillation],
-        device='cpu',
-        seed=7,
-        progress_bar=False,
-        parallelism_config={'fsdp': FSDP2Config()},
-    )
+    trainer = on_policy_trainer(loader, 0.0, '1ba', parallelism_config={'fsdp': FSDP2Config()})
     try:
         trainer.fit()
     except ValueError as error:

@@ -25,12 +25,14 @@ which keeps it frozen, in eval mode and out of the student's checkpoints. Every 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional, Union
 
+import torch
 from composer.core import Event, State
 from composer.loggers import Logger
 from composer.models import HuggingFaceModel
@@ -43,6 +45,8 @@ from composer_kd.losses import get_loss
 from composer_kd.models.checkpoints import load_teacher_checkpoint
 from composer_kd.models.outputs import is_causal_lm
 from composer_kd.models.rng import preserved_rng
+from composer_kd.models.sharding import holds_weights
+from composer_kd.models.teachers import TeacherInference
 from composer_kd.options import did_you_mean, given_options, refuse_conflicts
 
 try:
@@ -158,7 +162,11 @@ def build_teacher(config: TeacherConfig, index: int = 0) -> nn.Module:
             tokenizer = build_tokenizer(tokenizer_config['name'], dict(tokenizer_config.get('kwargs') or {}))
         model = build_composer_model(name=name, cfg=model_config, tokenizer=tokenizer)
     _log_rank_zero('%s: built %s (%s, %s parameters).', where, name, type(model).__name__, f'{_parameters(model):,}')
-    if load_path is not None:
+    if load_path is not None and not holds_weights(model):
+        # init_device: meta (or mixed, on ranks other than the first of each node): under FSDP a sharded teacher
+        # takes rank zero's weights, so the checkpoint is read once, where the teacher has room for it.
+        log.info('%s: built on the meta device; it takes its weights from rank 0 when it is sharded.', where)
+    elif load_path is not None:
         load_teacher_checkpoint(model, load_path)
         _log_rank_zero('%s: loaded its weights from load_path %r.', where, load_path)
     else:
@@ -301,6 +309,27 @@ def _kd_loss(kd_loss: Any) -> Any:
     return kd_loss
 
 
+def _teacher_inference(options: Any) -> Any:
+    """``teacher_inference`` given in YAML as ``{shard: false, dtype: bfloat16, ...}``, built; anything else as it
+    is."""
+    if not isinstance(options, Mapping):
+        return options
+    fields = {field.name for field in dataclasses.fields(TeacherInference)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(
+            f'teacher_inference: unknown key {unknown[0]!r}{did_you_mean(unknown[0], sorted(fields))}; known: '
+            f'{sorted(fields)}.'
+        )
+    arguments = dict(options)
+    dtype = arguments.get('dtype')
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f'teacher_inference.dtype: {dtype!r} is not a torch dtype (e.g. bfloat16).')
+        arguments['dtype'] = getattr(torch, dtype)
+    return TeacherInference(**arguments)
+
+
 def _teacher_configs(teachers: Any) -> Sequence[TeacherConfig]:
     """``teachers`` as a list: one config or module alone is a list of one."""
     if teachers is None:
@@ -391,6 +420,8 @@ class FoundryDistillation(Distillation):
         **options: Any,
     ):
         _follow_llm_foundry_log_level()
+        if 'teacher_inference' in options:
+            options['teacher_inference'] = _teacher_inference(options['teacher_inference'])
         signal = _signal(teacher_signal, teachers) if teacher_signal not in (None, False) else None
         # Refused before any teacher is built, which can take minutes; Distillation checks the same table.
         refuse_conflicts(given_options(teachers=signal, **options))

@@ -15,10 +15,12 @@ from typing import Any, Optional, Union
 import torch
 from composer.core import Precision, get_precision_context
 from composer.models import HuggingFaceModel
+from composer.utils import dist
 from torch import nn
 
 from composer_kd.models.checkpoints import align_state_dict_keys, load_teacher_checkpoint
 from composer_kd.models.outputs import Key, describe_batch, extract_logits, run_teacher
+from composer_kd.models.sharding import TeacherSharding, holds_weights, release_gathered
 
 __all__ = [
     'FrozenTeachers',
@@ -64,7 +66,9 @@ def resolve_teachers(teachers: TeacherSpec) -> list[nn.Module]:
                 raise TypeError(f'teachers: dict keys must be checkpoint paths, got {type(path).__name__}.')
             if not isinstance(model, nn.Module):
                 raise TypeError(f'teachers[{path!r}] must be an nn.Module, got {type(model).__name__}.')
-            resolved.append(load_teacher_checkpoint(model, os.fspath(path)))
+            # A teacher built on the meta device holds no weights to load into: under FSDP a sharded teacher takes
+            # rank zero's (see models.sharding), and reading the file on every rank would hold a full copy on each.
+            resolved.append(model if not holds_weights(model) else load_teacher_checkpoint(model, os.fspath(path)))
     elif isinstance(teachers, Sequence) and not isinstance(teachers, str):
         resolved = list(teachers)
         for i, model in enumerate(resolved):
@@ -134,6 +138,10 @@ class TeacherInference:
             ``torch.bfloat16``) and feed it floating inputs of that dtype. The user's teacher is not converted.
         channels_last (bool): Lay CNN teachers and their 4-D inputs out channels-last.
         compile (bool | dict): Compile each teacher with ``torch.compile`` (a dict gives its keyword arguments).
+        shard (bool): When the student is sharded by FSDP (version 1 or 2), shard each teacher across the ranks too
+            (a forward-only FSDP-2 copy, see :mod:`composer_kd.models.sharding`), so each rank holds ``1/N`` of it
+            between forward passes. ``False`` keeps a full replica of each teacher on every rank. Without FSDP it
+            does nothing. Default: ``True``.
 
     Example:
         .. testcode::
@@ -148,6 +156,7 @@ class TeacherInference:
     dtype: Optional[torch.dtype] = None
     channels_last: bool = False
     compile: Union[bool, dict[str, Any]] = False
+    shard: bool = True
 
     @property
     def enabled(self) -> bool:
@@ -176,11 +185,14 @@ class TeacherRunner:
     Args:
         teacher (nn.Module): The (frozen, placed) teacher.
         options (TeacherInference): What to apply.
+        sharding (TeacherSharding, optional): Run a sharded copy of the teacher instead (see
+            :mod:`composer_kd.models.sharding`). Default: ``None``, the teacher itself runs.
     """
 
-    def __init__(self, teacher: nn.Module, options: TeacherInference):
+    def __init__(self, teacher: nn.Module, options: TeacherInference, sharding: Optional[TeacherSharding] = None):
         self.teacher = teacher
         self.options = options
+        self.sharding = sharding
         self.module = teacher
         self._changed_user_module = False
 
@@ -191,6 +203,8 @@ class TeacherRunner:
         if options.dtype is not None:
             # A converted copy: casting the user's own module down and back would lose its precision.
             module = copy.deepcopy(self.teacher).to(dtype=options.dtype)
+        if self.sharding is not None:
+            module = self.sharding.apply(module)
         if options.channels_last:
             module.to(memory_format=torch.channels_last)
         if options.compile:
@@ -390,7 +404,9 @@ def sample_teachers(n_teachers: int, k: int, seed: int, step: int) -> list[int]:
     return sorted(torch.randperm(n_teachers, generator=generator)[:k].tolist())
 
 
-def check_teachers_can_run(teachers: Sequence[nn.Module], student: nn.Module, converts_dtype: bool) -> None:
+def check_teachers_can_run(
+    teachers: Sequence[nn.Module], student: nn.Module, converts_dtype: bool, weights_from_rank0: bool = False
+) -> None:
     """Refuse, when a fit starts, teachers that hold no weights or whose weights' dtype the student's batch cannot
     meet, naming the teacher and what to do (rather than a bare PyTorch error at the first step).
 
@@ -399,6 +415,9 @@ def check_teachers_can_run(teachers: Sequence[nn.Module], student: nn.Module, co
         student (nn.Module): The student being trained.
         converts_dtype (bool): Whether the teachers run on copies converted to another dtype (a
             :class:`TeacherInference` ``dtype``), which makes their own dtype irrelevant.
+        weights_from_rank0 (bool, optional): Whether the teachers are sharded, their weights taken from rank zero's
+            teachers (see :func:`~composer_kd.models.sharding.shard_teacher`): then a teacher on the meta device is
+            accepted on every other rank. Default: ``False``.
 
     Raises:
         ValueError: For a teacher with parameters on the ``meta`` device, or float64 parameters beside a student
@@ -413,13 +432,15 @@ def check_teachers_can_run(teachers: Sequence[nn.Module], student: nn.Module, co
             check_teachers_can_run([torch.nn.Linear(4, 2)], torch.nn.Linear(4, 2), converts_dtype=False)
     """
     student_dtypes = {p.dtype for p in student.parameters() if p.is_floating_point()}
+    meta_accepted = weights_from_rank0 and dist.get_global_rank() != 0
     for i, teacher in enumerate(teachers):
         for name, tensor in [*teacher.named_parameters(), *teacher.named_buffers()]:
-            if tensor.is_meta:
+            if tensor.is_meta and not meta_accepted:
                 raise ValueError(
                     f'teachers[{i}] ({type(teacher).__name__}) has tensors on the meta device (e.g. {name!r}): it '
                     'holds no weights. Load them before training (e.g. teacher.load_state_dict(weights, '
-                    'assign=True)), or pass teachers={checkpoint_path: teacher} to load a checkpoint.'
+                    'assign=True)), or pass teachers={checkpoint_path: teacher} to load a checkpoint. (Under FSDP, '
+                    'with TeacherInference(shard=True), only ranks other than 0 may hold a meta teacher.)'
                 )
         if converts_dtype or torch.float64 in student_dtypes:
             continue
@@ -500,3 +521,5 @@ def teacher_output(
         return run_teacher(module, inputs, input_key)
     except (RuntimeError, TypeError, ValueError, IndexError) as e:
         raise _attributed(e, index, module, inputs, input_key) from e
+    finally:
+        release_gathered(module)  # a sharded teacher's root keeps its gathered parameters otherwise

@@ -21,6 +21,7 @@ from torch import nn
 
 from composer_kd.losses.objective import CombinedLoss, combine_losses
 from composer_kd.models.outputs import Key
+from composer_kd.models.sharding import TeacherSharding
 from composer_kd.models.teachers import (
     FrozenTeachers,
     TeacherInference,
@@ -184,13 +185,17 @@ def start_teachers(state: State, teachers: FrozenTeachers, inference: TeacherInf
     Returns:
         list[TeacherRunner]: One runner per teacher, released (and the teachers restored) by :func:`end_teachers`.
     """
+    sharding = TeacherSharding.for_fit(state, inference.shard)
     refuse_shared_parameters(teachers.modules, state.model)
-    check_teachers_can_run(teachers.modules, state.model, converts_dtype=bool(inference.dtype))
+    check_teachers_can_run(
+        teachers.modules, state.model, converts_dtype=bool(inference.dtype), weights_from_rank0=sharding is not None
+    )
     refuse_empty_dataloader(state)
     teachers.freeze()
     for teacher in teachers.modules:
-        state.device.module_to_device(teacher)
-    runners = [TeacherRunner(teacher, inference) for teacher in teachers.modules]
+        if sharding is None:  # a sharded copy is made on the device, shard by shard, from the teacher where it is
+            state.device.module_to_device(teacher)
+    runners = [TeacherRunner(teacher, inference, sharding) for teacher in teachers.modules]
     for runner in runners:
         runner.prepare()
     return runners

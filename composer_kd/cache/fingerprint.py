@@ -21,6 +21,7 @@ from torch import nn
 from composer_kd.cache.indices import unwrap_indexed
 from composer_kd.cache.storage import FORMAT_VERSION
 from composer_kd.models.outputs import Key
+from composer_kd.models.sharding import unsharded_class
 
 __all__ = ['cache_fingerprint', 'differences', 'hash_teacher']
 
@@ -82,13 +83,17 @@ def _hash_examples(dataset: Any) -> str:
 
 
 def hash_teacher(teacher: nn.Module) -> str:
-    """A BLAKE2 hash of ``teacher``'s class and every tensor of its ``state_dict``, in name order."""
+    """A BLAKE2 hash of ``teacher``'s class and every tensor of its ``state_dict``, in name order; a teacher sharded
+    by FSDP (version 2) hashes as the whole teacher, and every rank holding a shard must call this."""
+    from torch.distributed.tensor import DTensor
+
     h = hashlib.blake2b(digest_size=16)
-    h.update(type(teacher).__qualname__.encode())
+    h.update(unsharded_class(teacher).__qualname__.encode())
     for name, tensor in sorted(teacher.state_dict().items()):
         if isinstance(tensor, torch.Tensor):
             h.update(name.encode())
-            _hash_tensor(h, tensor)
+            # A sharded teacher hashes as the whole one (each tensor gathered in turn, on every rank).
+            _hash_tensor(h, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor)
     return h.hexdigest()
 
 

@@ -27,7 +27,16 @@ from composer.utils.parallelism import FSDP2Config
 from torch import nn
 from torch.distributed.fsdp.wrap import CustomPolicy
 
-__all__ = ['TeacherSharding', 'held_bytes', 'holds_weights', 'release_gathered', 'shard_teacher', 'shard_units']
+__all__ = [
+    'TeacherSharding',
+    'held_bytes',
+    'holds_weights',
+    'is_sharded',
+    'release_gathered',
+    'shard_teacher',
+    'shard_units',
+    'unsharded_class',
+]
 
 
 def holds_weights(module: nn.Module) -> bool:
@@ -145,6 +154,20 @@ def shard_teacher(teacher: nn.Module, device: torch.device, mesh=None) -> nn.Mod
     sharded.eval()
     sharded.requires_grad_(False)
     return sharded
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` (or a part of it) is sharded by FSDP version 2, so that its forward pass is collective."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(submodule, FSDPModule) for submodule in module.modules())
+
+
+def unsharded_class(module: nn.Module) -> type:
+    """``module``'s own class: FSDP version 2 gives a sharded module a subclass of it (``FSDP<class>``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
 
 
 def release_gathered(module: nn.Module) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Optional
 from torch import nn
 
 from composer_kd.cache.fingerprint import hash_teacher
+from composer_kd.models.sharding import unsharded_class
 
 __all__ = ['check_signal_teacher', 'signal_teacher', 'teacher_fingerprint']
 
@@ -47,7 +48,7 @@ def teacher_fingerprint(teacher: nn.Module, tokenizer: Any = None) -> dict[str, 
         vocab = tokenizer.get_vocab() if hasattr(tokenizer, 'get_vocab') else tokenizer
         tokenizer_hash = _digest(type(tokenizer).__qualname__ + json.dumps(vocab, sort_keys=True, default=str))
     return {
-        'weights': f'{type(teacher).__qualname__}:{hash_teacher(teacher)}',
+        'weights': f'{unsharded_class(teacher).__qualname__}:{hash_teacher(teacher)}',
         'config': config_hash,
         'tokenizer': tokenizer_hash,
     }

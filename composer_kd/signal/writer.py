@@ -26,6 +26,7 @@ from torch import nn
 
 from composer_kd.cache.topk import topk_compress
 from composer_kd.models.outputs import Key
+from composer_kd.models.sharding import is_sharded
 from composer_kd.models.teachers import FrozenTeachers, teacher_logits
 from composer_kd.signal.encoding import VALUE_DTYPES, EncodedSignal, check_k, encode_signal, encode_topk
 from composer_kd.signal.identity import teacher_fingerprint
@@ -563,6 +564,16 @@ def _write_parts(
     n_parts = -(-len(sequences) // sequences_per_part)
     mine = range(ranks.rank, n_parts, ranks.world_size)
     total = sum(min(len(sequences), (p + 1) * sequences_per_part) - p * sequences_per_part for p in mine)
+    complete = {part: _complete_part(os.path.join(local_root, f'part-{part:05d}')) for part in mine}
+    forward_passes = sum(
+        -(
+            -(min(len(sequences), (part + 1) * sequences_per_part) - part * sequences_per_part)
+            // teacher_pass.batch_size
+        )
+        for part, stats in complete.items()
+        if stats is False
+    )
+    padding = _forward_passes_to_pad(teacher_pass, forward_passes, ranks)
     done = _PartsWritten({}, 0, 0, 0)
     bar = tqdm(total=total, unit='seq', desc='teacher signal', disable=not progress or ranks.rank != 0)
     kept = positions = 0.0
@@ -571,7 +582,7 @@ def _write_parts(
             name = f'part-{part:05d}'
             local_part = os.path.join(local_root, name)
             first, last = part * sequences_per_part, min(len(sequences), (part + 1) * sequences_per_part)
-            stats = _complete_part(local_part)
+            stats = complete[part]
             if stats is False:
                 destination = local_part if remote is None else (local_part, f'{remote.rstrip("/")}/{name}')
                 stats = _write_part(teacher_pass, destination, range(first, last), vocab, bar)
@@ -586,7 +597,22 @@ def _write_parts(
                 bar.set_postfix(kept_mass=f'{kept / positions:.3f}')
     finally:
         bar.close()
+    for _ in range(padding):  # one position each: only the number of forward passes matters
+        teacher_pass.logits(torch.zeros((1, 1), dtype=torch.long))
     return done
+
+
+def _forward_passes_to_pad(teacher_pass: _TeacherPass, own: int, ranks: _Ranks) -> int:
+    """How many forward passes this rank adds after its own ``own`` so that every rank makes as many as the busiest.
+
+    The forward pass of a teacher sharded across the writing ranks gathers each unit's parameters from all of them,
+    so every rank must make the same number; the parts (and, on resume, the parts left) seldom split evenly. Asked
+    before any of them runs: a rank that ran out of passes first would wait in this exchange while another still
+    gathers parameters.
+    """
+    if ranks.world_size == 1 or not is_sharded(teacher_pass.teacher):
+        return 0
+    return max(ranks.gather(own)) - own
 
 
 _PART_STATS = 'signal_part.json'

@@ -1,6 +1,7 @@
 """Run by tests/end_to_end/multiprocess/test_signal_multiprocess.py under Composer's launcher: two processes write
 one teacher signal between them (rank zero also writes it alone, for comparison), resume it after a part's index
-was cut short, then distil from it, each recording the sequences it was given, and resume that fit mid-epoch."""
+was cut short, write it again with the teacher sharded across them (and resume that), then distil from it, each
+recording the sequences it was given, and resume that fit mid-epoch."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from composer_kd import Distillation, KLDivergence, TeacherSignal
+from composer_kd.models.sharding import shard_teacher
 from composer_kd.signal.shards import SignalDataset, collate_signal
 from composer_kd.signal.writer import write_teacher_signal
 
@@ -92,6 +94,18 @@ def main() -> None:
         resumed = write_teacher_signal(gpt2(0), tokens, shards, **options)
     reported = [str(w.message) for w in caught if 'unreadable or incomplete' in str(w.message)]
 
+    # The same signal from a teacher sharded across the two ranks: rank 0's parts take 6 forward passes, rank 1's 4,
+    # and on resume (part 3 cut again) rank 1 makes one, rank 0 none: each pads to the other's count.
+    sharded_shards = os.path.join(args.output, 'sharded')
+    sharded_teacher = shard_teacher(gpt2(0).eval(), torch.device('cpu'))
+    sharded = write_teacher_signal(sharded_teacher, tokens, sharded_shards, **options)
+    if rank == 1:
+        open(os.path.join(sharded_shards, 'part-00003', 'index.json'), 'w').close()
+    dist.barrier()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        sharded_resumed = write_teacher_signal(sharded_teacher, tokens, sharded_shards, **options)
+
     record = fit(shards)
     # Mid-epoch resume: two batches, a checkpoint, then the rest of the epoch from it.
     checkpoints = os.path.join(args.output, 'checkpoints')
@@ -107,6 +121,8 @@ def main() -> None:
             'first': first,
             'resumed': resumed,
             'reported': reported,
+            'sharded': sharded,
+            'sharded_resumed': sharded_resumed,
             'seconds': seconds,
         }
     )

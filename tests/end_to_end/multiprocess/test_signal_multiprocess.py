@@ -1,5 +1,5 @@
 """A teacher signal written by two processes (gloo on CPU) and read by two: the same files, byte for byte, as one
-process writes, a cut part index rewritten on resume by the rank that owns the part, disjoint samples per process
+process writes (also from a teacher sharded across the two), a cut part index rewritten on resume by the rank that owns the part, disjoint samples per process
 that together cover the dataset, and a fit resumed mid-epoch that sees the same batches and losses. One launch."""
 
 from __future__ import annotations
@@ -46,6 +46,17 @@ def test_two_ranks_write_the_signal_one_process_writes(launched):
         first = rank['first']
         assert (first.parts_written, first.parts_skipped, first.positions) == (4, 0, 16 * 8)
         assert first.kept_mass == pytest.approx(settings['kept_mass']['mean'])
+
+
+def test_a_teacher_sharded_across_the_writing_ranks_writes_the_same_signal(launched):
+    output, results = launched
+    sharded, one = _files(output / 'sharded'), _files(output / 'alone')
+    assert sorted(sharded) == sorted(one)
+    for name, content in one.items():
+        assert sharded[name] == content, name  # the sharded teacher's fingerprint is the whole teacher's too
+    for rank in results['ranks']:
+        assert (rank['sharded'].parts_written, rank['sharded'].parts_skipped) == (4, 0)
+        assert (rank['sharded_resumed'].parts_written, rank['sharded_resumed'].parts_skipped) == (1, 3)
 
 
 def test_a_cut_part_index_is_rewritten_by_its_rank_on_resume(launched):

@@ -14,7 +14,8 @@ For each seed:
    under ``--output-dir``, so a later run with the same settings reuses it;
 2. the student is built with ``composer_kd.student_from_teacher_layers`` from the fine-tuned teacher: its
    embeddings, pooler, classification head and blocks 0 and 3 of 0-5 (``--student-layers``);
-3. copies of that student, all with identical batches, budget and seed, are trained on the labels alone and with
+3. copies of that student, all from identical weights with identical batches, budget and seed (checked by
+   ``tests/docs/test_minilm_pairing.py``), are trained on the labels alone and with
    ``Distillation(teachers=teacher, kd_loss_fn=KLDivergence(T), org_loss_weight=1 - w, kd_loss_weight=w)``, at
    each learning rate of ``--student-lrs`` (and, distilled, each ``--temperatures`` x ``--kd-weights``, and each
    loss of ``--losses``: ``kl``, or ``dkd`` for ``DecoupledKD(T, alpha=1, beta=--dkd-beta)``, or ``kl_std``

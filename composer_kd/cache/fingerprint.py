@@ -84,7 +84,8 @@ def _hash_examples(dataset: Any) -> str:
 
 def hash_teacher(teacher: nn.Module) -> str:
     """A BLAKE2 hash of ``teacher``'s class and every tensor of its ``state_dict``, in name order; a teacher sharded
-    by FSDP (version 2) hashes as the whole teacher, and every rank holding a shard must call this."""
+    by FSDP (version 2) hashes as the whole teacher, and every rank holding a shard must call this; a teacher
+    dispatched with a device map hashes its offloaded weights where they are kept."""
     from torch.distributed.tensor import DTensor
 
     h = hashlib.blake2b(digest_size=16)
@@ -92,9 +93,26 @@ def hash_teacher(teacher: nn.Module) -> str:
     for name, tensor in sorted(teacher.state_dict().items()):
         if isinstance(tensor, torch.Tensor):
             h.update(name.encode())
-            # A sharded teacher hashes as the whole one (each tensor gathered in turn, on every rank).
-            _hash_tensor(h, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor)
+            if isinstance(tensor, DTensor):  # a sharded teacher hashes as the whole one, each tensor gathered in turn
+                tensor = tensor.full_tensor()
+            elif tensor.is_meta:  # offloaded by a device map: read from where it is kept, one tensor at a time
+                tensor = _offloaded_tensor(teacher, name)
+            _hash_tensor(h, tensor)
     return h.hexdigest()
+
+
+def _offloaded_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight ``name`` of a model dispatched with a device map (Accelerate), which keeps offloaded weights on the
+    meta device and loads them from its hooks' weights map for each forward pass."""
+    module_name, _, attribute = name.rpartition('.')
+    module = model.get_submodule(module_name)
+    weights = getattr(getattr(module, '_hf_hook', None), 'weights_map', None)
+    if weights is None:
+        raise ValueError(
+            f'The teacher holds {name!r} on the meta device, with no device map that keeps its weights elsewhere: '
+            'load its weights before using it.'
+        )
+    return weights[attribute]
 
 
 def _describe_key(key: Optional[Key]) -> Optional[str]:

@@ -258,7 +258,10 @@ class _Placement:
             if tensor is not None
         ]
         target = torch.device(device)
-        self.moved = any(tensor.device != target for *_, tensor, _ in self._saved)
+        # A teacher dispatched with a device map (Accelerate's, e.g. from_pretrained(device_map='auto')) runs where
+        # its map puts each part, its hooks moving the inputs: it stays where it is.
+        dispatched = bool(getattr(teacher, 'hf_device_map', None))
+        self.moved = not dispatched and any(tensor.device != target for *_, tensor, _ in self._saved)
         if self.moved:
             teacher.to(target)
 
@@ -350,6 +353,11 @@ def write_teacher_signal(
     ``p`` is written by rank ``p % world_size``, rank zero writes the settings and, once every rank is done, the
     merged index, and the result is the signal one process writes, byte for byte.
 
+    A teacher too large for one device is accepted two ways: sharded across the writing ranks by FSDP version 2
+    (:func:`~composer_kd.models.sharding.shard_teacher` on every rank; each rank makes as many forward passes as the
+    busiest, since each pass gathers parameters from all of them), or dispatched over devices (and offloaded to the
+    host or disk) with a device map by Accelerate in each process, left where its map puts it.
+
     Args:
         teacher (nn.Module): A causal LM (Hugging Face, Composer or plain) whose output holds ``[B, L, V]`` logits.
             Given back in the train/eval modes, ``requires_grad`` flags and on the devices it had.
@@ -368,7 +376,8 @@ def write_teacher_signal(
         tokenizer (optional): The tokenizer that made ``tokens``: recorded in the teacher's fingerprint.
         input_key, logits_key: Choose the teacher's input and logits, as in :class:`~composer_kd.Distillation`.
         device (str | torch.device, optional): Where the teacher runs; with several ranks, ``'cuda'`` is each
-            rank's own GPU (``cuda:<LOCAL_RANK>``). Default: ``'cpu'``.
+            rank's own GPU (``cuda:<LOCAL_RANK>``). A teacher with a device map stays where the map puts it, and this
+            is only where its inputs are made. Default: ``'cpu'``.
         progress (bool, optional): Show a progress bar (rank zero's parts), with the kept mass so far. Default:
             ``True``.
         distributed (bool, optional): ``False`` writes from this process alone even under a launcher (call it on

@@ -24,6 +24,7 @@ from composer.models import ComposerClassifier
 from composer.utils import dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from worker_exit import leave_process_group
 
 from composer_kd import Distillation, IndexedDataset, KLDivergence, TeacherCache
 from composer_kd.cache import storage
@@ -139,3 +140,4 @@ def main() -> None:
 
 if __name__ == '__main__':
     main()
+    leave_process_group()

@@ -23,6 +23,7 @@ from composer.utils.parallelism import FSDP2Config
 from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
+from worker_exit import leave_process_group
 
 from composer_kd import Distillation, FeaturePair
 
@@ -109,3 +110,4 @@ def main() -> None:
 
 if __name__ == '__main__':
     main()
+    leave_process_group()

@@ -26,6 +26,7 @@ from features_parallel_worker import average_in_gloo_reduce_scatter, whole
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel
+from worker_exit import leave_process_group
 
 from composer_kd import Distillation, KLDivergence, TeacherInference
 from composer_kd.models.sharding import held_bytes
@@ -166,3 +167,4 @@ def main() -> None:
 
 if __name__ == '__main__':
     main()
+    leave_process_group()

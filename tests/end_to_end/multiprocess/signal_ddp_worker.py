@@ -17,6 +17,7 @@ from composer.models import HuggingFaceModel
 from composer.utils import dist
 from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2LMHeadModel
+from worker_exit import leave_process_group
 
 from composer_kd import Distillation, KLDivergence, TeacherSignal
 from composer_kd.models.sharding import shard_teacher
@@ -132,3 +133,4 @@ def main() -> None:
 
 if __name__ == '__main__':
     main()
+    leave_process_group()

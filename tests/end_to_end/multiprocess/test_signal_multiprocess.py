@@ -1,6 +1,7 @@
 """A teacher signal written by two processes (gloo on CPU) and read by two: the same files, byte for byte, as one
-process writes (also from a teacher sharded across the two), a cut part index rewritten on resume by the rank that owns the part, disjoint samples per process
-that together cover the dataset, and a fit resumed mid-epoch that sees the same batches and losses. One launch."""
+process writes (also from a teacher sharded across the two), a cut part index rewritten on resume by the rank that
+owns the part, disjoint samples per process that together cover the dataset, and a fit resumed mid-epoch that sees
+the same batches and losses. One launch."""
 
 from __future__ import annotations
 

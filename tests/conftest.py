@@ -100,22 +100,80 @@ def one_thread():
 
 
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now."""
+    """A TCP port that nothing listens on now, on any local address (as a launch's master binds it); another
+    program may still take it before it is bound (see :func:`run_script`)."""
     with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
+        s.bind(('', 0))
         return s.getsockname()[1]
 
 
 def run_script(script: Path, *args: str, processes: int = 1, timeout: int = 300) -> None:
     """Run ``script`` with ``args`` as one Python process, or as several under Composer's launcher (gloo on a CPU),
-    from the repository root; fail with the end of its output if it fails."""
-    launcher = [str(LAUNCHER), '-n', str(processes), '--master_port', str(free_port())]
-    command = [sys.executable] if processes == 1 else launcher
+    from the repository root; fail with the end of every rank's output if it fails.
+
+    Under the launcher, rank 0's output goes through the launcher's and every other rank's to files of its own
+    (the launcher's ``--stdout`` / ``--stderr``), so the failure's message shows the end of each rank's stdout and
+    stderr: an error on any rank is seen. A launch that fails because its master port was taken between being
+    found free and being bound (``EADDRINUSE``) is run once more on another port. A launch that runs past
+    ``timeout`` seconds is killed, with every process it started.
+    """
+    import signal
+    import tempfile
+
+    def read(path: Path) -> str:
+        return path.read_text(errors='replace') if path.exists() else f'(no {path.name})'
+
     env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
-    result = subprocess.run(
-        [*command, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ports: list[int] = []
+    for attempt in (1, 2):
+        with tempfile.TemporaryDirectory(prefix='run_script_') as logs:
+            command = [sys.executable]
+            if processes > 1:
+                ports.append(free_port())
+                command = [str(LAUNCHER), '-n', str(processes), '--master_port', str(ports[-1])]
+                command += [
+                    '--stdout',
+                    f'{logs}/rank{{rank}}.stdout.txt',
+                    '--stderr',
+                    f'{logs}/rank{{rank}}.stderr.txt',
+                ]
+            # A session of its own: on a timeout the launcher and the ranks it started are killed together.
+            launch = subprocess.Popen(
+                [*command, str(script), *args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            try:
+                stdout, stderr = launch.communicate(timeout=timeout)
+                failure = f'exited with code {launch.returncode}' if launch.returncode else ''
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(launch.pid, signal.SIGKILL)
+                except ProcessLookupError:  # all of them ended meanwhile
+                    pass
+                stdout, stderr = launch.communicate()
+                failure = f'ran past its timeout of {timeout} s and was killed'
+            if not failure:
+                return
+            outputs = {'rank 0 (through the launcher)' if processes > 1 else 'the process': (stdout, stderr)}
+            for rank in range(1, processes):
+                outputs[f'rank {rank}'] = (
+                    read(Path(logs, f'rank{rank}.stdout.txt')),
+                    read(Path(logs, f'rank{rank}.stderr.txt')),
+                )
+        texts = [text.lower() for pair in outputs.values() for text in pair]
+        port_taken = any('eaddrinuse' in text or 'address already in use' in text for text in texts)
+        if not (processes > 1 and port_taken and attempt == 1):
+            break
+    on = f'on {processes} processes (master ports tried: {ports})' if processes > 1 else 'in one process'
+    sections = [f'{Path(script).name} {" ".join(args)} {on} {failure}.']
+    for name, (out, err) in outputs.items():
+        sections += [f'----- {name}: stdout (end) -----', out[-3000:], f'----- {name}: stderr (end) -----', err[-3000:]]
+    raise AssertionError('\n'.join(sections))
 
 
 def fit(

@@ -13,7 +13,8 @@ The pieces are pure functions, and one object, :class:`OnPolicy`, that :class:`~
 * :func:`split_prompts` reads each row's prompt from a batch (a prompt mask or a prompt length);
 * :func:`generate_continuations` samples continuations with the KV cache, in eval mode, from a seeded generator;
 * :func:`on_policy_batch` builds the batch the student then trains on: prompt and continuation, right-padded,
-  labels ``-100`` on the prompt and on padding, so that the loss counts the generated tokens only.
+  labels ``-100`` on the prompt and on padding, so that the loss counts the generated tokens only;
+* :func:`gathered_for_generation` holds a model's FSDP2-sharded parameters gathered while it generates.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -39,6 +41,7 @@ from composer_kd.schedules import Schedule, ScheduleOrValue, value_at
 __all__ = [
     'OnPolicy',
     'OnPolicyFit',
+    'gathered_for_generation',
     'generate_continuations',
     'generative_model',
     'is_generated_step',
@@ -359,7 +362,9 @@ def generate_continuations(
     distribution at ``temperature`` (no top-k or top-p truncation); ``temperature=0`` decodes greedily. Each
     prompt's draws come from its own generator, seeded by ``seed`` and the prompt's token ids
     (:func:`prompt_seed`): a prompt's continuation is the same whichever rows, microbatches or processes it is
-    generated with, and the global random state is not touched.
+    generated with, and the global random state is not touched. Each process generates its own rows alone, with
+    no collective call, stopping when they end: a model FSDP2 sharded must have its parameters gathered first
+    (:func:`gathered_for_generation`).
 
     Args:
         model (nn.Module): The generating model (see :func:`generative_model`).
@@ -419,19 +424,95 @@ def generate_continuations(
                     seeds = [prompt_seed(seed, prompt) for prompt in rows]
                     processors.append(_PerRowGumbel(seeds, float(temperature), input_ids.device))
                 # use_model_defaults=False: a model's own generation defaults (top-k, a temperature, a repetition
-                # penalty) would change the distribution sampled from.
+                # penalty) would change the distribution sampled from. synced_gpus=False: each rank stops when its
+                # own rows end; Hugging Face would otherwise keep the ranks of an FSDP-managed model in step, with
+                # an all-reduce per token, which a model gathered for generation does not need.
                 output = model.generate(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     generation_config=config,
                     logits_processor=processors,
                     use_model_defaults=False,
+                    synced_gpus=False,
                 )
                 continuations.extend(_cut_at_end_of_sequence(row, eos_ids) for row in output[:, input_ids.shape[1] :])
     finally:
         for name, module in model.named_modules():
             module.training = modes.get(name, module.training)
     return continuations
+
+
+def _fsdp2_modules(module: nn.Module) -> list[nn.Module]:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return []
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+@contextmanager
+def gathered_for_generation(module: nn.Module) -> Iterator[nn.Module]:
+    """Hold the full parameters of every FSDP2-sharded module inside ``module`` for the duration (a no-op on a
+    model FSDP2 has not sharded), so that it generates with no collective call.
+
+    Generation runs a forward pass per new token, and each rank stops when its own rows are done, so ranks run
+    different numbers of forward passes: a module that gathered its parameters in each forward (FSDP's default
+    for every module but the root) would wait for ranks that have stopped. Here every FSDP2 module is unsharded
+    once, all together (one all-gather per module, the same on every rank, so every rank must enter), with
+    resharding after forward turned off; on the way out each is resharded (a local operation) and its setting
+    restored. The forward passes inside then find their parameters gathered and communicate nothing. While
+    inside, every rank holds the whole model's parameters (under FSDP's mixed precision, in its ``param_dtype``).
+
+    FSDP records the order in which its modules finish a forward pass to prefetch in the next backward pass;
+    the generation's records are dropped on the way out, so the training step's backward pass sees only its own.
+    FSDP chooses its root (the module that keeps its parameters after forward) on the first forward pass; it is
+    chosen here first, so that a generation before the first training step cannot make an inner module the root.
+
+    Args:
+        module (nn.Module): The whole model as FSDP2 sharded it (the student's ``ComposerModel``, or a teacher),
+            or any module FSDP2 has not sharded.
+
+    Yields:
+        nn.Module: ``module``, its parameters gathered.
+
+    Example:
+        .. testcode::
+
+            import torch
+            from composer_kd.parts.onpolicy import gathered_for_generation
+
+            model = torch.nn.Linear(2, 2)
+            with gathered_for_generation(model) as gathered:  # not sharded: nothing changes
+                assert gathered is model
+    """
+    sharded = _fsdp2_modules(module)
+    if not sharded:
+        yield module
+        return
+    inner = {id(child) for m in sharded for child in m.modules() if child is not m}
+    for outermost in (m for m in sharded if id(m) not in inner):
+        outermost._get_fsdp_state()._lazy_init()  # a no-op once FSDP has chosen its root
+    # torch 2.7 has no public setter for resharding after forward (2.8's set_reshard_after_forward writes this same
+    # attribute, and cannot restore a reshard to a smaller group); None means "keep the parameters after forward".
+    groups = [(m, m._get_fsdp_state()._fsdp_param_group) for m in sharded]
+    groups = [(m, group) for m, group in groups if group is not None]
+    saved = [
+        (group.post_forward_mesh_info, group.is_unsharded, len(group._post_forward_indices)) for _, group in groups
+    ]
+    orders = {id(group.comm_ctx): (group.comm_ctx, len(group.comm_ctx.post_forward_order)) for _, group in groups}
+    try:
+        for m, group in groups:
+            group.post_forward_mesh_info = None
+            m.unshard()
+        yield module
+    finally:
+        for (m, group), (mesh_info, was_unsharded, records) in zip(groups, saved, strict=True):
+            group.post_forward_mesh_info = mesh_info
+            del group._post_forward_indices[records:]
+            if not was_unsharded:
+                m.reshard()
+        for comm_ctx, length in orders.values():
+            del comm_ctx.post_forward_order[length:]
 
 
 @dataclass
@@ -454,8 +535,10 @@ class OnPolicy:
     nothing about the teacher) enters the total with weight 0 unless ``org_loss_on_student_samples`` is set; on
     teacher-generated batches it is kept at ``org_loss_weight``: it is sequence-level distillation's objective.
 
-    Generation runs per rank on that rank's batch (under DDP, on the unwrapped module), ``device_train_microbatch_size``
-    rows at a time, under the trainer's precision. Evaluation never generates. Each prompt's sampling is seeded by
+    Generation runs per rank on that rank's batch (under DDP, on the unwrapped module; under FSDP version 2, with
+    the generating model's parameters gathered for the batch's generation, see :func:`gathered_for_generation`),
+    ``device_train_microbatch_size`` rows at a time, under the trainer's precision. FSDP version 1 is refused when
+    the ``Trainer`` is built. Evaluation never generates. Each prompt's sampling is seeded by
     the seed, the step and the prompt's tokens (not the rank), so a resumed run generates what the uninterrupted
     run did, and the continuations are the same however the batch is split over processes and microbatches.
 
@@ -542,20 +625,19 @@ class OnPolicy:
             OnPolicyFit: The part that replaces the batches during this fit.
 
         Raises:
-            ValueError: For a student or teacher that cannot generate, or an FSDP-sharded student.
+            ValueError: For a student or teacher that cannot generate.
         """
         student = generative_model(state.model, 'student')
-        if getattr(state, 'fsdp_enabled', False):
-            raise ValueError(
-                'On-policy distillation does not support FSDP: generation would need the sharded parameters '
-                'gathered at every step. Use DDP or a single device.'
-            )
-        generator = generative_model(teachers[0], 'teacher') if self.source == 'teacher' else student
-        return OnPolicyFit(self, generator, student, log_prefix)
+        # The whole model (Composer's model, or the teacher as it runs) is what FSDP2 shards, its outermost
+        # sharded module being FSDP's root: generation gathers all of it (see gathered_for_generation).
+        holder = teachers[0] if self.source == 'teacher' else state.model
+        generator = generative_model(holder, 'teacher') if self.source == 'teacher' else student
+        return OnPolicyFit(self, generator, student, log_prefix, sharded=holder)
 
     def check(self, state: State, teachers: Sequence[nn.Module]) -> None:
-        """Refuse, when the trainer is built, a student (or generating teacher) that cannot generate, and a second
-        algorithm of the trainer that also replaces batches with generated ones.
+        """Refuse, when the trainer is built, a student (or generating teacher) that cannot generate, a second
+        algorithm of the trainer that also replaces batches with generated ones, and FSDP version 1 (before it wraps
+        the model).
 
         Args:
             state (State): The trainer's state at ``Event.INIT``.
@@ -566,6 +648,16 @@ class OnPolicy:
             raise ValueError(
                 f'{len(generating)} algorithms of this Trainer have on_policy set; each would replace the batch with '
                 'its own generations. Give on_policy to one of them.'
+            )
+        if getattr(state, 'fsdp_config_version', 0) == 1:
+            # FSDP version 1 gathers a unit's parameters only inside that unit's own forward, and no forward pass may
+            # start inside its summon_full_params: generation cannot run on its sharded modules.
+            raise ValueError(
+                'On-policy distillation does not run under FSDP version 1 (parallelism_config={"fsdp": '
+                'FSDPConfig(...)} or a dict of its options): it cannot generate with the sharded model, FSDP version 1 '
+                'forbidding a forward pass while its full parameters are held. Use FSDP version 2 '
+                '(parallelism_config={"fsdp": FSDP2Config()}, from composer.utils.parallelism), which gathers the '
+                'parameters once per generated batch, or DDP.'
             )
         generative_model(state.model, 'student')
         if self.source == 'teacher':
@@ -614,14 +706,24 @@ class OnPolicyFit(Part):
         generator (nn.Module): The model that generates (the student, or the first teacher).
         student (nn.Module): The student's ``PreTrainedModel``.
         log_prefix (str): Prefix of the logged values.
+        sharded (nn.Module, optional): The whole model around ``generator`` as FSDP2 may have sharded it, gathered
+            while generating (see :func:`gathered_for_generation`). Default: ``generator``.
     """
 
     EVENT = Event.AFTER_DATALOADER
     events = frozenset({EVENT})
 
-    def __init__(self, options: OnPolicy, generator: nn.Module, student: nn.Module, log_prefix: str):
+    def __init__(
+        self,
+        options: OnPolicy,
+        generator: nn.Module,
+        student: nn.Module,
+        log_prefix: str,
+        sharded: Optional[nn.Module] = None,
+    ):
         self.options = options
         self.generator = generator
+        self.sharded = generator if sharded is None else sharded
         self.student = student
         self.pad_token_id = _pad_id(generator, options)
         self.log_prefix = log_prefix
@@ -669,7 +771,9 @@ class OnPolicyFit(Part):
         seed = _seed(state.rank_zero_seed, step)  # the same on every rank: each prompt seeds its own draws
         microbatch = state.device_train_microbatch_size
         rows_per_call = int(microbatch) if isinstance(microbatch, (int, float)) and microbatch >= 1 else None
-        with get_precision_context(state.precision, state.precision_config):
+        # Every rank enters (whether a step generates is the same on all): under FSDP2 the gathering is collective,
+        # even for a rank whose prompts are all in the teacher-sequence cache.
+        with gathered_for_generation(self.sharded), get_precision_context(state.precision, state.precision_config):
             continuations = self._continuations(prompts, seed, rows_per_call)
         state.batch = on_policy_batch(prompts, continuations, self.pad_token_id, self.options.prompt_length_key)
         seconds = time.perf_counter() - began

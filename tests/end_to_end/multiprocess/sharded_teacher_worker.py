@@ -4,7 +4,8 @@ FSDP on one process, over a global batch split between however many processes th
 
 Cases: an MLP teacher of a classifier; a GPT-2 teacher (tied embeddings, two blocks) of a GPT-2 student; the same
 GPT-2 teacher given as ``{checkpoint: teacher}`` and built on the meta device on every rank but zero; the MLP teacher
-kept whole on every rank (``TeacherInference(shard=False)``). Each rank writes, per case, the bytes of teacher it held
+kept whole on every rank (``TeacherInference(shard=False)``); the MLP teacher behind a teacher cache (two epochs);
+a GPT-2 student distilled from a stored teacher signal. Each rank writes, per case, the bytes of teacher it held
 after each batch, the largest difference between the logits of the teacher that ran and the user's teacher on the
 rank's first batch, and whether the user's teacher came back unchanged; rank zero also writes the final student
 weights.
@@ -28,9 +29,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import GPT2Config, GPT2LMHeadModel
 from worker_exit import leave_process_group
 
-from composer_kd import Distillation, KLDivergence, TeacherInference
+from composer_kd import Distillation, IndexedDataset, KLDivergence, TeacherCache, TeacherInference, TeacherSignal
 from composer_kd.models.sharding import held_bytes
 from composer_kd.models.teachers import teacher_logits
+from composer_kd.signal.encoding import decode_signal, encode_signal
+from composer_kd.signal.shards import collate_signal
 
 GLOBAL_BATCH = 8
 VOCAB = 48
@@ -50,7 +53,7 @@ def gpt2(layers: int, width: int, seed: int) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-def loader(dataset: TensorDataset, collate=None) -> DataLoader:
+def loader(dataset: Any, collate=None) -> DataLoader:
     sampler = dist.get_sampler(dataset, shuffle=False)
     return DataLoader(dataset, batch_size=GLOBAL_BATCH // dist.get_world_size(), sampler=sampler, collate_fn=collate)
 
@@ -152,6 +155,50 @@ def run_case(name: str, output: str) -> tuple[dict[str, torch.Tensor], dict[str,
     return {k: whole(v) for k, v in student.state_dict().items()}, rank_record
 
 
+def cache_case() -> tuple[nn.Module, DataLoader, Distillation]:
+    """The MLP teacher (sharded) behind a teacher cache: the first epoch records its logits, the second reads them."""
+    _, student, _, data, _ = classifier_case(shard=True)
+    data = loader(IndexedDataset(data.dataset))
+    distillation = Distillation(mlp(64, seed=1), KLDivergence(2.0), 0.5, 0.5, teacher_cache=TeacherCache())
+    return student, data, distillation
+
+
+def signal_case() -> tuple[nn.Module, DataLoader, Distillation]:
+    """A GPT-2 student distilled from a stored signal of the GPT-2 teacher (top 8 of 48), no teacher running."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, VOCAB, (32, 12), generator=generator)
+    with torch.no_grad():
+        logits = gpt2(2, 32, seed=1).eval()(tokens).logits
+    samples = []
+    for row, row_logits in zip(tokens, logits, strict=True):
+        values, indices, log_tail = decode_signal(encode_signal(row_logits, k=8))
+        samples.append({
+            'input_ids': row, 'teacher_topk_indices': indices, 'teacher_topk_logits': values,
+            'teacher_log_tail': log_tail, 'teacher_vocab_size': torch.tensor(VOCAB),
+        })  # fmt: skip
+    student = HuggingFaceModel(gpt2(1, 16, seed=2), use_logits=True, shift_labels=True)
+    data = loader(samples, collate_signal)
+    return student, data, Distillation(TeacherSignal(), KLDivergence(2.0), 0.5, 0.5)
+
+
+def fit_case(name: str) -> dict[str, torch.Tensor]:
+    """The final student of a case that only trains (``'cache'``, two epochs; ``'signal'``, three batches)."""
+    student, data, distillation = cache_case() if name == 'cache' else signal_case()
+    trainer = Trainer(
+        model=student,
+        train_dataloader=data,
+        max_duration='2ep' if name == 'cache' else '3ba',
+        optimizers=torch.optim.SGD(student.parameters(), lr=0.5),
+        algorithms=[distillation],
+        device='cpu',
+        seed=7,
+        progress_bar=False,
+        parallelism_config={'fsdp': FSDP2Config()} if dist.get_world_size() > 1 else None,
+    )
+    trainer.fit()
+    return {k: whole(v) for k, v in student.state_dict().items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument('--output', required=True)
@@ -160,6 +207,8 @@ def main() -> None:
     weights, records = {}, {}
     for name in ('mlp', 'gpt2', 'gpt2_meta', 'replica'):
         weights[name], records[name] = run_case(name, args.output)
+    for name in ('cache', 'signal'):
+        weights[name] = fit_case(name)
     torch.save(records, os.path.join(args.output, f'rank{dist.get_global_rank()}.pt'))
     if dist.get_global_rank() == 0:
         torch.save({'world_size': dist.get_world_size(), **weights}, os.path.join(args.output, 'results.pt'))

@@ -1,7 +1,8 @@
 """Teachers sharded like an FSDP student, on two processes (gloo on CPU, FSDP version 2): each rank holds half of
 the teacher's parameters between forward passes, the teacher's logits are the unsharded teacher's, the student trains
 as one process without FSDP trains it, the user's teacher comes back unchanged, and a teacher built on the meta
-device on rank 1 takes rank 0's weights; ``TeacherInference(shard=False)`` keeps a whole teacher on every rank."""
+device on rank 1 takes rank 0's weights; ``TeacherInference(shard=False)`` keeps a whole teacher on every rank. A
+teacher cache and a stored teacher signal under FSDP train the student as one process does too."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from conftest import run_script
 
 WORKER = Path(__file__).resolve().parent / 'sharded_teacher_worker.py'
-CASES = ('mlp', 'gpt2', 'gpt2_meta', 'replica')
+CASES = ('mlp', 'gpt2', 'gpt2_meta', 'replica')  # a teacher runs, and its shards are recorded
 
 
 @pytest.fixture(scope='module')
@@ -26,7 +27,7 @@ def runs(tmp_path_factory) -> dict[int, tuple[dict, list[dict]]]:
     return results
 
 
-@pytest.mark.parametrize('case', CASES)
+@pytest.mark.parametrize('case', [*CASES, 'cache', 'signal'])
 def test_student_trains_as_one_process_does(runs, case):
     (single, _), (double, _) = runs[1], runs[2]
     assert (single['world_size'], double['world_size']) == (1, 2)

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from composer.core import Precision, State
 from composer.distributed.fsdp2 import prepare_fully_shard
+from composer.models import HuggingFaceModel
 from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config
 from torch import nn
@@ -91,7 +92,8 @@ def _broadcast_decision(from_rank0: bool) -> bool:
 def shard_teacher(teacher: nn.Module, device: torch.device, mesh=None) -> nn.Module:
     """A forward-only copy of ``teacher`` sharded across the ranks by FSDP (version 2), the user's teacher untouched.
 
-    Each unit of :func:`shard_units` and the root are sharded; a forward pass gathers one unit at a time and
+    Each unit of :func:`shard_units` and the root (the module the forward pass calls: the network inside a
+    ``HuggingFaceModel``, else the teacher) are sharded; a forward pass gathers one unit at a time and
     releases it after its forward (call :func:`release_gathered` after each forward pass for the root's own
     parameters). Every rank must call this, with the same architecture.
 
@@ -137,9 +139,10 @@ def shard_teacher(teacher: nn.Module, device: torch.device, mesh=None) -> nn.Mod
         )
     from_rank0 = _broadcast_decision(not real)
     sharded = _meta_copy(teacher)
-    units = set(shard_units(sharded))
-    policy = CustomPolicy(lambda module: module is sharded or module in units)
-    prepare_fully_shard(sharded, FSDP2Config(device_mesh=mesh, reshard_after_forward=True), Precision.FP32, policy)
+    root = _called_module(sharded)
+    units = set(shard_units(root))
+    policy = CustomPolicy(lambda module: module is root or module in units)
+    prepare_fully_shard(root, FSDP2Config(device_mesh=mesh, reshard_after_forward=True), Precision.FP32, policy)
     sharded.to_empty(device=device)
     weights = teacher.state_dict() if real else {}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)
@@ -170,13 +173,21 @@ def unsharded_class(module: nn.Module) -> type:
     return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
 
 
+def _called_module(teacher: nn.Module) -> nn.Module:
+    """The module a teacher's forward pass calls first (see :func:`~composer_kd.models.outputs.run_teacher`): the
+    network inside Composer's ``HuggingFaceModel``, else the teacher. It is the sharded copy's FSDP root: the root
+    gathers the parameters of no unit of their own when its forward pass starts, so it must be the module called."""
+    return teacher.model if isinstance(teacher, HuggingFaceModel) else teacher
+
+
 def release_gathered(module: nn.Module) -> None:
     """Release the parameters a sharded teacher's root gathered for its forward pass (its units release their own);
     nothing for a module that is not sharded."""
     from torch.distributed.fsdp import FSDPModule
 
-    if isinstance(module, FSDPModule):
-        module.reshard()
+    root = _called_module(module)
+    if isinstance(root, FSDPModule):
+        root.reshard()
 
 
 def held_bytes(tensors: Iterable[torch.Tensor]) -> int:

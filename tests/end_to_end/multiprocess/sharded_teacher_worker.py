@@ -3,12 +3,13 @@ the student sharded by FSDP (version 2, which runs on a CPU with gloo) when ther
 FSDP on one process, over a global batch split between however many processes there are.
 
 Cases: an MLP teacher of a classifier; a GPT-2 teacher (tied embeddings, two blocks) of a GPT-2 student; the same
-GPT-2 teacher given as ``{checkpoint: teacher}`` and built on the meta device on every rank but zero; the MLP teacher
-kept whole on every rank (``TeacherInference(shard=False)``); the MLP teacher behind a teacher cache (two epochs);
-a GPT-2 student distilled from a stored teacher signal. Each rank writes, per case, the bytes of teacher it held
-after each batch, the largest difference between the logits of the teacher that ran and the user's teacher on the
-rank's first batch, and whether the user's teacher came back unchanged; rank zero also writes the final student
-weights.
+GPT-2 teacher given as ``{checkpoint: teacher}`` and built on the meta device on every rank but zero; an MPT
+teacher built by llm-foundry from a training YAML's ``distillation`` entry with its checkpoint and ``init_device:
+mixed``; the MLP teacher kept whole on every rank (``TeacherInference(shard=False)``); the MLP teacher behind a
+teacher cache (two epochs); a GPT-2 student distilled from a stored teacher signal. Each rank writes, per case, the
+bytes of teacher it held after each batch, the largest difference between the logits of the teacher that ran and
+the user's teacher on the rank's first batch, and whether the user's teacher came back unchanged; rank zero also
+writes the final student weights.
 """
 
 from __future__ import annotations
@@ -95,6 +96,36 @@ def language_case(meta_elsewhere: bool, output: str) -> tuple[nn.Module, nn.Modu
     return teacher, student, given, loader(TensorDataset(tokens), collate), distillation
 
 
+def mpt_config(d_model: int, n_layers: int) -> dict[str, Any]:
+    return {
+        'name': 'mpt_causal_lm', 'd_model': d_model, 'n_heads': 2, 'n_layers': n_layers, 'expansion_ratio': 2,
+        'max_seq_len': 12, 'vocab_size': VOCAB, 'attn_config': {'attn_impl': 'torch'},
+        'loss_fn': 'torch_crossentropy',
+    }  # fmt: skip
+
+
+def foundry_case(output: str) -> tuple[nn.Module, nn.Module, Any, DataLoader, Distillation]:
+    """llm-foundry's route: the distillation entry of a training YAML names an MPT teacher, its checkpoint and
+    ``init_device: mixed`` (built with weights on each node's first rank only, on the meta device elsewhere)."""
+    from llmfoundry.utils.builders import build_algorithm, build_composer_model
+
+    def mpt(seed: int, **config: Any) -> nn.Module:
+        torch.manual_seed(seed)
+        return build_composer_model(config.pop('name'), config, tokenizer=None)
+
+    checkpoint = os.path.join(output, 'mpt_teacher.pt')
+    if dist.get_global_rank() == 0:
+        torch.save(mpt(1, **mpt_config(32, 2)).state_dict(), checkpoint)
+    dist.barrier()
+    entry = {**mpt_config(32, 2), 'load_path': checkpoint, 'init_device': 'mixed'}
+    distillation = build_algorithm('distillation', {'teachers': [entry], 'kd_loss': 'kl', 'kd_loss_weight': 0.5})
+    teacher = distillation.teacher_modules[0]
+    student = mpt(2, **mpt_config(16, 1))
+    tokens = torch.randint(0, VOCAB, (32, 12), generator=torch.Generator().manual_seed(0))
+    rows = [{'input_ids': row, 'attention_mask': torch.ones_like(row), 'labels': row.clone()} for row in tokens]
+    return teacher, student, entry, loader(rows), distillation
+
+
 class TeacherRecord(Callback):
     """After each batch: the bytes of teacher this rank holds; after the first, the teacher's logits against the
     user's teacher's on the same batch."""
@@ -122,6 +153,8 @@ class TeacherRecord(Callback):
 def run_case(name: str, output: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if name in ('mlp', 'replica'):
         teacher, student, _, data, distillation = classifier_case(shard=name == 'mlp')
+    elif name == 'foundry':
+        teacher, student, _, data, distillation = foundry_case(output)
     else:
         teacher, student, _, data, distillation = language_case(name == 'gpt2_meta', output)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -143,14 +176,17 @@ def run_case(name: str, output: str) -> tuple[dict[str, torch.Tensor], dict[str,
     unchanged = all(
         type(p) is nn.Parameter and (p.is_meta or torch.equal(p, before[k])) for k, p in teacher.named_parameters()
     ) and set(after) == set(before)
-    whole_teacher = gpt2(2, 32, seed=1) if name.startswith('gpt2') else teacher
+    whole_teacher = {'gpt2': gpt2(2, 32, seed=1), 'gpt2_meta': gpt2(2, 32, seed=1)}.get(name, teacher)
+    if name == 'foundry':
+        whole_teacher = torch.nn.ParameterList(torch.load(os.path.join(output, 'mpt_teacher.pt')).values())
     rank_record = {
         'held': record.held,
         'full_bytes': held_bytes(whole_teacher.parameters()),
         # FSDP pads each parameter's first dimension to a multiple of the ranks: at most one row more per parameter.
         'padding_bound': sum(p[0].numel() * p.element_size() for p in whole_teacher.parameters()),
         'logits_difference': record.logits_difference,
-        'teacher_unchanged': unchanged and type(teacher) in (nn.Sequential, GPT2LMHeadModel),
+        'teacher_unchanged': unchanged
+        and type(teacher).__name__ in ('Sequential', 'GPT2LMHeadModel', 'ComposerMPTCausalLM'),
     }
     return {k: whole(v) for k, v in student.state_dict().items()}, rank_record
 
@@ -205,7 +241,7 @@ def main() -> None:
     args = parser.parse_args()
     average_in_gloo_reduce_scatter()
     weights, records = {}, {}
-    for name in ('mlp', 'gpt2', 'gpt2_meta', 'replica'):
+    for name in ('mlp', 'gpt2', 'gpt2_meta', 'replica', 'foundry'):
         weights[name], records[name] = run_case(name, args.output)
     for name in ('cache', 'signal'):
         weights[name] = fit_case(name)

@@ -13,7 +13,7 @@ import torch
 from conftest import run_script
 
 WORKER = Path(__file__).resolve().parent / 'sharded_teacher_worker.py'
-CASES = ('mlp', 'gpt2', 'gpt2_meta', 'replica')  # a teacher runs, and its shards are recorded
+CASES = ('mlp', 'gpt2', 'gpt2_meta', 'replica', 'foundry')  # a teacher runs, and its shards are recorded
 
 
 @pytest.fixture(scope='module')
@@ -36,7 +36,7 @@ def test_student_trains_as_one_process_does(runs, case):
         torch.testing.assert_close(double[case][name], value, rtol=0, atol=1e-5, msg=f'{case}: {name}')
 
 
-@pytest.mark.parametrize('case', ['mlp', 'gpt2', 'gpt2_meta'])
+@pytest.mark.parametrize('case', ['mlp', 'gpt2', 'gpt2_meta', 'foundry'])
 def test_each_rank_holds_half_of_the_teacher_between_forward_passes(runs, case):
     _, records = runs[2]
     for rank, record in enumerate(records):
@@ -60,7 +60,7 @@ def test_logits_equal_the_unsharded_teachers_and_the_teacher_is_given_back(runs,
     for processes in (1, 2):
         for rank, record in enumerate(runs[processes][1]):
             assert record[case]['teacher_unchanged'], f'{processes} processes, rank {rank}'
-            if case == 'gpt2_meta' and rank == 1:
+            if case in ('gpt2_meta', 'foundry') and rank == 1 and processes == 2:
                 assert record[case]['logits_difference'] is None  # its own teacher holds no weights to compare
                 continue
             assert record[case]['logits_difference'] <= 1e-5, f'{processes} processes, rank {rank}'

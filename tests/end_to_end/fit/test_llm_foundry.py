@@ -421,3 +421,16 @@ def test_a_teacher_entry_of_the_wrong_type_is_named():
     with pytest.raises(TypeError, match=r'teachers\[0\] must be a llm-foundry model config'):
         build_teacher('mpt_causal_lm')
     assert os.environ.get('HF_HUB_OFFLINE', '1')  # nothing here reaches a hub: configs are local folders
+
+
+def test_teacher_inference_is_read_from_the_yaml():
+    from composer_kd import TeacherInference
+
+    entry = {'teachers': [mpt_config()], 'teacher_inference': {'shard': False, 'dtype': 'bfloat16'}}
+    distillation = build_algorithm('distillation', entry)
+    assert distillation.teacher_inference == TeacherInference(dtype=torch.bfloat16, shard=False)
+    assert build_algorithm('distillation', {'teachers': [mpt_config()]}).teacher_inference.shard  # the default
+    with pytest.raises(ValueError, match="unknown key 'shrad'.*did you mean 'shard'"):
+        build_algorithm('distillation', {'teachers': [mpt_config()], 'teacher_inference': {'shrad': False}})
+    with pytest.raises(ValueError, match="teacher_inference.dtype: 'bf16' is not a torch dtype"):
+        build_algorithm('distillation', {'teachers': [mpt_config()], 'teacher_inference': {'dtype': 'bf16'}})

@@ -1,6 +1,7 @@
 """Teachers sharded under FSDP versions 1 and 2 on a CUDA device (one rank): the teacher that runs is a sharded
 copy, its logits are the teacher's, and plain distillation and a teacher cache train the student as without FSDP;
-so does a stored teacher signal (no teacher runs). Several ranks (version 2, CPU): tests/end_to_end/multiprocess/test_sharded_teacher.py."""
+so does a stored teacher signal (no teacher runs). Several ranks (version 2, CPU):
+tests/end_to_end/multiprocess/test_sharded_teacher.py."""
 
 from __future__ import annotations
 

@@ -62,9 +62,9 @@ class Distillation(Algorithm):
     then holds ``'original'``, ``'kd'`` and ``'total'`` (plus the model's own named terms), so loggers show
     each term. Several named instances compose: each adds its own ``'kd/<name>'`` term (``name=`` below).
 
-    Teachers are frozen for the whole fit and moved once to the trainer's device when it starts; they never
-    enter the optimizer, the gradients or the student's checkpoints, and their original modes and
-    ``requires_grad`` flags are restored when the fit ends. Evaluation and prediction never run them.
+    Teachers are frozen for the fit and moved once to the trainer's device (under FSDP, sharded copies run: see
+    ``TeacherInference(shard=...)``); they never enter the optimizer, the gradients or the student's checkpoints,
+    their modes and ``requires_grad`` flags are restored when the fit ends, and evaluation never runs them.
 
     Args:
         teachers: A teacher (``nn.Module``, ``ComposerModel`` or Hugging Face ``PreTrainedModel``), a list of

@@ -26,6 +26,7 @@ from composer.models import HuggingFaceModel
 from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp.wrap import CustomPolicy
 
 __all__ = [
@@ -81,15 +82,21 @@ def _meta_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _broadcast_decision(from_rank0: bool) -> bool:
-    """Whether any rank asked for rank zero's weights (every rank must then take part in the broadcast)."""
-    if dist.get_world_size() == 1:
-        return from_rank0
-    flags = dist.all_gather_object(from_rank0)
-    return any(flags)
+def _weights_from_rank0(teacher: nn.Module) -> bool:
+    """Whether the shards must come from rank zero's weights (some rank's teacher holds none), decided by every rank
+    together; refused on every rank, so that none waits for the others, when rank zero's teacher holds none."""
+    held = [holds_weights(teacher)]
+    if dist.get_world_size() > 1:
+        held = dist.all_gather_object(held[0])
+    if not held[0]:
+        raise ValueError(
+            f'The teacher ({type(teacher).__name__}) is on the meta device on rank 0: to shard it, rank 0 must hold '
+            'its weights (the other ranks may build it on the meta device and receive theirs from rank 0).'
+        )
+    return not all(held)
 
 
-def shard_teacher(teacher: nn.Module, device: torch.device, mesh=None) -> nn.Module:
+def shard_teacher(teacher: nn.Module, device: torch.device, mesh: Optional[DeviceMesh] = None) -> nn.Module:
     """A forward-only copy of ``teacher`` sharded across the ranks by FSDP (version 2), the user's teacher untouched.
 
     Each unit of :func:`shard_units` and the root (the module the forward pass calls: the network inside a
@@ -132,12 +139,7 @@ def shard_teacher(teacher: nn.Module, device: torch.device, mesh=None) -> nn.Mod
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     real = holds_weights(teacher)
-    if dist.get_global_rank() == 0 and not real:
-        raise ValueError(
-            f'The teacher ({type(teacher).__name__}) is on the meta device on rank 0: to shard it, rank 0 must hold '
-            'its weights (the other ranks may build it on the meta device and receive theirs from rank 0).'
-        )
-    from_rank0 = _broadcast_decision(not real)
+    from_rank0 = _weights_from_rank0(teacher)
     sharded = _meta_copy(teacher)
     root = _called_module(sharded)
     units = set(shard_units(root))
@@ -213,7 +215,7 @@ class TeacherSharding:
     """
 
     device: torch.device
-    mesh: Optional[object] = None
+    mesh: Optional[DeviceMesh] = None
 
     @classmethod
     def for_fit(cls, state: State, shard: bool) -> Optional[TeacherSharding]:

@@ -23,6 +23,18 @@ How each model kind is handled:
 * Anything else (a model whose ``get_output_embeddings()`` gives no ``nn.Linear``, a plain module) is refused at
   fit start with an error naming the model.
 
+Under DDP the weight's gradient is produced in the backward pass and averaged as usual. Under FSDP version 2 an
+output layer whose FSDP unit released its gathered weight after the layer's forward pass (the layer wrapped as a
+unit of its own, as llm-foundry's untied MPT does, or any unit but the root; a sharded teacher) is gathered again
+(``unshard()``) for the fused computation: the student's is released by FSDP after the backward pass, which
+reduce-scatters the gradient the fused loss wrote on the whole weight; a teacher's right after the computation.
+While the student is sharded by FSDP, its placeholder logits take part in the backward pass (their gradient a
+zero-stride zero), so that the hooks FSDP registers on the model's outputs run as they do on real logits: without
+them a unit whose only outputs are the logits would not reduce its gradients. A model sharded by FSDP version 1
+is refused at fit start, naming where its output layer sits: version 1 gives no whole weight outside a forward
+pass (a unit of its own releases it; the root unit gives flattened shards, or on one process views whose gradient
+it cannot write back).
+
 The models are given back unchanged when the fit ends.
 """
 
@@ -38,6 +50,8 @@ from composer.core import Event, get_precision_context
 from composer.loggers import Logger
 from composer.models import HuggingFaceModel
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from composer_kd.losses.fused import (
@@ -142,12 +156,66 @@ def check_fused_settings(
 
 
 def _network(model: nn.Module) -> nn.Module:
-    """The network inside Composer's and PyTorch's wrappers: a ``HuggingFaceModel``'s ``model``."""
+    """The network inside Composer's and PyTorch's wrappers: a ``HuggingFaceModel``'s ``model``, inside DDP or an
+    FSDP version 1 root."""
     if isinstance(model, DistributedDataParallel):
         model = model.module
     if isinstance(model, HuggingFaceModel):
         model = model.model
+    if isinstance(model, FullyShardedDataParallel):
+        model = model.module
     return model
+
+
+def _class_name(module: nn.Module) -> str:
+    """The module's class name; FSDP version 2's generated subclass (``FSDPLinear``) is named by its model class."""
+    cls = type(module)
+    if isinstance(module, FSDPModule):
+        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls.__name__
+
+
+def _path_to(root: nn.Module, target: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The ``(qualified name, module)`` of each module from ``root`` down to ``target``, both included; empty when
+    ``target`` is not inside ``root``."""
+    name = next((qualified for qualified, module in root.named_modules() if module is target), None)
+    if name is None:
+        return []
+    path, current = [('', root)], root
+    for part in name.split('.') if name else []:
+        current = current._modules[part]
+        path.append((f'{path[-1][0]}.{part}'.lstrip('.'), current))
+    return path
+
+
+def _refuse_fsdp_v1(model: nn.Module, layer: nn.Module, role: str) -> None:
+    """Refuse a model sharded by FSDP version 1, naming where its output layer sits.
+
+    The fused loss reads the output layer's weight at ``Event.AFTER_LOSS``, after the forward pass, and its gradient
+    must reach FSDP's reduction. Version 1 offers no way to gather a unit's parameters for such a computation:
+    outside a forward pass a unit of its own (or any unit but the root) has freed its gathered weight, and even the
+    root unit gives its parameters as flattened shards (``FULL_SHARD`` with ``use_orig_params=True``, Composer's
+    default), or as views whose gradient it cannot write back (``NO_SHARD``, what version 1 runs on one process);
+    with its other settings (``use_orig_params=False``, ``SHARD_GRAD_OP``) the fused loss trained a student to
+    other weights than one process does, in a rehearsal on CPUs.
+    """
+    path = _path_to(model, layer)
+    units = [module for _, module in path if isinstance(module, FullyShardedDataParallel)]
+    if not units:
+        return
+    name = path[-1][0].replace('_fsdp_wrapped_module.', '') or _class_name(layer)
+    if units[-1] is layer or len(units) > 1:
+        layout = 'is wrapped as its own FSDP unit under FSDP version 1 (or in a unit other than the root)'
+    else:
+        layout = 'is in the root unit of FSDP version 1'
+    raise ValueError(
+        f"The {role}'s output layer ({name}) {layout}: fused=... computes the loss from the layer's whole weight "
+        'after the forward pass, which version 1 does not give outside a forward pass (a unit of its own has '
+        'released it; the root unit gives flattened shards or views whose gradient it cannot write back). Use FSDP '
+        "version 2 (parallelism_config={'fsdp': FSDP2Config()}, or FSDP_VERSION=2 with llm-foundry), which gathers "
+        'the weight again, with the output layer in the root unit or in a unit of its own; or DDP; or train without '
+        'fused=.'
+    )
 
 
 def output_layer(model: nn.Module, role: str = 'student') -> nn.Linear:
@@ -161,7 +229,8 @@ def output_layer(model: nn.Module, role: str = 'student') -> nn.Linear:
         nn.Linear: The output layer (its weight ``[vocab, hidden]``).
 
     Raises:
-        ValueError: When the output layer cannot be reached, or the logits are not its output.
+        ValueError: When the output layer cannot be reached, the logits are not its output, or FSDP version 1
+            shards the model.
 
     Example:
         .. testcode::
@@ -174,10 +243,12 @@ def output_layer(model: nn.Module, role: str = 'student') -> nn.Linear:
             assert output_layer(model) is model.lm_head
     """
     network = _network(model)
-    kind = type(network).__name__
+    kind = _class_name(network)
     getter = getattr(network, 'get_output_embeddings', None)
     layer = getter() if callable(getter) else None
-    if type(network).__name__ == 'MPTForCausalLM' and getattr(network, 'lm_head', None) is None:
+    if isinstance(layer, nn.Module):
+        _refuse_fsdp_v1(model, layer, role)
+    if kind == 'MPTForCausalLM' and getattr(network, 'lm_head', None) is None:
         raise ValueError(
             f'The {role} is an MPT model with tied word embeddings: its logits are F.linear on the input '
             "embedding's weight, outside any output module, so fused=... cannot intercept them. Build it with "
@@ -201,6 +272,49 @@ def output_layer(model: nn.Module, role: str = 'student') -> nn.Linear:
     return layer
 
 
+class _Placeholder(torch.autograd.Function):
+    """Zero-stride zeros of the logits' shape (a single zero, broadcast) that require a gradient and ignore it.
+
+    Their ``anchor`` (the layer's input) makes them require a gradient; their backward pass gives it none, so they
+    change no gradient, and cost no memory either way.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros((), dtype=dtype, device=anchor.device).expand(shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, None, None]:
+        return None, None, None
+
+
+class _ThroughPlaceholder(torch.autograd.Function):
+    """``total`` unchanged, and in the backward pass a zero-stride zero gradient for the placeholder logits, so that
+    the hooks a wrapper registered on the model's outputs (FSDP's pre-backward hooks) run as on real logits."""
+
+    @staticmethod
+    def forward(ctx, total: torch.Tensor, placeholder: torch.Tensor) -> torch.Tensor:
+        ctx.placeholder = (placeholder.shape, placeholder.dtype, placeholder.device)
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape, dtype, device = ctx.placeholder
+        return grad, torch.zeros((), dtype=dtype, device=device).expand(shape)
+
+
+def _fsdp_unit(model: nn.Module, layer: nn.Module) -> Optional[nn.Module]:
+    """The FSDP version 2 module whose unit holds ``layer``'s parameters: the nearest of ``layer`` and the modules
+    above it inside ``model`` that ``fully_shard`` was applied to (``None`` when there is none)."""
+    units = [module for _, module in _path_to(model, layer) if isinstance(module, FSDPModule)]
+    return units[-1] if units else None
+
+
+def _sharded_by_fsdp(model: nn.Module) -> bool:
+    """Whether any part of ``model`` is an FSDP unit (version 1 or 2)."""
+    return any(isinstance(module, (FullyShardedDataParallel, FSDPModule)) for module in model.modules())
+
+
 class OutputLayerCapture:
     """While on, an output layer records its input and returns a zero-stride placeholder instead of its logits.
 
@@ -208,6 +322,10 @@ class OutputLayerCapture:
     projection itself never runs; a forward pre-hook on the network drops ``labels`` from its keyword arguments,
     so a Hugging Face model computes no loss of its own. When off, or when the network is in eval mode, both
     pass everything through.
+
+    Under FSDP version 2, :meth:`gather` makes the layer's weight whole again where its unit released it after the
+    layer's forward pass; for a model sharded by FSDP (either version) the placeholder requires a gradient (see
+    :meth:`FusedSource.terms`).
 
     Args:
         model (nn.Module): The model whose output layer to watch.
@@ -220,6 +338,8 @@ class OutputLayerCapture:
         self.network = _network(model)
         self.training_only = training_only
         self.layer = output_layer(model, role)
+        self.unit = _fsdp_unit(model, self.layer)
+        self.placeholder_requires_grad = _sharded_by_fsdp(model)
         self.on = False
         self.hidden: Optional[torch.Tensor] = None
         self._handle = None
@@ -234,10 +354,33 @@ class OutputLayerCapture:
             device_type = inputs.device.type
             dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else inputs.dtype
             shape = (*inputs.shape[:-1], self.layer.out_features)
+            if self.placeholder_requires_grad and torch.is_grad_enabled():
+                # Anchored on the layer's input, so that the backward pass reaches that input (and the hooks FSDP
+                # put on it, which reduce the layer's gradient) only after the placeholder's own hooks ran.
+                anchor = inputs if inputs.requires_grad else torch.zeros((), device=inputs.device, requires_grad=True)
+                return _Placeholder.apply(anchor, shape, dtype)
             return torch.zeros((), dtype=dtype, device=inputs.device).expand(shape)
 
         self.layer.forward = forward
         self._handle = self.network.register_forward_pre_hook(self._drop_labels, with_kwargs=True)
+
+    def gather(self) -> Optional[nn.Module]:
+        """Make the layer's weight whole where FSDP version 2 holds it sharded now (its unit released it after the
+        layer's forward pass): the unit's ``unshard()``, a collective every rank calls alike.
+
+        Returns:
+            nn.Module | None: The unit gathered, to be released with ``reshard()`` once done with (for the student
+            FSDP does so itself after the backward pass); ``None`` when the weight was whole already.
+        """
+        if self.unit is None or not isinstance(self.layer.weight, DTensor):
+            return None
+        self.unit.unshard()
+        if isinstance(self.layer.weight, DTensor):  # unshard() reached no unit holding this layer
+            raise RuntimeError(
+                f'FSDP did not gather the output layer {_class_name(self.layer)} of {_class_name(self.network)}: '
+                'fused=... needs its whole weight.'
+            )
+        return self.unit
 
     def _drop_labels(self, module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
         if self.on and 'labels' in kwargs:
@@ -328,12 +471,17 @@ class FusedSource(Source):
         self.student.on = bool(fit.plan.active)
 
     def terms(self, fit: FitContext) -> LossTerms:
-        """This microbatch's terms from the recorded hidden states; the captures are switched off."""
+        """This microbatch's terms from the recorded hidden states; the captures are switched off.
+
+        Output layers whose FSDP (version 2) unit released their weight after its forward pass are gathered for the
+        computation: the teachers' released right after it; the student's stays gathered for the backward pass,
+        where the gradient lands on the whole weight and FSDP reduce-scatters it and releases the weight (as after
+        the layer's own backward pass).
+        """
         state = fit.state
         self.student.on = False
         student_hidden = self.student.take()
         placeholder = self._placeholder(state.outputs)
-        teacher = self._teacher_chunks(fit, placeholder)
         labels = state.batch.get('labels') if isinstance(state.batch, Mapping) else None
         if isinstance(labels, torch.Tensor) and labels.shape == placeholder.shape[:-1]:
             labels = (_shifted_labels(labels) if fit.causal else labels).reshape(-1)
@@ -341,29 +489,42 @@ class FusedSource(Source):
             labels = None
         mask = token_mask(state.batch, placeholder, causal=fit.causal)
         org_loss_weight, kd_loss_weight = fit.plan.weights
-        with get_precision_context(state.precision, state.precision_config):
-            fused = fused_linear_distillation(
-                student_hidden,
-                self.student.layer.weight,
-                teacher,
-                labels=labels,
-                kd_mask=None if mask is None else mask.reshape(-1),
-                loss_fn=fit.kd_loss_fn,
-                temperature=fit.kd_loss_fn.temperature,
-                student_bias=self.student.layer.bias,
-                org_loss_weight=org_loss_weight,
-                kd_loss_weight=kd_loss_weight,
-                chunk_size=self.options.chunk_size,
-            )
+        gathered: list[nn.Module] = []
+        try:
+            teacher = self._teacher_chunks(fit, placeholder, gathered)
+            self.student.gather()
+            with get_precision_context(state.precision, state.precision_config):
+                fused = fused_linear_distillation(
+                    student_hidden,
+                    self.student.layer.weight,
+                    teacher,
+                    labels=labels,
+                    kd_mask=None if mask is None else mask.reshape(-1),
+                    loss_fn=fit.kd_loss_fn,
+                    temperature=fit.kd_loss_fn.temperature,
+                    student_bias=self.student.layer.bias,
+                    org_loss_weight=org_loss_weight,
+                    kd_loss_weight=kd_loss_weight,
+                    chunk_size=self.options.chunk_size,
+                )
+        finally:
+            for unit in gathered:  # releasing needs no communication between the ranks
+                unit.reshard()
         if not bool(torch.isfinite(fused.kd)):  # one host synchronization per microbatch
             raise RuntimeError(
                 f'The distillation loss is not finite at batch {int(state.timestamp.batch)}: a teacher gave NaN or '
                 '+inf logits (or the student diverged).'
             )
-        return LossTerms(fused.original, fused.kd, org_loss_weight, kd_loss_weight, total=fused.total)
+        total = fused.total
+        if placeholder.requires_grad:
+            # Under FSDP the backward pass must reach the placeholder logits, whose hooks start FSDP's backward
+            # (the root unit's gradients are reduced only then); their gradient is a zero-stride zero.
+            total = _ThroughPlaceholder.apply(total, placeholder)
+        return LossTerms(fused.original, fused.kd, org_loss_weight, kd_loss_weight, total=total)
 
-    def _teacher_chunks(self, fit: FitContext, placeholder: torch.Tensor) -> TeacherChunks:
-        """The teacher side of the loop: the batch's stored signal, or the active teachers' final hidden states."""
+    def _teacher_chunks(self, fit: FitContext, placeholder: torch.Tensor, gathered: list[nn.Module]) -> TeacherChunks:
+        """The teacher side of the loop: the batch's stored signal, or the active teachers' final hidden states
+        (each FSDP unit gathered for an output layer is added to ``gathered``)."""
         if fit.signal is not None:
             if not self._signal_checked:  # one host synchronization per fit
                 fit.signal.check_vocabulary(fit.state.batch, placeholder)
@@ -374,8 +535,13 @@ class FusedSource(Source):
                 indices.reshape(-1, k), logits.reshape(-1, k), log_tail.reshape(-1), placeholder.shape[-1]
             )
         active = fit.plan.active
+        hidden = [self._teacher_hidden(fit, index) for index in active]
+        for index in active:
+            unit = self.teachers[index].gather()
+            if unit is not None:
+                gathered.append(unit)
         return DenseTeacherChunks(
-            [self._teacher_hidden(fit, index) for index in active],
+            hidden,
             [self.teachers[i].layer.weight for i in active],
             [self.teachers[i].layer.bias for i in active],
         )

@@ -30,10 +30,10 @@ unit of its own, as llm-foundry's untied MPT does, or any unit but the root; a s
 reduce-scatters the gradient the fused loss wrote on the whole weight; a teacher's right after the computation.
 While the student is sharded by FSDP, its placeholder logits take part in the backward pass (their gradient a
 zero-stride zero), so that the hooks FSDP registers on the model's outputs run as they do on real logits: without
-them a unit whose only outputs are the logits would not reduce its gradients. A model sharded by FSDP version 1
-is refused at fit start, naming where its output layer sits: version 1 gives no whole weight outside a forward
-pass (a unit of its own releases it; the root unit gives flattened shards, or on one process views whose gradient
-it cannot write back).
+them a unit whose only outputs are the logits would not reduce its gradients. A student that FSDP version 1 shards
+is refused when the ``Trainer`` is built (a model wrapped by hand, at fit start), naming where its output layer
+sits: version 1 gives no whole weight outside a forward pass (a unit of its own releases it; the root unit gives
+flattened shards, or on one process views whose gradient it cannot write back).
 
 The models are given back unchanged when the fit ends.
 """
@@ -46,9 +46,10 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
-from composer.core import Event, get_precision_context
+from composer.core import Event, State, get_precision_context
 from composer.loggers import Logger
 from composer.models import HuggingFaceModel
+from composer.utils.parallelism import FSDPConfig
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
@@ -73,6 +74,7 @@ __all__ = [
     'OutputLayerCapture',
     'check_fused_settings',
     'output_layer',
+    'refuse_fsdp_v1_student',
     'resolve_fused',
 ]
 
@@ -204,11 +206,29 @@ def _refuse_fsdp_v1(model: nn.Module, layer: nn.Module, role: str) -> None:
     if not units:
         return
     name = path[-1][0].replace('_fsdp_wrapped_module.', '') or _class_name(layer)
-    if units[-1] is layer or len(units) > 1:
+    raise _fsdp_v1_refusal(role, name, own_unit=units[-1] is layer or len(units) > 1)
+
+
+def refuse_fsdp_v1_student(state: State) -> None:
+    """Refuse, when the ``Trainer`` is built (``Event.INIT``, before Composer wraps the student), a student that FSDP
+    version 1 will shard, naming the unit its output layer will be in (see :func:`_refuse_fsdp_v1`)."""
+    if not isinstance(getattr(state, 'fsdp_config', None), FSDPConfig):
+        return
+    layer = output_layer(state.model)
+    network = _network(state.model)
+    wrap_fn = getattr(network, 'fsdp_wrap_fn', None)
+    marked = getattr(layer, '_fsdp_wrap', None)
+    own_unit = bool(marked) if marked is not None else callable(wrap_fn) and bool(wrap_fn(layer))
+    name = next((n for n, m in network.named_modules() if m is layer), _class_name(layer))
+    raise _fsdp_v1_refusal('student', name, own_unit)
+
+
+def _fsdp_v1_refusal(role: str, name: str, own_unit: bool) -> ValueError:
+    if own_unit:
         layout = 'is wrapped as its own FSDP unit under FSDP version 1 (or in a unit other than the root)'
     else:
         layout = 'is in the root unit of FSDP version 1'
-    raise ValueError(
+    return ValueError(
         f"The {role}'s output layer ({name}) {layout}: fused=... computes the loss from the layer's whole weight "
         'after the forward pass, which version 1 does not give outside a forward pass (a unit of its own has '
         'released it; the root unit gives flattened shards or views whose gradient it cannot write back). Use FSDP '

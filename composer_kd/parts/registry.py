@@ -20,7 +20,7 @@ from composer_kd.losses.fused import per_position_terms
 from composer_kd.losses.objective import CombinedLoss
 from composer_kd.parts.base import FitContext, Part, Source
 from composer_kd.parts.features import FeatureDistillation
-from composer_kd.parts.fused import Fused, FusedSource
+from composer_kd.parts.fused import Fused, FusedSource, refuse_fsdp_v1_student
 from composer_kd.parts.guard import NonFiniteGuard
 from composer_kd.parts.live import CachedTeachers, LiveTeachers
 from composer_kd.parts.mixing import refuse_interpolated_loss
@@ -81,6 +81,7 @@ PART_KINDS: dict[type, PartKind] = {
     Fused: PartKind(
         start=lambda option, fit: FusedSource(option, fit),
         check=lambda option, kd_loss_fn: per_position_terms(kd_loss_fn),
+        init=lambda option, state, teachers: refuse_fsdp_v1_student(state),
         alone=(
             "fused=... must be the only Distillation of its Trainer: it computes the student's loss itself and "
             'the student makes no logits for another instance to read'

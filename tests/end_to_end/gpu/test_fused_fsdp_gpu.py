@@ -80,7 +80,7 @@ def assert_initial_weights(student: HuggingFaceModel, before: dict[str, torch.Te
 
 
 @pytest.mark.parametrize('sharding_strategy', ['FULL_SHARD', 'SHARD_GRAD_OP'])
-def test_fsdp_v1_with_the_output_layer_in_the_root_unit_is_refused_at_fit_start(sharding_strategy):
+def test_fsdp_v1_with_the_output_layer_in_the_root_unit_is_refused_when_the_trainer_is_built(sharding_strategy):
     network = gpt2(1, 16, seed=2)
     before = {k: v.detach().clone() for k, v in network.state_dict().items()}
     student = HuggingFaceModel(network, use_logits=True)
@@ -90,7 +90,7 @@ def test_fsdp_v1_with_the_output_layer_in_the_root_unit_is_refused_at_fit_start(
     assert_initial_weights(student, before)
 
 
-def test_fsdp_v1_with_the_output_layer_in_its_own_unit_is_refused_at_fit_start():
+def test_fsdp_v1_with_the_output_layer_in_its_own_unit_is_refused_when_the_trainer_is_built():
     network = gpt2(1, 16, seed=2, tied=False)
     network.lm_head._fsdp_wrap = True
     before = {k: v.detach().clone() for k, v in network.state_dict().items()}

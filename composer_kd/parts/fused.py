@@ -63,6 +63,7 @@ from composer_kd.losses.fused import (
     per_position_terms,
 )
 from composer_kd.models.outputs import token_mask
+from composer_kd.models.sharding import unsharded_class
 from composer_kd.models.teachers import TeacherInference, teacher_logits
 from composer_kd.options import given_options, refuse_conflicts
 from composer_kd.parts.base import FitContext, LossTerms, Source
@@ -171,10 +172,7 @@ def _network(model: nn.Module) -> nn.Module:
 
 def _class_name(module: nn.Module) -> str:
     """The module's class name; FSDP version 2's generated subclass (``FSDPLinear``) is named by its model class."""
-    cls = type(module)
-    if isinstance(module, FSDPModule):
-        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
-    return cls.__name__
+    return unsharded_class(module).__name__
 
 
 def _path_to(root: nn.Module, target: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -233,7 +233,7 @@ def test_a_prompts_continuation_does_not_depend_on_the_rows_it_is_generated_with
 
 
 def test_the_per_row_draw_samples_the_softened_distribution():
-    from composer_kd.parts.onpolicy import _PerRowGumbel
+    from composer_kd.parts.generation import _PerRowGumbel
 
     scores = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     temperature, n = 1.5, 20_000

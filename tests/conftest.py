@@ -123,7 +123,8 @@ def run_script(script: Path, *args: str, processes: int = 1, timeout: int = 300)
     def read(path: Path) -> str:
         return path.read_text(errors='replace') if path.exists() else f'(no {path.name})'
 
-    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'OMP_NUM_THREADS': '1'}
+    # tests/ too: the scripts import the tiny models the tests share (tests/tiny_models.py).
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([str(ROOT), str(ROOT / 'tests')]), 'OMP_NUM_THREADS': '1'}
     ports: list[int] = []
     for attempt in (1, 2):
         with tempfile.TemporaryDirectory(prefix='run_script_') as logs:

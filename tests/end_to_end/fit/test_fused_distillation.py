@@ -12,6 +12,7 @@ from composer import Callback, Trainer
 from composer.metrics import LanguageCrossEntropy
 from composer.models import HuggingFaceModel
 from conftest import make_student, make_teacher
+from tiny_models import tiny_gpt2
 from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -30,19 +31,7 @@ VOCAB, PAD, SEED = 40, 39, 5
 
 
 def gpt2(layers: int, width: int, seed: int) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=32,
-        n_embd=width,
-        n_layer=layers,
-        n_head=2,
-        pad_token_id=PAD,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(layers, width, seed, vocab=VOCAB, pad_token_id=PAD)
 
 
 def llama(width: int, seed: int) -> LlamaForCausalLM:

@@ -13,8 +13,9 @@ from composer import Callback, Trainer
 from composer.loggers import InMemoryLogger
 from composer.models import HuggingFaceModel
 from conftest import make_student
+from tiny_models import tiny_gpt2
 from torch.utils.data import DataLoader
-from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForMaskedLM, GPT2LMHeadModel
 
 from composer_kd import (
     Distillation,
@@ -38,20 +39,7 @@ VOCAB, PAD, PROMPT, SEED = 24, 23, 4, 11
 
 
 def gpt2(layers: int, width: int, seed: int, positions: int = 48) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    # Without dropout, so that runs splitting a batch differently (microbatches) can be compared.
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=positions,
-        n_embd=width,
-        n_layer=layers,
-        n_head=2,
-        pad_token_id=PAD,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(layers, width, seed, vocab=VOCAB, positions=positions, pad_token_id=PAD)
 
 
 def student_model(seed: int = 100) -> HuggingFaceModel:

@@ -13,8 +13,9 @@ import torch
 from composer import Callback, State, Trainer
 from composer.loggers import Logger
 from composer.models import HuggingFaceModel
+from tiny_models import tiny_gpt2
 from torch.utils.data import DataLoader
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from composer_kd import Distillation, KLDivergence, TeacherSignal
 from composer_kd.cache import topk_compress, topk_logits
@@ -26,18 +27,7 @@ VOCAB, LENGTH, K = 61, 12, 5
 
 
 def gpt2(seed: int, vocab: int = VOCAB, width: int = 16) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=vocab,
-        n_positions=32,
-        n_embd=width,
-        n_layer=1,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(1, width, seed, vocab=vocab)
 
 
 def token_ids(n: int = 16, seed: int = 0) -> torch.Tensor:

@@ -18,8 +18,9 @@ import torch
 from composer import Trainer
 from composer.models import HuggingFaceModel
 from composer.utils import dist
+from tiny_models import tiny_gpt2
 from torch.utils.data import DataLoader
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from composer_kd import Distillation, Fused, KLDivergence
 
@@ -32,19 +33,7 @@ ROOT_REFUSED = r'output layer \(model\.lm_head\) is in the root unit of FSDP ver
 
 
 def gpt2(layers: int, width: int, seed: int, tied: bool = True) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=32,
-        n_embd=width,
-        n_layer=layers,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=tied,
-    )
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(layers, width, seed, vocab=VOCAB, tie_word_embeddings=tied)
 
 
 def loader() -> DataLoader:

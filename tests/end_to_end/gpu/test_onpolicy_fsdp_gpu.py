@@ -7,8 +7,9 @@ import pytest
 import torch
 from composer import Callback, Trainer
 from composer.models import HuggingFaceModel
+from tiny_models import tiny_gpt2
 from torch.utils.data import DataLoader
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from composer_kd import Distillation, KLDivergence, OnPolicy
 
@@ -18,19 +19,7 @@ VOCAB, PAD, PROMPT = 24, 23, 4
 
 
 def gpt2(layers: int, width: int, seed: int) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=32,
-        n_embd=width,
-        n_layer=layers,
-        n_head=2,
-        pad_token_id=PAD,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(layers, width, seed, vocab=VOCAB, pad_token_id=PAD)
 
 
 def collate(rows: list[list[int]]) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import torch
 from composer import Callback, Trainer
 from composer.models import ComposerClassifier
 from composer.utils.parallelism import FSDP2Config
+from tiny_models import tiny_gpt2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -46,17 +47,14 @@ class ShardedTeacherCheck(Callback):
 def signal_weights(parallelism: dict | None) -> dict[str, torch.Tensor]:
     """A GPT-2 student distilled from a stored signal of a GPT-2 teacher (top 8 of 48): no teacher runs."""
     from composer.models import HuggingFaceModel
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     from composer_kd import TeacherSignal
     from composer_kd.signal.encoding import decode_signal, encode_signal
     from composer_kd.signal.shards import collate_signal
 
     def gpt2(layers: int, width: int, seed: int) -> GPT2LMHeadModel:
-        torch.manual_seed(seed)
-        config = GPT2Config(vocab_size=48, n_positions=16, n_embd=width, n_layer=layers, n_head=2)
-        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
-        return GPT2LMHeadModel(config)
+        return tiny_gpt2(layers, width, seed, vocab=48, positions=16)
 
     tokens = torch.randint(0, 48, (16, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -33,11 +33,12 @@ from composer.models import HuggingFaceModel
 from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config
 from features_parallel_worker import average_in_gloo_reduce_scatter, whole
+from tiny_models import tiny_gpt2
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from composer_kd import Distillation, Fused, KLDivergence, TeacherInference
 
@@ -45,19 +46,7 @@ GLOBAL_BATCH, VOCAB = 8, 48
 
 
 def gpt2(layers: int, width: int, seed: int, tied: bool = True) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=32,
-        n_embd=width,
-        n_layer=layers,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=tied,
-    )
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(layers, width, seed, vocab=VOCAB, tie_word_embeddings=tied)
 
 
 def llama(width: int, seed: int) -> LlamaForCausalLM:

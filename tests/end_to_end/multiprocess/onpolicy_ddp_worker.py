@@ -32,11 +32,12 @@ from composer.models import HuggingFaceModel
 from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config
 from features_parallel_worker import average_in_gloo_reduce_scatter, whole
+from tiny_models import tiny_gpt2
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
-from transformers import GenerationMixin, GPT2Config, GPT2LMHeadModel
+from transformers import GenerationMixin, GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from composer_kd import Distillation, KLDivergence, OnPolicy
@@ -54,19 +55,7 @@ CASES = {
 
 
 def gpt2(layers: int, width: int, seed: int) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=32,
-        n_embd=width,
-        n_layer=layers,
-        n_head=2,
-        pad_token_id=PAD,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(layers, width, seed, vocab=VOCAB, pad_token_id=PAD)
 
 
 def collate(rows: list[list[int]]) -> dict[str, torch.Tensor]:

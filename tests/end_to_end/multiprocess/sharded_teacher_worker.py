@@ -25,9 +25,10 @@ from composer.models import ComposerClassifier, HuggingFaceModel
 from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config
 from features_parallel_worker import average_in_gloo_reduce_scatter, whole
+from tiny_models import tiny_gpt2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 from worker_exit import leave_process_group
 
 from composer_kd import Distillation, IndexedDataset, KLDivergence, TeacherCache, TeacherInference, TeacherSignal
@@ -46,12 +47,7 @@ def mlp(width: int, seed: int) -> nn.Module:
 
 
 def gpt2(layers: int, width: int, seed: int) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB, n_positions=16, n_embd=width, n_layer=layers, n_head=2, resid_pdrop=0, embd_pdrop=0,
-        attn_pdrop=0,
-    )  # fmt: skip
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(layers, width, seed, vocab=VOCAB, positions=16)
 
 
 def loader(dataset: Any, collate=None) -> DataLoader:

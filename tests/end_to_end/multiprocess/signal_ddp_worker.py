@@ -15,8 +15,9 @@ from composer import Callback, Trainer
 from composer.devices import DeviceCPU
 from composer.models import HuggingFaceModel
 from composer.utils import dist
+from tiny_models import tiny_gpt2
 from torch.utils.data import DataLoader
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 from worker_exit import leave_process_group
 
 from composer_kd import Distillation, KLDivergence, TeacherSignal
@@ -28,11 +29,8 @@ warnings.filterwarnings('ignore', message='The top 4 logits keep')  # a random t
 
 
 def gpt2(seed: int) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
     # No dropout: a fit resumed mid-epoch then computes what the uninterrupted one did.
-    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
-    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
-    return GPT2LMHeadModel(config)
+    return tiny_gpt2(1, 16, seed, vocab=64, positions=16)
 
 
 class Record(Callback):

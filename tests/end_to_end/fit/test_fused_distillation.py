@@ -6,15 +6,17 @@ with padding and ignored labels; each fused run is compared with the same run th
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from composer import Callback, Trainer
 from composer.metrics import LanguageCrossEntropy
 from composer.models import HuggingFaceModel
 from conftest import make_student, make_teacher
-from tiny_models import tiny_gpt2
+from tiny_models import tiny_gpt2, tiny_llama, tiny_mpt
 from torch.utils.data import DataLoader
-from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
 from composer_kd import (
     CosineSchedule,
@@ -34,20 +36,8 @@ def gpt2(layers: int, width: int, seed: int) -> GPT2LMHeadModel:
     return tiny_gpt2(layers, width, seed, vocab=VOCAB, pad_token_id=PAD)
 
 
-def llama(width: int, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        pad_token_id=PAD,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
+def llama(width: int, seed: int) -> Any:
+    return tiny_llama(width, seed, vocab=VOCAB, pad_token_id=PAD)
 
 
 def bert(width: int, seed: int) -> BertForMaskedLM:
@@ -359,23 +349,7 @@ def test_training_metrics_are_set_aside_with_a_warning_and_given_back():
 
 def mpt(tied: bool, seed: int, width: int = 16):
     """llm-foundry's ComposerMPTCausalLM, tiny, on the CPU (torch attention and cross-entropy)."""
-    from llmfoundry.models.mpt import ComposerMPTCausalLM
-
-    torch.manual_seed(seed)
-    return ComposerMPTCausalLM(
-        d_model=width,
-        n_heads=2,
-        n_layers=1,
-        max_seq_len=32,
-        vocab_size=VOCAB,
-        expansion_ratio=2,
-        attn_config={'attn_impl': 'torch'},
-        tie_word_embeddings=tied,
-        init_device='cpu',
-        resid_pdrop=0.0,
-        emb_pdrop=0.0,
-        loss_fn='torch_crossentropy',
-    )
+    return tiny_mpt(width, seed, vocab=VOCAB, tied=tied)
 
 
 def test_llm_foundry_mpt_untied_trains_as_unfused_and_tied_is_refused():

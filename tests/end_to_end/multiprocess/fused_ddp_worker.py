@@ -33,12 +33,12 @@ from composer.models import HuggingFaceModel
 from composer.utils import dist
 from composer.utils.parallelism import FSDP2Config
 from features_parallel_worker import average_in_gloo_reduce_scatter, whole
-from tiny_models import tiny_gpt2
+from tiny_models import tiny_gpt2, tiny_llama, tiny_mpt
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2LMHeadModel
 
 from composer_kd import Distillation, Fused, KLDivergence, TeacherInference
 
@@ -49,40 +49,13 @@ def gpt2(layers: int, width: int, seed: int, tied: bool = True) -> GPT2LMHeadMod
     return tiny_gpt2(layers, width, seed, vocab=VOCAB, tie_word_embeddings=tied)
 
 
-def llama(width: int, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=width,
-        intermediate_size=2 * width,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
+def llama(width: int, seed: int) -> Any:
+    return tiny_llama(width, seed, vocab=VOCAB)
 
 
 def mpt(width: int, seed: int) -> Any:
     """llm-foundry's ComposerMPTCausalLM, untied (its ``lm_head`` marked ``_fsdp_wrap = True`` by llm-foundry)."""
-    from llmfoundry.models.mpt import ComposerMPTCausalLM
-
-    torch.manual_seed(seed)
-    return ComposerMPTCausalLM(
-        d_model=width,
-        n_heads=2,
-        n_layers=1,
-        max_seq_len=32,
-        vocab_size=VOCAB,
-        expansion_ratio=2,
-        attn_config={'attn_impl': 'torch'},
-        tie_word_embeddings=False,
-        init_device='cpu',
-        resid_pdrop=0.0,
-        emb_pdrop=0.0,
-        loss_fn='torch_crossentropy',
-    )
+    return tiny_mpt(width, seed, vocab=VOCAB)
 
 
 def student(name: str) -> Any:
